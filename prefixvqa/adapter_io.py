@@ -1,0 +1,219 @@
+"""Adapter folders: the unit that is saved, shared and loaded.
+
+    prefixvqa_config.json      everything needed to rebuild (with base-model fingerprints and library version)
+    mapper.safetensors         mapper tensors, plus encoder/decoder tensors only when those were trained
+    adapter_config.json        peft's own files for the LoRA / soft-prompt part, so
+    adapter_model.safetensors  `peft.PeftModel.from_pretrained(base_lm, folder)` loads it without prefixvqa
+    README.md                  model card
+
+Saving writes a temporary sibling folder and renames it into place, so an interrupted save never leaves a
+half-written adapter. Loading is strict: every difference is an error that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .config import AdapterConfig, ConfigError
+
+if TYPE_CHECKING:
+    from .model import MedVQAAdapter
+
+CONFIG_NAME = "prefixvqa_config.json"
+TENSORS_NAME = "mapper.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_MODES = ("lora", "prompt_tuning", "prefix_tuning")
+
+
+class AdapterLoadError(ValueError):
+    """An adapter folder does not match what it claims or what it is loaded onto; the message says what differs."""
+
+
+def trained_state(model: "MedVQAAdapter") -> dict[str, torch.Tensor]:
+    """Non-peft tensors that differ from the base models: the mapper, and encoder/decoder only if they train."""
+    parts = {"mapper": model.mapper}
+    if not model.config.encoder.freeze:
+        parts["encoder"] = model.encoder.visual
+    if model.config.tuning.mode == "full":
+        parts["decoder"] = model.decoder
+    # clone: tied weights (e.g. GPT-2's lm_head and wte) share storage, which safetensors refuses to write
+    return {f"{part}.{k}": v.detach().cpu().contiguous().clone()
+            for part, module in parts.items() for k, v in module.state_dict().items()}
+
+
+def save_adapter(model: "MedVQAAdapter", path: str | Path, card: dict[str, Any] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        cfg = model.config.replace(fingerprints=dict(model.base_fingerprints), version=__version__)
+        if model.config.tuning.mode in PEFT_MODES:
+            model.decoder.save_pretrained(str(tmp))  # peft's adapter_config.json + adapter_model.safetensors
+        save_file(trained_state(model), str(tmp / TENSORS_NAME), metadata={"format": "pt", "library": "prefixvqa"})
+        (tmp / CONFIG_NAME).write_text(cfg.to_json() + "\n")
+        (tmp / "README.md").write_text(model_card(cfg, card or {}))
+        if card and card.get("metrics"):
+            (tmp / "metrics.json").write_text(json.dumps(card["metrics"], indent=2, sort_keys=True) + "\n")
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; an existing one is swapped out only after the new one is complete."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        dst.rename(old)
+        src.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.rename(dst)
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """A local folder, or a hub repo id fetched (or found in the cache) with huggingface_hub."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    name = str(path)
+    if local.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise AdapterLoadError(f"adapter folder not found: {path}")
+    from huggingface_hub import snapshot_download
+
+    from .vision import hub_offline
+
+    try:
+        return Path(snapshot_download(name, local_files_only=hub_offline()))
+    except Exception as exc:  # huggingface_hub raises several unrelated types for "not there"
+        raise AdapterLoadError(f"adapter {name!r} is neither a local folder nor a reachable/cached hub repo: "
+                               f"{exc.__class__.__name__}: {exc}") from None
+
+
+def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: Any) -> "MedVQAAdapter":
+    folder = resolve_adapter(path)
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterLoadError(f"{folder} is not a prefixvqa adapter: {CONFIG_NAME} is missing")
+    try:
+        cfg = AdapterConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (json.JSONDecodeError, ConfigError) as exc:
+        raise AdapterLoadError(f"{cfg_path}: {exc}") from None
+    saved = dict(cfg.fingerprints)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    model = cls(cfg)
+    diffs = [f"{part} base model: adapter was trained on fingerprint {saved[part]}, loaded base has "
+             f"{model.base_fingerprints[part]} ({_source(cfg, part)})"
+             for part in ("encoder", "decoder") if saved.get(part) and saved[part] != model.base_fingerprints[part]]
+    if diffs and strict:
+        raise AdapterLoadError(f"{folder}: different base model(s): " + "; ".join(diffs) +
+                               ". Pass strict=False to load anyway.")
+    _load_tensors(model, folder / TENSORS_NAME)
+    if cfg.tuning.mode in PEFT_MODES:
+        _load_peft(model, folder)
+    return model
+
+
+def _source(cfg: AdapterConfig, part: str) -> str:
+    return cfg.encoder.name if part == "encoder" else cfg.decoder.name
+
+
+def _compare(file: Path, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    shapes = [f"{k}: file {tuple(got[k].shape)} vs model {tuple(want[k].shape)}"
+              for k in sorted(set(got) & set(want)) if got[k].shape != want[k].shape]
+    problems = [f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "",
+                f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "",
+                f"shape mismatch {shapes[:5]}" if shapes else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise AdapterLoadError(f"{file}: " + "; ".join(problems))
+
+
+def _load_tensors(model: "MedVQAAdapter", file: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise AdapterLoadError(f"{file} is missing")
+    got = load_file(str(file))
+    want = trained_state(model)
+    _compare(file, got, want)
+    modules = {"mapper": model.mapper, "encoder": model.encoder.visual, "decoder": model.decoder}
+    for part, module in modules.items():
+        state = {k[len(part) + 1:]: v for k, v in got.items() if k.startswith(part + ".")}
+        if state:
+            module.load_state_dict(state, strict=True)
+
+
+def _load_peft(model: "MedVQAAdapter", folder: Path) -> None:
+    from peft import PeftConfig, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise AdapterLoadError(f"{folder / name} is missing (tuning.mode={model.config.tuning.mode!r})")
+    saved_cfg = PeftConfig.from_pretrained(str(folder))
+    live_cfg = model.decoder.peft_config["default"]
+    fields = ("peft_type", "r", "lora_alpha", "target_modules", "num_virtual_tokens", "fan_in_fan_out", "bias")
+    for f in fields:
+        a, b = getattr(saved_cfg, f, None), getattr(live_cfg, f, None)
+        a, b = (set(a), set(b)) if isinstance(a, (list, set)) and isinstance(b, (list, set)) else (a, b)
+        if a != b:
+            raise AdapterLoadError(f"{folder / PEFT_CONFIG_NAME}: {f}={a!r} but the config builds {f}={b!r}")
+    got = load_file(str(folder / PEFT_WEIGHTS_NAME))
+    _compare(folder / PEFT_WEIGHTS_NAME, got, get_peft_model_state_dict(model.decoder))
+    set_peft_model_state_dict(model.decoder, got)
+
+
+def model_card(cfg: AdapterConfig, card: dict[str, Any]) -> str:
+    """A short model card: what the adapter is, how it was trained and scored, and what it must not be used for."""
+    metrics = card.get("metrics") or {}
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    return f"""---
+library_name: prefixvqa
+tags: [prefixvqa, medical-vqa, peft, lora]
+base_model: {cfg.decoder.name}
+---
+# {cfg.name or 'prefixvqa adapter'}
+
+{cfg.description or card.get('description', '')}
+
+| part | setting |
+|---|---|
+| encoder | open_clip `{cfg.encoder.name}` (pretrained: `{cfg.encoder.pretrained}`), {cfg.encoder.features} features |
+| mapper | `{cfg.mapper.kind}`, prefix length {cfg.mapper.prefix_length}, {cfg.mapper.in_dim} -> {cfg.mapper.out_dim} |
+| decoder | `{cfg.decoder.name}` ({cfg.decoder.dtype}, quantization: {cfg.decoder.quantization}) |
+| tuning | `{cfg.tuning.mode}` (r={cfg.tuning.r}, alpha={cfg.tuning.alpha}) |
+| template | `{cfg.template.name}` |
+
+## Training data
+{card.get('data', 'Not recorded.')}
+
+## Metrics
+{('| metric | value |' + chr(10) + '|---|---|' + chr(10) + rows) if rows else 'Not recorded.'}
+
+## Intended use and limits
+Research on medical visual question answering. Not a medical device; not for diagnosis or clinical decisions.
+Answers can be wrong with high confidence, and performance outside the training data's modalities is unknown.
+
+## Loading
+```python
+from prefixvqa import MedVQAAdapter
+model = MedVQAAdapter.from_pretrained("this-folder")
+```
+The peft part alone: `peft.PeftModel.from_pretrained(base_lm, "this-folder")`.
+"""

@@ -1,0 +1,233 @@
+"""Typed configuration: one dataclass per part, nested into one `AdapterConfig` that round-trips through JSON.
+
+Every field is plain JSON data so an adapter folder's `prefixvqa_config.json` is enough to rebuild the model.
+Validation happens in `__post_init__` so a bad combination fails where it is written, not deep inside a library.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+FEATURE_KINDS = ("pooled", "patches")
+MAPPER_KINDS = ("linear", "mlp", "mlp2x_gelu", "transformer", "resampler")
+ACTIVATIONS = ("tanh", "gelu", "relu", "silu")
+TUNING_MODES = ("frozen", "lora", "full", "prompt_tuning", "prefix_tuning")
+QUANTIZATIONS = (None, "8bit", "4bit")
+DTYPES = ("float32", "bfloat16", "float16")
+IMAGE_POSITIONS = ("before_question", "after_question")
+
+# Default LoRA targets per transformers `model_type` (a config field, never a model-name substring).
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "biogpt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt_neox": ["query_key_value"],
+    "phi3": ["qkv_proj", "o_proj"],
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination is invalid; the message names the field."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, f"{section}.{name}={value!r} is not one of {list(allowed)}")
+
+
+@dataclass
+class EncoderConfig:
+    """open_clip image tower. `pretrained` is a tag ("openai"), a local checkpoint file, or None for random weights."""
+
+    name: str = "ViT-B-32"  # open_clip model name or "hf-hub:org/repo"
+    pretrained: str | None = None
+    features: str = "pooled"  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)
+    layer: int = -1  # transformer block whose patch tokens are used (-2 = LLaVA's penultimate layer)
+    keep_cls: bool = False  # keep the class token in front of the patch tokens
+    image_size: int | None = None  # force a different input resolution
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the open_clip model config
+    init_seed: int = 0  # random init is seeded so pretrained=None rebuilds the same weights
+    freeze: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("encoder", "features", self.features, FEATURE_KINDS)
+        _check(bool(self.name), "encoder.name must be an open_clip model name or an 'hf-hub:' id")
+
+
+@dataclass
+class MapperConfig:
+    """Features (B, N, D_v) -> prefix (B, L, E). `in_dim`/`out_dim` are filled from the encoder/decoder at build."""
+
+    kind: str = "mlp"
+    prefix_length: int = 8  # L for mlp/transformer/resampler; linear/mlp2x_gelu keep one vector per input token
+    hidden_dim: int | None = None  # mlp: L*E/2 (van Sonsbeek); transformer/resampler: E
+    depth: int = 2  # mlp: linear layers; transformer/resampler: attention layers
+    heads: int = 8
+    activation: str = "tanh"
+    dropout: float = 0.0
+    in_dim: int | None = None
+    out_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        _choice("mapper", "kind", self.kind, MAPPER_KINDS)
+        _choice("mapper", "activation", self.activation, ACTIVATIONS)
+        _check(self.prefix_length >= 1, f"mapper.prefix_length must be >= 1, got {self.prefix_length}")
+        _check(self.depth >= 1, f"mapper.depth must be >= 1, got {self.depth}")
+        _check(0.0 <= self.dropout < 1.0, f"mapper.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.heads >= 1, f"mapper.heads must be >= 1, got {self.heads}")
+
+
+@dataclass
+class DecoderConfig:
+    """A transformers causal LM: hub id or local folder (`name`), optionally a GGUF file inside it or given by path.
+
+    `model_config` builds random weights from a config dict instead of loading any (tiny offline test models).
+    """
+
+    name: str = "gpt2"
+    revision: str | None = None
+    gguf_file: str | None = None
+    model_config: dict[str, Any] | None = None
+    tokenizer: str | None = None  # tokenizer source when it differs from `name`
+    dtype: str = "float32"
+    quantization: str | None = None
+    gradient_checkpointing: bool = False
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("decoder", "dtype", self.dtype, DTYPES)
+        _choice("decoder", "quantization", self.quantization, QUANTIZATIONS)
+        _check(self.model_config is None or "model_type" in self.model_config,
+               "decoder.model_config needs a 'model_type' key (e.g. 'gpt2', 'llama', 'biogpt')")
+        _check(not (self.model_config is not None and self.quantization),
+               "decoder.quantization needs pretrained weights; it cannot be combined with decoder.model_config")
+
+
+@dataclass
+class TuningConfig:
+    """What trains in the decoder. `frozen`: mapper only; `lora`: peft LoRA; `full`: every decoder weight;
+    `prompt_tuning`/`prefix_tuning`: peft's learned soft prompts / per-layer key-value prefixes (not the visual prefix).
+    """
+
+    mode: str = "lora"
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None -> DEFAULT_LORA_TARGETS[model_type]
+    bias: str = "none"
+    num_virtual_tokens: int = 10  # prompt/prefix tuning
+
+    def __post_init__(self) -> None:
+        _choice("tuning", "mode", self.mode, TUNING_MODES)
+        _choice("tuning", "bias", self.bias, ("none", "all", "lora_only"))
+        _check(self.r >= 1 and self.alpha > 0, f"tuning.r and tuning.alpha must be positive, got {self.r}, {self.alpha}")
+        _check(self.num_virtual_tokens >= 1, "tuning.num_virtual_tokens must be >= 1")
+
+
+@dataclass
+class TemplateConfig:
+    """Prompt layout: a named template (prompts.TEMPLATES, or "chat" for the tokenizer's own chat template)."""
+
+    name: str = "plain"
+    image_position: str | None = None  # None -> the template's default
+    system: str | None = None  # overrides the template's system text
+    max_length: int = 512  # prompt + answer tokens, excluding the visual prefix
+
+    def __post_init__(self) -> None:
+        _choice("template", "image_position", self.image_position, (None, *IMAGE_POSITIONS))
+        _check(self.max_length >= 8, "template.max_length must be >= 8")
+
+
+@dataclass
+class AdapterConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    mapper: MapperConfig = field(default_factory=MapperConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    name: str | None = None
+    description: str = ""
+    fingerprints: dict[str, str] = field(default_factory=dict)  # filled at save time: encoder, decoder
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            kind = _SECTIONS.get(f.name)
+            value = getattr(self, f.name)
+            if kind is not None and isinstance(value, dict):
+                setattr(self, f.name, _build(kind, value, f.name))
+        from . import prompts  # local: prompts imports nothing heavy, but config must stay import-light
+
+        _check(self.template.name in prompts.TEMPLATES or self.template.name == "chat",
+               f"template.name={self.template.name!r} is not one of {sorted(prompts.TEMPLATES) + ['chat']}")
+        _check(not (self.tuning.mode in ("prompt_tuning", "prefix_tuning") and self.decoder.quantization),
+               f"tuning.mode={self.tuning.mode!r} is not supported with a quantized decoder; use 'lora' (QLoRA)")
+        _check(not (self.tuning.mode == "full" and self.decoder.quantization),
+               "tuning.mode='full' cannot train a quantized decoder; use 'lora' or drop decoder.quantization")
+        pooled_only = self.mapper.kind == "mlp"
+        _check(not (pooled_only and self.encoder.features != "pooled"),
+               "mapper.kind='mlp' maps one pooled vector to L prefix vectors: set encoder.features='pooled' "
+               "(use 'linear', 'mlp2x_gelu', 'transformer' or 'resampler' for patch tokens)")
+
+    # --- JSON round trip -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        return _build(cls, data, "config")
+
+    @classmethod
+    def from_json(cls, text: str) -> "AdapterConfig":
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **overrides: Any) -> "AdapterConfig":
+        """Return a copy with dotted overrides applied, e.g. `replace(**{"mapper.prefix_length": 4})`.
+
+        A section name may also take a dict that is merged into it: `replace(decoder={"name": "gpt2"})`.
+        """
+        data = self.to_dict()
+        for key, value in overrides.items():
+            apply_override(data, key, value)
+        return AdapterConfig.from_dict(data)
+
+
+_SECTIONS: dict[str, type] = {"encoder": EncoderConfig, "mapper": MapperConfig, "decoder": DecoderConfig,
+                              "tuning": TuningConfig, "template": TemplateConfig}
+
+
+def _build(kind: type, data: dict[str, Any], where: str):
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(data) - known)
+    _check(not unknown, f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
+    try:
+        return kind(**data)
+    except TypeError as exc:  # wrong types that dataclass construction itself rejects
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `data[a][b] = value` for key "a.b"; merge dicts given for a whole section. Unknown paths are errors."""
+    parts = key.replace("__", ".").split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        _check(isinstance(node.get(part), dict), f"override {key!r}: no section {'.'.join(parts[: i + 1])!r}")
+        node = node[part]
+    last = parts[-1]
+    _check(last in node, f"override {key!r}: unknown field {last!r}; expected one of {sorted(node)}")
+    if isinstance(node[last], dict) and isinstance(value, dict) and last in _SECTIONS:
+        node[last] = {**node[last], **value}
+    else:
+        node[last] = value
+

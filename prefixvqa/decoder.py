@@ -1,0 +1,181 @@
+"""The language side: load any transformers causal LM (hub id, local folder, GGUF file, or a config for random
+weights), optionally quantized, and apply the tuning mode (frozen, LoRA, full, peft prompt/prefix tuning).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_LORA_TARGETS, ConfigError, DecoderConfig, TuningConfig
+from .vision import ModelNotAvailableError, hub_offline, require_hub_file
+
+log = logging.getLogger(__name__)
+
+FAN_IN_FAN_OUT = {"gpt2"}  # model types whose attention uses transformers' Conv1D (weights stored transposed)
+_VOLATILE_KEYS = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transformers_version", "quantization_config",
+                  "architectures", "use_cache", "_attn_implementation_autoset", "pad_token_id", "tie_word_embeddings"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PREFIXVQA_CACHE", Path.home() / ".cache" / "prefixvqa"))
+
+
+def _resolve(cfg: DecoderConfig) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name) — a `name` that is a file is taken as a GGUF file."""
+    path = Path(cfg.name).expanduser()
+    if path.is_file():
+        return str(path.parent), path.name
+    return cfg.name, cfg.gguf_file
+
+
+def check_decoder_available(cfg: DecoderConfig) -> None:
+    """Fail fast with the hub id or path the decoder needs, instead of a traceback from inside transformers."""
+    source, gguf = _resolve(cfg)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        needed = gguf or ("config.json" if cfg.model_config is None else None)
+        if needed and not (local / needed).is_file():
+            raise ModelNotAvailableError(f"decoder folder {local} has no {needed}")
+        return
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not an "org/name" hub id
+        raise ModelNotAvailableError(f"decoder path not found: {source}")
+    require_hub_file(source, gguf or "config.json", f"decoder {source!r}", cfg.revision)
+
+
+def gguf_copy(folder: str, gguf_file: str) -> Path:
+    """A dequantised safetensors copy of a GGUF decoder in the cache: parsing GGUF is slow (pure Python), the copy
+    reloads in about a second. Written to a temporary folder and renamed, so a crash never leaves half a copy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(folder) / gguf_file
+    stat = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{src.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("dequantising %s once into %s", src, target)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # save_pretrained refuses GGUF-quantized configs
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its copy is equivalent
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_decoder(cfg: DecoderConfig) -> tuple[nn.Module, Any]:
+    """Return (causal LM, tokenizer) as the config describes; no tuning applied yet."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check_decoder_available(cfg)
+    source, gguf = _resolve(cfg)
+    dtype = getattr(torch, cfg.dtype)
+    if gguf:
+        source, gguf = str(gguf_copy(source, gguf)), None
+    tok_source = cfg.tokenizer or source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_source, revision=None if cfg.tokenizer else cfg.revision)
+        if cfg.model_config is not None:
+            config = AutoConfig.for_model(**cfg.model_config)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.init_seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": dtype}
+            if cfg.quantization:
+                kwargs["quantization_config"] = _bnb_config(cfg)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise ModelNotAvailableError(f"could not load decoder {source!r} (tokenizer {tok_source!r}): {exc}") from exc
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def _bnb_config(cfg: DecoderConfig) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError("decoder.quantization needs bitsandbytes: pip install 'prefixvqa[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.float32 if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def lora_targets(model: nn.Module, tuning: TuningConfig) -> list[str]:
+    if tuning.target_modules:
+        return list(tuning.target_modules)
+    model_type = model.config.model_type
+    if model_type not in DEFAULT_LORA_TARGETS:
+        raise ConfigError(f"no default LoRA target modules for model_type {model_type!r}; set tuning.target_modules "
+                          f"(known defaults: {sorted(DEFAULT_LORA_TARGETS)})")
+    return DEFAULT_LORA_TARGETS[model_type]
+
+
+def peft_config(model: nn.Module, tuning: TuningConfig) -> Any:
+    """The peft config for a tuning mode (None for `frozen` and `full`)."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    if tuning.mode == "lora":
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=tuning.r, lora_alpha=tuning.alpha,
+                          lora_dropout=tuning.dropout, target_modules=lora_targets(model, tuning), bias=tuning.bias,
+                          fan_in_fan_out=model.config.model_type in FAN_IN_FAN_OUT)
+    if tuning.mode == "prompt_tuning":
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tuning.num_virtual_tokens)
+    if tuning.mode == "prefix_tuning":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tuning.num_virtual_tokens)
+    return None
+
+
+def apply_tuning(model: nn.Module, tuning: TuningConfig, quantized: bool = False,
+                 checkpointing: bool = False) -> nn.Module:
+    """Wrap or (un)freeze the decoder for the tuning mode; returns the module the adapter calls."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    for p in model.parameters():
+        p.requires_grad_(tuning.mode == "full")
+    pcfg = peft_config(model, tuning)
+    return get_peft_model(model, pcfg) if pcfg is not None else model
+
+
+def fingerprint(module: nn.Module, extra: dict[str, Any] | None = None, samples: int = 4096) -> str:
+    """A short hash of a base model: its config and a sample of its first, middle and last weights.
+
+    Cheap enough to compute on every load; catches a different checkpoint of the same architecture.
+    """
+    h = hashlib.sha256(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+    params = [p for n, p in module.named_parameters() if "lora_" not in n and "prompt_encoder" not in n]
+    for p in (params[0], params[len(params) // 2], params[-1]) if params else ():
+        h.update(str(tuple(p.shape)).encode())
+        if p.dtype.is_floating_point:
+            h.update(p.detach().flatten()[:samples].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def decoder_fingerprint(model: nn.Module) -> str:
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_KEYS}
+    emb = model.get_input_embeddings()
+    return fingerprint(emb, {"config": config})

