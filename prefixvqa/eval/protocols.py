@@ -1,0 +1,333 @@
+"""Named evaluation protocols: how each published paper answered its questions and which numbers it reported.
+
+A :class:`Protocol` is data: how closed questions are answered (candidate scoring or generation, and with which
+candidates), which per-item metrics are averaged, which corpus metrics are computed, and whether bootstrap intervals
+are attached. Turning predictions into numbers (:func:`compute_metrics`) is a pure function of (records, predictions),
+so the same predictions always give the same metrics, and a run can be rescored without the model.
+
+Registered protocols (see ``/work/shared/DESIGN.md``, "Evaluation protocols"):
+
+* ``llava_med``: closed accuracy twice, labelled: ``closed_accuracy_substring`` (LLaVA-Med's upstream test, where gold
+  "no" matches "normal") and ``closed_accuracy_strict`` (the corrected one); ``open_recall`` on open questions.
+* ``prefix_vqa`` (van Sonsbeek et al.): ``exact_match`` accuracy, word-level ``bleu1`` (upstream scored characters;
+  ``char_bleu1_upstream`` reproduces that when ``upstream_char_bleu=True``), ``bert_f1``, ``token_f1``.
+* ``med_flamingo``: ``exact_match`` and ``bert_f1``.
+* ``pmc_vqa``: ``mc_accuracy``, the choice with the highest likelihood (``model.score_choices``) against the gold
+  choice; never a letter string match.
+* ``report``: corpus ``bleu1``/``bleu4`` and mean ``rouge_l``, each with a percentile bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+from . import metrics as M
+
+__all__ = [
+    "Protocol",
+    "PROTOCOLS",
+    "METRIC_LABELS",
+    "register_protocol",
+    "get_protocol",
+    "list_protocols",
+    "answer_type_of",
+    "candidates_for",
+    "gold_choice_index",
+    "item_scores",
+    "compute_metrics",
+]
+
+ClosedMode = Literal["score", "generate"]
+Candidates = Literal["auto", "yes_no", "choices"]
+Prediction = Mapping[str, Any]  # one row of predictions.jsonl: at least "prediction"; "choice_index" when scored
+
+YES_NO = ("yes", "no")
+
+#: Human-readable names used in report.md and compare() tables.
+METRIC_LABELS: dict[str, str] = {
+    "closed_accuracy_strict": "closed accuracy (strict)",
+    "closed_accuracy_substring": "closed accuracy (upstream substring test)",
+    "open_recall": "open recall",
+    "exact_match": "accuracy (exact match)",
+    "bleu1": "BLEU-1 (words)",
+    "bleu4": "BLEU-4 (words)",
+    "char_bleu1_upstream": "BLEU-1 on characters (upstream, reference only)",
+    "token_f1": "token F1",
+    "bert_f1": "BERTScore-style F1",
+    "mc_accuracy": "multiple-choice accuracy (likelihood)",
+    "rouge_l": "ROUGE-L F1",
+    "primary": "primary score",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Item-level facts shared by the runner and the metrics
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def answer_type_of(record: Any) -> str:
+    """The record's answer type; without one, "closed" if it has choices or a yes/no gold, else "open".
+
+    The fallback reads the gold only to *classify* the item (as LLaVA-Med's answer_type fields were derived), never
+    to answer it.
+    """
+    if record.answer_type in ("closed", "open"):
+        return record.answer_type
+    if record.choices or M.normalize_answer(record.answer) in YES_NO:
+        return "closed"
+    return "open"
+
+
+_ALTERNATIVE = re.compile(r"\b\w+\s+or\s+\w+", re.IGNORECASE)
+
+
+def candidates_for(record: Any, policy: Candidates = "auto") -> list[str] | None:
+    """Candidates to score for a closed question, or None to generate instead.
+
+    ``"choices"``: the record's own choices (None without them). ``"yes_no"``: always ["yes", "no"]. ``"auto"``: the
+    record's choices when present; otherwise ["yes", "no"], except for "A or B?" questions (e.g. "left or right?"),
+    whose answer is not yes/no and which are therefore generated. The gold answer is never consulted.
+    """
+    if policy not in ("auto", "yes_no", "choices"):
+        raise ValueError(f"candidates must be 'auto', 'yes_no' or 'choices', got {policy!r}")
+    if policy == "yes_no":
+        return list(YES_NO)
+    if record.choices:
+        return list(record.choices)
+    if policy == "choices" or _ALTERNATIVE.search(record.question):
+        return None
+    return list(YES_NO)
+
+
+_LETTER = re.compile(r"^\(?([A-Za-z])[).:]?$")
+
+
+def gold_choice_index(record: Any) -> int | None:
+    """Index of the gold answer among the record's choices: by normalised text, else a lone letter ("B", "(c)").
+
+    Letters are read only from the *gold* (PMC-VQA stores some answers as letters); predictions are always indices.
+    """
+    if not record.choices:
+        return None
+    gold = M.normalize_answer(record.answer)
+    normalised = [M.normalize_answer(c) for c in record.choices]
+    if gold in normalised:
+        return normalised.index(gold)
+    for i, choice in enumerate(record.choices):  # choices written as "A: text" / "A. text"
+        if re.sub(r"^\(?[A-Za-z][).:]\s*", "", choice).strip() and M.normalize_answer(
+                re.sub(r"^\(?[A-Za-z][).:]\s*", "", choice)) == gold:
+            return i
+    letter = _LETTER.match(record.answer.strip())
+    if letter:
+        index = ord(letter.group(1).upper()) - ord("A")
+        if 0 <= index < len(record.choices):
+            return index
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-item metrics: (record, prediction row) -> score, or None where the metric does not apply to the item
+# --------------------------------------------------------------------------------------------------------------------
+
+ItemMetric = Callable[[Any, Prediction], "float | None"]
+
+
+def _closed_only(mode: M.ClosedMode) -> ItemMetric:
+    def fn(record: Any, pred: Prediction) -> float | None:
+        return M.closed_match(pred["prediction"], record.answer, mode) if answer_type_of(record) == "closed" else None
+    return fn
+
+
+def _open_recall(record: Any, pred: Prediction) -> float | None:
+    return M.open_recall(pred["prediction"], record.answer) if answer_type_of(record) == "open" else None
+
+
+def _mc_accuracy(record: Any, pred: Prediction) -> float | None:
+    gold = gold_choice_index(record)
+    if gold is None:
+        return None
+    return float(pred.get("choice_index") is not None and int(pred["choice_index"]) == gold)
+
+
+def _llava_primary(record: Any, pred: Prediction) -> float | None:
+    """LLaVA-Med's headline per item: strict closed accuracy on closed questions, open recall on open ones."""
+    if answer_type_of(record) == "closed":
+        return M.closed_match(pred["prediction"], record.answer, "strict")
+    return M.open_recall(pred["prediction"], record.answer)
+
+
+ITEM_FUNCS: dict[str, ItemMetric] = {
+    "closed_accuracy_strict": _closed_only("strict"),
+    "closed_accuracy_substring": _closed_only("substring"),
+    "open_recall": _open_recall,
+    "exact_match": lambda r, p: M.exact_match(p["prediction"], r.answer),
+    "token_f1": lambda r, p: M.token_f1(p["prediction"], r.answer),
+    "bleu1": lambda r, p: M.sentence_bleu([p["prediction"]], [r.answer], n=1)[0],
+    "char_bleu1_upstream": lambda r, p: M.char_bleu1(p["prediction"], r.answer),
+    "rouge_l": lambda r, p: M.rouge_l(p["prediction"], r.answer),
+    "mc_accuracy": _mc_accuracy,
+    "llava_primary": _llava_primary,
+}
+BATCHED_ITEM_METRICS = ("bert_f1",)  # need one model pass over all items, see item_scores
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One named way to answer and score a test set.
+
+    ``item_metrics`` are averaged over the items they apply to (and drive the breakdown tables); ``corpus_metrics``
+    (names ``bleuN``) are computed on the whole set. With ``bootstrap`` every reported number gets ``_ci_low`` and
+    ``_ci_high`` from ``n_resamples`` seeded resamples. ``primary`` is the per-item metric of the plots.
+    """
+
+    name: str
+    description: str
+    item_metrics: tuple[str, ...]
+    primary: str
+    corpus_metrics: tuple[str, ...] = ()
+    closed_mode: ClosedMode = "score"  # how closed questions are answered unless the runner is told otherwise
+    candidates: Candidates = "auto"  # which candidates a scored closed question ranks (see candidates_for)
+    score_all: bool = False  # every item is answered by scoring its choices (multiple-choice sets)
+    bootstrap: bool = False
+    n_resamples: int = 1000
+    seed: int = 0
+    bert_model_path: str | None = None  # None: metrics.default_similarity_model_path()
+    upstream_char_bleu: bool = False  # also report char_bleu1_upstream (prefix_vqa)
+
+    def __post_init__(self) -> None:
+        known = set(ITEM_FUNCS) | set(BATCHED_ITEM_METRICS)
+        unknown = [m for m in (*self.item_metrics, self.primary) if m not in known]
+        if unknown:
+            raise ValueError(f"protocol {self.name!r}: unknown item metric(s) {unknown}; known: {sorted(known)}")
+        bad = [m for m in self.corpus_metrics if not re.fullmatch(r"bleu[1-4]", m)]
+        if bad:
+            raise ValueError(f"protocol {self.name!r}: unknown corpus metric(s) {bad}; use bleu1..bleu4")
+        if self.closed_mode not in ("score", "generate"):
+            raise ValueError(f"closed_mode must be 'score' or 'generate', got {self.closed_mode!r}")
+        candidates_for  # noqa: B018 - the policy itself is validated when used
+
+    @property
+    def all_item_metrics(self) -> tuple[str, ...]:
+        extra = ("char_bleu1_upstream",) if self.upstream_char_bleu and "char_bleu1_upstream" not in self.item_metrics \
+            else ()
+        return tuple(dict.fromkeys((*self.item_metrics, *extra, self.primary)))
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-able description, written to manifests so a result names exactly how it was computed."""
+        return dataclasses.asdict(self)
+
+
+PROTOCOLS: dict[str, Protocol] = {}
+
+
+def register_protocol(protocol: Protocol, *, overwrite: bool = False) -> Protocol:
+    """Add a protocol to the registry (by name); refuse to replace one silently."""
+    if protocol.name in PROTOCOLS and not overwrite:
+        raise ValueError(f"protocol {protocol.name!r} is already registered (pass overwrite=True)")
+    PROTOCOLS[protocol.name] = protocol
+    return protocol
+
+
+def list_protocols() -> list[str]:
+    return sorted(PROTOCOLS)
+
+
+def get_protocol(protocol: str | Protocol, **options: Any) -> Protocol:
+    """A registered protocol by name (or a Protocol as is), with field overrides such as ``closed_mode="generate"``,
+    ``bert_model_path=...``, ``n_resamples=200`` or ``upstream_char_bleu=True``."""
+    if isinstance(protocol, str):
+        if protocol not in PROTOCOLS:
+            raise KeyError(f"unknown protocol {protocol!r}; registered: {list_protocols()}")
+        protocol = PROTOCOLS[protocol]
+    return dataclasses.replace(protocol, **options) if options else protocol
+
+
+register_protocol(Protocol(
+    "llava_med", "LLaVA-Med: closed accuracy by the upstream substring test and by the strict test; open recall.",
+    item_metrics=("closed_accuracy_strict", "closed_accuracy_substring", "open_recall"), primary="llava_primary"))
+register_protocol(Protocol(
+    "prefix_vqa", "van Sonsbeek et al.: exact-match accuracy, word BLEU-1 (upstream: characters), BERTScore-style F1, "
+                  "token F1.",
+    item_metrics=("exact_match", "bleu1", "bert_f1", "token_f1"), primary="exact_match"))
+register_protocol(Protocol(
+    "med_flamingo", "Med-Flamingo: exact match and BERT-sim (BERTScore-style F1).",
+    item_metrics=("exact_match", "bert_f1"), primary="exact_match"))
+register_protocol(Protocol(
+    "pmc_vqa", "PMC-VQA: multiple-choice accuracy, the choice of highest likelihood (never letter matching).",
+    item_metrics=("mc_accuracy",), primary="mc_accuracy", candidates="choices", score_all=True))
+register_protocol(Protocol(
+    "report", "Report generation: corpus BLEU-1/4 and ROUGE-L, with percentile bootstrap intervals.",
+    item_metrics=("rouge_l",), corpus_metrics=("bleu1", "bleu4"), primary="rouge_l", closed_mode="generate",
+    bootstrap=True))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# From predictions to numbers (pure)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def item_scores(protocol: Protocol, records: Sequence[Any], predictions: Sequence[Prediction]) -> list[dict[str, float]]:
+    """Per-item scores: one dict per record with the item metrics that apply to it (``primary`` included)."""
+    if len(records) != len(predictions):
+        raise ValueError(f"got {len(predictions)} predictions for {len(records)} records")
+    for record, pred in zip(records, predictions):
+        if "id" in pred and str(pred["id"]) != str(record.id):
+            raise ValueError(f"prediction for {pred['id']!r} is aligned with record {record.id!r}")
+    names = protocol.all_item_metrics
+    rows: list[dict[str, float]] = []
+    for record, pred in zip(records, predictions):
+        row = {}
+        for name in names:
+            value = ITEM_FUNCS[name](record, pred) if name in ITEM_FUNCS else None
+            if value is not None:
+                row[name] = float(value)
+        rows.append(row)
+    if "bert_f1" in names and records:
+        f1 = M.bert_similarity([p["prediction"] for p in predictions], [r.answer for r in records],
+                               protocol.bert_model_path)["f1"]
+        for row, value in zip(rows, f1):
+            row["bert_f1"] = float(value)
+    return rows
+
+
+def _aggregate(protocol: Protocol, records: Sequence[Any], predictions: Sequence[Prediction],
+               rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {"n": float(len(records))}
+    for name in protocol.all_item_metrics:
+        values = [row[name] for row in rows if name in row]
+        if not values:
+            continue
+        out[name] = sum(values) / len(values)
+        if name not in protocol.item_metrics and name != "char_bleu1_upstream":
+            continue
+        out[f"n_{name}"] = float(len(values))
+        if protocol.bootstrap:
+            _, low, high = M.bootstrap_ci(values, n_resamples=protocol.n_resamples, seed=protocol.seed)
+            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
+    preds, golds = [p["prediction"] for p in predictions], [r.answer for r in records]
+    for name in protocol.corpus_metrics:
+        fn = functools.partial(M.bleu, n=int(name[-1]))
+        if protocol.bootstrap:
+            out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = M.bootstrap_ci(
+                (preds, golds), fn, n_resamples=protocol.n_resamples, seed=protocol.seed)
+        else:
+            out[name] = fn(preds, golds)
+    return out
+
+
+def compute_metrics(protocol: str | Protocol, records: Sequence[Any], predictions: Sequence[Prediction],
+                    *, rows: Sequence[Mapping[str, float]] | None = None) -> dict[str, float]:
+    """Overall metrics of ``predictions`` (rows as written to predictions.jsonl) against ``records``; deterministic.
+
+    Item metrics are means over the items they apply to (``n_<metric>`` says how many); corpus metrics use the
+    whole set. Pass precomputed ``rows`` (from :func:`item_scores`) to avoid scoring twice.
+    """
+    protocol = get_protocol(protocol)
+    if not records:
+        raise ValueError("no records to evaluate")
+    rows = item_scores(protocol, records, predictions) if rows is None else rows
+    return _aggregate(protocol, records, predictions, rows)

@@ -1,0 +1,213 @@
+"""Table-driven core tests: every mapper x decoder family x tuning mode on tiny random models."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from prefixvqa import MedVQAAdapter
+from prefixvqa.adapter_io import AdapterLoadError
+from prefixvqa.config import TUNING_MODES, AdapterConfig, ConfigError
+from prefixvqa.mappers import MAPPERS
+from prefixvqa.testing import TINY_ENCODER
+
+FAMILIES = ("gpt2", "biogpt", "llama")
+FEATURES = {"mlp": "pooled", "transformer": "pooled"}  # the others read patch tokens
+IMAGES = [Image.new("RGB", (48, 40), (200, 30, 30)), Image.new("L", (40, 40), 90)]
+QUESTIONS = ["is there a lesion?", "which side?"]
+ANSWERS = ["yes", "left lung"]
+
+
+def make_config(folder, mapper="mlp", mode="lora", **extra) -> AdapterConfig:
+    cfg = {"encoder": {**TINY_ENCODER, "features": FEATURES.get(mapper, "patches"), "layer": -1},
+           "mapper": {"kind": mapper, "prefix_length": 3, "heads": 2, "depth": 2},
+           "decoder": {"name": str(folder)}, "tuning": {"mode": mode, "num_virtual_tokens": 2}}
+    for section, values in extra.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return AdapterConfig.from_dict(cfg)
+
+
+def perturb_trainable(model) -> None:
+    """Move every trainable tensor off its init (LoRA B starts at zero) so a failed load would show."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+@pytest.mark.parametrize("mode", TUNING_MODES)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mapper", sorted(MAPPERS))
+def test_adapter_table(tiny_decoders, tmp_path, mapper, family, mode):
+    model = MedVQAAdapter(make_config(tiny_decoders[family], mapper, mode))
+    report = model.parameter_report()
+    assert 0 < report["all"]["trainable"] < report["all"]["total"]
+    assert report["mapper"]["trainable"] == report["mapper"]["total"] > 0
+    assert report["encoder"]["trainable"] == 0
+    assert (report["decoder"]["trainable"] > 0) == (mode == "full")
+    assert (report["lora"]["total"] > 0) == (mode in ("lora", "prompt_tuning", "prefix_tuning"))
+
+    # forward + backward: loss only on answer tokens (+ EOS), gradients only where training
+    out = model(IMAGES, QUESTIONS, ANSWERS)
+    B, T, V = out.logits.shape
+    assert (B, V) == (2, len(model.tokenizer)) and out.labels.shape == (B, T) and torch.isfinite(out.loss)
+    n_answer = [len(model.tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + 1 for a in ANSWERS]
+    assert (out.labels != -100).sum(1).tolist() == n_answer
+    assert all(int(l) == model.tokenizer.eos_token_id for l in out.labels[torch.arange(B), (out.labels != -100).cumsum(1).argmax(1)])
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert all(p.grad is None for p in model.encoder.parameters())
+
+    # inference
+    answers = model.answer(IMAGES, QUESTIONS, max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a.text, str) and a.score <= 0 and a.num_tokens >= 1 for a in answers)
+    probs = model.score_choices(IMAGES, QUESTIONS, [["yes", "no"], ["left", "right", "both lungs"]])
+    assert [len(p) for p in probs] == [2, 3] and all(abs(sum(p) - 1) < 1e-5 for p in probs)
+
+    # save -> load: identical logits; only trained tensors in the folder
+    perturb_trainable(model)
+    model.eval()
+    before = model(IMAGES, QUESTIONS, ANSWERS).logits
+    folder = model.save_pretrained(tmp_path / "adapter")
+    tensors = load_file(str(folder / "mapper.safetensors"))
+    allowed = ("mapper.", "decoder.") if mode == "full" else ("mapper.",)
+    assert tensors and all(k.startswith(allowed) for k in tensors)
+    if mode in ("lora", "prompt_tuning", "prefix_tuning"):
+        peft_keys = load_file(str(folder / "adapter_model.safetensors"))
+        marker = {"lora": "lora_", "prompt_tuning": "prompt_embeddings", "prefix_tuning": "prompt_embeddings"}[mode]
+        assert peft_keys and all(marker in k for k in peft_keys)
+    else:
+        assert not (folder / "adapter_model.safetensors").exists()
+    loaded = MedVQAAdapter.from_pretrained(folder).eval()
+    assert torch.allclose(before, loaded(IMAGES, QUESTIONS, ANSWERS).logits, atol=1e-5)
+    assert json.loads((folder / "prefixvqa_config.json").read_text())["fingerprints"]["decoder"]
+
+
+@pytest.mark.parametrize("mode", ["lora", "prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_alone_loads_adapter_part(tiny_decoders, tmp_path, family, mode):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = MedVQAAdapter(make_config(tiny_decoders[family], "mlp", mode)).eval()
+    perturb_trainable(model)
+    folder = model.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_decoders[family]))
+    peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
+    ids = model.tokenizer("is there a lesion in the lung", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ours, theirs = model.decoder(input_ids=ids).logits, peft_model(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_json_round_trip_and_validation():
+    cfg = AdapterConfig.from_dict({"mapper": {"kind": "resampler", "prefix_length": 32}, "encoder": {"features": "patches"},
+                                   "tuning": {"mode": "lora", "target_modules": ["q_proj"]}})
+    assert AdapterConfig.from_json(cfg.to_json()) == cfg
+    assert AdapterConfig.from_json(cfg.to_json()).to_json() == cfg.to_json()
+    with pytest.raises(ConfigError, match="mapper.kind"):
+        AdapterConfig.from_dict({"mapper": {"kind": "nope"}})
+    with pytest.raises(ConfigError, match="unknown field"):
+        AdapterConfig.from_dict({"mapper": {"prefix_lenght": 3}})
+    with pytest.raises(ConfigError, match="encoder.features='pooled'"):
+        AdapterConfig.from_dict({"mapper": {"kind": "mlp"}, "encoder": {"features": "patches"}})
+    with pytest.raises(ConfigError, match="quantized"):
+        AdapterConfig.from_dict({"decoder": {"quantization": "4bit"}, "tuning": {"mode": "full"}})
+    assert cfg.replace(mapper__prefix_length=4).mapper.prefix_length == 4
+    with pytest.raises(ConfigError, match="unknown field"):
+        cfg.replace(mapper__nope=1)
+
+
+def test_strict_loading_names_what_differs(tiny_decoders, other_gpt2, tmp_path):
+    model = MedVQAAdapter(make_config(tiny_decoders["gpt2"]))
+    folder = model.save_pretrained(tmp_path / "a")
+    with pytest.raises(AdapterLoadError, match="decoder base model"):
+        MedVQAAdapter.from_pretrained(folder, decoder={"name": str(other_gpt2)})
+    MedVQAAdapter.from_pretrained(folder, strict=False, decoder={"name": str(other_gpt2)})  # explicit opt-out works
+
+    tensors = load_file(str(folder / "mapper.safetensors"))
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(folder / "mapper.safetensors"))
+    with pytest.raises(AdapterLoadError, match=f"mapper.safetensors: missing keys.*{dropped}"):
+        MedVQAAdapter.from_pretrained(folder)
+
+    folder = model.save_pretrained(tmp_path / "b")
+    cfg = json.loads((folder / "prefixvqa_config.json").read_text())
+    cfg["mapper"]["prefix_length"] = 5
+    (folder / "prefixvqa_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterLoadError, match="shape mismatch"):
+        MedVQAAdapter.from_pretrained(folder)
+
+    folder = model.save_pretrained(tmp_path / "c")
+    peft_cfg = json.loads((folder / "adapter_config.json").read_text())
+    peft_cfg["r"] = 4
+    (folder / "adapter_config.json").write_text(json.dumps(peft_cfg))
+    with pytest.raises(AdapterLoadError, match="adapter_config.json: r=4"):
+        MedVQAAdapter.from_pretrained(folder)
+    with pytest.raises(AdapterLoadError, match="not found"):
+        MedVQAAdapter.from_pretrained(tmp_path / "missing")
+
+
+def test_save_is_atomic_and_replaces(tiny_decoders, tmp_path, monkeypatch):
+    import prefixvqa.adapter_io as io
+
+    model = MedVQAAdapter(make_config(tiny_decoders["gpt2"]))
+    folder = model.save_pretrained(tmp_path / "a")
+    first = (folder / "mapper.safetensors").read_bytes()
+    monkeypatch.setattr(io, "model_card", lambda *a: (_ for _ in ()).throw(RuntimeError("disk full")))
+    perturb_trainable(model)
+    with pytest.raises(RuntimeError, match="disk full"):
+        model.save_pretrained(folder)
+    assert (folder / "mapper.safetensors").read_bytes() == first  # the old adapter is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary folder left behind
+
+
+def test_templates_place_image_and_mask_prompt(tiny_decoders):
+    for template, position in (("prefix_vqa", None), ("plain", "after_question"), ("llava_med_v1", None),
+                               ("mistral_instruct", None)):
+        model = MedVQAAdapter(make_config(tiny_decoders["llama"], template={"name": template, "image_position": position}))
+        pieces, answer = model.tokenize("which side?", "left")
+        assert len(pieces) == 2 and answer[-1] == model.tokenizer.eos_token_id
+        text = model.tokenizer.decode(pieces[0] + pieces[1])
+        assert "which side?" in text
+        out = model(IMAGES[:1], ["which side?"], ["left"])
+        prompt_len = sum(map(len, pieces)) + 3  # 3 prefix vectors
+        assert (out.labels[0, :prompt_len] == -100).all() and (out.labels[0, prompt_len:] != -100).all()
+
+
+def test_few_shot_prompt_places_one_prefix_per_image(tiny_decoders):
+    model = MedVQAAdapter(make_config(tiny_decoders["gpt2"], "resampler", "frozen"))
+    shots = [[("is there a lesion?", "yes"), ("is there a lesion?", "no")]]
+    pieces, _ = model.tokenize("is there a lesion?", None, shots[0])
+    assert len(pieces) == 4  # three image slots
+    images = [[IMAGES[0], IMAGES[1], IMAGES[0]]]
+    out = model(images, ["is there a lesion?"], ["yes"], shots=shots)
+    assert torch.isfinite(out.loss)
+    assert len(model.answer(images, ["is there a lesion?"], shots=shots, max_new_tokens=2)) == 1
+    assert len(model.score_choices(images, ["is there a lesion?"], [["yes", "no"]], shots=shots)[0]) == 2
+
+
+def test_generation_options(tiny_decoders):
+    model = MedVQAAdapter(make_config(tiny_decoders["llama"])).eval()
+    greedy = model.answer(IMAGES, QUESTIONS, max_new_tokens=4)
+    assert greedy == model.answer(IMAGES, QUESTIONS, max_new_tokens=4)  # deterministic
+    beams = model.answer(IMAGES, QUESTIONS, max_new_tokens=4, num_beams=3)
+    torch.manual_seed(0)
+    sampled = model.answer(IMAGES, QUESTIONS, max_new_tokens=4, do_sample=True, temperature=0.7, top_p=0.9)
+    assert len(beams) == len(sampled) == 2
+    # batched answers equal one-by-one answers (left padding is handled)
+    single = [model.answer([im], [q], max_new_tokens=4)[0] for im, q in zip(IMAGES, QUESTIONS)]
+    assert [a.text for a in single] == [a.text for a in greedy]
+    assert all(abs(a.score - b.score) < 1e-3 for a, b in zip(single, greedy))
+
+
+def test_grayscale_and_16bit_inputs(tiny_decoders):
+    import numpy as np
+
+    model = MedVQAAdapter(make_config(tiny_decoders["gpt2"]))
+    img16 = Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16))
+    feats = model.encode_images([img16, Image.new("L", (30, 30), 5), IMAGES[0]])
+    assert feats.shape == (3, 1, 32) and torch.isfinite(feats).all()
