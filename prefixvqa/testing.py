@@ -14,7 +14,8 @@ TINY_ENCODER: dict[str, Any] = {
                         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}},
 }
 
-_DIMS = {"hidden": 32, "layers": 2, "heads": 2, "ffn": 64, "positions": 512}
+# initializer_range 0.3 (not 0.02): with tied, frozen random embeddings a 32-wide model otherwise has near-uniform
+# logits that LoRA cannot move, and learning tests could not tell a working adapter from a broken one.
 TINY_DECODERS: dict[str, dict[str, Any]] = {
     "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 512},
     "biogpt": {"model_type": "biogpt", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -24,6 +25,8 @@ TINY_DECODERS: dict[str, dict[str, Any]] = {
     "mistral": {"model_type": "mistral", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "num_key_value_heads": 1, "intermediate_size": 64, "max_position_embeddings": 512},
 }
+for _cfg in TINY_DECODERS.values():
+    _cfg["initializer_range"] = 0.3
 
 _CORPUS = ("question answer yes no left right lung heart liver kidney brain chest abdomen ct mri x-ray ultrasound "
            "is there a lesion in the image how many lesions which side what organ modality plane axial coronal "

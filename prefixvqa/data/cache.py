@@ -195,7 +195,8 @@ def cache_features(model: MedVQAAdapter, records: Sequence[VQARecord], root: str
     def note(record: VQARecord, err: ImageLoadError) -> None:
         if on_bad_image == "stop":
             raise err
-        failed.append(f"{record_label(record)}: {err}")
+        label = record_label(record)
+        failed.append(str(err) if label in str(err) else f"{label}: {err}")
 
     unique: dict[str, VQARecord] = {}
     for record in records:

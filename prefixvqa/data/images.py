@@ -132,6 +132,12 @@ def _nifti_magic(head: bytes) -> bool:
     return head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] == b"n+2\x00"
 
 
+def _pil_format(head: bytes) -> str | None:
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((fmt for magic, fmt in _PIL_MAGIC.items() if head.startswith(magic)), None)
+
+
 def detect_image_kind(head: bytes, label: str = "") -> str | None:
     """'dicom' | 'nifti' | 'nifti-gz' | 'pil' from the first bytes (>= 544), else a suffix fallback, else None."""
     if head[128:132] == b"DICM":
@@ -140,7 +146,7 @@ def detect_image_kind(head: bytes, label: str = "") -> str | None:
         return "nifti"
     if head[:2] == b"\x1f\x8b":
         return "nifti-gz"  # the only gzip payload we read; confirmed after decompressing the header
-    if any(head.startswith(magic) for magic in _PIL_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+    if _pil_format(head):
         return "pil"
     if _has_suffix(label, _DICOM_SUFFIXES):
         return "dicom"
@@ -150,7 +156,9 @@ def detect_image_kind(head: bytes, label: str = "") -> str | None:
 
 
 # --------------------------------------------------------------------------------------------------------------- PIL
-def _load_pil(fp: IO[bytes], label: str, frame: int | None, window: tuple[float, float] | None) -> Image.Image:
+def _load_pil(
+    fp: IO[bytes], label: str, fmt: str | None, frame: int | None, window: tuple[float, float] | None
+) -> Image.Image:
     try:
         with Image.open(fp) as img:
             if frame is not None:
@@ -162,8 +170,13 @@ def _load_pil(fp: IO[bytes], label: str, frame: int | None, window: tuple[float,
             return _pil_to_rgb(img, window)
     except ImageLoadError:
         raise
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(
+            f"{label}: {err} Raise PIL.Image.MAX_IMAGE_PIXELS (or set it to None) for trusted large slides."
+        ) from err
     except UnidentifiedImageError as err:
-        raise ImageLoadError(f"{label}: unsupported or corrupt image file (PIL cannot identify it)") from err
+        why = f"corrupt or truncated {fmt} file" if fmt else "unsupported or corrupt image file"
+        raise ImageLoadError(f"{label}: {why} (not DICOM or NIfTI, and PIL cannot identify it)") from err
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... for damaged files
         raise ImageLoadError(f"{label}: corrupt or truncated image file: {type(err).__name__}: {err}") from err
 
@@ -286,7 +299,10 @@ def _load_dicom(fp: IO[bytes], label: str, frame: int | None, window: tuple[floa
     except Exception as err:
         raise ImageLoadError(f"{label}: unreadable DICOM file: {type(err).__name__}: {err}") from err
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ImageLoadError(f"{label}: DICOM file has no pixel data (Modality {ds.get('Modality', '?')})")
+        raise ImageLoadError(
+            f"{label}: DICOM file has no pixel data (Modality {ds.get('Modality', '?')}: a non-image object such as "
+            "SR/RTPLAN, or a damaged file)"
+        )
     try:
         _ensure_transfer_syntax(ds)
         n_frames = int(ds.get("NumberOfFrames") or 1)
@@ -329,31 +345,37 @@ def _load_dicom(fp: IO[bytes], label: str, frame: int | None, window: tuple[floa
 
 
 # ------------------------------------------------------------------------------------------------------------- NIfTI
-def _nifti_slice(data_obj: Any, shape: tuple[int, ...], label: str, frame: int | None, index: int | None) -> Any:
-    """2D: itself; 3D: slice along the last axis; 4D: volume `frame` (default 0), then slice along axis 2."""
-    shape = tuple(shape)
+def _nifti_slice(data_obj: Any, label: str, frame: int | None, index: int | None) -> np.ndarray:
+    """2D: itself; 3D: slice along the last axis; 4D: volume `frame` (default 0), then slice along axis 2.
+
+    Only the slice is read from the (lazy) array proxy; trailing singleton axes are ignored.
+    """
+    full = tuple(data_obj.shape)
+    shape = full
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) == 2:
-        return np.asarray(data_obj[:, :]).reshape(shape)
-    if len(shape) not in (3, 4):
-        raise ImageLoadError(f"{label}: unsupported NIfTI shape {shape} (expected 2D, 3D or 4D)")
-    depth = shape[2]
-    z = depth // 2 if index is None else index
-    if not -depth <= z < depth:
-        raise ImageLoadError(f"{label}: slice_index {index} out of range (volume has {depth} slices)")
-    z %= depth
-    if len(shape) == 3:
-        return np.asarray(data_obj[:, :, z] if len(data_obj.shape) == 3 else data_obj[:, :, z, 0])
-    t = 0 if frame is None else frame
-    if not -shape[3] <= t < shape[3]:
-        raise ImageLoadError(f"{label}: frame {frame} out of range (4D NIfTI has {shape[3]} volumes)")
-    return np.asarray(data_obj[:, :, z, t % shape[3]])
+    if len(shape) < 2 or len(shape) > 4:
+        raise ImageLoadError(f"{label}: unsupported NIfTI shape {full} (expected 2D, 3D or 4D)")
+    picks: list[int] = []
+    if len(shape) >= 3:
+        depth = shape[2]
+        z = depth // 2 if index is None else index
+        if not -depth <= z < depth:
+            raise ImageLoadError(f"{label}: slice_index {index} out of range (volume has {depth} slices)")
+        picks.append(z % depth)
+    if len(shape) == 4:
+        t = 0 if frame is None else frame
+        if not -shape[3] <= t < shape[3]:
+            raise ImageLoadError(f"{label}: frame {frame} out of range (4D NIfTI has {shape[3]} volumes)")
+        picks.append(t % shape[3])
+    key = (slice(None), slice(None), *picks, *(0,) * (len(full) - 2 - len(picks)))
+    return np.asarray(data_obj[key])
 
 
 def _load_nifti(
     ref: ImageRef,
     data: bytes | None,
+    gzipped: bool,
     label: str,
     frame: int | None,
     slice_index: int | None,
@@ -361,14 +383,14 @@ def _load_nifti(
 ) -> Image.Image:
     nibabel = _import_optional("nibabel", label, "NIfTI")
     try:
-        if data is None and _has_suffix(str(ref), _NIFTI_SUFFIXES):
+        if data is None and _has_suffix(str(ref), (".nii.gz", ".hdr.gz") if gzipped else (".nii", ".hdr")):
             img = nibabel.load(os.fspath(ref))  # memory-mapped / streamed: only the slice is read
-        else:
+        else:  # bytes, or a name nibabel would misjudge: parse in memory
             raw = data if data is not None else Path(ref).read_bytes()
-            raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+            raw = gzip.decompress(raw) if gzipped else raw
             cls = nibabel.Nifti2Image if raw[4:8] == b"n+2\x00" else nibabel.Nifti1Image
             img = cls.from_bytes(raw)
-        slab = _nifti_slice(img.dataobj, img.shape, label, frame, slice_index)
+        slab = _nifti_slice(img.dataobj, label, frame, slice_index)
     except ImageLoadError:
         raise
     except Exception as err:
@@ -415,14 +437,15 @@ def load_image(
     if kind == "nifti-gz":
         kind = _check_gzip_nifti(ref, data, label)
     if kind == "nifti":
-        return _load_nifti(ref, data, label, frame, slice_index, window)
+        return _load_nifti(ref, data, head[:2] == b"\x1f\x8b", label, frame, slice_index, window)
     if not head:
         raise ImageLoadError(f"{label}: empty image file")
     fp: IO[bytes] = io.BytesIO(data) if data is not None else Path(ref).open("rb")
     try:
         if kind == "dicom":
             return _load_dicom(fp, label, frame, window)
-        return _load_pil(fp, label, frame, window)  # unknown magic: PIL identifies the many formats it knows
+        # known raster magic, or unknown: PIL identifies the many further formats it knows
+        return _load_pil(fp, label, _pil_format(head), frame, window)
     finally:
         fp.close()
 

@@ -39,6 +39,7 @@ __all__ = [
     "read_reports",
     "read_generic",
     "DEFAULT_REPORT_INSTRUCTION",
+    "strip_image_tokens",
 ]
 
 DEFAULT_REPORT_INSTRUCTION = "Describe the findings of the chest X-ray."
@@ -112,8 +113,14 @@ def _canonical_split(split: str) -> str:
 
 
 def _split_files(folder: Path, split: str | None, suffixes: tuple[str, ...]) -> list[Path]:
-    """Files of `split` in `folder`, by HF naming (<split>-*, <split>.<ext>, <split>/...); all files if split is None."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+    """Files of `split` in `folder` by HF naming (<split>-*, <split>.<ext>, <split>/...); all files for split None.
+
+    Only one file type is read: the first of `suffixes` present (so a hub snapshot's README/JSON metadata beside
+    its parquet files is ignored).
+    """
+    found = [p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes)]
+    kind = next((suffix for suffix in suffixes if any(p.name.lower().endswith(suffix) for p in found)), None)
+    files = sorted(p for p in found if kind and p.name.lower().endswith(kind))
     if not files:
         pickles = sorted(p.name for p in folder.rglob("*") if p.name.lower().endswith(PICKLE_SUFFIXES))
         if pickles:
@@ -522,7 +529,8 @@ def read_slake(
         ]
     return _read_tables(source, split, suffixes=(".json",), image_root=image_root, check_images=check_images,
                         label=label, default_root=lambda f: f.parent / "imgs",
-                        parse=lambda table, rows, part, stem: _slake(table, rows, _canonical_split(part or stem), q_lang))
+                        parse=lambda table, rows, part, stem: _slake(table, rows, _canonical_split(part or stem),
+                                                                     q_lang))
 
 
 # ----------------------------------------------------------------------------------------------------------- PMC-VQA

@@ -158,20 +158,20 @@ def dataset_to_records(ds: datasets.Dataset) -> list[VQARecord]:
 
 
 def _image_key(record: VQARecord) -> str:
-    """Machine-independent image reference: the source's own name when known, else a bytes digest or the path."""
+    """Machine-independent image reference: a digest of embedded bytes, else the source's own name, else the path."""
+    if isinstance(record.image, (bytes, bytearray)):
+        return "sha256:" + hashlib.sha256(record.image).hexdigest()
     name = record.meta.get("image_name")
     if name:
         return f"name:{name}"
-    if isinstance(record.image, (bytes, bytearray)):
-        return "sha256:" + hashlib.sha256(record.image).hexdigest()
     return "" if record.image is None else f"path:{record.image}"
 
 
 def content_hash(records: Sequence[VQARecord] | Iterable[VQARecord]) -> str:
     """sha256 over (id, question, answer, image ref) of each record, in order: the fingerprint of a split manifest.
 
-    Paths are hashed through meta["image_name"] (the name as written in the source) when present, so the same split
-    gives the same hash on machines whose image roots differ.
+    Embedded image bytes are hashed by content; paths through meta["image_name"] (the name as written in the source)
+    when present, so the same split gives the same hash on machines whose image roots differ.
     """
     digest = hashlib.sha256()
     for record in records:

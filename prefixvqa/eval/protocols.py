@@ -60,7 +60,8 @@ METRIC_LABELS: dict[str, str] = {
     "bert_f1": "BERTScore-style F1",
     "mc_accuracy": "multiple-choice accuracy (likelihood)",
     "rouge_l": "ROUGE-L F1",
-    "primary": "primary score",
+    "n": "items",
+    "llava_primary": "per item: strict closed accuracy (closed), open recall (open)",
 }
 
 
@@ -104,6 +105,7 @@ def candidates_for(record: Any, policy: Candidates = "auto") -> list[str] | None
 
 
 _LETTER = re.compile(r"^\(?([A-Za-z])[).:]?$")
+_CHOICE_LETTER = re.compile(r"^\s*\(?[A-Za-z][).:]\s+")
 
 
 def gold_choice_index(record: Any) -> int | None:
@@ -117,10 +119,9 @@ def gold_choice_index(record: Any) -> int | None:
     normalised = [M.normalize_answer(c) for c in record.choices]
     if gold in normalised:
         return normalised.index(gold)
-    for i, choice in enumerate(record.choices):  # choices written as "A: text" / "A. text"
-        if re.sub(r"^\(?[A-Za-z][).:]\s*", "", choice).strip() and M.normalize_answer(
-                re.sub(r"^\(?[A-Za-z][).:]\s*", "", choice)) == gold:
-            return i
+    unlettered = [M.normalize_answer(_CHOICE_LETTER.sub("", c)) for c in record.choices]  # "A: text", "(b) text"
+    if gold in unlettered:
+        return unlettered.index(gold)
     letter = _LETTER.match(record.answer.strip())
     if letter:
         index = ord(letter.group(1).upper()) - ord("A")
@@ -208,7 +209,8 @@ class Protocol:
             raise ValueError(f"protocol {self.name!r}: unknown corpus metric(s) {bad}; use bleu1..bleu4")
         if self.closed_mode not in ("score", "generate"):
             raise ValueError(f"closed_mode must be 'score' or 'generate', got {self.closed_mode!r}")
-        candidates_for  # noqa: B018 - the policy itself is validated when used
+        if self.candidates not in ("auto", "yes_no", "choices"):
+            raise ValueError(f"candidates must be 'auto', 'yes_no' or 'choices', got {self.candidates!r}")
 
     @property
     def all_item_metrics(self) -> tuple[str, ...]:
@@ -270,7 +272,8 @@ register_protocol(Protocol(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def item_scores(protocol: Protocol, records: Sequence[Any], predictions: Sequence[Prediction]) -> list[dict[str, float]]:
+def item_scores(protocol: Protocol, records: Sequence[Any],
+                predictions: Sequence[Prediction]) -> list[dict[str, float]]:
     """Per-item scores: one dict per record with the item metrics that apply to it (``primary`` included)."""
     if len(records) != len(predictions):
         raise ValueError(f"got {len(predictions)} predictions for {len(records)} records")
@@ -296,7 +299,7 @@ def item_scores(protocol: Protocol, records: Sequence[Any], predictions: Sequenc
 
 def _aggregate(protocol: Protocol, records: Sequence[Any], predictions: Sequence[Prediction],
                rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {"n": float(len(records))}
+    out: dict[str, float] = {"n": len(records)}
     for name in protocol.all_item_metrics:
         values = [row[name] for row in rows if name in row]
         if not values:
@@ -304,7 +307,7 @@ def _aggregate(protocol: Protocol, records: Sequence[Any], predictions: Sequence
         out[name] = sum(values) / len(values)
         if name not in protocol.item_metrics and name != "char_bleu1_upstream":
             continue
-        out[f"n_{name}"] = float(len(values))
+        out[f"n_{name}"] = len(values)
         if protocol.bootstrap:
             _, low, high = M.bootstrap_ci(values, n_resamples=protocol.n_resamples, seed=protocol.seed)
             out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high

@@ -1,0 +1,422 @@
+"""Run a protocol over a test set and write a self-describing, reproducible result folder.
+
+``evaluate`` answers every record (closed questions by candidate scoring or generation, as the protocol and
+``closed_mode`` say), then writes beside each other::
+
+    predictions.jsonl   one row per item: id, question, gold, prediction, answer_type, how it was answered,
+                        score/confidence, candidates and their probabilities when scored, meta
+    metrics.json        overall metrics plus per-group breakdowns; sorted keys, floats rounded to 6 decimals and no
+                        timestamps, so the same predictions give a byte-identical file
+    report.md           overall table, breakdown tables (answer type, question/content type, modality, organ), plots
+    *.png               per_type_accuracy.png, confusion_closed.png (closed questions), confidence_hist.png
+    manifest.json       dataset, split, item ids, content hash, data spec, adapter path and fingerprints, protocol,
+                        prefixvqa version
+
+Metrics come only from the rows of predictions.jsonl (:func:`prefixvqa.eval.protocols.compute_metrics`), so a result
+folder can be rescored without the model (:func:`rescore`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .protocols import (METRIC_LABELS, Protocol, answer_type_of, candidates_for, compute_metrics, get_protocol,
+                        item_scores)
+
+__all__ = ["evaluate", "plan_items", "write_outputs", "rescore", "compare", "load_predictions", "BREAKDOWN_FIELDS",
+           "DECIMALS"]
+
+DECIMALS = 6  # every float written to metrics.json / predictions.jsonl is rounded to this many decimals
+#: Groupings of the breakdown tables: (name, where the value lives). Only those the data has are reported.
+BREAKDOWN_FIELDS: tuple[tuple[str, str], ...] = (
+    ("answer_type", "answer type"), ("question_type", "question type"), ("content_type", "content type"),
+    ("modality", "modality"), ("organ", "organ"), ("location", "location"),
+)
+PLOTS = ("per_type_accuracy.png", "confusion_closed.png", "confidence_hist.png")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# JSON helpers: one rounding rule for every number written
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _round(value: Any) -> Any:
+    """Round floats recursively (and turn NaN/inf into None) so written numbers never depend on float noise."""
+    if isinstance(value, float):
+        return round(value, DECIMALS) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _round(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_round(v) for v in value]
+    return value
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(_round(value), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    """Data specs may be dataclasses, paths or dicts; manifests store a JSON form of any of them."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Answering
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def plan_items(records: Sequence[Any], protocol: Protocol, closed_mode: str | None = None) -> list[list[str] | None]:
+    """Per record, the candidates to score, or None to generate: the protocol's answering rule, made explicit."""
+    mode = closed_mode or protocol.closed_mode
+    if mode not in ("score", "generate"):
+        raise ValueError(f"closed_mode must be 'score' or 'generate', got {mode!r}")
+    if protocol.score_all and mode == "generate":
+        raise ValueError(f"protocol {protocol.name!r} ranks choices by likelihood; closed_mode='generate' would turn "
+                         "it into string matching")
+    plan: list[list[str] | None] = []
+    for record in records:
+        scored = protocol.score_all or (mode == "score" and answer_type_of(record) == "closed")
+        cands = candidates_for(record, protocol.candidates) if scored else None
+        if protocol.score_all and not cands:
+            raise ValueError(f"protocol {protocol.name!r}: record {record.id!r} has no choices to score")
+        plan.append(cands)
+    return plan
+
+
+def _batches(indices: list[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(indices), size):
+        yield indices[start:start + size]
+
+
+def _predict(model: Any, records: Sequence[Any], plan: Sequence[list[str] | None], batch_size: int,
+             generation: Mapping[str, Any], progress: bool) -> list[dict[str, Any]]:
+    """Answer every record in batches (scored and generated items batched separately); rows in record order."""
+    from tqdm.auto import tqdm
+
+    scored = [i for i, c in enumerate(plan) if c is not None]
+    generated = [i for i, c in enumerate(plan) if c is None]
+    rows: list[dict[str, Any] | None] = [None] * len(records)
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(records), desc="evaluate", unit="item", disable=not progress) as bar:
+            for batch in _batches(scored, batch_size):
+                probs = model.score_choices([records[i].image for i in batch], [records[i].question for i in batch],
+                                            [plan[i] for i in batch])
+                for i, p in zip(batch, probs):
+                    best = max(range(len(p)), key=lambda k: (p[k], -k))  # ties -> first candidate
+                    rows[i] = {"mode": "score", "prediction": plan[i][best], "choice_index": best,
+                               "candidates": list(plan[i]), "choice_probs": [float(x) for x in p],
+                               "confidence": float(p[best]), "score": math.log(max(float(p[best]), 1e-45)),
+                               "num_tokens": None}
+                bar.update(len(batch))
+            for batch in _batches(generated, batch_size):
+                answers = model.answer([records[i].image for i in batch], [records[i].question for i in batch],
+                                       **generation)
+                for i, a in zip(batch, answers):
+                    per_token = a.score / a.num_tokens if a.num_tokens else 0.0
+                    rows[i] = {"mode": "generate", "prediction": a.text, "choice_index": None, "candidates": None,
+                               "choice_probs": None, "confidence": math.exp(per_token), "score": a.score,
+                               "num_tokens": a.num_tokens}
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    out = []
+    for record, row in zip(records, rows):
+        assert row is not None
+        out.append({"id": record.id, "question": record.question, "gold": record.answer,
+                    "answer_type": answer_type_of(record), "choices": record.choices, "meta": record.meta, **row})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Breakdowns, manifest, report, plots
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _group_value(record: Any, field: str) -> str | None:
+    value = answer_type_of(record) if field == "answer_type" else record.meta.get(field)
+    if value is None or value == "":
+        return None
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _breakdowns(protocol: Protocol, records: Sequence[Any], rows: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """{field: {value: {metric: mean, "n": count}}} for every breakdown field the data has."""
+    out: dict[str, Any] = {}
+    for field, _ in BREAKDOWN_FIELDS:
+        groups: dict[str, list[int]] = {}
+        for i, record in enumerate(records):
+            value = _group_value(record, field)
+            if value is not None:
+                groups.setdefault(value, []).append(i)
+        if not groups:
+            continue
+        table = {}
+        for value, idx in sorted(groups.items()):
+            cell: dict[str, float] = {"n": len(idx)}
+            for name in protocol.all_item_metrics:
+                vals = [rows[i][name] for i in idx if name in rows[i]]
+                if vals:
+                    cell[name] = sum(vals) / len(vals)
+            table[value] = cell
+        out[field] = table
+    return out
+
+
+def _unique(values: Iterable[Any]) -> Any:
+    found = sorted({str(v) for v in values if v is not None})
+    return found[0] if len(found) == 1 else (found or None)
+
+
+def _manifest(model: Any, records: Sequence[Any], protocol: Protocol, run: Mapping[str, Any], data_spec: Any,
+              adapter_path: str | os.PathLike | None) -> dict[str, Any]:
+    from .. import __version__
+    from ..data.records import content_hash
+
+    config = getattr(model, "config", None)
+    config_json = config.to_json() if hasattr(config, "to_json") else None
+    return {
+        "dataset": _unique(r.meta.get("dataset") for r in records),
+        "split": _unique(r.meta.get("split") for r in records),
+        "num_items": len(records),
+        "item_ids": [r.id for r in records],
+        "content_hash": content_hash(records),
+        "data_spec": _jsonable(data_spec),
+        "adapter": {
+            "path": str(adapter_path) if adapter_path is not None else None,
+            "name": getattr(config, "name", None),
+            "config_sha256": hashlib.sha256(config_json.encode()).hexdigest() if config_json else None,
+            "saved_fingerprints": dict(getattr(config, "fingerprints", {}) or {}),
+            "base_fingerprints": dict(getattr(model, "base_fingerprints", {}) or {}),
+        },
+        "protocol": protocol.settings(),
+        "run": _jsonable(run),
+        "prefixvqa_version": __version__,
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def _label(name: str) -> str:
+    return METRIC_LABELS.get(name, name)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _overall_rows(metrics: Mapping[str, Any]) -> list[list[Any]]:
+    rows = []
+    for name, value in sorted(metrics.items()):
+        if not isinstance(value, (int, float)) or name.endswith(("_ci_low", "_ci_high")) or name.startswith("n_"):
+            continue
+        ci = (f"[{_fmt(metrics[name + '_ci_low'])}, {_fmt(metrics[name + '_ci_high'])}]"
+              if name + "_ci_low" in metrics else "")
+        rows.append([f"`{name}`", _label(name), value, ci, metrics.get(f"n_{name}", metrics.get("n"))])
+    return rows
+
+
+def _report(protocol: Protocol, metrics: Mapping[str, Any], manifest: Mapping[str, Any], plots: Sequence[str]) -> str:
+    parts = [f"# Evaluation: protocol `{protocol.name}`", "", protocol.description, "",
+             f"Dataset: {manifest['dataset'] or '-'}, split: {manifest['split'] or '-'}, {manifest['num_items']} items,"
+             f" content hash `{manifest['content_hash'][:16]}`. Adapter: {manifest['adapter']['path'] or '-'}.", "",
+             "Items answered by: " + ", ".join(
+                 f"{k} ({v})" for k, v in sorted(metrics.get("answered_by", {}).items())) + ".", "",
+             "## Overall", "",
+             _md_table(["metric", "meaning", "value", "95% CI", "n"], _overall_rows(metrics["overall"]))]
+    for field, title in BREAKDOWN_FIELDS:
+        table = metrics["breakdown"].get(field)
+        if not table:
+            continue
+        names = [n for n in protocol.all_item_metrics if any(n in cell for cell in table.values())]
+        parts += ["", f"## By {title}", "",
+                  _md_table([title, "n", *names], [[v, cell["n"], *(cell.get(n) for n in names)]
+                                                   for v, cell in table.items()])]
+    if plots:
+        parts += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(parts) + "\n"
+
+
+def _plots(out: Path, protocol: Protocol, predictions: Sequence[Mapping[str, Any]],
+           rows: Sequence[Mapping[str, float]], breakdown: Mapping[str, Any]) -> list[str]:
+    """Write the PNGs that apply to this result; returns their file names (relative to ``out``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[str] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        written.append(name)
+
+    groups = [(title, breakdown[f]) for f, title in BREAKDOWN_FIELDS[:3] if breakdown.get(f)]
+    if groups:
+        fig, axes = plt.subplots(1, len(groups), figsize=(4 + 2 * len(groups), 3.5), squeeze=False)
+        for ax, (title, table) in zip(axes[0], groups):
+            labels = list(table)
+            ax.bar(range(len(labels)), [table[k].get(protocol.primary, 0.0) for k in labels], color="tab:blue")
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"by {title}", fontsize=9)
+        axes[0][0].set_ylabel(protocol.primary)
+        save(fig, "per_type_accuracy.png")
+
+    from .metrics import normalize_answer
+
+    closed = [(normalize_answer(p["gold"]), normalize_answer(p["prediction"])) for p in predictions
+              if p["answer_type"] == "closed"]
+    if closed:
+        common = [k for k, _ in Counter(g for g, _ in closed).most_common(8)]
+        labels = common + (["other"] if any(g not in common or p not in common for g, p in closed) else [])
+        index = {k: i for i, k in enumerate(common)}
+        grid = [[0] * len(labels) for _ in labels]
+        for gold, pred in closed:
+            grid[index.get(gold, len(common))][index.get(pred, len(common))] += 1
+        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1 + 0.6 * len(labels)))
+        ax.imshow(grid, cmap="Blues")
+        for r, line in enumerate(grid):
+            for c, count in enumerate(line):
+                ax.text(c, r, str(count), ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("prediction")
+        ax.set_ylabel("gold")
+        ax.set_title("closed questions", fontsize=9)
+        save(fig, "confusion_closed.png")
+
+    conf = [(p["confidence"], row.get(protocol.primary, 0.0) >= 0.5) for p, row in zip(predictions, rows)
+            if p.get("confidence") is not None]
+    if conf:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        bins = [i / 20 for i in range(21)]
+        ax.hist([c for c, ok in conf if ok], bins=bins, alpha=0.6, label="correct", color="tab:green")
+        ax.hist([c for c, ok in conf if not ok], bins=bins, alpha=0.6, label="wrong", color="tab:red")
+        ax.set_xlabel("confidence (choice probability / mean token probability)")
+        ax.set_ylabel("items")
+        ax.legend(fontsize=8)
+        save(fig, "confidence_hist.png")
+    return written
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Sequence[Any],
+                  predictions: Sequence[dict[str, Any]], manifest: Mapping[str, Any], *, plots: bool = True
+                  ) -> dict[str, Any]:
+    """Score ``predictions`` and write predictions.jsonl, metrics.json, plots, report.md and manifest.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = [_round(p) for p in predictions]  # metrics see exactly what is written
+    rows = item_scores(protocol, records, predictions)
+    overall = compute_metrics(protocol, records, predictions, rows=rows)
+    for p, row in zip(predictions, rows):
+        p["scores"] = _round(row)
+    metrics = _round({"protocol": protocol.name, "overall": overall,
+                      "breakdown": _breakdowns(protocol, records, rows),
+                      "answered_by": dict(Counter(p["mode"] for p in predictions))})
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for p in predictions:
+            f.write(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n")
+    (out / "metrics.json").write_text(_dump(metrics), encoding="utf-8")
+    (out / "manifest.json").write_text(_dump(manifest), encoding="utf-8")
+    written = _plots(out, protocol, predictions, rows, metrics["breakdown"]) if plots else []
+    (out / "report.md").write_text(_report(protocol, metrics, manifest, written), encoding="utf-8")
+    return metrics
+
+
+def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_dir: str | os.PathLike, *,
+             batch_size: int = 8, closed_mode: str | None = None, max_new_tokens: int = 32, num_beams: int = 1,
+             do_sample: bool = False, generation_kwargs: Mapping[str, Any] | None = None, data_spec: Any = None,
+             adapter_path: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
+             plots: bool = True) -> dict[str, float]:
+    """Answer ``records`` with ``model`` under ``protocol``, write the result folder, return the overall metrics.
+
+    ``closed_mode`` overrides the protocol's way of answering closed questions ("score": rank candidates with
+    ``model.score_choices``; "generate": free generation). Generation settings are recorded in the manifest; with
+    ``do_sample`` the torch seed is fixed to ``seed`` so a rerun reproduces it.
+    """
+    import torch
+
+    protocol = get_protocol(protocol)
+    records = list(records)
+    if not records:
+        raise ValueError("no records to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    generation = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": do_sample,
+                  **(generation_kwargs or {})}
+    plan = plan_items(records, protocol, closed_mode)
+    torch.manual_seed(seed)
+    predictions = _predict(model, records, plan, batch_size, generation, progress)
+    run = {"closed_mode": closed_mode or protocol.closed_mode, "batch_size": batch_size, "generation": generation,
+           "seed": seed}
+    manifest = _manifest(model, records, protocol, run, data_spec, adapter_path)
+    return write_outputs(out_dir, protocol, records, predictions, manifest, plots=plots)["overall"]
+
+
+def load_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a predictions.jsonl file (or of the one inside a result folder)."""
+    path = Path(path)
+    path = path / "predictions.jsonl" if path.is_dir() else path
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def rescore(result_dir: str | os.PathLike, protocol: str | Protocol, records: Sequence[Any]) -> dict[str, float]:
+    """Overall metrics of a saved result under (possibly another) protocol, without the model."""
+    return compute_metrics(get_protocol(protocol), list(records), load_predictions(result_dir))
+
+
+def compare(paths: Sequence[str | os.PathLike], metrics: Sequence[str] | None = None) -> str:
+    """Markdown table of overall metrics side by side, one column per metrics.json (or result folder).
+
+    Rows are the union of scalar metrics (or ``metrics``); a run without a metric shows "-". Columns are named by
+    the result folder, made unique with parent folders where needed.
+    """
+    files = [Path(p) / "metrics.json" if Path(p).is_dir() else Path(p) for p in paths]
+    if not files:
+        raise ValueError("nothing to compare")
+    raw = [json.loads(file.read_text(encoding="utf-8")) for file in files]
+    loaded = [data.get("overall", data) for data in raw]
+    names = [f.parent.name or str(f) for f in files]
+    depth = 1
+    while len(set(names)) < len(names) and depth < 8:
+        depth += 1
+        names = ["/".join(f.parent.parts[-depth:]) for f in files]
+    if len(set(names)) < len(names):
+        names = [f"{n} [{i}]" for i, n in enumerate(names)]
+    keys = list(metrics) if metrics is not None else sorted(
+        {k for m in loaded for k, v in m.items() if isinstance(v, (int, float)) and not k.startswith("n_")})
+    protocols = [str(data.get("protocol", "-")) for data in raw]
+    rows = [["protocol", *protocols]] + [[k, *(m.get(k) for m in loaded)] for k in keys]
+    return _md_table(["metric", *names], rows)

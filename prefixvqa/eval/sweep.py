@@ -1,0 +1,149 @@
+"""Data-efficiency sweep: train a recipe on growing, seeded, stratified subsets and evaluate each run.
+
+For every (train size, seed) the training records are subsampled with the answer-type mix of the full set
+(:func:`stratified_subset`), the recipe's model is built fresh and trained (``prefixvqa.train.train``), and the result
+is evaluated with :func:`prefixvqa.eval.runner.evaluate` into its own result folder. The test set is never used for
+checkpoint selection: training gets no eval records and the final weights are evaluated. ``sweep.json`` (every run and
+a per-size summary), ``sweep.md`` and ``learning_curve.png`` (metric vs training examples, mean with min-max spread
+over seeds) are written to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+from .protocols import answer_type_of, get_protocol
+from .runner import _dump, _md_table, evaluate
+
+__all__ = ["sweep", "stratified_subset", "plot_learning_curve"]
+
+Size = int | str  # a number of examples or "all"
+
+
+def stratified_subset(records: Sequence[Any], size: Size, seed: int) -> list[Any]:
+    """``size`` records whose closed/open mix follows the full set (largest-remainder allocation), drawn with
+    ``numpy.random.default_rng(seed)``; returned in their original order. ``"all"`` or a size >= len -> everything.
+
+    Why stratify: at 16 examples an unlucky draw can be all-open or all-closed, which says nothing about data size.
+    """
+    import numpy as np
+
+    records = list(records)
+    if size == "all" or int(size) >= len(records):
+        return records
+    size = int(size)
+    if size < 1:
+        raise ValueError(f"train size must be >= 1 or 'all', got {size}")
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(answer_type_of(record), []).append(i)
+    keys = sorted(groups)
+    quotas = {k: size * len(groups[k]) / len(records) for k in keys}
+    take = {k: int(quotas[k]) for k in keys}
+    for k in sorted(keys, key=lambda k: (-(quotas[k] - take[k]), k))[:size - sum(take.values())]:
+        take[k] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [i for k in keys for i in rng.permutation(groups[k])[:take[k]].tolist()]
+    return [records[i] for i in sorted(chosen)]
+
+
+def plot_learning_curve(summary: Sequence[dict[str, Any]], metric: str, path: str | os.PathLike) -> None:
+    """Mean metric per training size against the number of examples, shaded between the seeds' min and max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [row["n_train"] for row in summary]
+    mean = [row["mean"] for row in summary]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(xs, mean, marker="o", color="tab:blue", label="mean over seeds")
+    ax.fill_between(xs, [row["min"] for row in summary], [row["max"] for row in summary], alpha=0.25,
+                    color="tab:blue", label="min-max over seeds")
+    ax.errorbar(xs, mean, yerr=[row["std"] for row in summary], fmt="none", ecolor="tab:blue", capsize=3)
+    if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 8:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("training examples")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _summary(runs: Sequence[dict[str, Any]], sizes: Sequence[Size], metric: str) -> list[dict[str, Any]]:
+    out = []
+    for size in sizes:
+        values = [r["metrics"][metric] for r in runs if r["size"] == size and metric in r["metrics"]]
+        if not values:
+            continue
+        n_train = [r["n_train"] for r in runs if r["size"] == size]
+        out.append({"size": size, "n_train": n_train[0], "seeds": len(values), "values": values,
+                    "mean": statistics.fmean(values), "std": statistics.pstdev(values),
+                    "min": min(values), "max": max(values)})
+    return out
+
+
+def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64, 256, "all"), seeds: int = 3,
+          out_dir: str | os.PathLike = "runs/sweep", protocol: str = "llava_med", sets: Sequence[str] = (), *,
+          metric: str | None = None, smoke: bool = False, batch_size: int = 8,
+          eval_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the sweep; returns (and writes as sweep.json) ``{"protocol", "metric", "runs", "summary"}``.
+
+    ``sets`` are recipe ``--set`` overrides; ``smoke`` applies the recipe's smoke section. Evaluation uses the
+    recipe's ``data.test`` split if it has one, else ``data.eval``. ``metric`` (default: the protocol's primary
+    per-item metric) is the one summarised and plotted; every run's full metrics stay in sweep.json. Multi-stage
+    recipes are not supported (each run trains one stage from the recipe's ``train`` section).
+    """
+    import torch
+
+    from ..train import TrainConfig, load_recipe, train
+    from ..train.recipe import build_model, load_split
+
+    recipe = load_recipe(recipe_path, list(sets))
+    if smoke:
+        recipe = recipe.with_sets(recipe.smoke)
+    if recipe.stages:
+        raise NotImplementedError("sweep: multi-stage recipes are not supported; sweep one stage at a time")
+    test_spec = recipe.data.get("test", recipe.data.get("eval"))
+    if test_spec is None:
+        raise ValueError(f"sweep: recipe {recipe_path} has no data.test or data.eval split to evaluate on")
+    prot = get_protocol(protocol)
+    metric = metric or prot.primary
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_records, test_records = load_split(recipe.data.get("train")), load_split(test_spec)
+    sizes = list(dict.fromkeys(train_sizes))
+    runs: list[dict[str, Any]] = []
+    for size in sizes:
+        for seed in range(seeds):
+            run_dir = out / f"size-{size}" / f"seed-{seed}"
+            subset = stratified_subset(train_records, size, seed)
+            torch.manual_seed(seed)  # fresh model init per seed (mapper, LoRA)
+            model = build_model(recipe.model, out)
+            cfg = TrainConfig.from_dict({**recipe.train, "output_dir": str(run_dir / "train"), "seed": seed})
+            train(model, subset, None, cfg)
+            metrics = evaluate(model, test_records, prot, run_dir / "eval", batch_size=batch_size,
+                               data_spec={"test": test_spec, "recipe": str(recipe_path), "sets": list(sets)},
+                               adapter_path=run_dir / "train" / "best", seed=seed, progress=False,
+                               **(eval_kwargs or {}))
+            runs.append({"size": size, "seed": seed, "n_train": len(subset), "metrics": metrics,
+                         "train_ids": [r.id for r in subset], "result_dir": str(run_dir / "eval")})
+    summary = _summary(runs, sizes, metric)
+    table = {"protocol": prot.name, "metric": metric, "recipe": str(recipe_path), "sets": list(sets),
+             "runs": runs, "summary": summary}
+    (out / "sweep.json").write_text(_dump(table), encoding="utf-8")
+    rows = [[str(s["size"]), str(s["n_train"]), str(s["seeds"]), s["mean"], s["std"], s["min"], s["max"]]
+            for s in summary]
+    (out / "sweep.md").write_text(
+        f"# Data-efficiency sweep: `{metric}` ({prot.name})\n\nRecipe: `{recipe_path}`\n\n"
+        + _md_table(["train size", "examples", "seeds", "mean", "std", "min", "max"], rows)
+        + "\n\n![learning curve](learning_curve.png)\n", encoding="utf-8")
+    plot_learning_curve(summary, metric, out / "learning_curve.png")
+    return json.loads(_dump(table))

@@ -1,0 +1,687 @@
+"""Training loop for MedVQAAdapter: one code path for CPU, one GPU and torchrun/accelerate multi-process runs.
+
+Design points:
+* the epoch order is a pure function of (seed, epoch), so the data position is one integer and resume is exact;
+* checkpoints are whole folders written next to their target and renamed into place (never half-written):
+  `last/` (adapter + `trainer_state/` with optimizer tensors as safetensors and everything else as JSON) and
+  `best/` (adapter + metrics);
+* a non-finite loss stops training before the optimizer step, so `last/` keeps the last good weights.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..config import ConfigError
+from ..data.cache import FeatureCache, record_label, view_args
+from ..data.images import ImageLoadError, load_image
+
+if TYPE_CHECKING:
+    from ..data.records import VQARecord
+    from ..model import MedVQAAdapter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LR = {"mapper": 1e-3, "lora": 2e-4, "decoder": 2e-5, "encoder": 1e-5}
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
+METRICS = ("loss", "accuracy")
+STATE_DIR = "trainer_state"
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs; plain JSON data so recipes and `trainer_state/config.json` round-trip it."""
+
+    output_dir: str = "runs/prefixvqa"
+    epochs: int = 3
+    batch_size: int = 8
+    eval_batch_size: int | None = None  # None -> batch_size
+    grad_accum: int = 1
+    lr: dict[str, float] = field(default_factory=dict)  # per parameter group; missing groups take DEFAULT_LR
+    weight_decay: float = 0.0
+    warmup: float = 0.0  # < 1: share of all optimizer steps; >= 1: number of steps
+    schedule: str = "linear"
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"  # fp16 uses accelerate's loss scaling (GPUs without bf16)
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    eval_every_epoch: bool = True
+    patience: int | None = None  # epochs without improvement before stopping; None: never stop early
+    metric: str = "loss"  # "loss" (lower is better) or "accuracy" (exact match / closed-choice accuracy)
+    seed: int = 0
+    on_bad_image: str = "skip"
+    max_steps: int | None = None
+    log_every: int = 10
+    save_every_steps: int | None = None  # also write last/ every k optimizer steps (mid-epoch resume points)
+    feature_cache: str | None = None  # folder; used when the encoder is frozen
+    trainable: list[str] | None = None  # parameter groups to train; None keeps the model's current choice
+    resume: bool | str = False  # True: continue from output_dir/last when it holds a trainer state; or a folder
+    max_new_tokens: int = 16  # generation length for the accuracy metric
+    tensorboard: bool = True
+    plot: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"train.{msg}")
+
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
+        check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        unknown = sorted(set(self.lr) - set(DEFAULT_LR))
+        check(not unknown, f"lr: unknown group(s) {unknown}; expected some of {sorted(DEFAULT_LR)}")
+        check(all(float(v) >= 0 for v in self.lr.values()), f"lr values must be >= 0, got {self.lr}")
+        self.lr = {k: float(v) for k, v in self.lr.items()}
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer()),
+              f"warmup must be a ratio in [0, 1) or a whole number of steps, got {self.warmup}")
+        check(self.schedule in SCHEDULES, f"schedule={self.schedule!r} is not one of {list(SCHEDULES)}")
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or null")
+        check(self.mixed_precision in PRECISIONS,
+              f"mixed_precision={self.mixed_precision!r} is not one of {list(PRECISIONS)}")
+        check(self.patience is None or self.patience >= 1, f"patience must be >= 1 or null, got {self.patience}")
+        check(self.metric in METRICS, f"metric={self.metric!r} is not one of {list(METRICS)}")
+        check(self.on_bad_image in ("skip", "stop"), f"on_bad_image={self.on_bad_image!r} must be 'skip' or 'stop'")
+        check(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1 or null")
+        check(self.log_every >= 1, "log_every must be >= 1")
+        check(self.save_every_steps is None or self.save_every_steps >= 1, "save_every_steps must be >= 1 or null")
+        if self.trainable is not None:
+            from ..model import GROUPS
+
+            bad = sorted(set(self.trainable) - set(GROUPS))
+            check(not bad, f"trainable: unknown group(s) {bad}; expected some of {list(GROUPS)}")
+            self.trainable = list(self.trainable)
+
+    def group_lr(self, group: str) -> float:
+        return self.lr.get(group, DEFAULT_LR[group])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"train: unknown field(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    best_dir: Path | None
+    last_dir: Path | None
+    history: list[dict[str, Any]]
+    stopped_reason: str  # "completed", "max_steps", "early stopping", "non-finite loss"
+    global_step: int = 0
+    skipped_images: list[str] = field(default_factory=list)
+    best_metric: float | None = None
+
+
+# ------------------------------------------------------------------------------------------------------ batching
+def _length(record: VQARecord) -> int:
+    return len(record.question) + len(record.answer)
+
+
+def epoch_batches(records: Sequence[VQARecord], batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool) -> list[list[int]]:
+    """Batches of record indices for one epoch; a pure function of its arguments (exact resume, same on all ranks).
+
+    Length grouping follows the usual megabatch scheme: shuffle, sort chunks of 50 batches by length (less padding),
+    then shuffle the batch order so lengths do not trend within the epoch.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(records)).tolist()
+    if group_by_length:
+        mega = batch_size * 50
+        order = [i for s in range(0, len(order), mega)
+                 for i in sorted(order[s:s + mega], key=lambda j: -_length(records[j]))]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+# ------------------------------------------------------------------------------------------------------ state I/O
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) generator states as JSON data."""
+    np_state = np.random.get_state()
+    py = random.getstate()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_state[0], _b64(np_state[1].astype(np.uint32).tobytes()), *map(float, np_state[2:])],
+             "torch": _b64(torch.get_rng_state().numpy().tobytes())}
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s.numpy().tobytes()) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    keys = np.frombuffer(base64.b64decode(state["numpy"][1]), dtype=np.uint32)
+    np.random.set_state((state["numpy"][0], keys, int(state["numpy"][2]), int(state["numpy"][3]),
+                         float(state["numpy"][4])))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+                                      for s in state["cuda"]])
+
+
+def optimizer_tensors(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into flat tensors (safetensors) and the JSON rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in opt_state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in rest["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _scheduler_json(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k != "lr_lambdas"}
+
+
+def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str, Any] | None,
+                     optimizer_state: dict[str, Any] | None = None, card: dict[str, Any] | None = None) -> Path:
+    """Adapter (+ trainer_state/) into a temporary sibling, then renamed over `folder`: all or nothing."""
+    from safetensors.torch import save_file
+
+    from ..adapter_io import replace_dir
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, card=card)
+        if trainer_state is not None:
+            state_dir = tmp / STATE_DIR
+            state_dir.mkdir()
+            rest: dict[str, Any] = {}
+            if optimizer_state is not None:
+                tensors, rest = optimizer_tensors(optimizer_state)
+                save_file(tensors, str(state_dir / "optimizer.safetensors"))
+            payload = {**trainer_state, "optimizer": rest}
+            (state_dir / "state.json").write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+        replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_trainer_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(state.json contents, optimizer state_dict or None) of a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    state_dir = Path(folder) / STATE_DIR
+    state = json.loads((state_dir / "state.json").read_text())
+    opt_file = state_dir / "optimizer.safetensors"
+    optimizer = optimizer_from_tensors(load_file(str(opt_file)), state["optimizer"]) if opt_file.is_file() else None
+    return state, optimizer
+
+
+def load_weights_into(model: MedVQAAdapter, folder: Path) -> None:
+    """Load a checkpoint's trained tensors into an already built model (resume keeps the live base models)."""
+    from ..adapter_io import PEFT_MODES, TENSORS_NAME, _load_peft, _load_tensors
+
+    _load_tensors(model, Path(folder) / TENSORS_NAME)
+    if model.config.tuning.mode in PEFT_MODES:
+        _load_peft(model, Path(folder))
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+def _schedule_fn(kind: str, warmup_steps: int, total: int):
+    def fn(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+        return max(0.0, 1.0 - progress) if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return fn
+
+
+def _normalise(text: str) -> str:
+    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+
+class _Logger:
+    """log.jsonl always; TensorBoard when importable (warns once otherwise); only on the main process."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
+        self.enabled, self.writer = enabled, None
+        self.file = out / "log.jsonl"
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                warnings.warn("tensorboard is not installed: skipping TensorBoard logs (pip install tensorboard)",
+                              stacklevel=3)
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.file.open("a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+        if self.writer is not None:
+            prefix = row.get("kind", "train")
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, row.get("step", 0))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Train loss per logged step and eval metric per epoch, as a PNG (matplotlib Agg, imported lazily)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no loss.png", stacklevel=2)
+        return
+    train = [(r["step"], r["loss"]) for r in history if r.get("kind") == "train"]
+    evals = [(r["step"], r["value"]) for r in history if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label=f"eval {history[-1].get('metric', '') if history else ''}".strip())
+    ax.set_xlabel("optimizer step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _make_accelerator(cfg: TrainConfig):
+    """Accelerator for CPU/GPU/multi-process; a torchrun launch on CPU gets a gloo process group first."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+class Trainer:
+    """Holds the run's moving parts; `train()` below is the one-call entry point."""
+
+    def __init__(self, model: MedVQAAdapter, train_records: Sequence[VQARecord],
+                 eval_records: Sequence[VQARecord] | None, cfg: TrainConfig):
+        if not train_records:
+            raise ConfigError("train: no training records")
+        self.cfg, self.train_records, self.eval_records = cfg, list(train_records), list(eval_records or [])
+        self.out = Path(cfg.output_dir)
+        self.acc = _make_accelerator(cfg)
+        self.main = self.acc.is_main_process
+        if cfg.trainable is not None:
+            check_trainable(model, cfg.trainable)
+            model.set_trainable(*cfg.trainable)
+        groups = {g: [p for _, p in ps if p.requires_grad] for g, ps in model.parameter_groups().items()}
+        groups = {g: ps for g, ps in groups.items() if ps}
+        if not groups:
+            raise ConfigError("train: no trainable parameters (set train.trainable or the model's tuning)")
+        self.group_names = list(groups)
+        if cfg.gradient_checkpointing:
+            model.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        encoder_trains = "encoder" in groups
+        self.cache = (FeatureCache.for_model(model, cfg.feature_cache)
+                      if cfg.feature_cache and model.config.encoder.freeze and not encoder_trains else None)
+        optimizer = torch.optim.AdamW([{"params": ps, "lr": cfg.group_lr(g), "name": g} for g, ps in groups.items()],
+                                      weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.raw = model
+        world = self.acc.num_processes
+        self.batches_per_epoch = max(1, math.ceil(len(self.train_records) / cfg.batch_size) // world)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
+        total = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        warm = int(cfg.warmup) if cfg.warmup >= 1 else int(round(cfg.warmup * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer,
+                                                           _schedule_fn(cfg.schedule, warm, self.total_steps))
+        self.step = self.epoch = self.position = 0
+        self.best: float | None = None
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+        self.skipped: list[str] = []
+
+    # --- data -------------------------------------------------------------------------------------------------------
+    def _rank_batches(self, epoch: int) -> list[list[int]]:
+        batches = epoch_batches(self.train_records, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.group_by_length)
+        world, rank = self.acc.num_processes, self.acc.process_index
+        batches = batches[:max(world, len(batches) // world * world)] if len(batches) >= world else batches * world
+        return batches[rank::world][:self.batches_per_epoch]
+
+    def _bad_image(self, record: VQARecord, err: ImageLoadError) -> None:
+        if self.cfg.on_bad_image == "stop":
+            raise ImageLoadError(f"record {record.id!r}: {err} (train.on_bad_image='stop')") from err
+        name = record_label(record)
+        self.skipped.append(name)
+        log.warning("skipping record %s: bad image %s: %s", record.id, name, err)
+
+    def inputs(self, records: Sequence[VQARecord]) -> tuple[dict[str, Any] | None, list[VQARecord]]:
+        """(model keyword arguments, records kept) for a batch: cached features when the cache is on, else loaded
+        images; records whose image is bad are left out (policy skip) or raise (policy stop)."""
+        if self.cache is not None:
+            feats, keep = self.cache.features(self.raw, records, on_error=self._bad_image)
+            kept = [records[i] for i in keep]
+            extra: dict[str, Any] = {"features": feats}
+        else:
+            kept, images = [], []
+            for record in records:
+                try:
+                    images.append(load_image(record.image, **view_args(record), name=record_label(record)))
+                    kept.append(record)
+                except ImageLoadError as err:
+                    self._bad_image(record, err)
+            extra = {"images": images}
+        if not kept:
+            return None, []
+        return {**extra, "questions": [r.question for r in kept], "answers": [r.answer for r in kept]}, kept
+
+    # --- checkpoints ------------------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        from accelerate.utils import gather_object
+
+        rngs = gather_object([rng_state()]) if self.acc.num_processes > 1 else [rng_state()]
+        scaler = self.acc.scaler.state_dict() if getattr(self.acc, "scaler", None) is not None else None
+        return {"step": self.step, "epoch": self.epoch, "position": self.position, "best_metric": self.best,
+                "bad_epochs": self.bad_epochs, "rng": rngs, "world_size": self.acc.num_processes,
+                "scheduler": _scheduler_json(self.scheduler.state_dict()), "scaler": scaler,
+                "skipped_images": self.skipped, "groups": self.group_names, "config": self.cfg.to_dict()}
+
+    def save_last(self) -> None:
+        state = self._state()  # every rank joins the gather
+        if self.main:
+            write_checkpoint(self.raw, self.out / "last", state, self.optimizer.state_dict())
+        self.acc.wait_for_everyone()
+
+    def save_best(self, metrics: dict[str, Any]) -> None:
+        if self.main:
+            write_checkpoint(self.raw, self.out / "best", None, card={"metrics": metrics})
+        self.acc.wait_for_everyone()
+
+    def resume(self, folder: Path) -> None:
+        state, opt = read_trainer_state(folder)
+        if state.get("groups") != self.group_names:
+            raise ConfigError(f"resume from {folder}: trained groups {state.get('groups')} but this run trains "
+                              f"{self.group_names}")
+        load_weights_into(self.raw, folder)
+        if opt is not None:
+            self.optimizer.load_state_dict(opt)
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **state["scheduler"]})
+        if state.get("scaler") and getattr(self.acc, "scaler", None) is not None:
+            self.acc.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.best, self.bad_epochs = state["best_metric"], state["bad_epochs"]
+        self.skipped = list(state.get("skipped_images", []))
+        rngs = state["rng"]
+        if len(rngs) != self.acc.num_processes:
+            warnings.warn(f"resume: checkpoint was written by {len(rngs)} process(es), this run has "
+                          f"{self.acc.num_processes}; random state is not restored exactly", stacklevel=2)
+        set_rng_state(rngs[min(self.acc.process_index, len(rngs) - 1)])
+
+    # --- evaluation -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Eval loss (mean over answers' batches) or accuracy; records are sharded over ranks and summed."""
+        model, cfg = self.raw, self.cfg
+        was = model.training
+        model.eval()
+        records = self.eval_records[self.acc.process_index::self.acc.num_processes]
+        size = cfg.eval_batch_size or cfg.batch_size
+        total = count = 0.0
+        try:
+            for s in range(0, len(records), size):
+                batch = records[s:s + size]
+                inputs, kept = self.inputs(batch)
+                if inputs is None:
+                    continue
+                with self.acc.autocast():
+                    if cfg.metric == "loss":
+                        n = len(inputs["questions"])
+                        total += float(model(**inputs).loss) * n
+                        count += n
+                    else:
+                        total_b, count_b = self._accuracy(model, inputs, kept)
+                        total, count = total + total_b, count + count_b
+        finally:
+            model.train(was)
+        sums = torch.tensor([total, count], dtype=torch.float64, device=self.acc.device)
+        sums = self.acc.reduce(sums, reduction="sum") if self.acc.num_processes > 1 else sums
+        value = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+        return {cfg.metric: value, "count": int(sums[1])}
+
+    def _accuracy(self, model: MedVQAAdapter, inputs: dict[str, Any], recs: Sequence[VQARecord]) -> tuple[int, int]:
+        """Closed questions with choices: argmax of score_choices; others: normalised exact match of answer()."""
+        feat_kw = {"features": inputs["features"]} if "features" in inputs else {"images": inputs["images"]}
+        correct = 0
+        choice_idx = [i for i, r in enumerate(recs) if r.choices]
+        if choice_idx:
+            sub = _subset(feat_kw, choice_idx)
+            probs = model.score_choices(**sub, questions=[recs[i].question for i in choice_idx],
+                                        choices=[recs[i].choices for i in choice_idx])
+            for i, p in zip(choice_idx, probs):
+                picked = recs[i].choices[int(np.argmax(p))]
+                correct += _normalise(picked) == _normalise(recs[i].answer)
+        open_idx = [i for i, r in enumerate(recs) if not r.choices]
+        if open_idx:
+            answers = model.answer(**_subset(feat_kw, open_idx), questions=[recs[i].question for i in open_idx],
+                                   max_new_tokens=self.cfg.max_new_tokens)
+            correct += sum(_normalise(a.text) == _normalise(recs[i].answer) for i, a in zip(open_idx, answers))
+        return correct, len(recs)
+
+    def _improved(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        return value < self.best if self.cfg.metric == "loss" else value > self.best
+
+    # --- main loop --------------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        resume_dir = self._resume_dir()
+        if resume_dir is not None:
+            self.resume(resume_dir)
+        else:
+            from accelerate.utils import set_seed
+
+            set_seed(cfg.seed)
+        logger = _Logger(self.out, self.main, cfg.tensorboard)
+        reason = "completed"
+        progress = None
+        if cfg.progress and self.main:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        self.model.train()
+        try:
+            reason = self._loop(logger, progress)
+            if reason != "non-finite loss" and not (cfg.eval_every_epoch and self.eval_records):
+                self.save_best({"epoch": self.epoch, "step": self.step})  # no metric: the final weights are best
+        finally:
+            if progress is not None:
+                progress.close()
+            logger.close()
+        if self.main and cfg.plot and self.history:
+            plot_history(self.history, self.out / "loss.png")
+        best = self.out / "best"
+        last = self.out / "last"
+        return TrainResult(best if best.is_dir() else None, last if last.is_dir() else None, self.history, reason,
+                           self.step, list(self.skipped), self.best)
+
+    def _resume_dir(self) -> Path | None:
+        resume = self.cfg.resume
+        if not resume:
+            return None
+        folder = self.out / "last" if resume is True or resume == "auto" else Path(resume)
+        if (folder / STATE_DIR / "state.json").is_file():
+            return folder
+        if resume is True or resume == "auto":
+            return None  # nothing to resume: a fresh run
+        raise ConfigError(f"train.resume={resume!r}: no {STATE_DIR}/state.json in that folder")
+
+    def _loop(self, logger: _Logger, progress: Any) -> str:
+        cfg, acc = self.cfg, self.acc
+        running, n_running, t0 = 0.0, 0, time.perf_counter()
+        while self.epoch < cfg.epochs:
+            micro = 0
+            batches = self._rank_batches(self.epoch)
+            for index in range(self.position, len(batches)):
+                sync = (micro + 1) % cfg.grad_accum == 0 or index == len(batches) - 1
+                inputs, _ = self.inputs([self.train_records[i] for i in batches[index]])
+                with acc.autocast():
+                    loss = self.model(**inputs).loss if inputs is not None else None
+                bad = torch.tensor([0.0 if loss is None or torch.isfinite(loss.detach()) else 1.0], device=acc.device)
+                if acc.num_processes > 1:
+                    bad = acc.reduce(bad, reduction="sum")
+                if bad.item() > 0:
+                    self.history.append({"kind": "stop", "step": self.step, "epoch": self.epoch,
+                                         "reason": "non-finite loss"})
+                    logger(self.history[-1])
+                    log.error("non-finite loss at step %d (epoch %d, batch %d); last good checkpoint kept in %s",
+                              self.step, self.epoch, index, self.out / "last")
+                    return "non-finite loss"
+                if loss is None:  # every image of this batch was bad: keep ranks in step with a zero loss
+                    loss = sum(p.sum() * 0.0 for p in self.raw.parameters() if p.requires_grad)
+                else:
+                    running, n_running = running + float(loss.detach()), n_running + 1
+                ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _null()
+                with ctx:
+                    acc.backward(loss / cfg.grad_accum)
+                micro += 1
+                self.position = index + 1
+                if not sync:
+                    continue
+                grad_norm = None
+                if cfg.max_grad_norm is not None:
+                    grad_norm = float(acc.clip_grad_norm_([p for g in self.optimizer.param_groups
+                                                           for p in g["params"]], cfg.max_grad_norm))
+                    if not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16":
+                        self.history.append({"kind": "stop", "step": self.step, "reason": "non-finite loss"})
+                        logger(self.history[-1])
+                        return "non-finite loss"
+                self.optimizer.step()
+                if not self.optimizer.step_was_skipped:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                micro = 0
+                if progress is not None:
+                    progress.update(1)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    row = {"kind": "train", "step": self.step, "epoch": self.epoch,
+                           "loss": running / max(1, n_running), "grad_norm": grad_norm,
+                           "seconds": round(time.perf_counter() - t0, 3), "skipped_images": len(self.skipped),
+                           **{f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}}
+                    self.history.append(row)
+                    logger(row)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{row['loss']:.4f}")
+                    running, n_running = 0.0, 0
+                if cfg.max_steps and self.step >= cfg.max_steps:
+                    self.save_last()
+                    return "max_steps"
+                if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+                    self.save_last()
+            self.epoch, self.position = self.epoch + 1, 0
+            if cfg.eval_every_epoch and self.eval_records:
+                metrics = self.evaluate()
+                value = metrics[cfg.metric]
+                improved = self._improved(value)
+                if improved:
+                    self.best, self.bad_epochs = value, 0
+                else:
+                    self.bad_epochs += 1
+                row = {"kind": "eval", "step": self.step, "epoch": self.epoch, "metric": cfg.metric, "value": value,
+                       "improved": improved, "bad_epochs": self.bad_epochs, "count": metrics["count"]}
+                self.history.append(row)
+                logger(row)
+                if improved:
+                    self.save_best({cfg.metric: value, "epoch": self.epoch, "step": self.step})
+                self.save_last()
+                if cfg.patience is not None and self.bad_epochs >= cfg.patience:
+                    return "early stopping"
+            else:
+                self.save_last()
+        return "completed"
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _subset(kw: dict[str, Any], idx: list[int]) -> dict[str, Any]:
+    if "features" in kw:
+        return {"features": kw["features"][idx]}
+    return {"images": [kw["images"][i] for i in idx]}
+
+
+def check_trainable(model: MedVQAAdapter, groups: Sequence[str]) -> None:
+    """Refuse group choices whose trained tensors the adapter folder would not store (they would be lost)."""
+    from ..adapter_io import PEFT_MODES
+
+    mode = model.config.tuning.mode
+    if "decoder" in groups and mode != "full":
+        raise ConfigError(f"trainable group 'decoder' needs tuning.mode='full' (is {mode!r}): an adapter folder only "
+                          "stores decoder base weights in full mode")
+    if "lora" in groups and mode not in PEFT_MODES:
+        raise ConfigError(f"trainable group 'lora' needs a peft tuning.mode {list(PEFT_MODES)}, not {mode!r}")
+    if "encoder" in groups and model.config.encoder.freeze:
+        raise ConfigError("trainable group 'encoder' needs encoder.freeze=false (so its tensors are saved)")
+
+
+def train(model: MedVQAAdapter, train_records: Sequence[VQARecord], eval_records: Sequence[VQARecord] | None,
+          cfg: TrainConfig) -> TrainResult:
+    """Train `model` in place; checkpoints go to cfg.output_dir/{last,best}. See TrainConfig for the knobs."""
+    return Trainer(model, train_records, eval_records, cfg).run()

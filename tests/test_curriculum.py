@@ -1,0 +1,77 @@
+"""Recipes: --set overrides, smoke runs, and a 3-stage LLaVA-Med-like curriculum with per-stage trainable groups."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+torch = pytest.importorskip("torch")
+
+from prefixvqa.config import ConfigError  # noqa: E402
+from prefixvqa.train import recipe as recipe_mod  # noqa: E402
+from prefixvqa.train.recipe import apply_sets, load_recipe, run_recipe  # noqa: E402
+
+CURRICULUM = {
+    "model": {"config": {"mapper": {"kind": "linear"}, "encoder": {"features": "patches"},
+                         "template": {"name": "llava_med_v1"}}},
+    "data": {"train": "/data/llava_med/instruct.json", "eval": None},
+    "train": {"batch_size": 4, "epochs": 1, "progress": False, "tensorboard": False, "plot": False,
+              "lr": {"mapper": 5e-3, "lora": 5e-3}},
+    "stages": [
+        {"name": "align", "trainable": ["mapper"], "template": {"name": "plain"},
+         "data": {"train": "/data/llava_med/alignment.json"}},
+        {"name": "instruct", "trainable": ["mapper", "lora"], "start_from": "last"},
+        {"name": "vqa", "trainable": ["mapper", "lora"], "data": {"train": "/data/vqa_rad/train.json"},
+         "metric": "accuracy", "max_new_tokens": 4},
+    ],
+    "smoke": {"model.tiny": "gpt2", "data.train": {"format": "synthetic", "n": 4, "kind": "instruct"},
+              "stages.0.data.train": {"format": "synthetic", "n": 4, "kind": "caption"},
+              "stages.2.data": {"train": {"format": "synthetic", "n": 4, "kind": "closed"},
+                                "eval": {"format": "synthetic", "n": 2, "kind": "closed", "seed": 1}}},
+}
+
+
+def test_sets_are_yaml_parsed_and_validated(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(CURRICULUM))
+    recipe = load_recipe(path, ["train.epochs=2", "stages.1.lr={lora: 1.0e-4}", "train.output_dir=x"])
+    assert recipe.train["epochs"] == 2 and recipe.stages[1]["lr"] == {"lora": 1e-4}
+    assert apply_sets({"a": [{"b": 1}]}, {"a.0.b": 2}) == {"a": [{"b": 2}]}
+    with pytest.raises(ConfigError):
+        load_recipe(path, ["train.schedule=sometimes"])
+    with pytest.raises(ConfigError):
+        load_recipe(path, ["stages.7.epochs=1"])
+    with pytest.raises(ConfigError):
+        load_recipe(path, ["noequals"])
+
+
+def test_three_stage_curriculum_smoke(tmp_path, monkeypatch):
+    path = tmp_path / "llava_med_tiny.yaml"
+    path.write_text(yaml.safe_dump({**CURRICULUM, "train": {**CURRICULUM["train"], "output_dir": str(tmp_path)}}))
+    changes: dict[str, set[str]] = {}
+    original = recipe_mod.train
+
+    def spy(model, train_records, eval_records, cfg):
+        before = {g: {n: p.detach().clone() for n, p in ps} for g, ps in model.parameter_groups().items()}
+        result = original(model, train_records, eval_records, cfg)
+        after = dict(model.parameter_groups())
+        changes[Path(cfg.output_dir).name] = {g for g, ps in after.items()
+                                              if any(not torch.equal(before[g][n], p) for n, p in ps)}
+        return result
+
+    monkeypatch.setattr(recipe_mod, "train", spy)
+    result = run_recipe(load_recipe(path), smoke=True)
+    assert list(result.stages) == ["align", "instruct", "vqa"]
+    assert changes == {"align": {"mapper"}, "instruct": {"mapper", "lora"}, "vqa": {"mapper", "lora"}}
+    for name in ("align", "instruct", "vqa"):
+        assert (tmp_path / name / "last" / "adapter_model.safetensors").is_file()
+    assert result.final_dir == tmp_path / "vqa" / "best"
+    from prefixvqa.model import MedVQAAdapter
+
+    final = MedVQAAdapter.from_pretrained(result.final_dir)
+    assert final.config.template.name == "llava_med_v1"
+    assert [r["metric"] for r in result.stages["vqa"].history if r["kind"] == "eval"] == ["accuracy"]

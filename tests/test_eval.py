@@ -1,0 +1,164 @@
+"""Evaluation protocols and runner, end to end on a tiny adapter trained here for a few dozen steps (offline)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("open_clip")
+
+from prefixvqa.data.records import VQARecord, content_hash  # noqa: E402
+from prefixvqa.eval import protocols as P  # noqa: E402
+from prefixvqa.eval.runner import compare, evaluate, load_predictions, rescore  # noqa: E402
+
+COLOURS = {"red": ((220, 30, 30), "yes", "lung", "ct"), "blue": ((30, 30, 220), "no", "liver", "mri")}
+
+
+def make_task(folder, n: int = 8, prefix: str = "t") -> list[VQARecord]:
+    """Red images have a lesion in the lung (CT), blue ones none, in the liver (MRI): one closed + one open each."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        colour = "red" if i % 2 == 0 else "blue"
+        rgb, yes_no, organ, modality = COLOURS[colour]
+        path = folder / f"{prefix}{i}.png"
+        Image.new("RGB", (32, 32), tuple(min(255, c + 3 * i) for c in rgb)).save(path)
+        meta = {"dataset": "colours", "split": "test", "modality": modality, "organ": organ, "image_name": path.name}
+        records.append(VQARecord(f"{prefix}{i}c", str(path), "is there a lesion?", yes_no, "closed", None,
+                                 {**meta, "question_type": "presence"}))
+        records.append(VQARecord(f"{prefix}{i}o", str(path), "what organ is shown?", organ, "open", None,
+                                 {**meta, "question_type": "organ"}))
+    return records
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny adapter trained with a plain AdamW loop on the colour task, saved and reloaded."""
+    from prefixvqa.config import AdapterConfig
+    from prefixvqa.model import MedVQAAdapter
+    from prefixvqa.testing import build_decoder, tiny_overrides
+
+    root = tmp_path_factory.mktemp("eval")
+    decoder = build_decoder(root / "decoder", "gpt2")
+    torch.manual_seed(0)
+    model = MedVQAAdapter(AdapterConfig().replace(**tiny_overrides(decoder)))
+    train = make_task(root / "train_images", 8, "tr")
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(60):
+        loss = model([r.image for r in train], [r.question for r in train], [r.answer for r in train]).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    model.save_pretrained(root / "adapter")
+    loaded = MedVQAAdapter.from_pretrained(root / "adapter").eval()
+    return loaded, root / "adapter", make_task(root / "test_images", 4, "te"), root
+
+
+def test_end_to_end_outputs_and_determinism(trained, tmp_path):
+    model, adapter, records, _ = trained
+    spec = {"reader": "colours", "split": "test"}
+    first = evaluate(model, records, "llava_med", tmp_path / "a", batch_size=3, max_new_tokens=4, data_spec=spec,
+                     adapter_path=adapter, progress=False)
+    evaluate(model, records, "llava_med", tmp_path / "b", batch_size=5, max_new_tokens=4, data_spec=spec,
+             adapter_path=adapter, progress=False)
+    out = tmp_path / "a"
+    for name in ("predictions.jsonl", "metrics.json", "report.md", "manifest.json", "per_type_accuracy.png",
+                 "confusion_closed.png", "confidence_hist.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "metrics.json").read_bytes() == (tmp_path / "b" / "metrics.json").read_bytes()
+    assert (out / "predictions.jsonl").read_bytes() == (tmp_path / "b" / "predictions.jsonl").read_bytes()
+
+    # trained on the same rule: closed questions (scored over yes/no) are answered right
+    assert first["closed_accuracy_strict"] == 1.0 and first["n"] == len(records)
+    rows = load_predictions(out)
+    assert [r["id"] for r in rows] == [r.id for r in records]
+    closed = [r for r in rows if r["answer_type"] == "closed"]
+    assert all(r["mode"] == "score" and r["candidates"] == ["yes", "no"] for r in closed)
+    assert all(math.isclose(sum(r["choice_probs"]), 1.0, abs_tol=1e-5) for r in closed)
+    assert all(r["mode"] == "generate" and r["choice_probs"] is None for r in rows if r["answer_type"] == "open")
+    assert {"gold", "prediction", "question", "confidence", "score", "meta"} <= set(rows[0])
+
+    report = (out / "report.md").read_text()
+    for heading in ("## Overall", "## By answer type", "## By question type", "## By modality", "## By organ"):
+        assert heading in report
+    assert "](per_type_accuracy.png)" in report and "](confusion_closed.png)" in report
+    assert "closed accuracy (upstream substring test)" in report and "closed accuracy (strict)" in report
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset"] == "colours" and manifest["split"] == "test"
+    assert manifest["item_ids"] == [r.id for r in records] and manifest["content_hash"] == content_hash(records)
+    assert manifest["data_spec"] == spec and manifest["adapter"]["path"] == str(adapter)
+    assert manifest["adapter"]["saved_fingerprints"] and manifest["protocol"]["name"] == "llava_med"
+    assert manifest["prefixvqa_version"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["breakdown"]) == {"answer_type", "question_type", "modality", "organ"}
+    assert rescore(out, "llava_med", records) == pytest.approx(first)
+
+    table = compare([out, tmp_path / "b"])
+    assert table.splitlines()[0] == "| metric | a | b |"
+    line = next(row for row in table.splitlines() if row.startswith("| closed_accuracy_strict"))
+    assert line == "| closed_accuracy_strict | 1.0000 | 1.0000 |"
+
+
+def test_generate_mode_and_prefix_vqa(trained, tmp_path):
+    model, _, records, _ = trained
+    protocol = P.get_protocol("prefix_vqa", upstream_char_bleu=True)
+    metrics = evaluate(model, records, protocol, tmp_path, closed_mode="generate", max_new_tokens=4, progress=False)
+    for key in ("exact_match", "bleu1", "bert_f1", "token_f1", "char_bleu1_upstream"):
+        assert 0.0 <= metrics[key] <= 1.0 + 1e-6, key
+    assert all(r["mode"] == "generate" for r in load_predictions(tmp_path))
+
+
+def test_pmc_vqa_scores_choices(trained, tmp_path):
+    model, _, records, _ = trained
+    choices = ["liver", "lung", "brain", "heart"]
+    mc = [VQARecord(r.id, r.image, "what organ is shown?", r.answer, None, choices, r.meta)
+          for r in records if r.answer_type == "open"]
+    metrics = evaluate(model, mc, "pmc_vqa", tmp_path, batch_size=2, progress=False)
+    rows = load_predictions(tmp_path)
+    direct = model.score_choices([r.image for r in mc], [r.question for r in mc], [choices] * len(mc))
+    for row, probs in zip(rows, direct):
+        assert row["mode"] == "score" and row["candidates"] == choices
+        assert math.isclose(sum(row["choice_probs"]), 1.0, abs_tol=1e-5)
+        assert row["choice_probs"] == pytest.approx(probs, abs=1e-6)
+        assert row["choice_index"] == max(range(4), key=lambda k: probs[k])
+        assert row["prediction"] == choices[row["choice_index"]]
+    assert metrics["mc_accuracy"] == sum(r["scores"]["mc_accuracy"] for r in rows) / len(rows)
+    with pytest.raises(ValueError, match="likelihood"):
+        evaluate(model, mc, "pmc_vqa", tmp_path / "x", closed_mode="generate", progress=False)
+
+
+def test_llava_med_substring_vs_strict():
+    gold = ["no", "no", "yes", "yes", "no"]
+    preds = ["normal", "no", "yes, there is", "no", "there is no mass"]
+    records = [VQARecord(str(i), None, "is it abnormal?", g, "closed") for i, g in enumerate(gold)]
+    rows = [{"id": str(i), "prediction": p} for i, p in enumerate(preds)]
+    metrics = P.compute_metrics("llava_med", records, rows)
+    assert metrics["closed_accuracy_substring"] == pytest.approx(4 / 5)  # "normal" and "there is no mass" count
+    assert metrics["closed_accuracy_strict"] == pytest.approx(2 / 5)
+    assert "open_recall" not in metrics
+
+
+def test_report_protocol_and_pmc_gold_letters():
+    refs = ["no acute cardiopulmonary process", "heart size is normal", "small left pleural effusion", "clear lungs"]
+    preds = ["no acute process", "heart size normal", "left effusion", "lungs are clear"]
+    records = [VQARecord(str(i), None, "findings?", r, "open") for i, r in enumerate(refs)]
+    protocol = P.get_protocol("report", n_resamples=50)
+    metrics = P.compute_metrics(protocol, records, [{"prediction": p} for p in preds])
+    for key in ("bleu1", "bleu4", "rouge_l"):
+        assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"]
+    assert metrics == P.compute_metrics(protocol, records, [{"prediction": p} for p in preds])
+    letter = VQARecord("x", None, "q", "B", None, ["A: cat", "B: dog", "C: cow", "D: pig"])
+    assert P.gold_choice_index(letter) == 1
+    assert P.gold_choice_index(VQARecord("y", None, "q", "cow", None, ["A: cat", "B: dog", "C: cow"])) == 2
+    assert P.candidates_for(VQARecord("z", None, "left or right?", "left", "closed")) is None
+    assert sorted(P.list_protocols()) == ["llava_med", "med_flamingo", "pmc_vqa", "prefix_vqa", "report"]

@@ -1,0 +1,57 @@
+"""Data-efficiency sweep on the recipe system's synthetic colour task with tiny offline models."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("torch")
+pytest.importorskip("yaml")
+
+from prefixvqa.data.records import VQARecord  # noqa: E402
+from prefixvqa.eval.sweep import stratified_subset, sweep  # noqa: E402
+
+RECIPE = """
+model:
+  config: {tuning: {mode: full}}
+  tiny: gpt2
+data:
+  train: {format: synthetic, n: 48, seed: 0, kind: vqa}
+  eval: {format: synthetic, n: 16, seed: 1, kind: vqa}
+train:
+  epochs: 8
+  feature_cache: FEATURES
+  schedule: constant
+  batch_size: 4
+  lr: {mapper: 0.01, decoder: 0.003}
+  tensorboard: false
+  plot: false
+  progress: false
+  eval_every_epoch: false
+"""
+
+
+def test_stratified_subset_keeps_mix_and_is_seeded():
+    records = [VQARecord(str(i), None, "q", "yes" if i % 4 == 0 else "lung", None) for i in range(40)]
+    subset = stratified_subset(records, 8, seed=3)
+    assert len(subset) == 8 and sum(r.answer == "yes" for r in subset) == 2  # 10 closed / 30 open -> 2 / 6
+    assert [r.id for r in subset] == [r.id for r in stratified_subset(records, 8, seed=3)]
+    assert [r.id for r in subset] != [r.id for r in stratified_subset(records, 8, seed=4)]
+    assert stratified_subset(records, "all", 0) == records
+
+
+def test_sweep_learning_curve(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("FEATURES", str(tmp_path / "features")))
+    table = sweep(recipe, train_sizes=[4, "all"], seeds=1, out_dir=tmp_path / "sweep", protocol="llava_med",
+                  metric="closed_accuracy_strict")
+    for name in ("sweep.json", "sweep.md", "learning_curve.png"):
+        assert (tmp_path / "sweep" / name).is_file()
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["summary"] == table["summary"]
+    small, large = table["summary"]
+    assert (small["n_train"], large["n_train"]) == (4, 48)
+    assert large["mean"] > small["mean"], table["summary"]
+    assert (tmp_path / "sweep" / "size-all" / "seed-0" / "eval" / "metrics.json").is_file()
