@@ -83,6 +83,7 @@ def gguf_copy(folder: str, gguf_file: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # save_pretrained refuses GGUF-quantized configs
+    model.hf_quantizer = None  # the weights are already dequantised to float32
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     model.save_pretrained(tmp)

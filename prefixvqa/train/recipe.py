@@ -26,7 +26,8 @@ Schema (every key optional except where noted)::
       data.train: {format: synthetic, n: 8}
 
 Synthetic data SPEC: {format: synthetic, n: 16, seed: 0, kind: vqa | caption | instruct | closed}; images are
-generated in memory (PNG bytes) with a learnable rule (the colour decides the answer).
+generated in memory (PNG bytes) with a learnable rule (the colour decides the answer). `kind: lesions` gives the
+lesion task of prefixvqa.data.synthetic.lesion_records instead ({n, seed, image_size, kinds, split}).
 """
 
 from __future__ import annotations
@@ -186,6 +187,15 @@ def load_split(spec: Any) -> list[VQARecord]:
         return []
     if isinstance(spec, dict) and spec.get("format") == "synthetic":
         args = {k: v for k, v in spec.items() if k != "format"}
+        if args.get("kind") == "lesions":  # the generated lesion task of prefixvqa.data.synthetic (demo, smoke runs)
+            from ..data.synthetic import lesion_records
+
+            args.pop("kind")
+            if "image_size" in args:
+                args["size"] = args.pop("image_size")
+            if "kinds" in args:
+                args["kinds"] = tuple(args["kinds"])
+            return lesion_records(**args)
         return synthetic_records(**args)
     from ..data.readers import load_records
 
