@@ -1,0 +1,197 @@
+"""The `prefixvqa` command line. Errors a user can fix are printed as one line, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _data_spec(text: str, fmt: str | None, split: str | None) -> Any:
+    """A path, or a JSON spec such as '{"format": "slake", "path": "Slake1.0"}'."""
+    spec: Any = json.loads(text) if text.lstrip().startswith("{") else text
+    if fmt:
+        spec = {"format": fmt, "path": text} if isinstance(spec, str) else {**spec, "format": fmt}
+    if split and isinstance(spec, dict):
+        spec = {**spec, "split": split}
+    return spec
+
+
+def _records(args: argparse.Namespace) -> list:
+    from .data.readers import load_records
+
+    return load_records(_data_spec(args.data, args.format, None), split=args.split)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.recipe import load_recipe, run_recipe
+
+    result = run_recipe(load_recipe(args.recipe, args.set), smoke=args.smoke)
+    print(f"final adapter: {result.final_dir}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .data.cache import cache_features
+    from .model import MedVQAAdapter
+
+    model = MedVQAAdapter.from_pretrained(args.adapter) if args.adapter else MedVQAAdapter.from_preset(args.preset)
+    stats = cache_features(model, _records(args), args.out, batch_size=args.batch_size)
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    from .model import MedVQAAdapter
+
+    model = MedVQAAdapter.from_pretrained(args.adapter).eval()
+    if args.choices:
+        options = [c.strip() for c in args.choices.split(",")]
+        probs = model.score_choices([args.image], [args.question], [options])[0]
+        for option, p in sorted(zip(options, probs), key=lambda x: -x[1]):
+            print(f"{p:.3f}  {option}")
+        return 0
+    answer = model.answer([args.image], [args.question], max_new_tokens=args.max_new_tokens,
+                          num_beams=args.num_beams)[0]
+    print(answer.text)
+    print(f"(log-probability {answer.score:.3f} over {answer.num_tokens} tokens)", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.runner import compare, evaluate
+
+    if args.compare:
+        print(compare(args.compare))
+        return 0
+    if not (args.adapter and args.data):
+        raise ValueError("prefixvqa eval needs --adapter and --data (or --compare A B ...)")
+    from .model import MedVQAAdapter
+
+    model = MedVQAAdapter.from_pretrained(args.adapter).eval()
+    metrics = evaluate(model, _records(args), args.protocol, args.out, batch_size=args.batch_size,
+                       closed_mode=args.closed_mode, data_spec=_data_spec(args.data, args.format, args.split),
+                       adapter_path=args.adapter)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .eval.sweep import sweep
+
+    sizes = [s if s == "all" else int(s) for s in args.train_sizes.split(",")]
+    result = sweep(args.recipe, train_sizes=sizes, seeds=args.seeds, out_dir=args.out, protocol=args.protocol,
+                   sets=args.set, smoke=args.smoke)
+    print(json.dumps(result["summary"], indent=2, default=str))
+    print(f"learning curve: {Path(args.out) / 'learning_curve.png'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, seed=args.seed)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .presets import list_presets, preset_info
+
+    for name in list_presets():
+        print(f"{name:<28} {preset_info(name).get('description', '')[:90]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prefixvqa", description="Vision-language prefix adapters for medical VQA.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--data", required=False, help="dataset path or JSON spec, e.g. '{\"format\": \"slake\", "
+                                                      "\"path\": \"Slake1.0\"}'")
+        s.add_argument("--format", help="reader: vqa_rad, slake, pathvqa, pmc_vqa, llava, report, generic")
+        s.add_argument("--split", help="split to read (train, validate, test, ...)")
+
+    s = sub.add_parser("train", help="train from a YAML recipe (single stage or curriculum)")
+    s.add_argument("recipe")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    s.add_argument("--smoke", action="store_true", help="apply the recipe's tiny offline smoke override")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("cache-features", help="encode images once into the memory-mapped feature cache")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--adapter")
+    g.add_argument("--preset")
+    data_args(s)
+    s.add_argument("--out", required=True, help="cache folder")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.set_defaults(func=cmd_cache)
+
+    s = sub.add_parser("answer", help="answer one question about one image")
+    s.add_argument("--adapter", required=True)
+    s.add_argument("--image", required=True, help="PNG/JPEG/TIFF/DICOM/NIfTI file")
+    s.add_argument("question")
+    s.add_argument("--choices", help="comma-separated candidates to rank instead of generating")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--num-beams", type=int, default=1)
+    s.set_defaults(func=cmd_answer)
+
+    s = sub.add_parser("eval", help="evaluate an adapter under a named protocol, or compare results")
+    s.add_argument("--adapter")
+    data_args(s)
+    s.add_argument("--protocol", default="llava_med", help="llava_med, prefix_vqa, med_flamingo, pmc_vqa, report")
+    s.add_argument("--out", default="runs/eval")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--closed-mode", choices=["score", "generate"])
+    s.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print a side-by-side table")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sweep", help="few-shot learning curve: train and evaluate at several training-set sizes")
+    s.add_argument("recipe")
+    s.add_argument("--train-sizes", default="16,64,256,all")
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--protocol", default="llava_med")
+    s.add_argument("--out", default="runs/sweep")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--smoke", action="store_true")
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("demo", help="offline demo: train and evaluate on real DICOM + generated lesions (SmolLM2)")
+    s.add_argument("--out", default="checkpoints/demo")
+    s.add_argument("--n-train", type=int, default=360)
+    s.add_argument("--n-test", type=int, default=90)
+    s.add_argument("--epochs", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("presets", help="list the named adapter presets")
+    s.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .adapter_io import AdapterLoadError
+    from .config import ConfigError
+    from .data.records import DataError
+    from .vision import ModelNotAvailableError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelNotAvailableError, AdapterLoadError, FileNotFoundError, ImportError,
+            ValueError) as exc:
+        print(f"prefixvqa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
