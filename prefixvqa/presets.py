@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from importlib import resources
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,12 @@ from .config import AdapterConfig, ConfigError
 def preset_dir() -> Path:
     """`prefixvqa.presets_data` when installed; the repository's `adapters/` folder in a source checkout."""
     try:
-        found = Path(str(resources.files("prefixvqa.presets_data")))
-        if found.is_dir():
-            return found
+        spec = importlib.util.find_spec("prefixvqa.presets_data")
     except ModuleNotFoundError:
-        pass
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:  # a namespace package: no __init__
+        if any(Path(location).glob("*.json")):
+            return Path(location)
     return Path(__file__).resolve().parent.parent / "adapters"
 
 
