@@ -93,7 +93,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, seed=args.seed)
+    given = {k: getattr(args, k) for k in ("n_train", "n_test", "epochs", "seed") if getattr(args, k) is not None}
+    run_demo(args.out, **given)
     return 0
 
 
@@ -161,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="offline demo: train and evaluate on real DICOM + generated lesions (SmolLM2)")
     s.add_argument("--out", default="checkpoints/demo")
-    s.add_argument("--n-train", type=int, default=360)
-    s.add_argument("--n-test", type=int, default=90)
-    s.add_argument("--epochs", type=int, default=4)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n-train", type=int, help="generated lesion training questions (default: run_demo's)")
+    s.add_argument("--n-test", type=int, help="generated lesion held-out questions")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--seed", type=int)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("presets", help="list the named adapter presets")

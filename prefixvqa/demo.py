@@ -77,7 +77,7 @@ def build_demo_data(n_train: int, n_test: int, seed: int = 0) -> tuple[list[VQAR
     return train, test
 
 
-def run_demo(out_dir: str | Path = "checkpoints/demo", n_train: int = 360, n_test: int = 90, epochs: int = 4,
+def run_demo(out_dir: str | Path = "checkpoints/demo", n_train: int = 360, n_test: int = 90, epochs: int = 6,
              seed: int = 0, progress: bool = True) -> dict:
     from .eval.runner import evaluate
     from .model import MedVQAAdapter
@@ -92,7 +92,8 @@ def run_demo(out_dir: str | Path = "checkpoints/demo", n_train: int = 360, n_tes
     print(model.describe_parameters())
     cfg = TrainConfig(output_dir=str(out_dir / "run"), epochs=epochs, batch_size=16, seed=seed,
                       lr={"mapper": 2e-3, "lora": 1e-3, "encoder": 1e-3, "decoder": 0.0},
-                      warmup=0.05, schedule="cosine", metric="loss", progress=progress, tensorboard=False)
+                      warmup=0.05, schedule="cosine", metric="loss", mixed_precision="bf16", progress=progress,
+                      tensorboard=False)
     result = train(model, train_records, [], cfg)
     model.eval()
     metrics = evaluate(model, test_records, "llava_med", out_dir / "eval", batch_size=32, progress=progress)

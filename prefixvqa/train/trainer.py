@@ -61,7 +61,9 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # fp16 uses accelerate's loss scaling (GPUs without bf16)
     gradient_checkpointing: bool = False
-    group_by_length: bool = True
+    # Off by default: on short closed answers ("yes"/"no") length sorting puts one answer per batch, and the decoder
+    # learns the batch's answer instead of looking at the image. Worth it for long free text (reports).
+    group_by_length: bool = False
     eval_every_epoch: bool = True
     patience: int | None = None  # epochs without improvement before stopping; None: never stop early
     metric: str = "loss"  # "loss" (lower is better) or "accuracy" (exact match / closed-choice accuracy)
