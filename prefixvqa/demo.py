@@ -107,13 +107,30 @@ def run_demo(out_dir: str | Path = "checkpoints/demo", n_train: int = 360, n_tes
     print("\nsample answers (held-out):")
     for r, a in zip(samples, answers):
         print(f"  Q: {r.question:<45} gold: {r.answer:<12} model: {a.text}")
-    print("\nheld-out accuracy by question type (chance: presence 0.50, side 0.50, count 0.33, modality "
-          f"{1 / max(1, len(next((r.choices for r in test_records if r.meta.get('question_type') == 'modality'), [1]))):.2f}):")
+    control = _shuffled_image_control(model, test_records, seed)
+    chance = {r.meta["question_type"]: 1 / len(r.choices) for r in test_records}
+    print("\nheld-out accuracy by question type; control: the same questions with the images shuffled among them")
+    print(f"  {'type':<10} {'accuracy':>8} {'control':>8} {'chance':>7}")
     for k, v in sorted(by_type.items()):
-        print(f"  {k:<10} {v:.3f}")
+        print(f"  {k:<10} {v:>8.3f} {control[k]:>8.3f} " + (f"{chance[k]:>7.2f}" if k in chance else ""))
     print(f"\nadapter saved to {out_dir / 'adapter'}; report: {out_dir / 'eval' / 'report.md'}; "
           f"stopped: {result.stopped_reason}; {time.time() - t0:.0f} s")
-    return {"metrics": metrics, "by_type": by_type, "seconds": time.time() - t0}
+    return {"metrics": metrics, "by_type": by_type, "control": control, "seconds": time.time() - t0}
+
+
+def _shuffled_image_control(model, records: list[VQARecord], seed: int) -> dict[str, float]:
+    """Accuracy when each question gets another item's image: near chance if the answers really come from the image."""
+    from .eval.metrics import closed_match
+
+    images = [r.image for r in records]
+    random.Random(seed).shuffle(images)
+    totals: dict[str, list[float]] = {}
+    for i in range(0, len(records), 32):
+        batch = records[i:i + 32]
+        for r, a in zip(batch, model.answer(images[i:i + 32], [r.question for r in batch], max_new_tokens=8)):
+            totals.setdefault(r.meta["question_type"], []).append(closed_match(a.text, r.answer, mode="strict"))
+    totals["all"] = [x for v in list(totals.values()) for x in v]
+    return {k: sum(v) / len(v) for k, v in totals.items()}
 
 
 def _accuracy_by_type(predictions: Path) -> dict[str, float]:

@@ -99,9 +99,11 @@ class VisionEncoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, N, D)
         if self.cfg.features == "pooled":
             return self.visual(pixels).unsqueeze(1)  # (B, 1, D)
+        # NCHW is the one layout every open_clip tower (ViT, ModifiedResNet, timm) can return; a conv grid becomes
+        # h*w tokens in row-major order, the same order a ViT's NLC output has.
         out = self.visual.forward_intermediates(pixels, indices=[self.cfg.layer], intermediates_only=True,
-                                                output_fmt="NLC", output_extra_tokens=self.cfg.keep_cls)
-        tokens = out["image_intermediates"][0]  # (B, N, D)
+                                                output_fmt="NCHW", output_extra_tokens=self.cfg.keep_cls)
+        tokens = out["image_intermediates"][0].flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
         if self.cfg.keep_cls and out.get("image_intermediates_prefix"):
             tokens = torch.cat([out["image_intermediates_prefix"][0], tokens], dim=1)
         return tokens

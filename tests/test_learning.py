@@ -19,16 +19,16 @@ def _accuracy(model, records, features) -> float:
 def test_held_out_accuracy_beats_chance(tiny_decoders):
     torch.manual_seed(0)
     cfg = AdapterConfig.from_dict({"encoder": {**TINY_ENCODER, "features": "patches"},
-                                   "mapper": {"kind": "linear"}, "decoder": {"name": str(tiny_decoders["gpt2"])},
+                                   "mapper": {"kind": "mlp2x_gelu"}, "decoder": {"name": str(tiny_decoders["gpt2"])},
                                    "tuning": {"mode": "lora"}})
     model = MedVQAAdapter(cfg)
     kinds = ("side", "presence")  # both binary: chance is 0.5
     train, test = lesion_records(240, seed=1, size=32, kinds=kinds), lesion_records(60, seed=2, size=32, kinds=kinds)
     f_train, f_test = model.encode_images([r.image for r in train]), model.encode_images([r.image for r in test])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)  # 1e-2 often never picks up "side"
     model.train()
     losses = []
-    for _ in range(300):
+    for _ in range(600):
         idx = torch.randint(0, len(train), (16,))
         loss = model(None, [train[i].question for i in idx], [train[i].answer for i in idx], features=f_train[idx]).loss
         opt.zero_grad()
@@ -37,7 +37,7 @@ def test_held_out_accuracy_beats_chance(tiny_decoders):
         losses.append(loss.item())
     model.eval()
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20  # loss falls
-    assert _accuracy(model, test, f_test) >= 0.75  # chance 0.5
+    assert _accuracy(model, test, f_test) >= 0.8  # chance 0.5; measured 0.93-0.95 over three torch seeds
 
 
 @pytest.mark.slow

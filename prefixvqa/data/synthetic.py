@@ -25,8 +25,11 @@ def _image(rng: np.random.Generator, size: int, count: int, side: str) -> bytes:
     body = ((xx - 0.5) ** 2 / 0.2 + (yy - 0.5) ** 2 / 0.22 < 1).astype(np.float32) * 0.35
     img = body + rng.normal(0, 0.04, (size, size)).astype(np.float32)
     lo, hi = (0.12, 0.42) if side == "left" else (0.58, 0.88)
-    for _ in range(count):
-        cx, cy, r = rng.uniform(lo, hi), rng.uniform(0.2, 0.8), rng.uniform(0.07, 0.11)
+    # one lesion per vertical band, jittered inside it, so lesions never merge and every count is well posed
+    bands = rng.permutation(3)[:count]
+    centres = [(rng.uniform(lo, hi), 0.2 + 0.3 * b + rng.uniform(-0.03, 0.03)) for b in bands]
+    for cx, cy in centres:
+        r = rng.uniform(0.07, 0.09)
         img += 0.6 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)).astype(np.float32)
     buf = io.BytesIO()
     Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
