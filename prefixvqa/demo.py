@@ -65,12 +65,13 @@ def dicom_records(views: int = 6, size: int = 64, seed: int = 0) -> list[VQAReco
     return records
 
 
-def build_demo_data(n_train: int, n_test: int, seed: int = 0) -> tuple[list[VQARecord], list[VQARecord]]:
+def build_demo_data(n_train: int, n_test: int, seed: int = 0,
+                    views: int = 6) -> tuple[list[VQARecord], list[VQARecord]]:
     """Generated lesions: disjoint seeds for train and test. DICOM: views split per view index, so test crops are
     unseen crops of training files (the package has too few distinct studies for a patient-level split)."""
     train = lesion_records(n_train, seed=seed + 1, size=64, split="train")
     test = lesion_records(n_test, seed=seed + 2, size=64, split="test")
-    dicom = dicom_records(seed=seed)
+    dicom = dicom_records(views=views, seed=seed)
     train += [r for r in dicom if not r.id.endswith("-0")]
     test += [r for r in dicom if r.id.endswith("-0")]
     random.Random(seed).shuffle(train)
@@ -78,17 +79,19 @@ def build_demo_data(n_train: int, n_test: int, seed: int = 0) -> tuple[list[VQAR
 
 
 def run_demo(out_dir: str | Path = "checkpoints/demo", n_train: int = 360, n_test: int = 90, epochs: int = 6,
-             seed: int = 0, progress: bool = True) -> dict:
+             seed: int = 0, progress: bool = True, preset: str = "demo_smollm2", views: int = 6,
+             overrides: dict | None = None) -> dict:
+    """Train, evaluate and save the demo adapter; `preset`/`overrides`/`views` let tests run it on tiny models."""
     from .eval.runner import evaluate
     from .model import MedVQAAdapter
     from .train.trainer import TrainConfig, train
 
     t0 = time.time()
     out_dir = Path(out_dir)
-    train_records, test_records = build_demo_data(n_train, n_test, seed)
+    train_records, test_records = build_demo_data(n_train, n_test, seed, views)
     print(f"demo data: {len(train_records)} training and {len(test_records)} held-out questions "
           f"(generated lesions + real DICOM from pydicom-data)")
-    model = MedVQAAdapter.from_preset("demo_smollm2")
+    model = MedVQAAdapter.from_preset(preset, **(overrides or {}))
     print(model.describe_parameters())
     cfg = TrainConfig(output_dir=str(out_dir / "run"), epochs=epochs, batch_size=16, seed=seed,
                       lr={"mapper": 2e-3, "lora": 1e-3, "encoder": 1e-3, "decoder": 0.0},

@@ -75,3 +75,69 @@ def test_three_stage_curriculum_smoke(tmp_path, monkeypatch):
     final = MedVQAAdapter.from_pretrained(result.final_dir)
     assert final.config.template.name == "llava_med_v1"
     assert [r["metric"] for r in result.stages["vqa"].history if r["kind"] == "eval"] == ["accuracy"]
+
+
+def _logits(model, records):
+    model.eval()
+    with torch.no_grad():
+        return model([r.image for r in records], [r.question for r in records], [r.answer for r in records]).logits
+
+
+def test_retune_keeps_the_function_and_refuses_lossy_switches(tmp_path):
+    from prefixvqa.model import MedVQAAdapter
+    from prefixvqa.train.recipe import build_model, retune, synthetic_records
+
+    torch.manual_seed(0)
+    model = build_model({"tiny": "gpt2", "config": {"tuning": {"mode": "frozen"}}}, tmp_path)
+    records = synthetic_records(3)
+    before = _logits(model, records)
+    assert not any(p.requires_grad for _, p in model.parameter_groups()["decoder"])
+
+    retune(model, {"mode": "lora", "r": 4, "alpha": 8})  # frozen -> lora: LoRA's zero-initialised B changes nothing
+    assert model.config.tuning.mode == "lora" and model.parameter_groups()["lora"]
+    torch.testing.assert_close(_logits(model, records), before)
+    with torch.no_grad():  # stand-in for a trained stage: non-zero LoRA updates
+        for name, p in model.parameter_groups()["lora"]:
+            p.add_(torch.randn_like(p) * 0.2)
+    tuned = _logits(model, records)
+    assert not torch.allclose(tuned, before)
+
+    with pytest.raises(ConfigError, match="'lora' to 'frozen'"):  # would drop the trained LoRA from the adapter
+        retune(model, {"mode": "frozen"})
+
+    retune(model, {"mode": "full"})  # lora -> full: LoRA merged into the weights first, nothing lost
+    assert model.config.tuning.mode == "full" and not model.parameter_groups()["lora"]
+    decoder = model.parameter_groups()["decoder"]
+    assert decoder and all(p.requires_grad for _, p in decoder)
+    torch.testing.assert_close(_logits(model, records), tuned, rtol=1e-4, atol=1e-5)
+
+    model.save_pretrained(tmp_path / "full")
+    reloaded = MedVQAAdapter.from_pretrained(tmp_path / "full")
+    assert reloaded.config.tuning.mode == "full"
+    torch.testing.assert_close(_logits(reloaded, records), tuned, rtol=1e-4, atol=1e-5)
+
+
+def test_curriculum_switches_tuning_between_stages(tmp_path):
+    """frozen decoder (align) -> LoRA (instruct) -> full fine-tuning (vqa), each stage starting from the last."""
+    from prefixvqa.model import MedVQAAdapter
+
+    recipe = {
+        "model": {"tiny": "gpt2", "config": {"tuning": {"mode": "frozen"}}},
+        "data": {"train": {"format": "synthetic", "n": 4, "kind": "closed"}},
+        "train": {"output_dir": str(tmp_path), "batch_size": 4, "epochs": 1, "progress": False,
+                  "tensorboard": False, "plot": False, "lr": {"mapper": 5e-3, "lora": 5e-3, "decoder": 1e-3}},
+        "stages": [
+            {"name": "align", "trainable": ["mapper"]},
+            {"name": "instruct", "trainable": ["mapper", "lora"], "tuning": {"mode": "lora", "r": 4}},
+            {"name": "vqa", "trainable": ["mapper", "decoder"], "tuning": {"mode": "full"}},
+        ],
+    }
+    path = tmp_path / "switch.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = run_recipe(load_recipe(path))
+    modes = {name: MedVQAAdapter.from_pretrained(tmp_path / name / "last").config.tuning.mode
+             for name in ("align", "instruct", "vqa")}
+    assert modes == {"align": "frozen", "instruct": "lora", "vqa": "full"}
+    assert (tmp_path / "instruct" / "last" / "adapter_model.safetensors").is_file()
+    final = MedVQAAdapter.from_pretrained(result.final_dir)
+    assert final.config.tuning.mode == "full"

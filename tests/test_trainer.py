@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -232,3 +233,49 @@ def test_torchrun_two_processes_gloo(work):
 
     MedVQAAdapter.from_pretrained(out / "last")
     no_tmp_left(out)
+
+
+def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights(work, monkeypatch):
+    from prefixvqa.model import MedVQAAdapter
+
+    seen: list[torch.dtype] = []
+    original = MedVQAAdapter._decode
+
+    def spy(self, embeds, mask):
+        logits = original(self, embeds, mask)
+        seen.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(MedVQAAdapter, "_decode", spy)
+    out = work / "bf16"
+    result = train(fresh_model(work), synthetic_records(8), synthetic_records(4, seed=1),
+                   TrainConfig(output_dir=str(out), epochs=4, batch_size=4, lr={"mapper": 1e-2, "lora": 1e-2},
+                               mixed_precision="bf16", log_every=1, **FAST))
+    assert seen and set(seen) == {torch.bfloat16}  # the decoder really ran under autocast
+    losses = [r["loss"] for r in result.history if r["kind"] == "train"]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    assert {v.dtype for v in adapter_tensors(out / "last").values()} == {torch.float32}  # master weights stay fp32
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(work):
+    """Recomputing activations in backward must not change the math: same seed, same tensors."""
+    runs = {}
+    for flag in (False, True):
+        model = fresh_model(work)
+        out = work / f"ckpt-{flag}"
+        train(model, synthetic_records(8), synthetic_records(2, seed=1),
+              TrainConfig(output_dir=str(out), epochs=2, batch_size=4, lr={"mapper": 1e-2, "lora": 1e-2},
+                          gradient_checkpointing=flag, **FAST))
+        assert model.decoder.get_base_model().is_gradient_checkpointing == flag
+        runs[flag] = adapter_tensors(out / "last")
+    assert runs[True].keys() == runs[False].keys()
+    for key, value in runs[False].items():
+        torch.testing.assert_close(runs[True][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_fp16_without_cuda_is_refused_not_silently_fp32(work):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: fp16 with loss scaling is allowed")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        train(fresh_model(work), synthetic_records(4), [],
+              TrainConfig(output_dir=str(work / "fp16"), epochs=1, batch_size=4, mixed_precision="fp16", **FAST))

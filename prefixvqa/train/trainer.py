@@ -342,8 +342,17 @@ def _make_accelerator(cfg: TrainConfig):
     import torch.distributed as dist
     from accelerate import Accelerator
 
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():  # accelerate would silently train in fp32
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling); on CPU use bf16 or no")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", cfg.mixed_precision)) != cfg.mixed_precision:
+        # accelerate keeps one process-wide state and refuses a second precision; a curriculum stage or a later run
+        # in the same process may use another, so drop that state (the process group in PartialState is kept)
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
 
 
