@@ -211,3 +211,28 @@ def test_grayscale_and_16bit_inputs(tiny_decoders):
     img16 = Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16))
     feats = model.encode_images([img16, Image.new("L", (30, 30), 5), IMAGES[0]])
     assert feats.shape == (3, 1, 32) and torch.isfinite(feats).all()
+
+
+@pytest.mark.parametrize("tower", ["vit", "resnet"])
+def test_patch_tokens_from_vit_and_conv_towers(tower):
+    """Patch features are row-major tokens for a ViT's patches and for a conv tower's grid (demo_smollm2 uses the
+    latter); a token's content must follow its image region, so a left-side change moves left tokens most."""
+    import torch
+
+    from prefixvqa.config import EncoderConfig
+    from prefixvqa.vision import VisionEncoder
+
+    cfg = (dict(TINY_ENCODER) if tower == "vit" else
+           {"name": "RN50", "pretrained": None,
+            "model_overrides": {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8,
+                                                                "head_width": 8},
+                                "text_cfg": TINY_ENCODER["model_overrides"]["text_cfg"]}})
+    encoder = VisionEncoder.from_config(EncoderConfig(**cfg, features="patches")).eval()
+    side = {"vit": 4, "resnet": 2}[tower]  # 32 px / patch 8; 64 px / conv stride 32
+    x = torch.zeros(2, 3, *encoder.preprocess_size())
+    x[1, :, :, : x.shape[-1] // 2] = 1.0  # brighten the left half of the second image
+    with torch.no_grad():
+        tokens = encoder(x)
+    assert tokens.shape[:2] == (2, side * side) and encoder.output_shape() == tuple(tokens.shape[1:])
+    change = (tokens[1] - tokens[0]).norm(dim=-1).view(side, side)  # (rows, cols)
+    assert change[:, : side // 2].sum() > change[:, side // 2:].sum()
