@@ -128,7 +128,8 @@ class TuningConfig:
     def __post_init__(self) -> None:
         _choice("tuning", "mode", self.mode, TUNING_MODES)
         _choice("tuning", "bias", self.bias, ("none", "all", "lora_only"))
-        _check(self.r >= 1 and self.alpha > 0, f"tuning.r and tuning.alpha must be positive, got {self.r}, {self.alpha}")
+        _check(self.r >= 1 and self.alpha > 0,
+               f"tuning.r and tuning.alpha must be positive, got {self.r}, {self.alpha}")
         _check(self.num_virtual_tokens >= 1, "tuning.num_virtual_tokens must be >= 1")
 
 

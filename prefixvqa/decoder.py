@@ -22,8 +22,9 @@ from .vision import ModelNotAvailableError, hub_offline, require_hub_file
 log = logging.getLogger(__name__)
 
 FAN_IN_FAN_OUT = {"gpt2"}  # model types whose attention uses transformers' Conv1D (weights stored transposed)
-_VOLATILE_KEYS = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transformers_version", "quantization_config",
-                  "architectures", "use_cache", "_attn_implementation_autoset", "pad_token_id", "tie_word_embeddings"}
+_VOLATILE_KEYS = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transformers_version",
+                  "quantization_config", "architectures", "use_cache", "_attn_implementation_autoset", "pad_token_id",
+                  "tie_word_embeddings"}
 
 
 def cache_dir() -> Path:

@@ -52,7 +52,7 @@ class PooledMLP(nn.Module):
 
 
 class TransformerMapper(nn.Module):
-    """ClipCap: features projected into L tokens, joined by L learned constants; the constants' outputs are the prefix."""
+    """ClipCap: features projected into L tokens and joined by L learned constants, whose outputs are the prefix."""
 
     def __init__(self, cfg: MapperConfig):
         super().__init__()

@@ -69,7 +69,8 @@ class MedVQAAdapter(nn.Module):
             decoder, tokenizer = load_decoder(config.decoder)
         num_tokens, feat_dim = encoder.output_shape()
         embed_dim = decoder.get_input_embeddings().embedding_dim
-        for field, have, want in (("in_dim", config.mapper.in_dim, feat_dim), ("out_dim", config.mapper.out_dim, embed_dim)):
+        for field, have, want in (("in_dim", config.mapper.in_dim, feat_dim),
+                                  ("out_dim", config.mapper.out_dim, embed_dim)):
             if have not in (None, want):
                 raise ConfigError(f"mapper.{field}={have} but the models give {want}; a different encoder or decoder?")
         self.config = config.replace(mapper={"in_dim": feat_dim, "out_dim": embed_dim})

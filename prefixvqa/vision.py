@@ -139,7 +139,8 @@ def check_encoder_available(cfg: EncoderConfig) -> None:
         require_hub_file(cfg.name[len("hf-hub:"):], "open_clip_config.json", f"encoder {cfg.name!r}")
         return
     if cfg.name not in open_clip.list_models():
-        raise ModelNotAvailableError(f"encoder.name={cfg.name!r} is not an open_clip model; see open_clip.list_models()")
+        raise ModelNotAvailableError(f"encoder.name={cfg.name!r} is not an open_clip model; "
+                                     "see open_clip.list_models()")
     if cfg.pretrained is None:
         return
     if Path(cfg.pretrained).suffix or os.sep in cfg.pretrained:  # a checkpoint file, not a tag
@@ -163,4 +164,5 @@ def check_encoder_available(cfg: EncoderConfig) -> None:
                 f"encoder.pretrained to a local checkpoint file (or null for random weights).")
     elif hub_offline():
         raise ModelNotAvailableError(f"encoder {cfg.name!r} pretrained={cfg.pretrained!r} downloads from "
-                                     f"{tag_cfg.get('url')}; offline, set encoder.pretrained to a local checkpoint file")
+                                     f"{tag_cfg.get('url')}; offline, set encoder.pretrained to a local checkpoint "
+                                     "file")

@@ -15,7 +15,8 @@ from prefixvqa.data import cache as cache_mod  # noqa: E402
 from prefixvqa.data.cache import FeatureCache, cache_features  # noqa: E402
 from prefixvqa.train import TrainConfig, train  # noqa: E402
 from prefixvqa.train import trainer as trainer_mod  # noqa: E402
-from prefixvqa.train.recipe import build_model, synthetic_records  # noqa: E402
+from prefixvqa.data.synthetic import colour_records  # noqa: E402
+from prefixvqa.train.recipe import build_model  # noqa: E402
 
 FAST = {"progress": False, "tensorboard": False, "plot": False, "group_by_length": False}
 
@@ -46,7 +47,7 @@ def image_reads(monkeypatch) -> list:
 
 
 def test_second_epoch_reads_no_image_and_loss_matches(work, image_reads):
-    records, eval_records = synthetic_records(6), synthetic_records(2, seed=1)
+    records, eval_records = colour_records(6), colour_records(2, seed=1)
     cfg = dict(epochs=2, batch_size=3, eval_every_epoch=True, log_every=1, **FAST)
     cached = train(fresh_model(work), records, eval_records,
                    TrainConfig(output_dir=str(work / "cached"), feature_cache=str(work / "features"), **cfg))
@@ -64,7 +65,7 @@ def test_second_epoch_reads_no_image_and_loss_matches(work, image_reads):
 
 
 def test_encoder_or_preprocessing_change_invalidates(work):
-    records = synthetic_records(3)
+    records = colour_records(3)
     model = fresh_model(work)
     stats = cache_features(model, records, work / "cf", batch_size=2)
     assert stats["images"] == 3 and stats["cached"] == 3 and stats["failed"] == []
@@ -80,7 +81,7 @@ def test_encoder_or_preprocessing_change_invalidates(work):
 
 
 def test_view_arguments_and_bad_images(work):
-    records = synthetic_records(2)
+    records = colour_records(2)
     cache = FeatureCache(work / "views", "e", "p")
     plain = cache.key(records[0])
     records[0].meta["frame"] = 0

@@ -55,7 +55,8 @@ def test_adapter_table(tiny_decoders, tmp_path, mapper, family, mode):
     assert (B, V) == (2, len(model.tokenizer)) and out.labels.shape == (B, T) and torch.isfinite(out.loss)
     n_answer = [len(model.tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + 1 for a in ANSWERS]
     assert (out.labels != -100).sum(1).tolist() == n_answer
-    assert all(int(l) == model.tokenizer.eos_token_id for l in out.labels[torch.arange(B), (out.labels != -100).cumsum(1).argmax(1)])
+    last_label = out.labels[torch.arange(B), (out.labels != -100).cumsum(1).argmax(1)]
+    assert all(int(t) == model.tokenizer.eos_token_id for t in last_label)
     out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
@@ -104,7 +105,8 @@ def test_peft_alone_loads_adapter_part(tiny_decoders, tmp_path, family, mode):
 
 
 def test_json_round_trip_and_validation():
-    cfg = AdapterConfig.from_dict({"mapper": {"kind": "resampler", "prefix_length": 32}, "encoder": {"features": "patches"},
+    cfg = AdapterConfig.from_dict({"mapper": {"kind": "resampler", "prefix_length": 32},
+                                   "encoder": {"features": "patches"},
                                    "tuning": {"mode": "lora", "target_modules": ["q_proj"]}})
     assert AdapterConfig.from_json(cfg.to_json()) == cfg
     assert AdapterConfig.from_json(cfg.to_json()).to_json() == cfg.to_json()
@@ -168,7 +170,8 @@ def test_save_is_atomic_and_replaces(tiny_decoders, tmp_path, monkeypatch):
 def test_templates_place_image_and_mask_prompt(tiny_decoders):
     for template, position in (("prefix_vqa", None), ("plain", "after_question"), ("llava_med_v1", None),
                                ("mistral_instruct", None)):
-        model = MedVQAAdapter(make_config(tiny_decoders["llama"], template={"name": template, "image_position": position}))
+        template_cfg = {"name": template, "image_position": position}
+        model = MedVQAAdapter(make_config(tiny_decoders["llama"], template=template_cfg))
         pieces, answer = model.tokenize("which side?", "left")
         assert len(pieces) == 2 and answer[-1] == model.tokenizer.eos_token_id
         text = model.tokenizer.decode(pieces[0] + pieces[1])

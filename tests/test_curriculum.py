@@ -85,11 +85,12 @@ def _logits(model, records):
 
 def test_retune_keeps_the_function_and_refuses_lossy_switches(tmp_path):
     from prefixvqa.model import MedVQAAdapter
-    from prefixvqa.train.recipe import build_model, retune, synthetic_records
+    from prefixvqa.data.synthetic import colour_records
+    from prefixvqa.train.recipe import build_model, retune
 
     torch.manual_seed(0)
     model = build_model({"tiny": "gpt2", "config": {"tuning": {"mode": "frozen"}}}, tmp_path)
-    records = synthetic_records(3)
+    records = colour_records(3)
     before = _logits(model, records)
     assert not any(p.requires_grad for _, p in model.parameter_groups()["decoder"])
 

@@ -13,7 +13,8 @@ from prefixvqa.testing import TINY_ENCODER
 
 def _accuracy(model, records, features) -> float:
     probs = model.score_choices(None, [r.question for r in records], [r.choices for r in records], features=features)
-    return sum(r.choices[max(range(len(p)), key=p.__getitem__)] == r.answer for r, p in zip(records, probs)) / len(records)
+    picks = [r.choices[max(range(len(p)), key=p.__getitem__)] for r, p in zip(records, probs)]
+    return sum(pick == r.answer for pick, r in zip(picks, records)) / len(records)
 
 
 def test_held_out_accuracy_beats_chance(tiny_decoders):
@@ -25,7 +26,8 @@ def test_held_out_accuracy_beats_chance(tiny_decoders):
     kinds = ("side", "presence")  # both binary: chance is 0.5
     train, test = lesion_records(240, seed=1, size=32, kinds=kinds), lesion_records(60, seed=2, size=32, kinds=kinds)
     f_train, f_test = model.encode_images([r.image for r in train]), model.encode_images([r.image for r in test])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)  # 1e-2 often never picks up "side"
+    # lr 1e-2 often never picked up "side"
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     losses = []
     for _ in range(600):

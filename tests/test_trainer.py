@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")
 from prefixvqa.config import ConfigError  # noqa: E402
 from prefixvqa.train import TrainConfig, epoch_batches, train  # noqa: E402
 from prefixvqa.train import trainer as trainer_mod  # noqa: E402
-from prefixvqa.train.recipe import build_model, synthetic_records  # noqa: E402
+from prefixvqa.data.synthetic import colour_records  # noqa: E402
+from prefixvqa.train.recipe import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"progress": False, "tensorboard": False, "plot": False}
@@ -33,7 +34,8 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from prefixvqa.train import TrainConfig, train
     from prefixvqa.train import trainer as T
-    from prefixvqa.train.recipe import build_model, synthetic_records
+    from prefixvqa.data.synthetic import colour_records
+    from prefixvqa.train.recipe import build_model
 
     def run(work, out, kill_at, extra):
         if kill_at:
@@ -47,7 +49,7 @@ SCRIPT = textwrap.dedent("""
         model = build_model({"tiny": "gpt2", "config": {"mapper": {"prefix_length": 2, "dropout": 0.1}}}, work)
         cfg = TrainConfig(output_dir=str(out), epochs=2, batch_size=3, grad_accum=2, save_every_steps=1, seed=3,
                           warmup=0.2, schedule="cosine", progress=False, tensorboard=False, plot=False, **extra)
-        result = train(model, synthetic_records(14), synthetic_records(4, seed=1), cfg)
+        result = train(model, colour_records(14), colour_records(4, seed=1), cfg)
         print("RESULT", result.stopped_reason, result.global_step)
         return result
 
@@ -107,7 +109,7 @@ def test_config_validation_and_round_trip():
 
 
 def test_length_grouped_batches_are_seeded_permutations():
-    records = synthetic_records(23)
+    records = colour_records(23)
     a = epoch_batches(records, 4, seed=1, epoch=0, group_by_length=True)
     assert a == epoch_batches(records, 4, seed=1, epoch=0, group_by_length=True)
     assert a != epoch_batches(records, 4, seed=1, epoch=1, group_by_length=True)
@@ -134,7 +136,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(work):
 
 def test_loss_falls_and_checkpoints_are_complete(work):
     out = work / "learn"
-    result = train(fresh_model(work), synthetic_records(8), synthetic_records(4, seed=1),
+    result = train(fresh_model(work), colour_records(8), colour_records(4, seed=1),
                    TrainConfig(output_dir=str(out), epochs=6, batch_size=4, lr={"mapper": 1e-2, "lora": 1e-2},
                                log_every=1, progress=False, metric="loss"))
     losses = [r["loss"] for r in result.history if r["kind"] == "train"]
@@ -158,7 +160,7 @@ def test_loss_falls_and_checkpoints_are_complete(work):
 def test_early_stopping_patience_resets_on_improvement(work, monkeypatch):
     values = iter([3.0, 2.0, 2.5, 1.5, 2.0, 1.9, 5.0, 0.1])
     monkeypatch.setattr(trainer_mod.Trainer, "evaluate", lambda self: {"loss": next(values), "count": 1})
-    result = train(fresh_model(work), synthetic_records(4), synthetic_records(2),
+    result = train(fresh_model(work), colour_records(4), colour_records(2),
                    TrainConfig(output_dir=str(work / "early"), epochs=10, batch_size=4, patience=2, **FAST))
     evals = [r for r in result.history if r["kind"] == "eval"]
     assert [r["bad_epochs"] for r in evals] == [0, 0, 1, 0, 1, 2]
@@ -189,7 +191,7 @@ def test_nan_guard_keeps_last_good_checkpoint(work):
 
     trainer_mod.Trainer.save_last = save_and_snapshot
     try:
-        result = train(model, synthetic_records(8), None,
+        result = train(model, colour_records(8), None,
                        TrainConfig(output_dir=str(work / "nan"), epochs=3, batch_size=2, save_every_steps=1, **FAST))
     finally:
         trainer_mod.Trainer.save_last = original
@@ -206,7 +208,7 @@ def test_nan_guard_keeps_last_good_checkpoint(work):
 def test_bad_image_skip_and_stop(work):
     from prefixvqa.data.images import ImageLoadError
 
-    records = synthetic_records(4)
+    records = colour_records(4)
     records[1].image = str(work / "missing.png")
     result = train(fresh_model(work), records, None,
                    TrainConfig(output_dir=str(work / "skip"), epochs=1, batch_size=2, **FAST))
@@ -248,7 +250,7 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights(work, monkeypatch
 
     monkeypatch.setattr(MedVQAAdapter, "_decode", spy)
     out = work / "bf16"
-    result = train(fresh_model(work), synthetic_records(8), synthetic_records(4, seed=1),
+    result = train(fresh_model(work), colour_records(8), colour_records(4, seed=1),
                    TrainConfig(output_dir=str(out), epochs=4, batch_size=4, lr={"mapper": 1e-2, "lora": 1e-2},
                                mixed_precision="bf16", log_every=1, **FAST))
     assert seen and set(seen) == {torch.bfloat16}  # the decoder really ran under autocast
@@ -263,7 +265,7 @@ def test_gradient_checkpointing_gives_the_same_adapter(work):
     for flag in (False, True):
         model = fresh_model(work)
         out = work / f"ckpt-{flag}"
-        train(model, synthetic_records(8), synthetic_records(2, seed=1),
+        train(model, colour_records(8), colour_records(2, seed=1),
               TrainConfig(output_dir=str(out), epochs=2, batch_size=4, lr={"mapper": 1e-2, "lora": 1e-2},
                           gradient_checkpointing=flag, **FAST))
         assert model.decoder.get_base_model().is_gradient_checkpointing == flag
@@ -277,5 +279,5 @@ def test_fp16_without_cuda_is_refused_not_silently_fp32(work):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: fp16 with loss scaling is allowed")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
-        train(fresh_model(work), synthetic_records(4), [],
+        train(fresh_model(work), colour_records(4), [],
               TrainConfig(output_dir=str(work / "fp16"), epochs=1, batch_size=4, mixed_precision="fp16", **FAST))

@@ -1,6 +1,10 @@
-"""A generated lesion VQA task: bright round "lesions" on a noisy grayscale body, with presence, side and count
-questions. Used by the demo, the learning tests, recipe smoke runs and the few-shot sweep: it needs no download and
-has a known chance level, so "the adapter learned" is a testable claim.
+"""Generated data that needs no download, selected in recipes by `{format: synthetic, kind: ...}`.
+
+* `lesion_records` (kind `lesions`): bright round "lesions" on a noisy grayscale body with presence, side and count
+  questions. The demo, the learning tests and the few-shot sweep use it: its chance level is known, so "the adapter
+  learned" is a testable claim.
+* `colour_records` (kinds `vqa`, `closed`, `caption`, `instruct`): one flat colour decides the answer. Smoke runs and
+  trainer tests use it: tiny, instant, and learnable in a few steps.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import io
 
 import numpy as np
 
+from ..config import ConfigError
 from .records import VQARecord
 
 QUESTIONS = {
@@ -52,3 +57,48 @@ def lesion_records(n: int, seed: int = 0, size: int = 64, kinds: tuple[str, ...]
                                  meta={"dataset": "synthetic_lesions", "split": split, "question_type": kind,
                                        "modality": "synthetic"}))
     return records
+
+
+_COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (235, 235, 235)}
+_COLOUR_TEXT = {
+    "vqa": ("is there a lesion in the image?", {"red": "yes", "blue": "no", "green": "yes", "white": "no"}),
+    "closed": ("is there a lesion in the image?", {"red": "yes", "blue": "no", "green": "yes", "white": "no"}),
+    "caption": ("describe the image.", {"red": "ct of the chest", "blue": "mri of the brain",
+                                        "green": "x-ray of the chest", "white": "ultrasound of the abdomen"}),
+    "instruct": ("what organ is shown in the image?", {"red": "the heart", "blue": "the brain",
+                                                       "green": "the lung", "white": "the liver"}),
+}
+
+
+def colour_records(n: int = 16, seed: int = 0, kind: str = "vqa", image_size: int = 32) -> list[VQARecord]:
+    """`n` records cycling through four colours (PNG bytes, a little noise); the colour decides the answer."""
+    from PIL import Image
+
+    if kind not in _COLOUR_TEXT:
+        raise ConfigError(f"synthetic data: kind={kind!r} is not one of {sorted([*_COLOUR_TEXT, 'lesions'])}")
+    rng = np.random.default_rng(seed)
+    question, answers = _COLOUR_TEXT[kind]
+    names = list(_COLOURS)
+    out = []
+    for i in range(n):
+        colour = names[i % len(names)]
+        pixels = np.clip(np.array(_COLOURS[colour]) + rng.integers(-20, 20, (image_size, image_size, 3)), 0, 255)
+        buf = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
+        choices = sorted(set(answers.values())) if kind == "closed" else None
+        out.append(VQARecord(id=f"synthetic-{kind}-{seed}-{i}", image=buf.getvalue(), question=question,
+                             answer=answers[colour], answer_type="closed" if kind in ("vqa", "closed") else "open",
+                             choices=choices, meta={"dataset": "synthetic", "colour": colour,
+                                                    "image_name": f"{kind}-{seed}-{i}.png"}))
+    return out
+
+
+def synthetic_split(kind: str = "vqa", **args) -> list[VQARecord]:
+    """A recipe's `{format: synthetic, kind: ..., n: ..., seed: ...}` data spec -> records."""
+    if kind == "lesions":
+        if "image_size" in args:
+            args["size"] = args.pop("image_size")
+        if "kinds" in args:
+            args["kinds"] = tuple(args["kinds"])
+        return lesion_records(**args)
+    return colour_records(kind=kind, **args)

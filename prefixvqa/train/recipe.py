@@ -33,7 +33,6 @@ lesion task of prefixvqa.data.synthetic.lesion_records instead ({n, seed, image_
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +46,7 @@ if TYPE_CHECKING:
     from ..data.records import VQARecord
     from ..model import MedVQAAdapter
 
-__all__ = ["Recipe", "load_recipe", "run_recipe", "apply_sets", "synthetic_records", "load_split", "build_model"]
+__all__ = ["Recipe", "load_recipe", "run_recipe", "apply_sets", "load_split", "build_model"]
 
 STAGE_KEYS = ("name", "data", "template", "tuning", "start_from")  # the rest are TrainConfig fields (trainable too)
 
@@ -144,59 +143,14 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
 
 
 # --------------------------------------------------------------------------------------------------------- data
-_COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (235, 235, 235)}
-_TEXT = {
-    "vqa": ("is there a lesion in the image?", {"red": "yes", "blue": "no", "green": "yes", "white": "no"}),
-    "closed": ("is there a lesion in the image?", {"red": "yes", "blue": "no", "green": "yes", "white": "no"}),
-    "caption": ("describe the image.", {"red": "ct of the chest", "blue": "mri of the brain",
-                                        "green": "x-ray of the chest", "white": "ultrasound of the abdomen"}),
-    "instruct": ("what organ is shown in the image?", {"red": "the heart", "blue": "the brain",
-                                                       "green": "the lung", "white": "the liver"}),
-}
-
-
-def synthetic_records(n: int = 16, seed: int = 0, kind: str = "vqa", image_size: int = 32) -> list[VQARecord]:
-    """Tiny learnable records (PNG bytes in memory): the image colour decides the answer. For smoke runs/tests."""
-    import numpy as np
-    from PIL import Image
-
-    from ..data.records import VQARecord
-
-    if kind not in _TEXT:
-        raise ConfigError(f"synthetic data: kind={kind!r} is not one of {sorted(_TEXT)}")
-    rng = np.random.default_rng(seed)
-    question, answers = _TEXT[kind]
-    names = list(_COLOURS)
-    out = []
-    for i in range(n):
-        colour = names[i % len(names)]
-        pixels = np.clip(np.array(_COLOURS[colour]) + rng.integers(-20, 20, (image_size, image_size, 3)), 0, 255)
-        buf = io.BytesIO()
-        Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
-        choices = sorted(set(answers.values())) if kind == "closed" else None
-        out.append(VQARecord(id=f"synthetic-{kind}-{seed}-{i}", image=buf.getvalue(), question=question,
-                             answer=answers[colour], answer_type="closed" if kind in ("vqa", "closed") else "open",
-                             choices=choices, meta={"dataset": "synthetic", "colour": colour,
-                                                    "image_name": f"{kind}-{seed}-{i}.png"}))
-    return out
-
-
 def load_split(spec: Any) -> list[VQARecord]:
     """Records of one data SPEC: `{format: synthetic, ...}` here, everything else via readers.load_records."""
     if spec is None:
         return []
     if isinstance(spec, dict) and spec.get("format") == "synthetic":
-        args = {k: v for k, v in spec.items() if k != "format"}
-        if args.get("kind") == "lesions":  # the generated lesion task of prefixvqa.data.synthetic (demo, smoke runs)
-            from ..data.synthetic import lesion_records
+        from ..data.synthetic import synthetic_split
 
-            args.pop("kind")
-            if "image_size" in args:
-                args["size"] = args.pop("image_size")
-            if "kinds" in args:
-                args["kinds"] = tuple(args["kinds"])
-            return lesion_records(**args)
-        return synthetic_records(**args)
+        return synthetic_split(**{k: v for k, v in spec.items() if k != "format"})
     from ..data.readers import load_records
 
     return list(load_records(spec))
