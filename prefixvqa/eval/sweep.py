@@ -98,36 +98,55 @@ def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64,
 
     ``sets`` are recipe ``--set`` overrides; ``smoke`` applies the recipe's smoke section. Evaluation uses the
     recipe's ``data.test`` split if it has one, else ``data.eval``. ``metric`` (default: the protocol's primary
-    per-item metric) is the one summarised and plotted; every run's full metrics stay in sweep.json. Multi-stage
-    recipes are not supported (each run trains one stage from the recipe's ``train`` section).
+    per-item metric) is the one summarised and plotted; every run's full metrics stay in sweep.json.
+
+    A curriculum recipe runs its earlier stages once (under ``out_dir/stages``); every run then trains the last stage
+    (the downstream task) on a subset of that stage's data, starting from the earlier stages' adapter.
     """
+    import dataclasses
+
     import torch
 
     from ..train import TrainConfig, load_recipe, train
-    from ..train.recipe import build_model, load_split
+    from ..train.recipe import build_model, load_split, prepare_stage, run_recipe
 
     recipe = load_recipe(recipe_path, list(sets))
     if smoke:
         recipe = recipe.with_sets(recipe.smoke)
-    if recipe.stages:
-        raise NotImplementedError("sweep: multi-stage recipes are not supported; sweep one stage at a time")
-    test_spec = recipe.data.get("test", recipe.data.get("eval"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    last = recipe.stages[-1] if recipe.stages else None
+    head = None
+    if recipe.stages and len(recipe.stages) > 1:
+        head = run_recipe(dataclasses.replace(recipe, stages=recipe.stages[:-1],
+                                              train={**recipe.train, "output_dir": str(out / "stages")}))
+    data = {**recipe.data, **((last or {}).get("data") or {})}
+    test_spec = data.get("test", data.get("eval"))
     if test_spec is None:
         raise ValueError(f"sweep: recipe {recipe_path} has no data.test or data.eval split to evaluate on")
     prot = get_protocol(protocol)
     metric = metric or prot.primary
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_records, test_records = load_split(recipe.data.get("train")), load_split(test_spec)
+    train_records, test_records = load_split(data.get("train")), load_split(test_spec)
+
+    def fresh_run(run_dir: Path, seed: int) -> tuple[Any, TrainConfig]:
+        """The model and TrainConfig of one run: the recipe's model, or the last stage after the earlier ones."""
+        torch.manual_seed(seed)  # fresh init per seed (mapper, LoRA) where a stage does not load them
+        if last is None:
+            model, cfg = build_model(recipe.model, out), TrainConfig.from_dict(recipe.train)
+        else:
+            model = build_model(recipe.model, out) if head is None else None
+            template = head.template if head is not None else model.config.to_dict()["template"]
+            previous = list(head.stages.values())[-1] if head is not None else None
+            model, cfg, _ = prepare_stage(recipe, last, model, previous, template, run_dir)
+        return model, dataclasses.replace(cfg, output_dir=str(run_dir / "train"), seed=seed)
+
     sizes = list(dict.fromkeys(train_sizes))
     runs: list[dict[str, Any]] = []
     for size in sizes:
         for seed in range(seeds):
             run_dir = out / f"size-{size}" / f"seed-{seed}"
             subset = stratified_subset(train_records, size, seed)
-            torch.manual_seed(seed)  # fresh model init per seed (mapper, LoRA)
-            model = build_model(recipe.model, out)
-            cfg = TrainConfig.from_dict({**recipe.train, "output_dir": str(run_dir / "train"), "seed": seed})
+            model, cfg = fresh_run(run_dir, seed)
             train(model, subset, None, cfg)
             metrics = evaluate(model, test_records, prot, run_dir / "eval", batch_size=batch_size,
                                data_spec={"test": test_spec, "recipe": str(recipe_path), "sets": list(sets)},

@@ -228,6 +228,31 @@ class RecipeResult:
     stages: dict[str, TrainResult]  # a single-stage recipe has one entry named "train"
     final_dir: Path | None  # the adapter to use: the last stage's best (or last) checkpoint
     model: Any = None
+    template: dict[str, Any] | None = None  # the recipe model's template, which stages without their own use
+
+
+def prepare_stage(recipe: Recipe, stage: dict[str, Any], model: MedVQAAdapter | None, previous: TrainResult | None,
+                  base_template: dict[str, Any], out: Path) -> tuple[MedVQAAdapter, TrainConfig, dict[str, Any]]:
+    """One curriculum stage's model (from the previous stage's adapter), TrainConfig and data specs."""
+    name = stage["name"]
+    start = stage.get("start_from", "best")
+    if start not in ("best", "last"):
+        raise ConfigError(f"stage {name!r}: start_from must be 'best' or 'last', got {start!r}")
+    if previous is not None:
+        from ..model import MedVQAAdapter
+
+        folder = (previous.best_dir if start == "best" else None) or previous.last_dir
+        model = MedVQAAdapter.from_pretrained(folder)
+    # a stage's template override holds for that stage only; others use the recipe model's template
+    model.config = model.config.replace(template={**base_template, **(stage.get("template") or {})})
+    if stage.get("tuning"):
+        retune(model, stage["tuning"])
+    trainable = stage.get("trainable")
+    if trainable is not None and "encoder" in trainable and model.config.encoder.freeze:
+        model.config = model.config.replace(encoder={"freeze": False})
+    cfg = TrainConfig.from_dict({**recipe.train, **_stage_train(stage), "output_dir": str(out / name),
+                                 "lr": {**recipe.train.get("lr", {}), **stage.get("lr", {})}})
+    return model, cfg, {**recipe.data, **(stage.get("data") or {})}
 
 
 def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
@@ -246,30 +271,12 @@ def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
     previous: TrainResult | None = None
     base_template = model.config.to_dict()["template"]
     for stage in recipe.stages:
-        name = stage["name"]
-        start = stage.get("start_from", "best")
-        if start not in ("best", "last"):
-            raise ConfigError(f"stage {name!r}: start_from must be 'best' or 'last', got {start!r}")
-        if previous is not None:
-            from ..model import MedVQAAdapter
-
-            folder = (previous.best_dir if start == "best" else None) or previous.last_dir
-            model = MedVQAAdapter.from_pretrained(folder)
-        # a stage's template override holds for that stage only; others use the recipe model's template
-        model.config = model.config.replace(template={**base_template, **(stage.get("template") or {})})
-        if stage.get("tuning"):
-            retune(model, stage["tuning"])
-        trainable = stage.get("trainable")
-        if trainable is not None and "encoder" in trainable and model.config.encoder.freeze:
-            model.config = model.config.replace(encoder={"freeze": False})
-        cfg = TrainConfig.from_dict({**recipe.train, **_stage_train(stage), "output_dir": str(out / name),
-                                     "lr": {**recipe.train.get("lr", {}), **stage.get("lr", {})}})
-        data = {**recipe.data, **(stage.get("data") or {})}
+        model, cfg, data = prepare_stage(recipe, stage, model, previous, base_template, out)
         result = train(model, load_split(data.get("train")), load_split(data.get("eval")), cfg)
-        results[name] = result
+        results[stage["name"]] = result
         if result.stopped_reason == "non-finite loss":
-            raise RuntimeError(f"curriculum stage {name!r} stopped on a non-finite loss; last good checkpoint in "
-                               f"{result.last_dir}")
+            raise RuntimeError(f"curriculum stage {stage['name']!r} stopped on a non-finite loss; last good "
+                               f"checkpoint in {result.last_dir}")
         previous = result
     final = previous.best_dir or previous.last_dir if previous is not None else None
-    return RecipeResult(results, final, model)
+    return RecipeResult(results, final, model, base_template)
