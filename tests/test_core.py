@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -239,3 +240,33 @@ def test_patch_tokens_from_vit_and_conv_towers(tower):
     assert tokens.shape[:2] == (2, side * side) and encoder.output_shape() == tuple(tokens.shape[1:])
     change = (tokens[1] - tokens[0]).norm(dim=-1).view(side, side)  # (rows, cols)
     assert change[:, : side // 2].sum() > change[:, side // 2:].sum()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_loss_equals_a_hand_built_transformers_loss(tiny_decoders, family):
+    """The model's prefix placement, label masking and shift give exactly the loss plain transformers computes from
+    hand-built inputs_embeds/labels ([BOS] prefix "Question: q Answer:" " a" EOS, right-padded)."""
+    model = MedVQAAdapter(make_config(tiny_decoders[family], template={"name": "plain"}))
+    perturb_trainable(model)
+    model.eval()
+    questions, answers = ["Is there a lesion?", "Which side is it on?"], ["yes", "left side"]
+    images = [Image.fromarray((np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8))
+              for i in range(len(questions))]
+    tok, emb = model.tokenizer, model.decoder.get_input_embeddings()
+    with torch.no_grad():
+        prefix = model.mapper(model.encode_images(images))
+        rows, labels = [], []
+        for p, q, a in zip(prefix, questions, answers):
+            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+            head = tok(f"Question: {q} Answer:", add_special_tokens=False)["input_ids"]
+            ans = tok(f" {a}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            rows.append(torch.cat([emb(torch.tensor(bos, dtype=torch.long)), p, emb(torch.tensor(head + ans))]))
+            labels.append(torch.tensor([-100] * (len(bos) + len(p) + len(head)) + ans))
+        T = max(len(r) for r in rows)
+        embeds, mask = torch.zeros(2, T, rows[0].shape[-1]), torch.zeros(2, T, dtype=torch.long)
+        lab = torch.full((2, T), -100)
+        for i, (r, lb) in enumerate(zip(rows, labels)):
+            embeds[i, :len(r)], mask[i, :len(r)], lab[i, :len(r)] = r, 1, lb
+        peer = model.decoder(inputs_embeds=embeds, attention_mask=mask, labels=lab).loss
+        ours = model(images, questions, answers).loss
+    torch.testing.assert_close(ours, peer)
