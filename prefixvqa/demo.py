@@ -123,28 +123,29 @@ def run_demo(out_dir: str | Path = "checkpoints/demo", n_train: int = 360, n_tes
 
 def _shuffled_image_control(model, records: list[VQARecord], seed: int) -> dict[str, float]:
     """Accuracy when each question gets another item's image: near chance if the answers really come from the image."""
-    from .eval.metrics import closed_match
-
     images = [r.image for r in records]
     random.Random(seed).shuffle(images)
-    totals: dict[str, list[float]] = {}
+    rows = []
     for i in range(0, len(records), 32):
         batch = records[i:i + 32]
-        for r, a in zip(batch, model.answer(images[i:i + 32], [r.question for r in batch], max_new_tokens=8)):
-            totals.setdefault(r.meta["question_type"], []).append(closed_match(a.text, r.answer, mode="strict"))
-    totals["all"] = [x for v in list(totals.values()) for x in v]
-    return {k: sum(v) / len(v) for k, v in totals.items()}
+        answers = model.answer(images[i:i + 32], [r.question for r in batch], max_new_tokens=8)
+        rows += [(r.meta["question_type"], a.text, r.answer) for r, a in zip(batch, answers)]
+    return _by_type(rows)
 
 
 def _accuracy_by_type(predictions: Path) -> dict[str, float]:
     import json
 
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    return _by_type([((r.get("meta") or {}).get("question_type", "other"), r["prediction"], r["gold"]) for r in rows])
+
+
+def _by_type(rows: list[tuple[str, str, str]]) -> dict[str, float]:
+    """(question type, prediction, gold) rows -> strict closed-match accuracy per type and over all."""
     from .eval.metrics import closed_match
 
     totals: dict[str, list[float]] = {}
-    for line in predictions.read_text().splitlines():
-        row = json.loads(line)
-        kind = (row.get("meta") or {}).get("question_type", "other")
-        totals.setdefault(kind, []).append(closed_match(row["prediction"], row["gold"], mode="strict"))
+    for kind, prediction, gold in rows:
+        totals.setdefault(kind, []).append(closed_match(prediction, gold, mode="strict"))
     totals["all"] = [x for v in list(totals.values()) for x in v]
     return {k: sum(v) / len(v) for k, v in totals.items()}

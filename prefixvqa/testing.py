@@ -71,3 +71,27 @@ def tiny_overrides(decoder_folder: str | Path) -> dict[str, Any]:
     return {"encoder": dict(TINY_ENCODER), "decoder": {"name": str(decoder_folder), "quantization": None,
                                                        "gguf_file": None, "model_config": None, "dtype": "float32"},
             "mapper": {"hidden_dim": None, "heads": 2}, "template": {"max_length": 128}}
+
+
+def plain_transformers_batch(model: Any, prefix: Any, questions: list[str], answers: list[str]) -> tuple[Any, ...]:
+    """What a plain-transformers user builds by hand for the `plain` template: [BOS] prefix "Question: q Answer:" " a"
+    EOS, right-padded, labels on the answer only -> (inputs_embeds, attention_mask, labels). The reference the
+    model's own assembly is tested and benchmarked against."""
+    import torch
+
+    tok, emb = model.tokenizer, model.decoder.get_input_embeddings()
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    rows, labels = [], []
+    for p, q, a in zip(prefix, questions, answers):
+        head = tok(f"Question: {q} Answer:", add_special_tokens=False)["input_ids"]
+        ans = tok(f" {a}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        text = emb(torch.tensor(bos + head + ans, dtype=torch.long))
+        rows.append(torch.cat([text[:len(bos)], p.to(text.dtype), text[len(bos):]]))
+        labels.append(torch.tensor([-100] * (len(bos) + len(p) + len(head)) + ans))
+    T = max(len(r) for r in rows)
+    embeds = rows[0].new_zeros(len(rows), T, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    lab = torch.full((len(rows), T), -100)
+    for i, (r, lb) in enumerate(zip(rows, labels)):
+        embeds[i, :len(r)], mask[i, :len(r)], lab[i, :len(r)] = r, 1, lb
+    return embeds, mask, lab

@@ -12,7 +12,7 @@ from prefixvqa import MedVQAAdapter
 from prefixvqa.adapter_io import AdapterLoadError
 from prefixvqa.config import TUNING_MODES, AdapterConfig, ConfigError
 from prefixvqa.mappers import MAPPERS
-from prefixvqa.testing import TINY_ENCODER
+from prefixvqa.testing import TINY_ENCODER, plain_transformers_batch
 
 FAMILIES = ("gpt2", "biogpt", "llama")
 FEATURES = {"mlp": "pooled", "transformer": "pooled"}  # the others read patch tokens
@@ -252,21 +252,9 @@ def test_loss_equals_a_hand_built_transformers_loss(tiny_decoders, family):
     questions, answers = ["Is there a lesion?", "Which side is it on?"], ["yes", "left side"]
     images = [Image.fromarray((np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8))
               for i in range(len(questions))]
-    tok, emb = model.tokenizer, model.decoder.get_input_embeddings()
     with torch.no_grad():
         prefix = model.mapper(model.encode_images(images))
-        rows, labels = [], []
-        for p, q, a in zip(prefix, questions, answers):
-            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-            head = tok(f"Question: {q} Answer:", add_special_tokens=False)["input_ids"]
-            ans = tok(f" {a}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            rows.append(torch.cat([emb(torch.tensor(bos, dtype=torch.long)), p, emb(torch.tensor(head + ans))]))
-            labels.append(torch.tensor([-100] * (len(bos) + len(p) + len(head)) + ans))
-        T = max(len(r) for r in rows)
-        embeds, mask = torch.zeros(2, T, rows[0].shape[-1]), torch.zeros(2, T, dtype=torch.long)
-        lab = torch.full((2, T), -100)
-        for i, (r, lb) in enumerate(zip(rows, labels)):
-            embeds[i, :len(r)], mask[i, :len(r)], lab[i, :len(r)] = r, 1, lb
+        embeds, mask, lab = plain_transformers_batch(model, prefix, questions, answers)
         peer = model.decoder(inputs_embeds=embeds, attention_mask=mask, labels=lab).loss
         ours = model(images, questions, answers).loss
     torch.testing.assert_close(ours, peer)

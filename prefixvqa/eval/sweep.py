@@ -128,15 +128,16 @@ def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64,
     metric = metric or prot.primary
     train_records, test_records = load_split(data.get("train")), load_split(test_spec)
 
+    previous = list(head.stages.values())[-1] if head is not None else None
+
     def fresh_run(run_dir: Path, seed: int) -> tuple[Any, TrainConfig]:
         """The model and TrainConfig of one run: the recipe's model, or the last stage after the earlier ones."""
         torch.manual_seed(seed)  # fresh init per seed (mapper, LoRA) where a stage does not load them
+        model = build_model(recipe.model, out) if previous is None else None
         if last is None:
-            model, cfg = build_model(recipe.model, out), TrainConfig.from_dict(recipe.train)
+            cfg = TrainConfig.from_dict(recipe.train)
         else:
-            model = build_model(recipe.model, out) if head is None else None
             template = head.template if head is not None else model.config.to_dict()["template"]
-            previous = list(head.stages.values())[-1] if head is not None else None
             model, cfg, _ = prepare_stage(recipe, last, model, previous, template, run_dir)
         return model, dataclasses.replace(cfg, output_dir=str(run_dir / "train"), seed=seed)
 
