@@ -1,12 +1,11 @@
 """MedVQAAdapter: image encoder -> mapper -> visual prefix -> causal decoder (+ LoRA).
 
-The model owns the prompt layout, the placement of visual prefixes, label masking and the shift, so trainers and
-evaluators only pass images, questions and answers.
+The model takes tensors (`forward`, `generate`, `score`); its `processor` turns images, questions and records into
+them. `answer` and `score_choices` are the convenience API: processor, then the tensor methods.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,32 +14,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import prompts
 from .config import AdapterConfig, ConfigError
 from .decoder import apply_tuning, check_decoder_available, decoder_fingerprint, fingerprint, load_decoder
 from .mappers import build_mapper
+from .processor import IGNORE, MedVQAProcessor, Sample
 from .vision import ModelNotAvailableError, VisionEncoder, check_encoder_available
 
 GROUPS = ("encoder", "mapper", "lora", "decoder")  # "lora" holds every peft tensor (LoRA or soft prompts)
-IGNORE = -100
+PROMPT_MODES = ("prompt_tuning", "prefix_tuning")
 
 
 @dataclass
 class Answer:
     text: str
-    score: float  # log-probability of the generated tokens (sum)
+    score: float  # log-probability of the answer's tokens (sum), up to and including EOS or the stop string
     num_tokens: int
 
 
 @dataclass
 class AdapterOutput:
     loss: torch.Tensor | None
-    logits: torch.Tensor  # (B, T, V)
-    labels: torch.Tensor  # (B, T), IGNORE outside answers
+    logits: torch.Tensor  # (K, V) at the K supervised positions when labels are given, else (B, T, V)
+    labels: torch.Tensor | None  # (B, T), IGNORE outside answers
     attention_mask: torch.Tensor  # (B, T)
-
-
-Sample = tuple[list[list[int]], list[int]]  # (text pieces around the image slots, answer ids)
 
 
 def check_available(config: AdapterConfig, encoder: bool = True, decoder: bool = True) -> None:
@@ -79,10 +75,16 @@ class MedVQAAdapter(nn.Module):
                                   "decoder": decoder_fingerprint(decoder)}
         self.encoder = encoder
         self.mapper = build_mapper(self.config.mapper)
+        with torch.no_grad():
+            prefix_length = self.mapper.eval()(torch.zeros(1, num_tokens, feat_dim)).shape[1]
         self.decoder = apply_tuning(decoder, config.tuning, quantized=bool(config.decoder.quantization),
                                     checkpointing=config.decoder.gradient_checkpointing)
-        self.tokenizer = tokenizer
+        self.processor = MedVQAProcessor(tokenizer, self.config.template, encoder.preprocess, prefix_length)
         self.freeze_encoder(config.encoder.freeze)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
 
     # --- factories ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -109,83 +111,86 @@ class MedVQAAdapter(nn.Module):
         return save_adapter(self, path, card=card)
 
     # --- core forward -------------------------------------------------------------------------------------------
-    def forward(self, images: Sequence[Any] | None = None, questions: Sequence[str] = (),
-                answers: Sequence[str] | None = None, *, features: torch.Tensor | None = None,
-                shots: Sequence[Sequence[tuple[str, str]]] | None = None) -> AdapterOutput:
-        feats = self.encode_images(images) if features is None else features  # (I, N, D_v), I = images in batch
-        prefix = self.mapper(feats.to(self.device, torch.float32))  # (I, L, E)
-        samples = self._tokenize_batch(questions, answers, shots)
-        embeds, mask, labels = self._assemble(prefix, samples, left_pad=False)  # (B, T, E), (B, T), (B, T)
-        logits = self._decode(embeds, mask)  # (B, T, V)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                image_index: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                full_logits: bool = False, **_: Any) -> AdapterOutput:
+        """Tensors from the processor -> loss on answer tokens. lm_head runs only where a label is supervised."""
+        embeds = self.embed(input_ids, image_mask, self.prefix(pixel_values, features, image_index))  # (B, T, E)
+        keep = None
+        if labels is not None and not full_logits:  # position t predicts label t + 1
+            keep = F.pad(labels[:, 1:] != IGNORE, (0, 1))  # (B, T) bool
+        lm, kwargs = self._lm_inputs(embeds, attention_mask, keep=keep if keep is not None else 0)
+        logits = lm(**kwargs, use_cache=False).logits  # (K, V) at kept positions, or (B, T', V)
         loss = None
-        if answers is not None:  # next-token loss on answer tokens only: position t predicts label t + 1
+        if keep is not None:
+            loss = F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
+        elif labels is not None:
+            logits = logits[:, -embeds.shape[1]:]  # soft prompts come first: drop their logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
-        return AdapterOutput(loss, logits, labels, mask)
+        return AdapterOutput(loss, logits, labels, attention_mask)
 
-    def _decode(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-        return out.logits[:, -embeds.shape[1]:]  # peft prompt tuning prepends virtual tokens: drop their logits
+    def prefix(self, pixel_values: torch.Tensor | None, features: torch.Tensor | None,
+               image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Visual prefixes, one per image slot: (S, L, E)."""
+        if features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values (images through the processor) or features (the cache)")
+            features = self.encode_pixels(pixel_values)  # (I, N, D_v)
+        prefix = self.mapper(features.to(self.device, torch.float32))  # (I, L, E)
+        return prefix if image_index is None else prefix[image_index.to(self.device)]
 
-    def _assemble(self, prefix: torch.Tensor, samples: list[Sample], left_pad: bool):
-        """Interleave text embeddings and visual prefixes; pad to one length. Returns (embeds, mask, labels)."""
+    def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the visual prefixes written into the image slots, in order: (B, T, E)."""
         emb = self.decoder.get_input_embeddings()
-        chunks = [ids for pieces, answer in samples for ids in (*pieces, answer)]
-        flat = torch.tensor(list(itertools.chain.from_iterable(chunks)), dtype=torch.long, device=self.device)
-        table = iter(emb(flat).split([len(c) for c in chunks]))  # one embedding call for the whole batch
-        prefix = prefix.to(emb.weight.dtype)
-        images = iter(prefix)
-        seqs, labels = [], []
-        for pieces, answer in samples:
-            parts, labs = [], []
-            for j, ids in enumerate(pieces):
-                if j:  # an image slot sits between consecutive text pieces
-                    parts.append(next(images))
-                    labs.append(torch.full((prefix.shape[1],), IGNORE, dtype=torch.long))
-                parts.append(next(table))
-                labs.append(torch.full((len(ids),), IGNORE, dtype=torch.long))
-            parts.append(next(table))
-            labs.append(torch.tensor(answer, dtype=torch.long))
-            seqs.append(torch.cat(parts))
-            labels.append(torch.cat(labs))
-        B, T = len(seqs), max(len(s) for s in seqs)
-        embeds = prefix.new_zeros(B, T, prefix.shape[-1])
-        mask = torch.zeros(B, T, dtype=torch.long, device=self.device)
-        label_out = torch.full((B, T), IGNORE, dtype=torch.long, device=self.device)
-        for i, (s, lab) in enumerate(zip(seqs, labels)):
-            span = slice(T - len(s), T) if left_pad else slice(0, len(s))
-            embeds[i, span], mask[i, span], label_out[i, span] = s, 1, lab.to(self.device)
-        return embeds, mask, label_out
+        embeds = emb(input_ids.to(self.device))  # (B, T, E)
+        slots = image_mask.to(self.device)
+        if int(slots.sum()) != prefix.shape[0] * prefix.shape[1]:
+            raise ValueError(f"{int(slots.sum())} image positions but {prefix.shape[0]} prefixes of "
+                             f"{prefix.shape[1]} vectors")
+        return embeds.masked_scatter(slots[..., None], prefix.to(embeds.dtype))
 
-    # --- text side ------------------------------------------------------------------------------------------------
-    def tokenize(self, question: str, answer: str | None = None, shots: Sequence[tuple[str, str]] = ()) -> Sample:
-        """Token ids of the prompt pieces around each image slot, and of the answer (+ EOS) when given."""
-        t = self.config.template
-        prompt = prompts.render(t.name, question, position=t.image_position, system=t.system, shots=shots,
-                                tokenizer=self.tokenizer)
-        pieces = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts.split_on_images(prompt)]
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and (not pieces[0] or pieces[0][0] != bos):
-            pieces[0] = [bos] + pieces[0]
-        if answer is None:
-            return pieces, []
-        answer_ids = self.tokenizer(prompts.answer_text(t.name, answer), add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        answer_ids = answer_ids + ([eos] if eos is not None else [])
-        room = t.max_length - sum(map(len, pieces))
-        return pieces, answer_ids[:max(room, 1)]
+    def _lm_inputs(self, embeds: torch.Tensor, mask: torch.Tensor, keep: int | torch.Tensor = 0
+                   ) -> tuple[nn.Module, dict[str, Any]]:
+        """The module to call and its first-call inputs. Position ids follow the attention mask, so left-padded rows
+        equal unpadded ones. peft's soft prompts are placed here as peft's own forward places them (virtual tokens in
+        front for prompt tuning, key/value prefixes for prefix tuning), which also lets a KV cache be reused."""
+        mask = mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+                                  "logits_to_keep": keep}
+        mode = self.config.tuning.mode
+        if mode not in PROMPT_MODES:
+            return self.decoder, kwargs
+        B, V = embeds.shape[0], self.config.tuning.num_virtual_tokens
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(B, V), mask], 1)
+        kwargs["position_ids"] = positions + V
+        if mode == "prompt_tuning":
+            prompt = self.decoder.get_prompt(batch_size=B).to(embeds.dtype)  # (B, V, E)
+            kwargs["inputs_embeds"] = torch.cat([prompt, embeds], 1)
+            kwargs["position_ids"] = torch.cat([torch.arange(V, device=self.device).expand(B, V), positions + V], 1)
+            if isinstance(keep, torch.Tensor):
+                kwargs["logits_to_keep"] = F.pad(keep, (V, 0))
+        else:
+            kwargs["past_key_values"] = self.decoder.get_prompt(B)
+        return self._lm(), kwargs
 
-    def _tokenize_batch(self, questions, answers, shots) -> list[Sample]:
-        answers = answers if answers is not None else [None] * len(questions)
-        shots = shots if shots is not None else [()] * len(questions)
-        return [self.tokenize(q, a, s) for q, a, s in zip(questions, answers, shots, strict=True)]
+    def _lm(self) -> nn.Module:
+        return self.decoder.get_base_model() if self.config.tuning.mode in PROMPT_MODES else self.decoder
 
-    # --- images ---------------------------------------------------------------------------------------------------
-    def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
-        """Images (or, per sample, a list of images for few-shot prompts) -> features (I, N, D_v) in float32."""
-        flat = [im for item in images for im in (item if isinstance(item, (list, tuple)) else [item])]
-        pixels = self.encoder.pixels(flat).to(self.device, self._encoder_dtype)
+    # --- images -------------------------------------------------------------------------------------------------
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(I, 3, H, W) -> features (I, N, D_v) in float32; no graph through a frozen tower."""
+        pixels = pixel_values.to(self.device, self._encoder_dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.encoder.freeze):
             return self.encoder(pixels).float()
+
+    def encode_images(self, images: Sequence[Any], views: Sequence[dict[str, Any] | None] | None = None
+                      ) -> torch.Tensor:
+        """Images (or, per sample, a list of images for few-shot prompts) -> features (I, N, D_v): what the cache
+        stores. Loading and preprocessing go through the processor."""
+        flat = [im for item in images for im in (item if isinstance(item, (list, tuple)) else [item])]
+        return self.encode_pixels(self.processor.pixel_values(flat, views))
 
     @property
     def _encoder_dtype(self) -> torch.dtype:
@@ -195,117 +200,219 @@ class MedVQAAdapter(nn.Module):
     def device(self) -> torch.device:
         return next(self.mapper.parameters()).device
 
-    # --- inference ------------------------------------------------------------------------------------------------
+    # --- inference: convenience API -------------------------------------------------------------------------------
     @torch.no_grad()
     def answer(self, images: Sequence[Any] | None, questions: Sequence[str], *, features: torch.Tensor | None = None,
-               shots: Sequence[Sequence[tuple[str, str]]] | None = None, max_new_tokens: int = 32,
-               num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-               stop: Sequence[str] | None = None, **generate_kwargs: Any) -> list[Answer]:
-        """Batched generation through `generate(inputs_embeds=...)` (KV cache on); text is cut at stop strings."""
-        feats = self.encode_images(images) if features is None else features
-        samples = self._tokenize_batch(questions, None, shots)
-        embeds, mask, _ = self._assemble(self.mapper(feats.to(self.device, torch.float32)), samples, left_pad=True)
-        stop = list(stop) if stop is not None else prompts.stop_strings(self.config.template.name)
-        eos = self.tokenizer.eos_token_id
-        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-        if self.config.tuning.mode == "prefix_tuning":
-            if num_beams > 1 or do_sample:
-                raise ValueError("tuning.mode='prefix_tuning' generates greedily only (peft's key/value prefixes "
-                                 "cannot be combined with transformers' generate on inputs_embeds)")
-            return self._greedy_uncached(embeds, mask, max_new_tokens, stop)
-        lm, extra = self._generation_model(embeds, mask)
-        out = lm.generate(
-            **extra, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            do_sample=do_sample, eos_token_id=eos, pad_token_id=self._pad_id(), stop_strings=stop or None,
-            tokenizer=self.tokenizer, return_dict_in_generate=True, output_scores=True, output_logits=True,
-            use_cache=True, **sampling, **generate_kwargs)
-        seqs = out.sequences[:, -len(out.scores):]  # only the new tokens
-        if num_beams > 1:
-            steps = lm.compute_transition_scores(out.sequences, out.scores, out.beam_indices, False)
-        else:
-            steps = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
-        done = torch.cumsum((seqs == eos).long(), 1) - (seqs == eos).long() > 0 if eos is not None else seqs < 0
-        answers = []
-        for ids, lp, after in zip(seqs, steps, done):
-            keep = ~after
-            text = self.tokenizer.decode(ids[keep], skip_special_tokens=True).lstrip()
-            for s in stop:
-                text = text.split(s)[0]
-            answers.append(Answer(text.strip(), float(lp[keep].sum()), int(keep.sum())))
-        return answers
-
-    def _generation_model(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
-        """The module to call `generate` on, and its inputs. peft's soft prompts are placed here explicitly because
-        peft's own generate does not accept `inputs_embeds`: virtual tokens go in front (prompt tuning) or into the
-        KV cache (prefix tuning), exactly where its forward puts them during training."""
-        if self.config.tuning.mode != "prompt_tuning":
-            return self.decoder, {"inputs_embeds": embeds, "attention_mask": mask}
-        B = embeds.shape[0]
-        prompt = self.decoder.get_prompt(batch_size=B).to(embeds.dtype)  # (B, V, E)
-        mask = torch.cat([mask.new_ones(B, self.config.tuning.num_virtual_tokens), mask], dim=1)
-        return self.decoder.get_base_model(), {"inputs_embeds": torch.cat([prompt, embeds], 1), "attention_mask": mask}
-
-    def _greedy_uncached(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-                         stop: Sequence[str]) -> list[Answer]:
-        """Greedy decoding through the peft forward (recomputed each step): the path for peft prefix tuning."""
-        eos, emb = self.tokenizer.eos_token_id, self.decoder.get_input_embeddings()
-        B = embeds.shape[0]
-        ids = torch.zeros(B, 0, dtype=torch.long, device=self.device)
-        scores = torch.zeros(B, device=self.device)
-        alive = torch.ones(B, dtype=torch.bool, device=self.device)
-        for _ in range(max_new_tokens):
-            logp = self._decode(embeds, mask)[:, -1].float().log_softmax(-1)  # (B, V)
-            nxt = logp.argmax(-1)
-            scores += torch.where(alive, logp.gather(-1, nxt[:, None]).squeeze(-1), 0.0)
-            ids = torch.cat([ids, torch.where(alive, nxt, eos if eos is not None else 0)[:, None]], 1)
-            alive &= nxt != eos if eos is not None else alive
-            embeds = torch.cat([embeds, emb(ids[:, -1:]).to(embeds.dtype)], 1)
-            mask = torch.cat([mask, alive[:, None].long()], 1)
-            if not alive.any():
-                break
-        out = []
-        for row, score in zip(ids, scores):
-            n = int((row != eos).sum()) + int((row == eos).any()) if eos is not None else len(row)
-            text = self.tokenizer.decode(row[:n], skip_special_tokens=True).lstrip()
-            for s in stop:
-                text = text.split(s)[0]
-            out.append(Answer(text.strip(), float(score), n))
-        return out
+               shots: Sequence[Sequence[tuple[str, str]]] | None = None, views: Sequence[dict] | None = None,
+               **generation: Any) -> list[Answer]:
+        """Answer questions about images (paths, bytes, PIL; the same object for several questions is encoded once
+        and its prefix KV shared). Generation settings: see `generate`."""
+        batch = self.processor(None if features is not None else images, questions, shots=shots, views=views,
+                               padding_side="left")
+        return self.generate(**batch, features=features, **generation)
 
     @torch.no_grad()
     def score_choices(self, images: Sequence[Any] | None, questions: Sequence[str], choices: Sequence[Sequence[str]],
                       *, features: torch.Tensor | None = None, shots: Sequence[Sequence[tuple[str, str]]] | None = None,
-                      return_loglik: bool = False) -> list[list[float]]:
-        """Rank candidate answers by length-normalised log-likelihood, all (question, choice) pairs in one pass.
-
-        Returns per-question probabilities (softmax over the normalised log-likelihoods), or the raw
-        normalised log-likelihoods with `return_loglik=True`.
-        """
-        feats = self.encode_images(images) if features is None else features
-        prefix = self.mapper(feats.to(self.device, torch.float32))  # (I, L, E)
+                      views: Sequence[dict] | None = None, return_loglik: bool = False) -> list[list[float]]:
+        """Rank candidate answers by length-normalised log-likelihood (answer tokens + EOS). Each question's prompt
+        runs once; its KV cache serves its K candidates. Returns per-question probabilities (softmax over the
+        normalised log-likelihoods), or those log-likelihoods with `return_loglik=True`."""
         shots = shots if shots is not None else [()] * len(questions)
-        per_sample = [len(s) + 1 for s in shots]  # images per sample
-        starts = [0, *itertools.accumulate(per_sample)]
-        samples, index = [], []
-        for i, (q, options) in enumerate(zip(questions, choices, strict=True)):
-            for c in options:
-                samples.append(self.tokenize(q, c, shots[i]))
-                index.extend(range(starts[i], starts[i + 1]))
-        embeds, mask, labels = self._assemble(prefix[torch.tensor(index, device=self.device)], samples, left_pad=False)
-        logp = self._decode(embeds, mask)[:, :-1].float().log_softmax(-1)  # (P, T-1, V)
-        target = labels[:, 1:]
-        token_lp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != IGNORE)
-        mean_lp = token_lp.sum(1) / (target != IGNORE).sum(1).clamp(min=1)  # (P,)
-        out, pos = [], 0
-        for options in choices:
-            scores = mean_lp[pos:pos + len(options)]
+        batch = self.processor(None if features is not None else images, questions, shots=shots, views=views)
+        pairs = [[self.processor.tokenize(q, c, s) for c in opts] for q, opts, s in zip(questions, choices, shots,
+                                                                                         strict=True)]
+        mean_lp = self.score(batch, pairs, features=features)
+        out = []
+        for scores in mean_lp:
+            scores = torch.tensor(scores)
             out.append((scores if return_loglik else scores.softmax(0)).tolist())
-            pos += len(options)
         return out
 
-    def _pad_id(self) -> int | None:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # output padding only
+    # --- inference: tensors ---------------------------------------------------------------------------------------
+    def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor, image_mask: torch.Tensor,
+                 image_index: torch.Tensor | None, input_ids: torch.Tensor | None = None) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+        """Run left-padded prompts once with a KV cache -> (last logits (B, V), cache, mask, last positions (B,)).
+
+        When rows share their first image and everything before it (VQA-RAD and SLAKE ask several questions per
+        image; the image comes first in most templates), that head is computed once per distinct image and its KV
+        reused by every row that asks about it."""
+        B, T = mask.shape
+        lm, kwargs = self._lm_inputs(embeds, mask, keep=1)
+        head = self._shared_head(input_ids, mask, image_mask, image_index)
+        if head is None:
+            out = lm(**kwargs, use_cache=True)
+            return out.logits[:, -1], out.past_key_values, kwargs["attention_mask"], kwargs["position_ids"][:, -1]
+        H, rows, owner = head  # head length; a row per distinct head; which head each row has
+        start = T - mask.sum(1)  # (B,) where each row begins
+        take = start[rows, None] + torch.arange(H, device=self.device)  # (U, H)
+        head_embeds = embeds[rows[:, None], take]  # (U, H, E)
+        h_out = lm(inputs_embeds=head_embeds, attention_mask=mask.new_ones(len(rows), H),
+                   position_ids=torch.arange(H, device=self.device).expand(len(rows), H), use_cache=True,
+                   logits_to_keep=1)
+        cache = h_out.past_key_values
+        cache.reorder_cache(owner)  # (U, ...) -> (B, ...)
+        tail_len = int((mask.sum(1) - H).max())
+        cols = torch.arange(T - tail_len, T, device=self.device)
+        tail_mask = (mask[:, -tail_len:].bool() & (cols[None] >= (start + H)[:, None])).long()  # (B, tail)
+        positions = H + (tail_mask.cumsum(-1) - 1).clamp(min=0)
+        full_mask = torch.cat([mask.new_ones(B, H), tail_mask], 1)
+        out = lm(inputs_embeds=embeds[:, -tail_len:], attention_mask=full_mask, position_ids=positions,
+                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.past_key_values, full_mask, positions[:, -1]
+
+    def _shared_head(self, input_ids: torch.Tensor | None, mask: torch.Tensor, image_mask: torch.Tensor, image_index: torch.Tensor | None
+                     ) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """(head length H, a row per distinct image, each row's image) when every row has one image slot with the
+        same tokens before it and some rows share an image; None otherwise (then the plain prefill is as fast)."""
+        if image_index is None or input_ids is None or self.config.tuning.mode in PROMPT_MODES:
+            return None
+        B, T = mask.shape
+        if len(image_index) != B or int(image_mask.sum()) != B * self.processor.image_seq_length:
+            return None
+        start = T - mask.sum(1)
+        first = image_mask.float().argmax(1)  # first image position per row
+        H = first - start + self.processor.image_seq_length
+        if not bool((H == H[0]).all()) or bool((mask.sum(1) <= H).any()):
+            return None
+        image_index = image_index.to(self.device)
+        distinct, owner = torch.unique(image_index, return_inverse=True)
+        if len(distinct) == B:
+            return None
+        rows = torch.stack([torch.nonzero(image_index == u)[0, 0] for u in distinct])
+        # the tokens before the image must match too (they do for one template without shots; check anyway)
+        L, h = self.processor.image_seq_length, int(H[0])
+        text = [tuple(input_ids[r, int(start[r]):int(start[r]) + h - L].tolist()) for r in range(B)]
+        ids_ok = all(text[r] == text[int(rows[o])] for r, o in enumerate(owner.tolist()))
+        return (int(H[0]), rows, owner) if ids_ok else None
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
+                 pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                 image_index: torch.Tensor | None = None, *, max_new_tokens: int = 32, num_beams: int = 1,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 stop: Sequence[str] | None = None, **generate_kwargs: Any) -> list[Answer]:
+        """Answers for a left-padded batch. Greedy decoding runs its own KV-cached loop (shared image heads, stop
+        strings checked as it goes); beam search and sampling use transformers' `generate`."""
+        stop = list(stop) if stop is not None else self.processor.stop_strings()
+        embeds = self.embed(input_ids, image_mask, self.prefix(pixel_values, features, image_index))
+        mask = attention_mask.to(self.device)
+        if num_beams == 1 and not do_sample and not generate_kwargs:
+            ids, steps = self._greedy(embeds, mask, image_mask.to(self.device), image_index, input_ids,
+                                      max_new_tokens, stop)
+        else:
+            if self.config.tuning.mode == "prefix_tuning":
+                raise ValueError("tuning.mode='prefix_tuning' generates greedily only (peft's key/value prefixes "
+                                 "cannot be combined with transformers' generate on inputs_embeds)")
+            lm, kwargs = self._lm_inputs(embeds, mask)
+            sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+            criteria = [self.processor.stop_criteria(stop)] if stop else []
+            out = lm.generate(inputs_embeds=kwargs["inputs_embeds"], attention_mask=kwargs["attention_mask"],
+                              max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                              eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.processor.pad_id,
+                              stopping_criteria=criteria, return_dict_in_generate=True, output_scores=True,
+                              output_logits=True, use_cache=True, **sampling, **generate_kwargs)
+            ids = out.sequences[:, -len(out.scores):]  # only the new tokens
+            if num_beams > 1:
+                steps = lm.compute_transition_scores(out.sequences, out.scores, out.beam_indices, False)
+            else:
+                steps = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return [self._finish(row, lp, stop) for row, lp in zip(ids.tolist(), steps.float().tolist())]
+
+    def _greedy(self, embeds: torch.Tensor, mask: torch.Tensor, image_mask: torch.Tensor,
+                image_index: torch.Tensor | None, input_ids: torch.Tensor, max_new_tokens: int, stop: Sequence[str]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV-cached greedy decoding -> (new ids (B, n), their log-probabilities (B, n))."""
+        lm = self._lm()
+        logits, cache, mask, pos = self._prefill(embeds, mask, image_mask, image_index, input_ids)
+        emb, eos = self.decoder.get_input_embeddings(), self.tokenizer.eos_token_id
+        criteria = self.processor.stop_criteria(stop) if stop else None
+        B = embeds.shape[0]
+        ids = torch.zeros(B, 0, dtype=torch.long, device=self.device)
+        steps = torch.zeros(B, 0, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        for t in range(max_new_tokens):
+            logp = logits.float().log_softmax(-1)  # (B, V)
+            nxt = logp.argmax(-1)  # (B,)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            steps = torch.cat([steps, logp.gather(-1, nxt[:, None])], 1)
+            done |= nxt == eos if eos is not None else done
+            if criteria is not None:
+                done |= criteria(ids, None).to(self.device)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            pos = pos + 1
+            out = lm(inputs_embeds=emb(nxt[:, None]).to(embeds.dtype), attention_mask=mask, position_ids=pos[:, None],
+                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits, cache = out.logits[:, -1], out.past_key_values
+        return ids, steps
+
+    def _finish(self, ids: list[int], steps: list[float], stop: Sequence[str]) -> Answer:
+        """Cut a row at EOS or at the token that completes a stop string; score and count only what is kept."""
+        eos = self.tokenizer.eos_token_id
+        n = len(ids)
+        if eos is not None and eos in ids:
+            n = ids.index(eos) + 1
+        text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+        if any(s in text for s in stop):
+            n = next(k for k in range(1, n + 1)
+                     if any(s in self.tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stop))
+            text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+            text = min((text.split(s)[0] for s in stop), key=len)
+        return Answer(text.strip(), float(sum(steps[:n])), n)
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor], pairs: Sequence[Sequence[Sample]],
+              features: torch.Tensor | None = None) -> list[list[float]]:
+        """Mean log-probability of each candidate's answer tokens (+ EOS): pairs[q] are question q's tokenised
+        (prompt, candidate) samples. The prompt common to a question's candidates runs once with a KV cache; the
+        candidates continue from it and the vocabulary projection runs only where a candidate token is predicted."""
+        prefix = self.prefix(batch.get("pixel_values"), features, batch.get("image_index"))  # (S, L, E)
+        slots = [len(s[0].pieces) - 1 for s in pairs]  # image slots per question
+        first_slot = [sum(slots[:q]) for q in range(len(pairs))]
+        prompts, conts, owners, starts, slot_rows = [], [], [], [], []
+        for q, samples in enumerate(pairs):
+            same = all(s.pieces[:-1] == samples[0].pieces[:-1] for s in samples)
+            groups = [list(samples)] if same else [[s] for s in samples]
+            for group in groups:
+                S = min(len(s.pieces[-1]) for s in group)
+                prompts.append(Sample(group[0].pieces[:-1] + [group[0].pieces[-1][:S]], []))
+                slot_rows += range(first_slot[q], first_slot[q] + slots[q])
+                for s in group:
+                    conts.append(s.pieces[-1][S:] + s.answer)
+                    starts.append(len(s.pieces[-1]) - S)  # first counted token of the continuation
+                    owners.append(len(prompts) - 1)
+        p = self.processor.pad(prompts, "left", labels=False)
+        embeds = self.embed(p["input_ids"], p["image_mask"], prefix[torch.tensor(slot_rows, dtype=torch.long)])
+        mask = p["attention_mask"].to(self.device)
+        lm = self._lm()
+        last, cache, mask, pos = self._prefill(embeds, mask, p["image_mask"].to(self.device), None)
+        owner = torch.tensor(owners, device=self.device)
+        cache.reorder_cache(owner)
+        P, C = len(conts), max(map(len, conts))
+        ids = torch.full((P, C), self.processor.pad_id, dtype=torch.long, device=self.device)
+        cmask = torch.zeros(P, C, dtype=torch.long, device=self.device)
+        counted = torch.zeros(P, C, dtype=torch.bool, device=self.device)
+        for i, (c, s) in enumerate(zip(conts, starts)):
+            ids[i, :len(c)], cmask[i, :len(c)], counted[i, s:len(c)] = torch.tensor(c), 1, True
+        keep = F.pad(counted[:, 1:], (0, 1))  # continuation position j predicts token j + 1
+        out = lm(inputs_embeds=self.decoder.get_input_embeddings()(ids).to(embeds.dtype),
+                 attention_mask=torch.cat([mask[owner], cmask], 1),
+                 position_ids=pos[owner, None] + 1 + torch.arange(C, device=self.device), past_key_values=cache,
+                 use_cache=False, logits_to_keep=keep if C > 1 else 0)
+        token_lp = torch.zeros(P, C, device=self.device)
+        first = last[owner].float().log_softmax(-1).gather(-1, ids[:, :1]).squeeze(-1)  # predicted by the prompt
+        token_lp[:, 0] = torch.where(counted[:, 0], first, 0.0)
+        if C > 1:
+            rest = out.logits.float().log_softmax(-1)  # (K, V) at kept positions
+            token_lp[:, 1:][counted[:, 1:]] = rest.gather(-1, ids[:, 1:][counted[:, 1:]][:, None]).squeeze(-1)
+        mean = (token_lp.sum(1) / counted.sum(1).clamp(min=1)).tolist()
+        result, k = [], 0
+        for samples in pairs:
+            result.append(mean[k:k + len(samples)])
+            k += len(samples)
+        return result
 
     # --- what trains ----------------------------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:

@@ -1,0 +1,284 @@
+"""The processor: records in, tensors out (the pattern of transformers' LlavaProcessor).
+
+It owns everything between a dataset record and the model's tensors: the prompt template, tokenisation (the last
+prompt piece and the answer are tokenised together, so tokenizers that merge across the boundary give the ids they
+give in context), prompt shortening (never the answer), label masking, image loading with each record's view settings
+(DICOM frame/window, NIfTI slice), open_clip preprocessing and collation with padding. Training, evaluation, the
+feature cache, `answer`, `score_choices`, the CLI and the demo all go through one instance, saved in the adapter folder
+(`processor_config.json` + the tokenizer files).
+
+A batch is a dict of tensors::
+
+    input_ids       (B, T)  token ids; image slots and padding hold `pad_id` (never read: they are masked or replaced)
+    attention_mask  (B, T)  1 on real tokens and image slots
+    image_mask      (B, T)  True on the L positions of each image slot, row by row, slot by slot
+    labels          (B, T)  answer ids (+ EOS) where supervised, IGNORE (-100) elsewhere   [with answers]
+    pixel_values    (I, 3, H, W)  one per distinct image                                     [with images]
+    image_index     (S,)    which of the I images fills each of the S slots (images shared by several questions)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from . import prompts
+from .config import TemplateConfig
+
+if TYPE_CHECKING:
+    from .data.records import VQARecord
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+PROCESSOR_NAME = "processor_config.json"
+VIEW_KEYS = ("frame", "slice_index", "window")  # load_image arguments that change the pixels of one file
+
+
+@dataclass
+class Sample:
+    """One tokenised item: text pieces around the image slots (n slots -> n + 1 pieces) and the answer ids."""
+
+    pieces: list[list[int]]
+    answer: list[int]
+
+
+def view_args(record: VQARecord) -> dict[str, Any]:
+    """The image view a record asks for through its meta (DICOM frame, NIfTI slice, window): one rule everywhere."""
+    meta = record.meta or {}
+    return {k: (tuple(meta[k]) if k == "window" else meta[k]) for k in VIEW_KEYS if meta.get(k) is not None}
+
+
+def record_label(record: VQARecord) -> str:
+    """A human name for a record's image in logs and errors: the file path, the source's name, or the id."""
+    if isinstance(record.image, (str, os.PathLike)):
+        return str(record.image)
+    return str((record.meta or {}).get("image_name") or f"<bytes of record {record.id}>")
+
+
+class MedVQAProcessor:
+    """Template + tokenizer + image transform. Built by the model from its parts; does no I/O in the constructor."""
+
+    def __init__(self, tokenizer: Any, template: TemplateConfig, transform: Callable[[Any], torch.Tensor],
+                 image_seq_length: int):
+        self.tokenizer, self.template, self.transform = tokenizer, template, transform
+        self.image_seq_length = image_seq_length  # L: prefix vectors per image slot (the mapper's output length)
+        self._stop_criteria: dict[tuple[str, ...], Any] = {}
+
+    # --- images -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def load_image(image: Any, view: dict[str, Any] | None = None, name: str | None = None) -> Any:
+        """Path, bytes, {bytes, path} cell or PIL image -> 8-bit RGB PIL image, with the record's view applied."""
+        from .data.images import load_image
+
+        return load_image(image, **(view or {}), name=name)
+
+    def load_record_image(self, record: VQARecord) -> Any:
+        return self.load_image(record.image, view_args(record), record_label(record))
+
+    def pixel_values(self, images: Sequence[Any], views: Sequence[dict[str, Any] | None] | None = None
+                     ) -> torch.Tensor:
+        """open_clip's eval transform on each image -> (I, 3, H, W)."""
+        views = views if views is not None else [None] * len(images)
+        return torch.stack([self.transform(self.load_image(im, v)) for im, v in zip(images, views, strict=True)])
+
+    def transform_fingerprint(self) -> str:
+        """Identifies the preprocessing, so a cache or an adapter built with another transform is never reused."""
+        return hashlib.sha256(repr(self.transform).encode()).hexdigest()[:16]
+
+    # --- text ---------------------------------------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return candidate
+        return 0
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def stop_strings(self) -> list[str]:
+        return prompts.stop_strings(self.template.name)
+
+    def _render(self, question: str, shots: Sequence[tuple[str, str]]) -> list[str]:
+        t = self.template
+        text = prompts.render(t.name, question, position=t.image_position, system=t.system, shots=shots,
+                              tokenizer=self.tokenizer)
+        return prompts.split_on_images(text)
+
+    def _pieces(self, question: str, answer: str | None, shots: Sequence[tuple[str, str]]) -> Sample:
+        texts = self._render(question, shots)
+        pieces = [self._encode(p) for p in texts[:-1]]
+        last = self._encode(texts[-1])
+        answer_ids: list[int] = []
+        if answer is not None:
+            joint = self._encode(texts[-1] + prompts.answer_text(self.template.name, answer))
+            keep = 0  # the answer starts where the joint ids leave the prompt's own ids
+            while keep < min(len(last), len(joint)) and last[keep] == joint[keep]:
+                keep += 1
+            last, answer_ids = joint[:keep], joint[keep:]
+            eos = self.tokenizer.eos_token_id
+            answer_ids = answer_ids + ([eos] if eos is not None else [])
+        pieces.append(last)
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and (not pieces[0] or pieces[0][0] != bos):
+            pieces[0] = [bos] + pieces[0]
+        return Sample(pieces, answer_ids)
+
+    def tokenize(self, question: str, answer: str | None = None, shots: Sequence[tuple[str, str]] = (),
+                 record_id: str | None = None) -> Sample:
+        """Token ids of the prompt pieces and of the answer (+ EOS). Prompt + answer longer than
+        `template.max_length` shortens the question (never the answer or a candidate) and warns with the record."""
+        sample = self._pieces(question, answer, shots)
+        excess = sum(map(len, sample.pieces)) + len(sample.answer) - self.template.max_length
+        if excess <= 0:
+            return sample
+        q_ids = self._encode(question)
+        while excess > 0 and q_ids:
+            q_ids = q_ids[:max(0, len(q_ids) - excess)]
+            sample = self._pieces(self.tokenizer.decode(q_ids), answer, shots)
+            excess = sum(map(len, sample.pieces)) + len(sample.answer) - self.template.max_length
+        if excess > 0:
+            raise ValueError(f"record {record_id or question[:40]!r}: the template and answer alone take "
+                             f"{self.template.max_length + excess} tokens, over template.max_length="
+                             f"{self.template.max_length}; raise it")
+        log.warning("record %s: prompt longer than template.max_length=%d tokens; question shortened to %d tokens",
+                    record_id or repr(question[:40]), self.template.max_length, len(q_ids))
+        return sample
+
+    # --- batches ------------------------------------------------------------------------------------------------
+    def pad(self, samples: Sequence[Sample], padding_side: str = "right", labels: bool = True
+            ) -> dict[str, torch.Tensor]:
+        """Lay samples out as (B, T) tensors with L image positions per slot; pads on the given side."""
+        L, pad = self.image_seq_length, self.pad_id
+        rows = []
+        for s in samples:
+            ids, img, lab = [], [], []
+            for j, piece in enumerate(s.pieces):
+                if j:
+                    ids += [pad] * L
+                    img += [True] * L
+                ids += piece
+                img += [False] * len(piece)
+            lab = [IGNORE] * len(ids) + list(s.answer)
+            ids += s.answer
+            img += [False] * len(s.answer)
+            rows.append((ids, img, lab))
+        B, T = len(rows), max(len(r[0]) for r in rows)
+        out = {"input_ids": torch.full((B, T), pad, dtype=torch.long),
+               "attention_mask": torch.zeros(B, T, dtype=torch.long),
+               "image_mask": torch.zeros(B, T, dtype=torch.bool)}
+        if labels:
+            out["labels"] = torch.full((B, T), IGNORE, dtype=torch.long)
+        for i, (ids, img, lab) in enumerate(rows):
+            span = slice(T - len(ids), T) if padding_side == "left" else slice(0, len(ids))
+            out["input_ids"][i, span] = torch.tensor(ids, dtype=torch.long)
+            out["attention_mask"][i, span] = 1
+            out["image_mask"][i, span] = torch.tensor(img, dtype=torch.bool)
+            if labels:
+                out["labels"][i, span] = torch.tensor(lab, dtype=torch.long)
+        return out
+
+    def __call__(self, images: Sequence[Any] | None = None, questions: Sequence[str] = (),
+                 answers: Sequence[str] | None = None, *, shots: Sequence[Sequence[tuple[str, str]]] | None = None,
+                 views: Sequence[dict[str, Any] | None] | None = None, padding_side: str = "right",
+                 ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Images (one per question, or per question a list: shots' images then the query's) + questions
+        (+ answers) -> a batch. The same image object given for several questions is loaded and encoded once."""
+        n = len(questions)
+        shots = shots if shots is not None else [()] * n
+        answers_ = answers if answers is not None else [None] * n
+        ids_ = ids if ids is not None else [None] * n
+        samples = [self.tokenize(q, a, s, i) for q, a, s, i in zip(questions, answers_, shots, ids_, strict=True)]
+        batch = self.pad(samples, padding_side, labels=answers is not None)
+        if images is not None:
+            per_item = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+            per_view = [[v] * len(p) for v, p in zip(views, per_item, strict=True)] if views else None
+            unique: dict[tuple[int, str], int] = {}
+            flat, flat_views, index = [], [], []
+            for k, item in enumerate(per_item):
+                for j, im in enumerate(item):
+                    key = (id(im), json.dumps(per_view[k][j] if per_view else None, sort_keys=True, default=str))
+                    if key not in unique:
+                        unique[key] = len(flat)
+                        flat.append(im)
+                        flat_views.append(per_view[k][j] if per_view else None)
+                    index.append(unique[key])
+            batch["pixel_values"] = self.pixel_values(flat, flat_views)
+            if len(flat) < len(index):
+                batch["image_index"] = torch.tensor(index, dtype=torch.long)
+        return batch
+
+    # --- records (the DataLoader path) ---------------------------------------------------------------------------
+    def encode_record(self, record: VQARecord, *, pixels: bool = True, answer: bool = True) -> dict[str, Any]:
+        """One record -> a collatable item (runs in DataLoader workers): sample, pixels, and its id. A bad image
+        gives {"error": message} instead of raising, so the main process applies the run's policy."""
+        from .data.images import ImageLoadError
+
+        item: dict[str, Any] = {"id": record.id, "label": record_label(record)}
+        try:
+            if pixels and record.image is not None:
+                item["pixel_values"] = self.transform(self.load_record_image(record))
+        except ImageLoadError as err:
+            return {**item, "error": str(err)}
+        item["sample"] = self.tokenize(record.question, record.answer if answer else None, record_id=record.id)
+        return item
+
+    def collate(self, items: Sequence[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:
+        """Items from `encode_record` -> a batch; failed items are left out and listed under "errors"."""
+        good = [it for it in items if "error" not in it]
+        batch: dict[str, Any] = {"ids": [it["id"] for it in good],
+                                 "errors": [(it["id"], it["label"], it["error"]) for it in items if "error" in it]}
+        if not good:
+            return batch
+        batch.update(self.pad([it["sample"] for it in good], padding_side,
+                              labels=any(it["sample"].answer for it in good)))
+        if any("pixel_values" in it for it in good):
+            batch["pixel_values"] = torch.stack([it["pixel_values"] for it in good])
+        if any("features" in it for it in good):
+            batch["features"] = torch.stack([torch.as_tensor(it["features"]) for it in good])
+        return batch
+
+    # --- stop strings ---------------------------------------------------------------------------------------------
+    def stop_criteria(self, stop: Sequence[str]) -> Any:
+        """transformers' StopStringCriteria, built once per stop set: its tables cover the whole vocabulary and
+        cost hundreds of milliseconds to build."""
+        key = tuple(stop)
+        if key not in self._stop_criteria:
+            from transformers import StopStringCriteria
+
+            self._stop_criteria[key] = StopStringCriteria(self.tokenizer, list(key))
+        return self._stop_criteria[key]
+
+    # --- save / load ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"template": asdict(self.template), "image_seq_length": self.image_seq_length,
+                "transform": repr(self.transform), "transform_fingerprint": self.transform_fingerprint()}
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(str(folder))
+        (folder / PROCESSOR_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, transform: Callable[[Any], torch.Tensor]) -> "MedVQAProcessor":
+        """Tokenizer and template from the folder; the image transform is rebuilt from the encoder config and must
+        match the saved one (else the adapter would see differently preprocessed images than it was trained on)."""
+        from transformers import AutoTokenizer
+
+        folder = Path(folder)
+        data = json.loads((folder / PROCESSOR_NAME).read_text())
+        proc = cls(AutoTokenizer.from_pretrained(str(folder)), TemplateConfig(**data["template"]), transform,
+                   int(data["image_seq_length"]))
+        if data.get("transform_fingerprint") not in (None, proc.transform_fingerprint()):
+            raise ValueError(f"{folder / PROCESSOR_NAME}: image transform differs from the encoder's\n"
+                             f"  saved: {data.get('transform')}\n  built: {proc.transform!r}")
+        return proc
