@@ -204,14 +204,22 @@ def ours_score(model: Any, images: Sequence[Any], questions: Sequence[str],
     return model.score_choices(list(images), list(questions), [list(c) for c in choices], return_loglik=True)
 
 
-def ours_token_ids(model: Any, question: str, answer: str, image_id: int) -> list[int]:
-    """The sequence prefixvqa builds, with `image_id` at each prefix position."""
-    n = model.num_image_tokens
-    pieces, answer_ids = model.tokenize(question, answer)
-    ids = list(pieces[0])
-    for piece in pieces[1:]:
-        ids += [image_id] * n + list(piece)
-    return ids + list(answer_ids)
+def ours_sequences(model: Any, images: Sequence[Any], questions: Sequence[str], answers: Sequence[str],
+                   image_id: int) -> list[tuple[list[int], list[int]]]:
+    """Per sample, the (ids, labels) prefixvqa trains on, unpadded, with `image_id` at each prefix position."""
+    if _new_api(model):
+        b = model.processor(images=list(images), questions=list(questions), answers=list(answers))
+        ids = torch.where(b["image_mask"], image_id, b["input_ids"])
+        keep = b["attention_mask"].bool()
+        return [(r[k].tolist(), lab[k].tolist()) for r, lab, k in zip(ids, b["labels"], keep)]
+    out = []
+    for q, a in zip(questions, answers, strict=True):
+        pieces, answer_ids = model.tokenize(q, a)
+        seq = list(pieces[0])
+        for piece in pieces[1:]:
+            seq += [image_id] * model.num_image_tokens + list(piece)
+        out.append((seq + list(answer_ids), [IGNORE] * len(seq) + list(answer_ids)))
+    return out
 
 
 def ours_trainable(model: Any) -> list[nn.Parameter]:
@@ -260,22 +268,28 @@ def peer_lora_config(arch: Arch) -> Any:
                       target_modules=r".*language_model.*\.(q_proj|v_proj)", modules_to_save=["multi_modal_projector"])
 
 
-def build_peer(ours: Any, arch: Arch, tok: Any) -> Any:
-    """LlavaForConditionalGeneration + peft carrying prefixvqa's weights (converted tensor by tensor)."""
-    from peft import get_peft_model
+def build_llava(ours: Any, arch: Arch, tok: Any) -> Any:
+    """LlavaForConditionalGeneration carrying prefixvqa's base weights (vision tower, projector, Llama); no LoRA."""
     from transformers import LlavaForConditionalGeneration
 
-    base = ours.decoder.get_base_model()  # LlamaForCausalLM with LoRA layers injected
+    base = ours.decoder.get_base_model()  # LlamaForCausalLM (LoRA layers injected; copied separately)
     llava = LlavaForConditionalGeneration(peer_config(arch, base.config, tok.convert_tokens_to_ids(IMAGE_TOKEN)))
     tower = llava.model.vision_tower
     getattr(tower, "vision_model", tower).load_state_dict(clip_vision_state(ours.encoder.visual), strict=True)
     net = ours.mapper.net  # Linear, GELU, Linear
-    if not (isinstance(net[1], nn.GELU) and net[1].approximate == "none" and len(net) == 3):
+    if not (len(net) == 3 and isinstance(net[1], nn.GELU) and net[1].approximate == "none"):
         raise RuntimeError(f"unexpected mlp2x_gelu layout: {net}")
-    proj = llava.model.multi_modal_projector
-    proj.load_state_dict({"linear_1.weight": net[0].weight, "linear_1.bias": net[0].bias,
-                          "linear_2.weight": net[2].weight, "linear_2.bias": net[2].bias})
-    peer = get_peft_model(llava, peer_lora_config(arch))
+    llava.model.multi_modal_projector.load_state_dict({
+        "linear_1.weight": net[0].weight, "linear_1.bias": net[0].bias,
+        "linear_2.weight": net[2].weight, "linear_2.bias": net[2].bias})
+    return llava
+
+
+def build_peer(ours: Any, arch: Arch, tok: Any) -> Any:
+    """build_llava + peft LoRA, with prefixvqa's Llama and LoRA tensors copied in (every LM tensor, checked)."""
+    from peft import get_peft_model
+
+    peer = get_peft_model(build_llava(ours, arch, tok), peer_lora_config(arch))
     src = {_peer_name(k): v for k, v in ours.decoder.state_dict().items()}
     dst = peer.state_dict()
     lm_keys = {k for k in dst if ".language_model." in k or ".lm_head." in k}
@@ -288,7 +302,6 @@ def build_peer(ours: Any, arch: Arch, tok: Any) -> Any:
     n_ours, n_peer = (sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (ours, peer))
     if n_ours != n_peer:
         raise RuntimeError(f"trainable parameters differ: prefixvqa {n_ours}, peer {n_peer}")
-    peer.config.use_cache = True
     return peer
 
 
@@ -355,12 +368,12 @@ def finish_text(tok: Any, ids: torch.Tensor, stop: Sequence[str] = ("\n",)) -> s
 
 
 @torch.no_grad()
-def peer_answer(peer: Any, proc: Any, images: Sequence[Any], questions: Sequence[str],
-                max_new_tokens: int) -> list[str]:
-    """Batched greedy `generate` with the same stop rules as prefixvqa's `plain` template (EOS, "\\n")."""
+def peer_answer(peer: Any, proc: Any, images: Sequence[Any], questions: Sequence[str], max_new_tokens: int,
+                num_beams: int = 1) -> list[str]:
+    """Batched `generate` (greedy or beam) with the stop rules of prefixvqa's `plain` template (EOS, "\\n")."""
     tok = proc.tokenizer
     batch = peer_inputs(proc, images, questions)
-    out = peer.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+    out = peer.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, stop_strings=["\n"],
                         tokenizer=tok)
     return [finish_text(tok, row) for row in out[:, batch["input_ids"].shape[1]:]]
@@ -456,12 +469,12 @@ def check_equal(pair: Pair, work: Workload, tol: float = 1e-4, max_new_tokens: i
     assert report["pixel_max_abs_diff"] < 1e-5, f"pixel values differ by {report['pixel_max_abs_diff']}"
     # 2. token sequences and labels
     batch = peer_inputs(proc, work.images, work.questions, work.answers)
-    for i, (q, a) in enumerate(zip(work.questions, work.answers)):
-        want = ours_token_ids(ours, q, a, image_id)
-        have = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
-        assert have == want, f"sample {i}: token ids differ\nprefixvqa {want}\npeer      {have}"
-        n_answer = len(ours.tokenize(q, a)[1])
-        assert int((batch["labels"][i] != IGNORE).sum()) == n_answer, f"sample {i}: label count differs"
+    want = ours_sequences(ours, work.images, work.questions, work.answers, image_id)
+    for i, (ids, labels) in enumerate(want):
+        keep = batch["attention_mask"][i].bool()
+        have = batch["input_ids"][i][keep].tolist()
+        assert have == ids, f"sample {i}: token ids differ\nprefixvqa {ids}\npeer      {have}"
+        assert batch["labels"][i][keep].tolist() == labels, f"sample {i}: labels differ"
     report["positions"] = int(batch["attention_mask"].shape[1])
     report["answer_tokens"] = int((batch["labels"] != IGNORE).sum()) / len(work.questions)
     # 3. the layer: prefixvqa's features == the peer's hidden_states[-2] without CLS
@@ -483,6 +496,14 @@ def check_equal(pair: Pair, work: Workload, tol: float = 1e-4, max_new_tokens: i
     a_peer = peer_answer(peer, proc, work.images, work.questions, max_new_tokens)
     report.update(answers_prefixvqa=a_ours, answers_peer=a_peer)
     assert a_ours == a_peer, f"greedy answers differ:\nprefixvqa {a_ours}\npeer      {a_peer}"
+    one = [work.images[0]] * len(work.questions)  # one image object: prefixvqa encodes it once
+    a_ours = ours_answer(ours, one, work.questions, max_new_tokens)
+    a_peer = peer_answer(peer, proc, one, work.questions, max_new_tokens)
+    assert a_ours == a_peer, f"one-image answers differ:\nprefixvqa {a_ours}\npeer      {a_peer}"
+    a_ours = ours_answer(ours, work.images[:1], work.questions[:1], max_new_tokens, num_beams=5)
+    a_peer = peer_answer(peer, proc, work.images[:1], work.questions[:1], max_new_tokens, num_beams=5)
+    report["beam5_answer"] = a_ours[0]
+    assert a_ours == a_peer, f"beam-5 answers differ: prefixvqa {a_ours}, peer {a_peer}"
     # 6. closed-set scores
     s_ours = ours_score(ours, work.images, work.questions, work.choices)
     s_peer = peer_score(peer, proc, work.images, work.questions, work.choices)
