@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import AdapterConfig, ConfigError
+from .processor import PROCESSOR_NAME, MedVQAProcessor
 
 if TYPE_CHECKING:
     from .model import MedVQAAdapter
@@ -62,6 +63,7 @@ def save_adapter(model: "MedVQAAdapter", path: str | Path, card: dict[str, Any] 
         if model.config.tuning.mode in PEFT_MODES:
             model.decoder.save_pretrained(str(tmp))  # peft's adapter_config.json + adapter_model.safetensors
         save_file(trained_state(model), str(tmp / TENSORS_NAME), metadata={"format": "pt", "library": "prefixvqa"})
+        model.processor.save_pretrained(tmp)  # tokenizer files + processor_config.json
         (tmp / CONFIG_NAME).write_text(cfg.to_json() + "\n")
         (tmp / "README.md").write_text(model_card(cfg, card or {}))
         if card and card.get("metrics"):
@@ -125,6 +127,11 @@ def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: 
     _load_tensors(model, folder / TENSORS_NAME)
     if cfg.tuning.mode in PEFT_MODES:
         _load_peft(model, folder)
+    if (folder / PROCESSOR_NAME).is_file():
+        try:
+            model.processor = MedVQAProcessor.from_pretrained(folder, model.encoder.preprocess, model.config.template)
+        except ValueError as exc:
+            raise AdapterLoadError(str(exc)) from None
     return model
 
 

@@ -368,6 +368,7 @@ class MedVQAAdapter(nn.Module):
         """Mean log-probability of each candidate's answer tokens (+ EOS): pairs[q] are question q's tokenised
         (prompt, candidate) samples. The prompt common to a question's candidates runs once with a KV cache; the
         candidates continue from it and the vocabulary projection runs only where a candidate token is predicted."""
+        features = batch.get("features") if features is None else features
         prefix = self.prefix(batch.get("pixel_values"), features, batch.get("image_index"))  # (S, L, E)
         slots = [len(s[0].pieces) - 1 for s in pairs]  # image slots per question
         first_slot = [sum(slots[:q]) for q in range(len(pairs))]

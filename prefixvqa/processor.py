@@ -25,7 +25,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -42,8 +42,7 @@ PROCESSOR_NAME = "processor_config.json"
 VIEW_KEYS = ("frame", "slice_index", "window")  # load_image arguments that change the pixels of one file
 
 
-@dataclass
-class Sample:
+class Sample(NamedTuple):
     """One tokenised item: text pieces around the image slots (n slots -> n + 1 pieces) and the answer ids."""
 
     pieces: list[list[int]]
@@ -224,6 +223,8 @@ class MedVQAProcessor:
         from .data.images import ImageLoadError
 
         item: dict[str, Any] = {"id": record.id, "label": record_label(record)}
+        if isinstance(record.image, (str, os.PathLike)):  # questions on one file + view share one image slot
+            item["image_key"] = json.dumps([str(record.image), view_args(record)], sort_keys=True, default=str)
         try:
             if pixels and record.image is not None:
                 item["pixel_values"] = self.transform(self.load_record_image(record))
@@ -241,10 +242,14 @@ class MedVQAProcessor:
             return batch
         batch.update(self.pad([it["sample"] for it in good], padding_side,
                               labels=any(it["sample"].answer for it in good)))
-        if any("pixel_values" in it for it in good):
-            batch["pixel_values"] = torch.stack([it["pixel_values"] for it in good])
-        if any("features" in it for it in good):
-            batch["features"] = torch.stack([torch.as_tensor(it["features"]) for it in good])
+        source = "pixel_values" if any("pixel_values" in it for it in good) else "features"
+        if source in good[0]:
+            first: dict[Any, int] = {}  # image key -> index of its first item
+            index = [first.setdefault(it.get("image_key") or ("item", k), len(first)) for k, it in enumerate(good)]
+            unique = [it for k, it in enumerate(good) if index[k] not in index[:k]]
+            batch[source] = torch.stack([torch.as_tensor(it[source]) for it in unique])
+            if len(unique) < len(good):
+                batch["image_index"] = torch.tensor(index, dtype=torch.long)
         return batch
 
     # --- stop strings ---------------------------------------------------------------------------------------------
@@ -269,15 +274,17 @@ class MedVQAProcessor:
         (folder / PROCESSOR_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, transform: Callable[[Any], torch.Tensor]) -> "MedVQAProcessor":
-        """Tokenizer and template from the folder; the image transform is rebuilt from the encoder config and must
-        match the saved one (else the adapter would see differently preprocessed images than it was trained on)."""
+    def from_pretrained(cls, folder: str | Path, transform: Callable[[Any], torch.Tensor],
+                        template: TemplateConfig | None = None) -> "MedVQAProcessor":
+        """Tokenizer (and template, unless the loading config overrides it) from the folder; the image transform is
+        rebuilt from the encoder config and must match the saved one (else the adapter would see differently
+        preprocessed images than it was trained on)."""
         from transformers import AutoTokenizer
 
         folder = Path(folder)
         data = json.loads((folder / PROCESSOR_NAME).read_text())
-        proc = cls(AutoTokenizer.from_pretrained(str(folder)), TemplateConfig(**data["template"]), transform,
-                   int(data["image_seq_length"]))
+        proc = cls(AutoTokenizer.from_pretrained(str(folder)), template or TemplateConfig(**data["template"]),
+                   transform, int(data["image_seq_length"]))
         if data.get("transform_fingerprint") not in (None, proc.transform_fingerprint()):
             raise ValueError(f"{folder / PROCESSOR_NAME}: image transform differs from the encoder's\n"
                              f"  saved: {data.get('transform')}\n  built: {proc.transform!r}")

@@ -11,10 +11,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 
-from prefixvqa.data import cache as cache_mod  # noqa: E402
+from prefixvqa.data import images as images_mod  # noqa: E402
 from prefixvqa.data.cache import FeatureCache, cache_features  # noqa: E402
 from prefixvqa.train import TrainConfig, train  # noqa: E402
-from prefixvqa.train import trainer as trainer_mod  # noqa: E402
 from prefixvqa.data.synthetic import colour_records  # noqa: E402
 from prefixvqa.train.recipe import build_model  # noqa: E402
 
@@ -33,16 +32,15 @@ def fresh_model(work: Path):
 
 @pytest.fixture
 def image_reads(monkeypatch) -> list:
-    """Every decode of an image, through either the trainer or the cache."""
+    """Every decode of an image: all of them go through the processor's one image path."""
     reads: list = []
-    for module in (cache_mod, trainer_mod):
-        original = module.load_image
+    original = images_mod.load_image
 
-        def spy(ref, *args, _original=original, **kwargs):
-            reads.append(ref)
-            return _original(ref, *args, **kwargs)
+    def spy(ref, *args, **kwargs):
+        reads.append(ref)
+        return original(ref, *args, **kwargs)
 
-        monkeypatch.setattr(module, "load_image", spy)
+    monkeypatch.setattr(images_mod, "load_image", spy)
     return reads
 
 

@@ -51,7 +51,7 @@ def test_adapter_table(tiny_decoders, tmp_path, mapper, family, mode):
     assert (report["lora"]["total"] > 0) == (mode in ("lora", "prompt_tuning", "prefix_tuning"))
 
     # forward + backward: loss only on answer tokens (+ EOS), gradients only where training
-    out = model(IMAGES, QUESTIONS, ANSWERS)
+    out = model(**model.processor(IMAGES, QUESTIONS, ANSWERS), full_logits=True)
     B, T, V = out.logits.shape
     assert (B, V) == (2, len(model.tokenizer)) and out.labels.shape == (B, T) and torch.isfinite(out.loss)
     n_answer = [len(model.tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + 1 for a in ANSWERS]
@@ -72,7 +72,7 @@ def test_adapter_table(tiny_decoders, tmp_path, mapper, family, mode):
     # save -> load: identical logits; only trained tensors in the folder
     perturb_trainable(model)
     model.eval()
-    before = model(IMAGES, QUESTIONS, ANSWERS).logits
+    before = model(**model.processor(IMAGES, QUESTIONS, ANSWERS)).logits
     folder = model.save_pretrained(tmp_path / "adapter")
     tensors = load_file(str(folder / "mapper.safetensors"))
     allowed = ("mapper.", "decoder.") if mode == "full" else ("mapper.",)
@@ -84,7 +84,7 @@ def test_adapter_table(tiny_decoders, tmp_path, mapper, family, mode):
     else:
         assert not (folder / "adapter_model.safetensors").exists()
     loaded = MedVQAAdapter.from_pretrained(folder).eval()
-    assert torch.allclose(before, loaded(IMAGES, QUESTIONS, ANSWERS).logits, atol=1e-5)
+    assert torch.allclose(before, loaded(**loaded.processor(IMAGES, QUESTIONS, ANSWERS)).logits, atol=1e-5)
     assert json.loads((folder / "prefixvqa_config.json").read_text())["fingerprints"]["decoder"]
 
 
@@ -173,11 +173,11 @@ def test_templates_place_image_and_mask_prompt(tiny_decoders):
                                ("mistral_instruct", None)):
         template_cfg = {"name": template, "image_position": position}
         model = MedVQAAdapter(make_config(tiny_decoders["llama"], template=template_cfg))
-        pieces, answer = model.tokenize("which side?", "left")
+        pieces, answer = model.processor.tokenize("which side?", "left")
         assert len(pieces) == 2 and answer[-1] == model.tokenizer.eos_token_id
         text = model.tokenizer.decode(pieces[0] + pieces[1])
         assert "which side?" in text
-        out = model(IMAGES[:1], ["which side?"], ["left"])
+        out = model(**model.processor(IMAGES[:1], ["which side?"], ["left"]))
         prompt_len = sum(map(len, pieces)) + 3  # 3 prefix vectors
         assert (out.labels[0, :prompt_len] == -100).all() and (out.labels[0, prompt_len:] != -100).all()
 
@@ -185,10 +185,10 @@ def test_templates_place_image_and_mask_prompt(tiny_decoders):
 def test_few_shot_prompt_places_one_prefix_per_image(tiny_decoders):
     model = MedVQAAdapter(make_config(tiny_decoders["gpt2"], "resampler", "frozen"))
     shots = [[("is there a lesion?", "yes"), ("is there a lesion?", "no")]]
-    pieces, _ = model.tokenize("is there a lesion?", None, shots[0])
+    pieces, _ = model.processor.tokenize("is there a lesion?", None, shots[0])
     assert len(pieces) == 4  # three image slots
     images = [[IMAGES[0], IMAGES[1], IMAGES[0]]]
-    out = model(images, ["is there a lesion?"], ["yes"], shots=shots)
+    out = model(**model.processor(images, ["is there a lesion?"], ["yes"], shots=shots))
     assert torch.isfinite(out.loss)
     assert len(model.answer(images, ["is there a lesion?"], shots=shots, max_new_tokens=2)) == 1
     assert len(model.score_choices(images, ["is there a lesion?"], [["yes", "no"]], shots=shots)[0]) == 2
@@ -256,5 +256,5 @@ def test_loss_equals_a_hand_built_transformers_loss(tiny_decoders, family):
         prefix = model.mapper(model.encode_images(images))
         embeds, mask, lab = plain_transformers_batch(model, prefix, questions, answers)
         peer = model.decoder(inputs_embeds=embeds, attention_mask=mask, labels=lab).loss
-        ours = model(images, questions, answers).loss
+        ours = model(**model.processor(images, questions, answers)).loss
     torch.testing.assert_close(ours, peer)

@@ -32,7 +32,7 @@ def test_held_out_accuracy_beats_chance(tiny_decoders):
     losses = []
     for _ in range(600):
         idx = torch.randint(0, len(train), (16,))
-        loss = model(None, [train[i].question for i in idx], [train[i].answer for i in idx], features=f_train[idx]).loss
+        loss = model(**model.processor(None, [train[i].question for i in idx], [train[i].answer for i in idx]), features=f_train[idx]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -54,7 +54,7 @@ def test_smollm2_gguf_decoder_trains_answers_and_reloads(tmp_path):
     model.train()
     first = None
     for _ in range(4):
-        loss = model(images, questions, answers).loss
+        loss = model(**model.processor(images, questions, answers)).loss
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
@@ -66,7 +66,7 @@ def test_smollm2_gguf_decoder_trains_answers_and_reloads(tmp_path):
     folder = model.save_pretrained(tmp_path / "smol")
     loaded = MedVQAAdapter.from_pretrained(folder).eval()
     with torch.no_grad():
-        assert torch.allclose(model(images[:2], questions[:2], answers[:2]).logits,
-                              loaded(images[:2], questions[:2], answers[:2]).logits, atol=1e-4)
+        assert torch.allclose(model(**model.processor(images[:2], questions[:2], answers[:2])).logits,
+                              loaded(**loaded.processor(images[:2], questions[:2], answers[:2])).logits, atol=1e-4)
     assert [a.text for a in loaded.answer(images[:2], questions[:2], max_new_tokens=6)] == \
            [a.text for a in answers_before]

@@ -24,7 +24,7 @@ def test_preset_builds_tiny(name, tiny_decoders):
     full = preset_config(name)
     assert (model.config.mapper.kind, model.config.tuning.mode, model.config.template.name) == \
            (full.mapper.kind, full.tuning.mode, full.template.name)
-    out = model([Image.new("RGB", (32, 32))], ["is there a lesion?"], ["no"])
+    out = model(**model.processor([Image.new("RGB", (32, 32))], ["is there a lesion?"], ["no"]))
     assert torch.isfinite(out.loss)
 
 

@@ -241,14 +241,14 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights(work, monkeypatch
     from prefixvqa.model import MedVQAAdapter
 
     seen: list[torch.dtype] = []
-    original = MedVQAAdapter._decode
+    original = MedVQAAdapter.forward
 
-    def spy(self, embeds, mask):
-        logits = original(self, embeds, mask)
-        seen.append(logits.dtype)
-        return logits
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen.append(out.logits.dtype)
+        return out
 
-    monkeypatch.setattr(MedVQAAdapter, "_decode", spy)
+    monkeypatch.setattr(MedVQAAdapter, "forward", spy)
     out = work / "bf16"
     result = train(fresh_model(work), colour_records(8), colour_records(4, seed=1),
                    TrainConfig(output_dir=str(out), epochs=4, batch_size=4, lr={"mapper": 1e-2, "lora": 1e-2},

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .images import ImageLoadError, image_bytes_hash, load_image
+from ..processor import record_label, view_args
+from .images import ImageLoadError, image_bytes_hash
 
 if TYPE_CHECKING:
     import torch
@@ -31,23 +32,7 @@ if TYPE_CHECKING:
     from ..model import MedVQAAdapter
     from .records import VQARecord
 
-__all__ = ["FeatureCache", "cache_features", "view_args", "record_label"]
-
-_VIEW_KEYS = ("frame", "slice_index", "window")  # load_image arguments that change the pixels of one file
-
-
-def view_args(record: VQARecord) -> dict[str, Any]:
-    """load_image keyword arguments a record asks for through its meta (DICOM frame, NIfTI slice, window)."""
-    meta = record.meta or {}
-    return {k: (tuple(meta[k]) if k == "window" else meta[k]) for k in _VIEW_KEYS if meta.get(k) is not None}
-
-
-def record_label(record: VQARecord) -> str:
-    """A human name for a record's image in logs and errors: the file path, the source's name, or the id."""
-    if isinstance(record.image, (str, os.PathLike)):
-        return str(record.image)
-    return str((record.meta or {}).get("image_name") or f"<bytes of record {record.id}>")
-
+__all__ = ["FeatureCache", "cache_features"]
 
 class FeatureCache:
     """Content-addressed store of (N, D) float32 feature arrays for one encoder + preprocessing."""
@@ -124,6 +109,17 @@ class FeatureCache:
     def __len__(self) -> int:
         return sum(1 for _ in self.dir.glob("*/*.npy"))
 
+    def fill(self, model: MedVQAAdapter, records: Sequence[VQARecord], batch_size: int = 32,
+             on_error: Callable[[VQARecord, ImageLoadError], None] | None = None) -> list[str | None]:
+        """Encode every record's image not cached yet; returns each record's key (None where the image failed)."""
+        keys: list[str | None] = [None] * len(records)
+        for s in range(0, len(records), batch_size):
+            chunk = records[s:s + batch_size]
+            _, kept = self.features(model, chunk, on_error=on_error)
+            for i in kept:
+                keys[s + i] = self.key(chunk[i])
+        return keys
+
     # --- batch lookup -----------------------------------------------------------------------------------------------
     def features(self, model: MedVQAAdapter, records: Sequence[VQARecord],
                  on_error: Callable[[VQARecord, ImageLoadError], None] | None = None) -> tuple[torch.Tensor, list[int]]:
@@ -144,7 +140,7 @@ class FeatureCache:
                     found[i] = cached
                     self.hits += 1
                     continue
-                missing.append((i, key, load_image(record.image, **view_args(record), name=record_label(record))))
+                missing.append((i, key, model.processor.transform(model.processor.load_record_image(record))))
             except ImageLoadError as err:
                 if on_error is None:
                     raise
@@ -168,7 +164,7 @@ def _encode(model: MedVQAAdapter, images: list[Any]) -> np.ndarray:
     model.encoder.eval()
     try:
         with torch.no_grad():
-            return model.encode_images(images).cpu().numpy()
+            return model.encode_pixels(torch.stack(images)).cpu().numpy()
     finally:
         model.encoder.train(was)
 

@@ -26,6 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import torch
+
 from .protocols import (METRIC_LABELS, Protocol, answer_type_of, candidates_for, compute_metrics, get_protocol,
                         item_scores)
 
@@ -104,45 +106,70 @@ def _batches(indices: list[int], size: int) -> Iterable[list[int]]:
         yield indices[start:start + size]
 
 
-def _predict(model: Any, records: Sequence[Any], plan: Sequence[list[str] | None], batch_size: int,
-             generation: Mapping[str, Any], progress: bool) -> list[dict[str, Any]]:
-    """Answer every record in batches (scored and generated items batched separately); rows in record order."""
+def predict(model: Any, records: Sequence[Any], plan: Sequence[list[str] | None], batch_size: int,
+            generation: Mapping[str, Any], progress: bool = True, *, num_workers: int | None = None,
+            cache: Any = None, cache_keys: Sequence[str | None] | None = None,
+            on_error: Any = None) -> list[dict[str, Any] | None]:
+    """Answer every record through the processor and the DataLoader (images decoded with each record's view in
+    workers; questions about one image batched together so its prefix is computed once). Scored and generated items
+    go in separate batches; rows come back in record order. A bad image raises, or with `on_error(id, name, err)`
+    leaves its row None."""
     from tqdm.auto import tqdm
 
+    from ..data.images import ImageLoadError
+    from ..data.loader import BatchList, RecordDataset, make_loader, to_device
+
+    proc = model.processor
     scored = [i for i, c in enumerate(plan) if c is not None]
-    generated = [i for i, c in enumerate(plan) if c is None]
+    generated = sorted((i for i, c in enumerate(plan) if c is None), key=lambda i: _image_key(records[i]))
+    batches = [(True, b) for b in _batches(scored, batch_size)] + [(False, b) for b in _batches(generated, batch_size)]
+    dataset = RecordDataset(records, proc, answers=False, cache=cache, cache_keys=cache_keys)
+    loader = make_loader(dataset, BatchList([b for _, b in batches]), num_workers=num_workers, padding_side="left")
     rows: list[dict[str, Any] | None] = [None] * len(records)
     was_training = model.training
     model.eval()
     try:
         with tqdm(total=len(records), desc="evaluate", unit="item", disable=not progress) as bar:
-            for batch in _batches(scored, batch_size):
-                probs = model.score_choices([records[i].image for i in batch], [records[i].question for i in batch],
-                                            [plan[i] for i in batch])
-                for i, p in zip(batch, probs):
-                    best = max(range(len(p)), key=lambda k: (p[k], -k))  # ties -> first candidate
-                    rows[i] = {"mode": "score", "prediction": plan[i][best], "choice_index": best,
-                               "candidates": list(plan[i]), "choice_probs": [float(x) for x in p],
-                               "confidence": float(p[best]), "score": math.log(max(float(p[best]), 1e-45)),
-                               "num_tokens": None}
+            for (is_scored, batch), data in zip(batches, loader):
+                for record_id, name, err in data["errors"]:
+                    if on_error is None:
+                        raise ImageLoadError(f"record {record_id!r}: {err}")
+                    on_error(record_id, name, err)
+                good = [i for i in batch if records[i].id in set(data["ids"])]
                 bar.update(len(batch))
-            for batch in _batches(generated, batch_size):
-                answers = model.answer([records[i].image for i in batch], [records[i].question for i in batch],
-                                       **generation)
-                for i, a in zip(batch, answers):
-                    per_token = a.score / a.num_tokens if a.num_tokens else 0.0
-                    rows[i] = {"mode": "generate", "prediction": a.text, "choice_index": None, "candidates": None,
-                               "choice_probs": None, "confidence": math.exp(per_token), "score": a.score,
-                               "num_tokens": a.num_tokens}
-                bar.update(len(batch))
+                if not good:
+                    continue
+                tensors = to_device(data, model.device)
+                if is_scored:
+                    pairs = [[proc.tokenize(records[i].question, c, record_id=records[i].id) for c in plan[i]]
+                             for i in good]
+                    for i, loglik in zip(good, model.score(tensors, pairs)):
+                        p = [float(x) for x in torch.tensor(loglik).softmax(0)]
+                        best = max(range(len(p)), key=lambda k: (p[k], -k))  # ties -> first candidate
+                        rows[i] = {"mode": "score", "prediction": plan[i][best], "choice_index": best,
+                                   "candidates": list(plan[i]), "choice_probs": p, "confidence": p[best],
+                                   "score": math.log(max(p[best], 1e-45)), "num_tokens": None}
+                else:
+                    for i, a in zip(good, model.generate(**tensors, **generation)):
+                        per_token = a.score / a.num_tokens if a.num_tokens else 0.0
+                        rows[i] = {"mode": "generate", "prediction": a.text, "choice_index": None,
+                                   "candidates": None, "choice_probs": None, "confidence": math.exp(per_token),
+                                   "score": a.score, "num_tokens": a.num_tokens}
     finally:
         model.train(was_training)
-    out = []
-    for record, row in zip(records, rows):
-        assert row is not None
-        out.append({"id": record.id, "question": record.question, "gold": record.answer,
-                    "answer_type": answer_type_of(record), "choices": record.choices, "meta": record.meta, **row})
-    return out
+    return rows
+
+
+def _image_key(record: Any) -> str:
+    return str(record.image) if isinstance(record.image, (str, os.PathLike)) else ""
+
+
+def _predict(model: Any, records: Sequence[Any], plan: Sequence[list[str] | None], batch_size: int,
+             generation: Mapping[str, Any], progress: bool) -> list[dict[str, Any]]:
+    rows = predict(model, records, plan, batch_size, generation, progress)
+    return [{"id": record.id, "question": record.question, "gold": record.answer,
+             "answer_type": answer_type_of(record), "choices": record.choices, "meta": record.meta, **row}
+            for record, row in zip(records, rows)]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Design points:
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -29,8 +30,10 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..data.cache import FeatureCache, record_label, view_args
-from ..data.images import ImageLoadError, load_image
+from ..data.cache import FeatureCache
+from ..data.images import ImageLoadError
+from ..data.loader import BatchList, RecordDataset, make_loader, to_device
+from ..processor import record_label
 
 if TYPE_CHECKING:
     from ..data.records import VQARecord
@@ -73,6 +76,7 @@ class TrainConfig:
     log_every: int = 10
     save_every_steps: int | None = None  # also write last/ every k optimizer steps (mid-epoch resume points)
     feature_cache: str | None = None  # folder; used when the encoder is frozen
+    num_workers: int | None = None  # DataLoader workers decoding images; None: a few on GPU, none on CPU
     trainable: list[str] | None = None  # parameter groups to train; None keeps the model's current choice
     resume: bool | str = False  # True: continue from output_dir/last when it holds a trainer state; or a folder
     max_new_tokens: int = 16  # generation length for the accuracy metric
@@ -106,6 +110,7 @@ class TrainConfig:
         check(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1 or null")
         check(self.log_every >= 1, "log_every must be >= 1")
         check(self.save_every_steps is None or self.save_every_steps >= 1, "save_every_steps must be >= 1 or null")
+        check(self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0 or null")
         if self.trainable is not None:
             from ..model import GROUPS
 
@@ -278,10 +283,6 @@ def _schedule_fn(kind: str, warmup_steps: int, total: int):
     return fn
 
 
-def _normalise(text: str) -> str:
-    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
-
-
 class _Logger:
     """log.jsonl always; TensorBoard when importable (warns once otherwise); only on the main process."""
 
@@ -394,10 +395,15 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer,
                                                            _schedule_fn(cfg.schedule, warm, self.total_steps))
         self.step = self.epoch = self.position = 0
+        self.skipped: list[str] = []
+        self.train_sampler, self.eval_sampler = BatchList(), BatchList()
+        self.train_loader = make_loader(self._dataset(self.train_records), self.train_sampler,
+                                        num_workers=cfg.num_workers)
+        self.eval_loader = make_loader(self._dataset(self.eval_records), self.eval_sampler,
+                                       num_workers=cfg.num_workers) if self.eval_records else None
         self.best: float | None = None
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
-        self.skipped: list[str] = []
 
     # --- data -------------------------------------------------------------------------------------------------------
     def _rank_batches(self, epoch: int) -> list[list[int]]:
@@ -406,32 +412,26 @@ class Trainer:
         batches = batches[:max(world, len(batches) // world * world)] if len(batches) >= world else batches * world
         return batches[rank::world][:self.batches_per_epoch]
 
-    def _bad_image(self, record: VQARecord, err: ImageLoadError) -> None:
-        if self.cfg.on_bad_image == "stop":
-            raise ImageLoadError(f"record {record.id!r}: {err} (train.on_bad_image='stop')") from err
-        name = record_label(record)
-        self.skipped.append(name)
-        log.warning("skipping record %s: bad image %s: %s", record.id, name, err)
+    def _dataset(self, records: list[VQARecord]) -> RecordDataset:
+        """Records through the model's processor; with the feature cache, every image is encoded once up front
+        (bad ones go through the run's policy) and workers read the cached arrays."""
+        if self.cache is None or not records:
+            return RecordDataset(records, self.raw.processor)
+        keys = self.cache.fill(self.raw, records, on_error=lambda r, err: self._bad_image(r.id, record_label(r), err))
+        return RecordDataset(records, self.raw.processor, cache=self.cache, cache_keys=keys)
 
-    def inputs(self, records: Sequence[VQARecord]) -> tuple[dict[str, Any] | None, list[VQARecord]]:
-        """(model keyword arguments, records kept) for a batch: cached features when the cache is on, else loaded
-        images; records whose image is bad are left out (policy skip) or raise (policy stop)."""
-        if self.cache is not None:
-            feats, keep = self.cache.features(self.raw, records, on_error=self._bad_image)
-            kept = [records[i] for i in keep]
-            extra: dict[str, Any] = {"features": feats}
-        else:
-            kept, images = [], []
-            for record in records:
-                try:
-                    images.append(load_image(record.image, **view_args(record), name=record_label(record)))
-                    kept.append(record)
-                except ImageLoadError as err:
-                    self._bad_image(record, err)
-            extra = {"images": images}
-        if not kept:
-            return None, []
-        return {**extra, "questions": [r.question for r in kept], "answers": [r.answer for r in kept]}, kept
+    def _bad_image(self, record_id: str, name: str, err: Any) -> None:
+        if self.cfg.on_bad_image == "stop":
+            raise ImageLoadError(f"record {record_id!r}: {err} (train.on_bad_image='stop')")
+        if name not in self.skipped:
+            self.skipped.append(name)
+            log.warning("skipping record %s: bad image %s: %s", record_id, name, err)
+
+    def _check(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        """A collated batch's tensors on the device, after applying the bad-image policy to its failed items."""
+        for record_id, name, err in batch["errors"]:
+            self._bad_image(record_id, name, err)
+        return to_device(batch, self.acc.device) if batch["ids"] else None
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -478,52 +478,43 @@ class Trainer:
     # --- evaluation -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Eval loss (mean over answers' batches) or accuracy; records are sharded over ranks and summed."""
+        """Eval loss (mean over answers' batches), or accuracy: the evaluation's own way of answering (choices
+        scored, the rest generated) and its answer normaliser. Records are sharded over ranks and summed."""
+        from ..eval.metrics import exact_match
+        from ..eval.runner import predict
+
         model, cfg = self.raw, self.cfg
         was = model.training
         model.eval()
-        records = self.eval_records[self.acc.process_index::self.acc.num_processes]
+        idx = list(range(self.acc.process_index, len(self.eval_records), self.acc.num_processes))
         size = cfg.eval_batch_size or cfg.batch_size
         total = count = 0.0
         try:
-            for s in range(0, len(records), size):
-                batch = records[s:s + size]
-                inputs, kept = self.inputs(batch)
-                if inputs is None:
-                    continue
+            if cfg.metric == "loss":
+                self.eval_sampler.set([idx[s:s + size] for s in range(0, len(idx), size)])
+                for batch in self.eval_loader:
+                    inputs = self._check(batch)
+                    if inputs is not None:
+                        with self.acc.autocast():
+                            total += float(model(**inputs).loss) * len(batch["ids"])
+                        count += len(batch["ids"])
+            elif idx:
+                data = self.eval_loader.dataset
+                recs = [self.eval_records[i] for i in idx]
+                keys = [data.cache_keys[i] for i in idx] if data.cache_keys is not None else None
                 with self.acc.autocast():
-                    if cfg.metric == "loss":
-                        n = len(inputs["questions"])
-                        total += float(model(**inputs).loss) * n
-                        count += n
-                    else:
-                        total_b, count_b = self._accuracy(model, inputs, kept)
-                        total, count = total + total_b, count + count_b
+                    rows = predict(model, recs, [r.choices or None for r in recs], size,
+                                   {"max_new_tokens": cfg.max_new_tokens}, progress=False,
+                                   num_workers=cfg.num_workers, cache=data.cache, cache_keys=keys,
+                                   on_error=self._bad_image)
+                done = [(row, r) for row, r in zip(rows, recs) if row is not None]
+                total, count = sum(exact_match(row["prediction"], r.answer) for row, r in done), len(done)
         finally:
             model.train(was)
         sums = torch.tensor([total, count], dtype=torch.float64, device=self.acc.device)
         sums = self.acc.reduce(sums, reduction="sum") if self.acc.num_processes > 1 else sums
         value = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
         return {cfg.metric: value, "count": int(sums[1])}
-
-    def _accuracy(self, model: MedVQAAdapter, inputs: dict[str, Any], recs: Sequence[VQARecord]) -> tuple[int, int]:
-        """Closed questions with choices: argmax of score_choices; others: normalised exact match of answer()."""
-        feat_kw = {"features": inputs["features"]} if "features" in inputs else {"images": inputs["images"]}
-        correct = 0
-        choice_idx = [i for i, r in enumerate(recs) if r.choices]
-        if choice_idx:
-            sub = _subset(feat_kw, choice_idx)
-            probs = model.score_choices(**sub, questions=[recs[i].question for i in choice_idx],
-                                        choices=[recs[i].choices for i in choice_idx])
-            for i, p in zip(choice_idx, probs):
-                picked = recs[i].choices[int(np.argmax(p))]
-                correct += _normalise(picked) == _normalise(recs[i].answer)
-        open_idx = [i for i, r in enumerate(recs) if not r.choices]
-        if open_idx:
-            answers = model.answer(**_subset(feat_kw, open_idx), questions=[recs[i].question for i in open_idx],
-                                   max_new_tokens=self.cfg.max_new_tokens)
-            correct += sum(_normalise(a.text) == _normalise(recs[i].answer) for i, a in zip(open_idx, answers))
-        return correct, len(recs)
 
     def _improved(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -584,9 +575,10 @@ class Trainer:
         while self.epoch < cfg.epochs:
             micro = 0
             batches = self._rank_batches(self.epoch)
-            for index in range(self.position, len(batches)):
+            self.train_sampler.set(batches, self.position)
+            for index, batch in enumerate(self.train_loader, start=self.position):
                 sync = (micro + 1) % cfg.grad_accum == 0 or index == len(batches) - 1
-                inputs, _ = self.inputs([self.train_records[i] for i in batches[index]])
+                inputs = self._check(batch)
                 with acc.autocast():
                     loss = self.model(**inputs).loss if inputs is not None else None
                 bad = torch.tensor([0.0 if loss is None or torch.isfinite(loss.detach()) else 1.0], device=acc.device)
@@ -603,7 +595,7 @@ class Trainer:
                     loss = sum(p.sum() * 0.0 for p in self.raw.parameters() if p.requires_grad)
                 else:
                     running, n_running = running + float(loss.detach()), n_running + 1
-                ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _null()
+                ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
                 with ctx:
                     acc.backward(loss / cfg.grad_accum)
                 micro += 1
@@ -662,20 +654,6 @@ class Trainer:
             else:
                 self.save_last()
         return "completed"
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _subset(kw: dict[str, Any], idx: list[int]) -> dict[str, Any]:
-    if "features" in kw:
-        return {"features": kw["features"][idx]}
-    return {"images": [kw["images"][i] for i in idx]}
 
 
 def check_trainable(model: MedVQAAdapter, groups: Sequence[str]) -> None:
