@@ -44,11 +44,13 @@ from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's prefixvqa, not an installed copy
 
 import torch  # noqa: E402
 
 import peer as P  # noqa: E402
+import prefixvqa  # noqa: E402
 
 BATCH, NEW_TOKENS, BEAMS, K = 8, 8, 5, 4
 
@@ -237,9 +239,31 @@ def memory_section(workdir: Path, tiny: bool) -> dict[str, dict[str, float]]:
     return result
 
 
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+
+
 # --- report ---------------------------------------------------------------------------------------------------------
 def fmt_rate(s: dict[str, float]) -> str:
     return f"{s['median']:8.2f} [{s['min']:.2f}-{s['max']:.2f}]"
+
+
+def print_check(c: dict[str, Any]) -> None:
+    print(f"CHECK ok (prefixvqa API: {c['api']}): {c['positions']} positions, {c['answer_tokens']:.2f} answer "
+          f"tokens/sample")
+    print(f"  loss fp32: prefixvqa {c['loss_prefixvqa']:.6f} (cached features {c['loss_prefixvqa_cached']:.6f}), "
+          f"peer {c['loss_peer']:.6f}; bf16 autocast (not checked): {c['loss_bf16_prefixvqa']:.4f} vs "
+          f"{c['loss_bf16_peer']:.4f}")
+    print(f"  greedy answers equal (batched; 8 questions on one image); beam 5 equal; choice scores max |diff| "
+          f"{c['score_max_abs_diff']:.1e}")
+    print(f"  open_clip layer -2 = CLIP hidden_states[-2] of {c['vision_hidden_states']} (max |diff| "
+          f"{c['features_max_abs_diff']:.1e}); pixels max |diff| {c['pixel_max_abs_diff']:.1e}")
+    print(f"  sample greedy answer: {c['answers_prefixvqa'][0]!r}")
 
 
 def print_table(rows: list[dict[str, Any]], peaks: dict[str, float]) -> None:
@@ -291,20 +315,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         work = P.make_workload(pair.tok, BATCH, arch.image_size)
         if not args.no_memory:
             P.build_llava(pair.ours, arch, pair.tok).save_pretrained(workdir / "llava")
+        print(f"prefixvqa from {Path(prefixvqa.__file__).parent} ({git_commit()})")
+        attn = (pair.ours.decoder.config._attn_implementation, pair.peer.config.text_config._attn_implementation)
         print(f"built both sides in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads; LM attention: prefixvqa "
-              f"{pair.ours.decoder.config._attn_implementation}, peer {pair.peer.config.text_config._attn_implementation}")
+              f"{torch.get_num_threads()} threads; LM attention: prefixvqa {attn[0]}, peer {attn[1]}")
         check = P.check_equal(pair, work, max_new_tokens=NEW_TOKENS)
         with torch.no_grad(), autocast("bf16"):
             bf16 = (float(P.ours_loss(pair.ours, work.images, work.questions, work.answers)),
                     float(P.peer_loss(pair.peer, pair.proc, work.images, work.questions, work.answers)))
         check.update(loss_bf16_prefixvqa=bf16[0], loss_bf16_peer=bf16[1])
-        print(f"CHECK ok: {check['positions']} positions, {check['answer_tokens']:.2f} answer tokens/sample; "
-              f"loss fp32 {check['loss_prefixvqa']:.6f} (cached {check['loss_prefixvqa_cached']:.6f}) vs peer "
-              f"{check['loss_peer']:.6f}; bf16 autocast {bf16[0]:.4f} vs {bf16[1]:.4f}; greedy answers equal "
-              f"(batched, one image), beam 5 equal; choice scores max |diff| {check['score_max_abs_diff']:.1e}; "
-              f"layer -2 = hidden_states[-2] of {check['vision_hidden_states']} (max |diff| "
-              f"{check['features_max_abs_diff']:.1e}); pixels max |diff| {check['pixel_max_abs_diff']:.1e}")
+        print_check(check)
         peaks = {"fp32": peak_matmul(torch.float32), "bf16": peak_matmul(torch.bfloat16)}
         rows: list[dict[str, Any]] = []
         sections = {"train": train_section, "generate": generate_section, "score": score_section}
@@ -325,8 +345,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "greedy answer")
             for side, m in memory.items():
                 print(f"  {side:<10} {m['import']:8.0f} {m['loaded']:8.0f} {m['trained']:8.0f} {m['answered']:8.0f}")
-    result = {"arch": arch.__dict__, "repeats": repeats, "warmup": warmup, "check": check, "peaks": peaks,
-              "rows": rows, "memory": memory, "command": " ".join(sys.argv)}
+    result = {"prefixvqa": str(Path(prefixvqa.__file__).parent), "commit": git_commit(), "arch": arch.__dict__,
+              "repeats": repeats, "warmup": warmup, "check": check, "peaks": peaks, "rows": rows, "memory": memory,
+              "command": " ".join(sys.argv)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result

@@ -1,7 +1,7 @@
 """The LLaVA peer benchmark measures the same computation on both sides: its equality checks pass on a tiny copy of
 the architecture, and they fail when the two sides differ."""
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
@@ -12,12 +12,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
+    """A module from benchmarks/ (not a package; the script imports `peer` by this name too)."""
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +33,23 @@ def test_same_loss_answers_and_scores(pair_and_work):
     assert abs(report["loss_prefixvqa"] - report["loss_peer"]) < 1e-4
 
 
-def test_check_fails_when_the_peer_differs(pair_and_work):
+@pytest.mark.parametrize("change", ["lora", "layer"])
+def test_check_fails_when_the_peer_differs(pair_and_work, change):
+    """A changed LoRA tensor, or LLaVA's features taken from the last layer instead of -2, must not pass."""
     peer, pair, work = pair_and_work
+    config = pair.peer.base_model.model.config
     lora_b = next(p for n, p in pair.peer.named_parameters() if "lora_B" in n)
     saved = lora_b.detach().clone()
     with torch.no_grad():
-        lora_b.add_(0.05)
+        if change == "lora":
+            lora_b.add_(0.05)
+        else:
+            config.vision_feature_layer = -1
     try:
         with pytest.raises(AssertionError, match="loss differs"):
             peer.check_equal(pair, work)
     finally:
+        config.vision_feature_layer = -2
         with torch.no_grad():
             lora_b.copy_(saved)
 
@@ -60,7 +65,6 @@ def test_reduce_bpe_keeps_a_working_tokenizer():
     assert [t["id"] for t in out["added_tokens"]] == [0]
 
 
-@pytest.mark.slow
 def test_benchmark_script_runs(tmp_path):
     bench = _load("bench_llava_peer")
     out = bench.main(["--tiny", "--quick", "--repeats", "1", "--warmup", "0", "--only", "score", "--no-memory",
