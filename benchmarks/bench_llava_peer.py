@@ -254,7 +254,7 @@ def fmt_rate(s: dict[str, float]) -> str:
 
 
 def print_check(c: dict[str, Any]) -> None:
-    print(f"CHECK ok (prefixvqa API: {c['api']}): {c['positions']} positions, {c['answer_tokens']:.2f} answer "
+    print(f"CHECK ok: {c['positions']} positions, {c['answer_tokens']:.2f} answer "
           f"tokens/sample")
     print(f"  loss fp32: prefixvqa {c['loss_prefixvqa']:.6f} (cached features {c['loss_prefixvqa_cached']:.6f}), "
           f"peer {c['loss_peer']:.6f}; bf16 autocast (not checked): {c['loss_bf16_prefixvqa']:.4f} vs "

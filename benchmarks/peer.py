@@ -163,15 +163,9 @@ def build_ours(arch: Arch, lm_folder: Path, seed: int = 0) -> Any:
     return model
 
 
-def _new_api(model: Any) -> bool:
-    return getattr(model, "processor", None) is not None
-
-
 def ours_loss(model: Any, images: Sequence[Any], questions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
-    """Training loss from PIL images (the vision tower runs)."""
-    if _new_api(model):
-        return model(**model.processor(images=list(images), questions=list(questions), answers=list(answers))).loss
-    return model(list(images), list(questions), list(answers)).loss
+    """Training loss from PIL images: processor (pixels, tokens, labels), then the tensors-in forward."""
+    return model(**model.processor(images=list(images), questions=list(questions), answers=list(answers))).loss
 
 
 def ours_features(model: Any, images: Sequence[Any]) -> torch.Tensor:
@@ -181,12 +175,9 @@ def ours_features(model: Any, images: Sequence[Any]) -> torch.Tensor:
 
 
 def ours_loss_cached(model: Any, feats: torch.Tensor, questions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
-    """Training loss from cached features (later epochs)."""
-    if _new_api(model):
-        batch = model.processor(images=None, questions=list(questions), answers=list(answers))
-        batch = {k: v for k, v in batch.items() if k != "pixel_values"}
-        return model(**batch, features=feats).loss
-    return model(None, list(questions), list(answers), features=feats).loss
+    """Training loss from cached features (later epochs): the processor only tokenises."""
+    batch = model.processor(images=None, questions=list(questions), answers=list(answers))
+    return model(**batch, features=feats).loss
 
 
 def ours_answer(model: Any, images: Sequence[Any] | None, questions: Sequence[str], max_new_tokens: int,
@@ -207,19 +198,10 @@ def ours_score(model: Any, images: Sequence[Any], questions: Sequence[str],
 def ours_sequences(model: Any, images: Sequence[Any], questions: Sequence[str], answers: Sequence[str],
                    image_id: int) -> list[tuple[list[int], list[int]]]:
     """Per sample, the (ids, labels) prefixvqa trains on, unpadded, with `image_id` at each prefix position."""
-    if _new_api(model):
-        b = model.processor(images=list(images), questions=list(questions), answers=list(answers))
-        ids = torch.where(b["image_mask"], image_id, b["input_ids"])
-        keep = b["attention_mask"].bool()
-        return [(r[k].tolist(), lab[k].tolist()) for r, lab, k in zip(ids, b["labels"], keep)]
-    out = []
-    for q, a in zip(questions, answers, strict=True):
-        pieces, answer_ids = model.tokenize(q, a)
-        seq = list(pieces[0])
-        for piece in pieces[1:]:
-            seq += [image_id] * model.num_image_tokens + list(piece)
-        out.append((seq + list(answer_ids), [IGNORE] * len(seq) + list(answer_ids)))
-    return out
+    b = model.processor(images=list(images), questions=list(questions), answers=list(answers))
+    ids = torch.where(b["image_mask"], image_id, b["input_ids"])
+    keep = b["attention_mask"].bool()
+    return [(r[k].tolist(), lab[k].tolist()) for r, lab, k in zip(ids, b["labels"], keep)]
 
 
 def ours_trainable(model: Any) -> list[nn.Parameter]:
@@ -474,7 +456,7 @@ def check_equal(pair: Pair, work: Workload, tol: float = 1e-4, max_new_tokens: i
     """Assert that both sides see the same sequences and compute the same thing; returns what was compared."""
     ours, peer, proc, tok = pair.ours, pair.peer, pair.proc, pair.tok
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    report: dict[str, Any] = {"api": "processor" if _new_api(ours) else "images-in (before the processor)"}
+    report: dict[str, Any] = {}
     # 1. pixels: open_clip's transform vs the CLIP image processor
     pix_ours = ours.encoder.pixels(work.images)
     pix_peer = proc.image_processor(work.images, return_tensors="pt")["pixel_values"]
@@ -523,13 +505,6 @@ def check_equal(pair: Pair, work: Workload, tol: float = 1e-4, max_new_tokens: i
     report["score_max_abs_diff"] = float(np.abs(np.array(s_ours) - np.array(s_peer)).max())
     assert report["score_max_abs_diff"] < tol, f"choice scores differ by {report['score_max_abs_diff']}"
     return report
-
-
-def lm_logits_gap(pair: Pair) -> float:
-    """Largest |difference| of the two LM heads' weights (sanity: the copy really happened)."""
-    a = pair.ours.decoder.get_base_model().lm_head.weight
-    b = pair.peer.base_model.model.lm_head.weight
-    return float((a - b).abs().max())
 
 
 __all__ = ["Arch", "BENCH_ARCH", "TINY_ARCH", "Pair", "Workload", "build_pair", "make_workload", "check_equal",
