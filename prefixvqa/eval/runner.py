@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..fileio import atomic_write
 from .protocols import (METRIC_LABELS, Protocol, answer_type_of, candidates_for, compute_metrics, get_protocol,
                         item_scores)
 
@@ -333,7 +334,10 @@ def _plots(out: Path, protocol: Protocol, predictions: Sequence[Mapping[str, Any
 def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Sequence[Any],
                   predictions: Sequence[dict[str, Any]], manifest: Mapping[str, Any], *, plots: bool = True
                   ) -> dict[str, Any]:
-    """Score ``predictions`` and write predictions.jsonl, metrics.json, plots, report.md and manifest.json."""
+    """Score ``predictions`` and write predictions.jsonl, metrics.json, plots, report.md and manifest.json.
+
+    Each file is written atomically (temporary sibling, then renamed), so a reader or a crash never sees half a file.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = [_round(p) for p in predictions]  # metrics see exactly what is written
@@ -344,13 +348,12 @@ def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Seque
     metrics = _round({"protocol": protocol.name, "overall": overall,
                       "breakdown": _breakdowns(protocol, records, rows),
                       "answered_by": dict(Counter(p["mode"] for p in predictions))})
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for p in predictions:
-            f.write(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n")
-    (out / "metrics.json").write_text(_dump(metrics), encoding="utf-8")
-    (out / "manifest.json").write_text(_dump(manifest), encoding="utf-8")
+    atomic_write(out / "predictions.jsonl",
+                 "".join(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n" for p in predictions))
+    atomic_write(out / "metrics.json", _dump(metrics))
+    atomic_write(out / "manifest.json", _dump(manifest))
     written = _plots(out, protocol, predictions, rows, metrics["breakdown"]) if plots else []
-    (out / "report.md").write_text(_report(protocol, metrics, manifest, written), encoding="utf-8")
+    atomic_write(out / "report.md", _report(protocol, metrics, manifest, written))
     return metrics
 
 

@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..fileio import atomic_write
 from .protocols import answer_type_of, get_protocol
 from .runner import _dump, _md_table, evaluate
 
@@ -158,12 +159,11 @@ def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64,
     summary = _summary(runs, sizes, metric)
     table = {"protocol": prot.name, "metric": metric, "recipe": str(recipe_path), "sets": list(sets),
              "runs": runs, "summary": summary}
-    (out / "sweep.json").write_text(_dump(table), encoding="utf-8")
+    atomic_write(out / "sweep.json", _dump(table))
     rows = [[str(s["size"]), str(s["n_train"]), str(s["seeds"]), s["mean"], s["std"], s["min"], s["max"]]
             for s in summary]
-    (out / "sweep.md").write_text(
-        f"# Data-efficiency sweep: `{metric}` ({prot.name})\n\nRecipe: `{recipe_path}`\n\n"
-        + _md_table(["train size", "examples", "seeds", "mean", "std", "min", "max"], rows)
-        + "\n\n![learning curve](learning_curve.png)\n", encoding="utf-8")
+    atomic_write(out / "sweep.md", f"# Data-efficiency sweep: `{metric}` ({prot.name})\n\nRecipe: `{recipe_path}`\n\n"
+                 + _md_table(["train size", "examples", "seeds", "mean", "std", "min", "max"], rows)
+                 + "\n\n![learning curve](learning_curve.png)\n")
     plot_learning_curve(summary, metric, out / "learning_curve.png")
     return json.loads(_dump(table))

@@ -16,8 +16,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -224,11 +222,9 @@ def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str
     """Adapter (+ trainer_state/) into a temporary sibling, then renamed over `folder`: all or nothing."""
     from safetensors.torch import save_file
 
-    from ..adapter_io import replace_dir
+    from ..fileio import atomic_dir
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, card=card)
         if trainer_state is not None:
             state_dir = tmp / STATE_DIR
@@ -239,10 +235,6 @@ def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str
                 save_file(tensors, str(state_dir / "optimizer.safetensors"))
             payload = {**trainer_state, "optimizer": rest}
             (state_dir / "state.json").write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
