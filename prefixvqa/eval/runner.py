@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, atomic_write_with
 from .protocols import (METRIC_LABELS, Protocol, answer_type_of, candidates_for, compute_metrics, get_protocol,
                         item_scores)
 
@@ -261,25 +261,31 @@ def _report(protocol: Protocol, metrics: Mapping[str, Any], manifest: Mapping[st
     return "\n".join(parts) + "\n"
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    """Tight layout, then a PNG written atomically, without the matplotlib version in its metadata (stable bytes)."""
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, metadata={"Software": None}))
+
+
 def _plots(out: Path, protocol: Protocol, predictions: Sequence[Mapping[str, Any]],
            rows: Sequence[Mapping[str, float]], breakdown: Mapping[str, Any]) -> list[str]:
-    """Write the PNGs that apply to this result; returns their file names (relative to ``out``)."""
-    import matplotlib
+    """Write the PNGs that apply to this result; returns their file names (relative to ``out``).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Figures are made with ``matplotlib.figure.Figure``, not pyplot: a library must not switch the caller's backend
+    or keep figures alive in pyplot's registry.
+    """
+    from matplotlib.figure import Figure
 
     written: list[str] = []
 
     def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100, metadata={"Software": None})
-        plt.close(fig)
+        _save_png(fig, out / name)
         written.append(name)
 
     groups = [(title, breakdown[f]) for f, title in BREAKDOWN_FIELDS[:3] if breakdown.get(f)]
     if groups:
-        fig, axes = plt.subplots(1, len(groups), figsize=(4 + 2 * len(groups), 3.5), squeeze=False)
+        fig = Figure(figsize=(4 + 2 * len(groups), 3.5))
+        axes = fig.subplots(1, len(groups), squeeze=False)
         for ax, (title, table) in zip(axes[0], groups):
             labels = list(table)
             ax.bar(range(len(labels)), [table[k].get(protocol.primary, 0.0) for k in labels], color="tab:blue")
@@ -300,7 +306,8 @@ def _plots(out: Path, protocol: Protocol, predictions: Sequence[Mapping[str, Any
         grid = [[0] * len(labels) for _ in labels]
         for gold, pred in closed:
             grid[index.get(gold, len(common))][index.get(pred, len(common))] += 1
-        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1 + 0.6 * len(labels)))
+        fig = Figure(figsize=(1.2 + 0.6 * len(labels), 1 + 0.6 * len(labels)))
+        ax = fig.subplots()
         ax.imshow(grid, cmap="Blues")
         for r, line in enumerate(grid):
             for c, count in enumerate(line):
@@ -315,7 +322,8 @@ def _plots(out: Path, protocol: Protocol, predictions: Sequence[Mapping[str, Any
     conf = [(p["confidence"], row.get(protocol.primary, 0.0) >= 0.5) for p, row in zip(predictions, rows)
             if p.get("confidence") is not None]
     if conf:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = Figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         bins = [i / 20 for i in range(21)]
         ax.hist([c for c, ok in conf if ok], bins=bins, alpha=0.6, label="correct", color="tab:green")
         ax.hist([c for c, ok in conf if not ok], bins=bins, alpha=0.6, label="wrong", color="tab:red")

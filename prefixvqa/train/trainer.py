@@ -306,18 +306,19 @@ class _Logger:
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Train loss per logged step and eval metric per epoch, as a PNG (matplotlib Agg, imported lazily)."""
-    try:
-        import matplotlib
+    """Train loss per logged step and eval metric per epoch, as a PNG (matplotlib imported lazily).
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Drawn on a ``matplotlib.figure.Figure`` without pyplot, so the caller's matplotlib backend is left alone.
+    """
+    try:
+        from matplotlib.figure import Figure
     except ImportError:
         warnings.warn("matplotlib is not installed: no loss.png", stacklevel=2)
         return
     train = [(r["step"], r["loss"]) for r in history if r.get("kind") == "train"]
     evals = [(r["step"], r["value"]) for r in history if r.get("kind") == "eval"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -326,7 +327,6 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _make_accelerator(cfg: TrainConfig):
