@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import DEFAULT_LORA_TARGETS, ConfigError, DecoderConfig, TuningConfig
 from .fileio import atomic_dir, package_file
+from .rng import seeded
 from .vision import ModelNotAvailableError, hub_offline, require_hub_file
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,7 @@ def load_decoder(cfg: DecoderConfig) -> tuple[nn.Module, Any]:
         tokenizer = AutoTokenizer.from_pretrained(tok_source, revision=None if cfg.tokenizer else cfg.revision)
         if cfg.model_config is not None:
             config = AutoConfig.for_model(**cfg.model_config)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.init_seed)
+            with seeded(cfg.init_seed):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:
             kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": dtype}

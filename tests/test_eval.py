@@ -166,6 +166,19 @@ def test_report_protocol_and_pmc_gold_letters():
     assert sorted(P.list_protocols()) == ["llava_med", "med_flamingo", "pmc_vqa", "prefix_vqa", "report"]
 
 
+def test_evaluate_leaves_the_callers_rng_alone(trained, tmp_path):
+    model, _, records, _ = trained
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    evaluate(model, records, "prefix_vqa", tmp_path / "a", closed_mode="generate", max_new_tokens=4, do_sample=True,
+             progress=False, plots=False)
+    assert torch.equal(torch.get_rng_state(), before)  # evaluate seeds its own block, not the caller's generator
+    torch.manual_seed(456)  # and the caller's state does not leak in: sampling reproduces from `seed` alone
+    evaluate(model, records, "prefix_vqa", tmp_path / "b", closed_mode="generate", max_new_tokens=4, do_sample=True,
+             progress=False, plots=False)
+    assert (tmp_path / "a" / "predictions.jsonl").read_bytes() == (tmp_path / "b" / "predictions.jsonl").read_bytes()
+
+
 def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
     from prefixvqa.eval.runner import _plots

@@ -373,10 +373,11 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
     """Answer ``records`` with ``model`` under ``protocol``, write the result folder, return the overall metrics.
 
     ``closed_mode`` overrides the protocol's way of answering closed questions ("score": rank candidates with
-    ``model.score_choices``; "generate": free generation). Generation settings are recorded in the manifest; with
-    ``do_sample`` the torch seed is fixed to ``seed`` so a rerun reproduces it.
+    ``model.score_choices``; "generate": free generation). Generation settings are recorded in the manifest; answering
+    runs under torch seed ``seed`` (so a rerun with ``do_sample`` reproduces it), and the caller's torch random state
+    is restored afterwards.
     """
-    import torch
+    from ..rng import seeded
 
     protocol = get_protocol(protocol)
     records = list(records)
@@ -387,8 +388,8 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
     generation = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": do_sample,
                   **(generation_kwargs or {})}
     plan = plan_items(records, protocol, closed_mode)
-    torch.manual_seed(seed)
-    predictions = _predict(model, records, plan, batch_size, generation, progress)
+    with seeded(seed):
+        predictions = _predict(model, records, plan, batch_size, generation, progress)
     run = {"closed_mode": closed_mode or protocol.closed_mode, "batch_size": batch_size, "generation": generation,
            "seed": seed}
     manifest = _manifest(model, records, protocol, run, data_spec, adapter_path)
