@@ -179,6 +179,23 @@ def test_evaluate_leaves_the_callers_rng_alone(trained, tmp_path):
     assert (tmp_path / "a" / "predictions.jsonl").read_bytes() == (tmp_path / "b" / "predictions.jsonl").read_bytes()
 
 
+def test_report_protocol_writes_the_bleu_signature(trained, tmp_path):
+    sacrebleu = pytest.importorskip("sacrebleu")
+    model, _, records, _ = trained
+    protocol = P.get_protocol("report", n_resamples=20)
+    for name in ("a", "b"):
+        metrics = evaluate(model, records, protocol, tmp_path / name, max_new_tokens=4, progress=False, plots=False)
+    signature = json.loads((tmp_path / "a" / "metrics.json").read_text())["overall"]["bleu_signature"]
+    assert signature == metrics["bleu_signature"]
+    assert signature.startswith("nrefs:1|case:mixed|eff:no|tok:none|smooth:none|")
+    assert f"version:{sacrebleu.__version__}" in signature and signature.endswith("|pretok:prefixvqa.word_tokens")
+    assert f"`{signature}`" in (tmp_path / "a" / "report.md").read_text()
+    # a string among the numbers stays out of the numeric tables
+    table = compare([tmp_path / "a", tmp_path / "b"])
+    assert "bleu_signature" not in table and "| bleu4 |" in table
+    assert "| `bleu_signature`" not in (tmp_path / "a" / "report.md").read_text()
+
+
 def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
     from prefixvqa.eval.runner import _plots

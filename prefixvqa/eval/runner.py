@@ -248,6 +248,8 @@ def _report(protocol: Protocol, metrics: Mapping[str, Any], manifest: Mapping[st
                  f"{k} ({v})" for k, v in sorted(metrics.get("answered_by", {}).items())) + ".", "",
              "## Overall", "",
              _md_table(["metric", "meaning", "value", "95% CI", "n"], _overall_rows(metrics["overall"]))]
+    if metrics["overall"].get("bleu_signature"):
+        parts += ["", f"BLEU signature (sacrebleu): `{metrics['overall']['bleu_signature']}`"]
     for field, title in BREAKDOWN_FIELDS:
         table = metrics["breakdown"].get(field)
         if not table:
