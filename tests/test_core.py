@@ -304,3 +304,14 @@ def test_loss_equals_a_hand_built_transformers_loss(tiny_decoders, family):
         peer = model.decoder(inputs_embeds=embeds, attention_mask=mask, labels=lab).loss
         ours = model(**model.processor(images, questions, answers)).loss
     torch.testing.assert_close(ours, peer)
+
+
+def test_build_decoder_is_seeded_without_touching_the_global_rng(tiny_decoders, tmp_path):
+    from prefixvqa.testing import build_decoder
+
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    again = build_decoder(tmp_path / "gpt2", "gpt2")
+    assert torch.equal(torch.get_rng_state(), before)
+    # same seed, same weights (build_decoder no longer reseeds the caller's generator to get them)
+    assert (again / "model.safetensors").read_bytes() == (tiny_decoders["gpt2"] / "model.safetensors").read_bytes()

@@ -17,8 +17,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -229,11 +227,9 @@ def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str
     """Adapter (+ trainer_state/) into a temporary sibling, then renamed over `folder`: all or nothing."""
     from safetensors.torch import save_file
 
-    from ..adapter_io import replace_dir
+    from ..fileio import atomic_dir
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, card=card)
         if trainer_state is not None:
             state_dir = tmp / STATE_DIR
@@ -244,10 +240,6 @@ def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str
                 save_file(tensors, str(state_dir / "optimizer.safetensors"))
             payload = {**trainer_state, "optimizer": rest}
             (state_dir / "state.json").write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -315,18 +307,19 @@ class _Logger:
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Train loss per logged step and eval metric per epoch, as a PNG (matplotlib Agg, imported lazily)."""
-    try:
-        import matplotlib
+    """Train loss per logged step and eval metric per epoch, as a PNG (matplotlib imported lazily).
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Drawn on a ``matplotlib.figure.Figure`` without pyplot, so the caller's matplotlib backend is left alone.
+    """
+    try:
+        from matplotlib.figure import Figure
     except ImportError:
         warnings.warn("matplotlib is not installed: no loss.png", stacklevel=2)
         return
     train = [(r["step"], r["loss"]) for r in history if r.get("kind") == "train"]
     evals = [(r["step"], r["value"]) for r in history if r.get("kind") == "eval"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -335,7 +328,6 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _make_accelerator(cfg: TrainConfig):
