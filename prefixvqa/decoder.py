@@ -17,7 +17,7 @@ from torch import nn
 from .config import DEFAULT_LORA_TARGETS, ConfigError, DecoderConfig, TuningConfig
 from .fileio import atomic_dir, package_file
 from .rng import seeded
-from .vision import ModelNotAvailableError, hub_offline, require_hub_file
+from .vision import ModelNotAvailableError, require_hub_file
 
 log = logging.getLogger(__name__)
 

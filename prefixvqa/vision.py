@@ -5,13 +5,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -42,33 +40,6 @@ def require_hub_file(repo_id: str, filename: str, what: str, revision: str | Non
             f"{what} needs the hub repo '{repo_id}' ({filename}), which is not in the local Hugging Face cache and "
             f"HF_HUB_OFFLINE=1 forbids downloading it. Download it on a connected machine "
             f"(`huggingface-cli download {repo_id}`) or point the config at a local copy.")
-
-
-def to_rgb(image: Any) -> Any:
-    """A PIL image in 8-bit RGB. 16-bit and float grayscale are min-max scaled, not clipped to 255."""
-    from PIL import Image
-
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        image = Image.fromarray(arr.round().astype(np.uint8), mode="L")
-    return image.convert("RGB")
-
-
-def as_pil(item: Any) -> Any:
-    """Accept a PIL image, a path or encoded bytes (DICOM, NIfTI, PNG, 16-bit TIFF ...) and return 8-bit RGB."""
-    from PIL import Image
-
-    if isinstance(item, Image.Image):
-        return to_rgb(item)
-    if isinstance(item, (str, Path, bytes)):
-        from .data.images import load_image
-
-        return load_image(item)
-    raise TypeError(f"unsupported image input {type(item).__name__}: pass a PIL image, a path or bytes")
 
 
 class VisionEncoder(nn.Module):
@@ -179,10 +150,6 @@ class VisionEncoder(nn.Module):
                 x = _sdpa_block(block, x)
         return x if self.cfg.keep_cls else x[:, 1:]
 
-    def pixels(self, images: Sequence[Any]) -> torch.Tensor:
-        """open_clip's own eval transform on each image -> (B, 3, H, W)."""
-        return torch.stack([self.preprocess(as_pil(im)) for im in images])
-
     @torch.no_grad()
     def output_shape(self) -> tuple[int, int]:
         """(N, D) of one image's features, from one dry run (works for any tower open_clip builds)."""
@@ -197,9 +164,6 @@ class VisionEncoder(nn.Module):
         size = getattr(self.visual, "image_size", 224)
         return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
-    def preprocess_fingerprint(self) -> str:
-        """Identifies the preprocessing so a feature cache built with another transform is never reused."""
-        return hashlib.sha256(repr(self.preprocess).encode()).hexdigest()[:16]
 
 
 def _is_plain_vit(visual: nn.Module) -> bool:

@@ -53,7 +53,7 @@ class FeatureCache:
 
     @classmethod
     def for_model(cls, model: MedVQAAdapter, root: str | Path) -> FeatureCache:
-        return cls(root, model.base_fingerprints["encoder"], model.encoder.preprocess_fingerprint())
+        return cls(root, model.base_fingerprints["encoder"], model.processor.transform_fingerprint())
 
     # --- keys -------------------------------------------------------------------------------------------------------
     def content_hash(self, ref: Any) -> str:
