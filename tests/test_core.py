@@ -315,3 +315,16 @@ def test_build_decoder_is_seeded_without_touching_the_global_rng(tiny_decoders, 
     assert torch.equal(torch.get_rng_state(), before)
     # same seed, same weights (build_decoder no longer reseeds the caller's generator to get them)
     assert (again / "model.safetensors").read_bytes() == (tiny_decoders["gpt2"] / "model.safetensors").read_bytes()
+
+
+def test_frozen_decoder_runs_without_dropout_in_training(tiny_decoders):
+    model = MedVQAAdapter(make_config(tiny_decoders["gpt2"], "linear", "frozen",
+                                      decoder={"model_config": None})).train()
+    model.decoder.config.resid_pdrop = 0.5
+    for module in model.decoder.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    model.train()
+    batch = model.processor(IMAGES, QUESTIONS, ANSWERS)
+    assert not model.decoder.training and model.mapper.training
+    assert float(model(**batch).loss) == float(model(**batch).loss)  # no dropout in the frozen decoder
