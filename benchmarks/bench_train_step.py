@@ -40,7 +40,7 @@ def main() -> None:
 
     def ours() -> float:
         with amp():
-            return model(None, questions, answers, features=feats).loss
+            return model(**model.processor(None, questions, answers), features=feats).loss
 
     def peer() -> float:
         with amp():

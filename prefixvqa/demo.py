@@ -8,7 +8,6 @@ items, saves the adapter under `checkpoints/`, and prints sample answers.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import logging
 import random
@@ -30,16 +29,16 @@ def dicom_records(views: int = 6, size: int = 64, seed: int = 0) -> list[VQAReco
     from PIL import Image
 
     from .data.images import load_image
+    from .fileio import package_file
     from .vision import ModelNotAvailableError
 
-    spec = importlib.util.find_spec("data_store")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError("the demo needs real DICOM files: pip install --no-deps pydicom-data")
+    folder = package_file("data_store", "data", "pip install --no-deps pydicom-data",
+                          purpose="the demo (real DICOM files)", error=ModelNotAvailableError)
     import pydicom
 
     rng = random.Random(seed)
     records = []
-    for path in sorted(Path(spec.submodule_search_locations[0], "data").glob("*.dcm")):
+    for path in sorted(folder.glob("*.dcm")):
         try:
             modality = str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", ""))
             image = load_image(path)

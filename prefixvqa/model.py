@@ -453,8 +453,9 @@ class MedVQAAdapter(nn.Module):
 
     def train(self, mode: bool = True) -> "MedVQAAdapter":
         super().train(mode)
-        if not any(p.requires_grad for p in self.encoder.parameters()):
-            self.encoder.eval()  # a frozen encoder keeps dropout/batch-norm in inference behaviour
+        for part in (self.encoder, self.decoder):  # frozen parts keep dropout/batch-norm in inference behaviour
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
         return self
 
     def parameter_report(self) -> dict[str, dict[str, int]]:

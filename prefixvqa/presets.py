@@ -8,22 +8,21 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 from .config import AdapterConfig, ConfigError
+from .fileio import package_file
 
 
 def preset_dir() -> Path:
     """`prefixvqa.presets_data` when installed; the repository's `adapters/` folder in a source checkout."""
     try:
-        spec = importlib.util.find_spec("prefixvqa.presets_data")
-    except ModuleNotFoundError:
-        spec = None
-    for location in (spec.submodule_search_locations or []) if spec else []:  # a namespace package: no __init__
-        if any(Path(location).glob("*.json")):
-            return Path(location)
+        folder = package_file("prefixvqa.presets_data")
+    except FileNotFoundError:  # a source checkout: the data package exists only once installed
+        folder = None
+    if folder is not None and any(folder.glob("*.json")):
+        return folder
     return Path(__file__).resolve().parent.parent / "adapters"
 
 

@@ -53,16 +53,21 @@ def build_tokenizer(folder: str | Path, vocab_size: int = 400) -> Any:
 
 
 def build_decoder(folder: str | Path, family: str, seed: int = 0) -> Path:
-    """Save a tiny random causal LM of `family` with the tiny tokenizer into `folder` (a real local model folder)."""
-    import torch
+    """Save a tiny random causal LM of `family` with the tiny tokenizer into `folder` (a real local model folder).
+
+    The weights depend only on `seed`; the caller's torch random state is left as it was.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .rng import seeded
 
     folder = Path(folder)
     tok = build_tokenizer(folder)
     cfg = AutoConfig.for_model(**{**TINY_DECODERS[family], "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
                                   "eos_token_id": tok.eos_token_id})
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
+    with seeded(seed):
+        model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(str(folder))
     return folder
 
 

@@ -5,15 +5,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import EncoderConfig
 
@@ -42,42 +42,26 @@ def require_hub_file(repo_id: str, filename: str, what: str, revision: str | Non
             f"(`huggingface-cli download {repo_id}`) or point the config at a local copy.")
 
 
-def to_rgb(image: Any) -> Any:
-    """A PIL image in 8-bit RGB. 16-bit and float grayscale are min-max scaled, not clipped to 255."""
-    from PIL import Image
-
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        image = Image.fromarray(arr.round().astype(np.uint8), mode="L")
-    return image.convert("RGB")
-
-
-def as_pil(item: Any) -> Any:
-    """Accept a PIL image, a path or encoded bytes (DICOM, NIfTI, PNG, 16-bit TIFF ...) and return 8-bit RGB."""
-    from PIL import Image
-
-    if isinstance(item, Image.Image):
-        return to_rgb(item)
-    if isinstance(item, (str, Path, bytes)):
-        from .data.images import load_image
-
-        return load_image(item)
-    raise TypeError(f"unsupported image input {type(item).__name__}: pass a PIL image, a path or bytes")
-
-
 class VisionEncoder(nn.Module):
-    """Wraps an open_clip image tower; returns (B, 1, D) pooled or (B, N, D) patch tokens from `cfg.layer`."""
+    """Wraps an open_clip image tower; returns (B, 1, D) pooled or (B, N, D) patch tokens from `cfg.layer`.
+
+    Speed paths (features are unchanged, see tests/test_vision_speed_path.py):
+    - patch features from an intermediate block run only the blocks up to that one;
+    - a tower that needs no grad (frozen, or grad disabled) runs outside autocast in its own parameter dtype, so
+      nn.MultiheadAttention keeps its fused kernel (under CPU autocast it falls back to a path several times
+      slower); `to_compute_dtype(torch.bfloat16)` casts a frozen tower's weights for bf16 runs;
+    - a plain open_clip ViT that trains runs its blocks with F.scaled_dot_product_attention on batch-first q/k/v
+      (the same numbers as nn.MultiheadAttention's own slow path, without its transposes).
+    """
 
     def __init__(self, visual: nn.Module, preprocess: Callable[[Any], torch.Tensor], cfg: EncoderConfig):
         super().__init__()
         self.visual, self.preprocess, self.cfg = visual, preprocess, cfg
+        self._plain_vit, self._stop_early = _is_plain_vit(visual), _stop_early_flag(visual)
 
     @classmethod
-    def from_config(cls, cfg: EncoderConfig) -> "VisionEncoder":
+    def from_config(cls, cfg: EncoderConfig, dtype: torch.dtype | str | None = None) -> "VisionEncoder":
+        """Build the tower; `dtype` (e.g. torch.bfloat16) casts a frozen one (cfg.freeze) for that compute dtype."""
         import open_clip
 
         check_encoder_available(cfg)
@@ -94,23 +78,77 @@ class VisionEncoder(nn.Module):
                                              f"pretrained={cfg.pretrained!r}: {exc}") from exc
         visual = model.visual
         del model  # the text tower is never used
-        return cls(visual, preprocess, cfg)
+        encoder = cls(visual, preprocess, cfg)
+        if dtype is not None:
+            if cfg.freeze:
+                visual.requires_grad_(False)
+            encoder.to_compute_dtype(dtype)
+        return encoder
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the tower's floating-point weights (what its frozen path computes in)."""
+        return next((p.dtype for p in self.visual.parameters() if p.dtype.is_floating_point), torch.float32)
+
+    def to_compute_dtype(self, dtype: torch.dtype | str) -> "VisionEncoder":
+        """Cast a frozen tower's weights to `dtype` (bf16 runs: half the memory, faster matmuls); returns self.
+
+        A tower that trains (cfg.freeze False, or any parameter requiring grad) keeps float32 master weights and
+        is left as it is: autocast handles its compute. Casting back to float32 is always allowed (do that before
+        unfreezing a tower that was cast).
+        """
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"to_compute_dtype needs a floating-point torch dtype, got {dtype!r}")
+        trains = not self.cfg.freeze or any(p.requires_grad for p in self.visual.parameters())
+        if trains and dtype != torch.float32:
+            log.info("encoder trains: keeping float32 weights instead of casting to %s", dtype)
+            return self
+        self.visual.to(dtype)
+        return self
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, N, D)
+        """Features of a batch; float32 when no grad is needed (frozen tower or grad disabled)."""
+        if self._needs_grad(pixels):
+            return self._features(pixels, trains=True)
+        # Autocast off: nn.MultiheadAttention's fused inference kernel refuses to run under autocast.
+        with torch.autocast(pixels.device.type, enabled=False):
+            return self._features(pixels.to(self.compute_dtype), trains=False).float()
+
+    def _needs_grad(self, pixels: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return pixels.requires_grad or any(p.requires_grad for p in self.visual.parameters())
+
+    def _features(self, pixels: torch.Tensor, trains: bool) -> torch.Tensor:
         if self.cfg.features == "pooled":
             return self.visual(pixels).unsqueeze(1)  # (B, 1, D)
+        if trains and self._plain_vit:
+            return self._vit_tokens_sdpa(pixels)
         # NCHW is the one layout every open_clip tower (ViT, ModifiedResNet, timm) can return; a conv grid becomes
         # h*w tokens in row-major order, the same order a ViT's NLC output has.
         out = self.visual.forward_intermediates(pixels, indices=[self.cfg.layer], intermediates_only=True,
-                                                output_fmt="NCHW", output_extra_tokens=self.cfg.keep_cls)
+                                                stop_early=self._stop_early, output_fmt="NCHW",
+                                                output_extra_tokens=self.cfg.keep_cls)
         tokens = out["image_intermediates"][0].flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
         if self.cfg.keep_cls and out.get("image_intermediates_prefix"):
             tokens = torch.cat([out["image_intermediates_prefix"][0], tokens], dim=1)
         return tokens
 
-    def pixels(self, images: Sequence[Any]) -> torch.Tensor:
-        """open_clip's own eval transform on each image -> (B, 3, H, W)."""
-        return torch.stack([self.preprocess(as_pil(im)) for im in images])
+    def _vit_tokens_sdpa(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (with the class token first when keep_cls) of a plain ViT, run up to block `cfg.layer`."""
+        transformer = self.visual.transformer
+        blocks = transformer.resblocks
+        last = self.cfg.layer + len(blocks) if self.cfg.layer < 0 else self.cfg.layer
+        if not 0 <= last < len(blocks):
+            raise IndexError(f"encoder.layer={self.cfg.layer} is out of range for a tower of {len(blocks)} blocks")
+        x = self.visual._embeds(pixels)  # (B, 1 + N, D): class token, then patches
+        for block in blocks[:last + 1]:
+            if transformer.grad_checkpointing:
+                x = checkpoint(_sdpa_block, block, x, use_reentrant=False)
+            else:
+                x = _sdpa_block(block, x)
+        return x if self.cfg.keep_cls else x[:, 1:]
 
     @torch.no_grad()
     def output_shape(self) -> tuple[int, int]:
@@ -126,9 +164,47 @@ class VisionEncoder(nn.Module):
         size = getattr(self.visual, "image_size", 224)
         return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
-    def preprocess_fingerprint(self) -> str:
-        """Identifies the preprocessing so a feature cache built with another transform is never reused."""
-        return hashlib.sha256(repr(self.preprocess).encode()).hexdigest()[:16]
+
+
+def _is_plain_vit(visual: nn.Module) -> bool:
+    """An open_clip VisionTransformer of default blocks with batch-first self-attention (what _sdpa_block runs)."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    if type(visual) is not VisionTransformer or not visual.transformer.batch_first or not hasattr(visual, "_embeds"):
+        return False  # _embeds: open_clip's patch, class and position embedding step, reused below
+    for block in visual.transformer.resblocks:
+        attn = block.attn
+        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv") or not attn.batch_first:
+            return False
+        if not attn._qkv_same_embed_dim or attn.in_proj_bias is None or attn.bias_k is not None or attn.add_zero_attn:
+            return False
+    return True
+
+
+def _sdpa_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One open_clip ResidualAttentionBlock on (B, L, D) with scaled_dot_product_attention for its self-attention."""
+    x = x + block.ls_1(_sdpa_self_attention(block.attn, block.ln_1(x)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _sdpa_self_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """nn.MultiheadAttention(x, x, x) without a mask, from its own weights, on batch-first (B, L, D)."""
+    batch, length, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3D)
+    q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D/H)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if attn.training else 0.0)
+    return F.linear(out.transpose(1, 2).reshape(batch, length, width), attn.out_proj.weight, attn.out_proj.bias)
+
+
+def _stop_early_flag(visual: nn.Module) -> bool:
+    """forward_intermediates' `stop_early` value that skips the blocks after the one read.
+
+    open_clip 3.3.0's ModifiedResNet inverts the flag: it truncates its stages when stop_early is False.
+    """
+    from open_clip.modified_resnet import ModifiedResNet
+
+    return not isinstance(visual, ModifiedResNet)
 
 
 def check_encoder_available(cfg: EncoderConfig) -> None:

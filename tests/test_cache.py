@@ -68,7 +68,7 @@ def test_encoder_or_preprocessing_change_invalidates(work):
     stats = cache_features(model, records, work / "cf", batch_size=2)
     assert stats["images"] == 3 and stats["cached"] == 3 and stats["failed"] == []
     assert cache_features(model, records, work / "cf", batch_size=2)["reused"] == 3
-    enc, pre = model.base_fingerprints["encoder"], model.encoder.preprocess_fingerprint()
+    enc, pre = model.base_fingerprints["encoder"], model.processor.transform_fingerprint()
     same = FeatureCache(work / "cf", enc, pre)
     key = same.key(records[0])
     assert same.get(key) is not None and same.get(key).shape == (1, 32)

@@ -30,6 +30,44 @@ def make_config(folder, mapper="mlp", mode="lora", **extra) -> AdapterConfig:
     return AdapterConfig.from_dict(cfg)
 
 
+def separate_loglik(model, image, question, choices) -> list[float]:
+    """Mean log-probability of each candidate's answer tokens from its own full forward (the unshared reference)."""
+    out = []
+    for choice in choices:
+        batch = model.processor([image], [question], [choice])
+        logp = model(**batch, full_logits=True).logits[:, :-1].float().log_softmax(-1)
+        labels = batch["labels"][:, 1:]
+        picked = logp[labels != -100].gather(-1, labels[labels != -100][:, None])
+        out.append(float(picked.mean()))
+    return out
+
+
+def check_inference_paths(model) -> None:
+    """Shared-prompt scoring equals separate scoring; batched (left-padded) answers equal one-by-one answers; one image
+    asked several questions (its prefix KV computed once) gives the answers of asking one by one."""
+    choices = [["yes", "no"], ["left", "right", "both lungs"]]
+    shared = model.score_choices(IMAGES, QUESTIONS, choices, return_loglik=True)
+    for got, image, question, options in zip(shared, IMAGES, QUESTIONS, choices):
+        assert np.allclose(got, separate_loglik(model, image, question, options), atol=1e-5)
+    batched = model.answer(IMAGES, QUESTIONS, max_new_tokens=4)
+    single = [model.answer([im], [q], max_new_tokens=4)[0] for im, q in zip(IMAGES, QUESTIONS)]
+    assert [a.text for a in batched] == [a.text for a in single]
+    assert all(abs(a.score - b.score) < 1e-4 and a.num_tokens == b.num_tokens for a, b in zip(batched, single))
+    heads = []
+    original = model._shared_head
+    model._shared_head = lambda *a: heads.append(original(*a)) or heads[-1]
+    try:
+        reused = model.answer([IMAGES[0]] * 2, QUESTIONS, max_new_tokens=4)
+    finally:
+        del model._shared_head
+    alone = [model.answer([IMAGES[0]], [q], max_new_tokens=4)[0] for q in QUESTIONS]
+    assert [a.text for a in reused] == [a.text for a in alone]
+    assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(reused, alone))
+    sharing = model.config.tuning.mode not in ("prompt_tuning", "prefix_tuning") and \
+        model.config.template.name == "plain"
+    assert (heads[0] is not None) == sharing  # the shared-head path really ran where it applies
+
+
 def perturb_trainable(model) -> None:
     """Move every trainable tensor off its init (LoRA B starts at zero) so a failed load would show."""
     with torch.no_grad():
@@ -62,6 +100,14 @@ def test_adapter_table(tiny_decoders, tmp_path, mapper, family, mode):
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
     assert all(p.grad is None for p in model.encoder.parameters())
+
+    # the loss computed at supervised positions only equals the loss over full logits
+    model.eval()
+    batch = model.processor(IMAGES, QUESTIONS, ANSWERS)
+    with torch.no_grad():
+            assert abs(float(model(**batch).loss) - float(model(**batch, full_logits=True).loss)) < 1e-5
+    check_inference_paths(model)
+    model.train()
 
     # inference
     answers = model.answer(IMAGES, QUESTIONS, max_new_tokens=3)
@@ -258,3 +304,27 @@ def test_loss_equals_a_hand_built_transformers_loss(tiny_decoders, family):
         peer = model.decoder(inputs_embeds=embeds, attention_mask=mask, labels=lab).loss
         ours = model(**model.processor(images, questions, answers)).loss
     torch.testing.assert_close(ours, peer)
+
+
+def test_build_decoder_is_seeded_without_touching_the_global_rng(tiny_decoders, tmp_path):
+    from prefixvqa.testing import build_decoder
+
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    again = build_decoder(tmp_path / "gpt2", "gpt2")
+    assert torch.equal(torch.get_rng_state(), before)
+    # same seed, same weights (build_decoder no longer reseeds the caller's generator to get them)
+    assert (again / "model.safetensors").read_bytes() == (tiny_decoders["gpt2"] / "model.safetensors").read_bytes()
+
+
+def test_frozen_decoder_runs_without_dropout_in_training(tiny_decoders):
+    model = MedVQAAdapter(make_config(tiny_decoders["gpt2"], "linear", "frozen",
+                                      decoder={"model_config": None})).train()
+    model.decoder.config.resid_pdrop = 0.5
+    for module in model.decoder.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    model.train()
+    batch = model.processor(IMAGES, QUESTIONS, ANSWERS)
+    assert not model.decoder.training and model.mapper.training
+    assert float(model(**batch).loss) == float(model(**batch).loss)  # no dropout in the frozen decoder

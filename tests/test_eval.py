@@ -164,3 +164,60 @@ def test_report_protocol_and_pmc_gold_letters():
     assert P.gold_choice_index(VQARecord("y", None, "q", "cow", None, ["A: cat", "B: dog", "C: cow"])) == 2
     assert P.candidates_for(VQARecord("z", None, "left or right?", "left", "closed")) is None
     assert sorted(P.list_protocols()) == ["llava_med", "med_flamingo", "pmc_vqa", "prefix_vqa", "report"]
+
+
+def test_evaluate_leaves_the_callers_rng_alone(trained, tmp_path):
+    model, _, records, _ = trained
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    evaluate(model, records, "prefix_vqa", tmp_path / "a", closed_mode="generate", max_new_tokens=4, do_sample=True,
+             progress=False, plots=False)
+    assert torch.equal(torch.get_rng_state(), before)  # evaluate seeds its own block, not the caller's generator
+    torch.manual_seed(456)  # and the caller's state does not leak in: sampling reproduces from `seed` alone
+    evaluate(model, records, "prefix_vqa", tmp_path / "b", closed_mode="generate", max_new_tokens=4, do_sample=True,
+             progress=False, plots=False)
+    assert (tmp_path / "a" / "predictions.jsonl").read_bytes() == (tmp_path / "b" / "predictions.jsonl").read_bytes()
+
+
+def test_report_protocol_writes_the_bleu_signature(trained, tmp_path):
+    sacrebleu = pytest.importorskip("sacrebleu")
+    model, _, records, _ = trained
+    protocol = P.get_protocol("report", n_resamples=20)
+    for name in ("a", "b"):
+        metrics = evaluate(model, records, protocol, tmp_path / name, max_new_tokens=4, progress=False, plots=False)
+    signature = json.loads((tmp_path / "a" / "metrics.json").read_text())["overall"]["bleu_signature"]
+    assert signature == metrics["bleu_signature"]
+    assert signature.startswith("nrefs:1|case:mixed|eff:no|tok:none|smooth:none|")
+    assert f"version:{sacrebleu.__version__}" in signature and signature.endswith("|pretok:prefixvqa.word_tokens")
+    assert f"`{signature}`" in (tmp_path / "a" / "report.md").read_text()
+    # a string among the numbers stays out of the numeric tables
+    table = compare([tmp_path / "a", tmp_path / "b"])
+    assert "bleu_signature" not in table and "| bleu4 |" in table
+    assert "| `bleu_signature`" not in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    from prefixvqa.eval.runner import _plots
+    from prefixvqa.eval.sweep import plot_learning_curve
+    from prefixvqa.train.trainer import plot_history
+
+    original = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        predictions = [{"gold": "yes", "prediction": "no", "answer_type": "closed", "confidence": 0.7},
+                       {"gold": "lung", "prediction": "lung", "answer_type": "open", "confidence": 0.9}]
+        rows = [{"exact_match": 0.0}, {"exact_match": 1.0}]
+        breakdown = {"answer_type": {"closed": {"n": 1, "exact_match": 0.0}, "open": {"n": 1, "exact_match": 1.0}}}
+        written = _plots(tmp_path, P.get_protocol("prefix_vqa"), predictions, rows, breakdown)
+        summary = [{"n_train": n, "mean": 0.5, "min": 0.4, "max": 0.6, "std": 0.1} for n in (4, 16)]
+        plot_learning_curve(summary, "exact_match", tmp_path / "curve.png")
+        plot_history([{"kind": "train", "step": 1, "loss": 2.0}, {"kind": "eval", "step": 1, "value": 0.5}],
+                     tmp_path / "loss.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(original)
+    assert written == ["per_type_accuracy.png", "confusion_closed.png", "confidence_hist.png"]
+    for name in (*written, "curve.png", "loss.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*written, "curve.png", "loss.png"])  # no temp files

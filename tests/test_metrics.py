@@ -1,5 +1,8 @@
 """Tests for prefixvqa.eval.metrics: hand-worked cases plus cross-checks against sacrebleu, nltk and rouge-score on
-real chest X-ray report text (IU X-ray, shipped inside the torchxrayvision wheel). No network."""
+real chest X-ray report text (IU X-ray, shipped inside the torchxrayvision wheel). No network.
+
+BLEU and ROUGE-L are computed by sacrebleu and rouge-score on our tokens; the nltk cross-checks and the values pinned
+from the former hand-written implementation show that the definitions did not move with the backend."""
 
 import os
 
@@ -238,6 +241,48 @@ def test_sentence_bleu_add_k_and_effective_order_match_sacrebleu(corpora):
         np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
 
 
+# Computed by the hand-written BLEU / ROUGE-L that sacrebleu and rouge-score replaced: the numbers must not move.
+PINNED = {
+    "impression_vs_findings": {"bleu": (0.03252700853861828, 0.02225388838124872, 0.016544857087490202,
+                                        0.012886259347815818),
+                               "rouge_l": 0.1389001917563324, "rouge_l_stem": 0.14132126156390795,
+                               "sentence_bleu1": 0.05105700954441133},
+    "findings_vs_prev": {"bleu": (0.31441997850290304, 0.1642027434198563, 0.09440975825895592,
+                                  0.054808669000834476),
+                         "rouge_l": 0.217514885263958, "rouge_l_stem": 0.22647598529419907,
+                         "sentence_bleu1": 0.2457860786392439},
+}
+
+
+@pytest.mark.parametrize("setting", sorted(PINNED))
+def test_values_unchanged_from_the_hand_written_implementation(corpora, setting):
+    hyps, refs = corpora[setting]
+    want = PINNED[setting]
+    assert [M.bleu(hyps, refs, n) for n in range(1, 5)] == pytest.approx(want["bleu"], abs=1e-10)
+    assert np.mean(M.sentence_bleu(hyps, refs, n=1)) == pytest.approx(want["sentence_bleu1"], abs=1e-10)
+    assert np.mean([M.rouge_l(h, r) for h, r in zip(hyps, refs)]) == pytest.approx(want["rouge_l"], abs=1e-12)
+    stemmed = np.mean([M.rouge_l(h, r, use_stemmer=True) for h, r in zip(hyps, refs)])
+    assert stemmed == pytest.approx(want["rouge_l_stem"], abs=1e-12)
+
+
+def test_bleu_is_in_unit_range_without_float_noise():
+    # sacrebleu computes 100 * exp(mean log p), i.e. 100.00000000000004 for a perfect match; we report exactly 1.0
+    assert M.bleu(["left lower lobe opacity"], ["left lower lobe opacity"]) == 1.0
+    assert M.sentence_bleu(["a b c d e"], [["x", "a b c d e"]], n=4) == [1.0]
+
+
+def test_bleu_signature():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    signature = M.bleu_signature()
+    assert signature == f"nrefs:1|case:mixed|eff:no|tok:none|smooth:none|version:{sacrebleu.__version__}" \
+                        "|pretok:prefixvqa.word_tokens"
+    assert "smooth:floor[0.10]" in M.bleu_signature(smoothing="floor")
+    assert "nrefs:2|" in M.bleu_signature(nrefs=2) and "eff:yes" in M.bleu_signature(effective_order=True)
+    assert "pretok" not in M.bleu_signature(tokenize="none")
+    with pytest.raises(ValueError):
+        M.bleu_signature(tokenize="chars")
+
+
 def test_char_bleu1_reproduces_nltk_on_characters():
     nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
     for pred, ref in [("left lung", "right lung"), ("no", "normal"), ("pleural effusion", "effusion")]:
@@ -266,6 +311,8 @@ def test_rouge_l_hand_worked():
     assert M.rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
     assert M.rouge_l("", "a") == 0.0
     assert M.rouge_l("x y", "a b") == 0.0
+    # CJK: one token per ideograph (rouge-score's default tokeniser would see no tokens at all)
+    assert M.rouge_l("肺部正常", "肺部") == pytest.approx(2 / 3)  # LCS 2: P = 2/4, R = 2/2
 
 
 # --------------------------------------------------------------------------------------------------------- bootstrap
@@ -350,3 +397,16 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch):
         M.rouge_l("effusions", "effusion", use_stemmer=True)
     monkeypatch.undo()
     M._porter_stemmer.cache_clear()
+
+
+@pytest.mark.parametrize("module, call", [
+    ("sacrebleu.metrics", lambda: M.bleu(["a"], ["a"])),
+    ("rouge_score.rouge_scorer", lambda: M.rouge_l("a", "a")),
+])
+def test_missing_backend_names_the_extra(monkeypatch, module, call):
+    M._rouge_scorer.cache_clear()
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=r"prefixvqa\[eval\]"):
+        call()
+    monkeypatch.undo()
+    M._rouge_scorer.cache_clear()

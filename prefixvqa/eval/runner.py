@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from ..fileio import atomic_write, atomic_write_with
 from .protocols import (METRIC_LABELS, Protocol, answer_type_of, candidates_for, compute_metrics, get_protocol,
                         item_scores)
 
@@ -274,6 +275,8 @@ def _report(protocol: Protocol, metrics: Mapping[str, Any], manifest: Mapping[st
                  f"{k} ({v})" for k, v in sorted(metrics.get("answered_by", {}).items())) + ".", "",
              "## Overall", "",
              _md_table(["metric", "meaning", "value", "95% CI", "n"], _overall_rows(metrics["overall"]))]
+    if metrics["overall"].get("bleu_signature"):
+        parts += ["", f"BLEU signature (sacrebleu): `{metrics['overall']['bleu_signature']}`"]
     for field, title in BREAKDOWN_FIELDS:
         table = metrics["breakdown"].get(field)
         if not table:
@@ -287,25 +290,31 @@ def _report(protocol: Protocol, metrics: Mapping[str, Any], manifest: Mapping[st
     return "\n".join(parts) + "\n"
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    """Tight layout, then a PNG written atomically, without the matplotlib version in its metadata (stable bytes)."""
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, metadata={"Software": None}))
+
+
 def _plots(out: Path, protocol: Protocol, predictions: Sequence[Mapping[str, Any]],
            rows: Sequence[Mapping[str, float]], breakdown: Mapping[str, Any]) -> list[str]:
-    """Write the PNGs that apply to this result; returns their file names (relative to ``out``)."""
-    import matplotlib
+    """Write the PNGs that apply to this result; returns their file names (relative to ``out``).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Figures are made with ``matplotlib.figure.Figure``, not pyplot: a library must not switch the caller's backend
+    or keep figures alive in pyplot's registry.
+    """
+    from matplotlib.figure import Figure
 
     written: list[str] = []
 
     def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100, metadata={"Software": None})
-        plt.close(fig)
+        _save_png(fig, out / name)
         written.append(name)
 
     groups = [(title, breakdown[f]) for f, title in BREAKDOWN_FIELDS[:3] if breakdown.get(f)]
     if groups:
-        fig, axes = plt.subplots(1, len(groups), figsize=(4 + 2 * len(groups), 3.5), squeeze=False)
+        fig = Figure(figsize=(4 + 2 * len(groups), 3.5))
+        axes = fig.subplots(1, len(groups), squeeze=False)
         for ax, (title, table) in zip(axes[0], groups):
             labels = list(table)
             ax.bar(range(len(labels)), [table[k].get(protocol.primary, 0.0) for k in labels], color="tab:blue")
@@ -326,7 +335,8 @@ def _plots(out: Path, protocol: Protocol, predictions: Sequence[Mapping[str, Any
         grid = [[0] * len(labels) for _ in labels]
         for gold, pred in closed:
             grid[index.get(gold, len(common))][index.get(pred, len(common))] += 1
-        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1 + 0.6 * len(labels)))
+        fig = Figure(figsize=(1.2 + 0.6 * len(labels), 1 + 0.6 * len(labels)))
+        ax = fig.subplots()
         ax.imshow(grid, cmap="Blues")
         for r, line in enumerate(grid):
             for c, count in enumerate(line):
@@ -341,7 +351,8 @@ def _plots(out: Path, protocol: Protocol, predictions: Sequence[Mapping[str, Any
     conf = [(p["confidence"], row.get(protocol.primary, 0.0) >= 0.5) for p, row in zip(predictions, rows)
             if p.get("confidence") is not None]
     if conf:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = Figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         bins = [i / 20 for i in range(21)]
         ax.hist([c for c, ok in conf if ok], bins=bins, alpha=0.6, label="correct", color="tab:green")
         ax.hist([c for c, ok in conf if not ok], bins=bins, alpha=0.6, label="wrong", color="tab:red")
@@ -360,7 +371,10 @@ def _plots(out: Path, protocol: Protocol, predictions: Sequence[Mapping[str, Any
 def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Sequence[Any],
                   predictions: Sequence[dict[str, Any]], manifest: Mapping[str, Any], *, plots: bool = True
                   ) -> dict[str, Any]:
-    """Score ``predictions`` and write predictions.jsonl, metrics.json, plots, report.md and manifest.json."""
+    """Score ``predictions`` and write predictions.jsonl, metrics.json, plots, report.md and manifest.json.
+
+    Each file is written atomically (temporary sibling, then renamed), so a reader or a crash never sees half a file.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = [_round(p) for p in predictions]  # metrics see exactly what is written
@@ -371,13 +385,12 @@ def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Seque
     metrics = _round({"protocol": protocol.name, "overall": overall,
                       "breakdown": _breakdowns(protocol, records, rows),
                       "answered_by": dict(Counter(p["mode"] for p in predictions))})
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for p in predictions:
-            f.write(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n")
-    (out / "metrics.json").write_text(_dump(metrics), encoding="utf-8")
-    (out / "manifest.json").write_text(_dump(manifest), encoding="utf-8")
+    atomic_write(out / "predictions.jsonl",
+                 "".join(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n" for p in predictions))
+    atomic_write(out / "metrics.json", _dump(metrics))
+    atomic_write(out / "manifest.json", _dump(manifest))
     written = _plots(out, protocol, predictions, rows, metrics["breakdown"]) if plots else []
-    (out / "report.md").write_text(_report(protocol, metrics, manifest, written), encoding="utf-8")
+    atomic_write(out / "report.md", _report(protocol, metrics, manifest, written))
     return metrics
 
 
@@ -389,10 +402,11 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
     """Answer ``records`` with ``model`` under ``protocol``, write the result folder, return the overall metrics.
 
     ``closed_mode`` overrides the protocol's way of answering closed questions ("score": rank candidates with
-    ``model.score_choices``; "generate": free generation). Generation settings are recorded in the manifest; with
-    ``do_sample`` the torch seed is fixed to ``seed`` so a rerun reproduces it.
+    ``model.score_choices``; "generate": free generation). Generation settings are recorded in the manifest; answering
+    runs under torch seed ``seed`` (so a rerun with ``do_sample`` reproduces it), and the caller's torch random state
+    is restored afterwards.
     """
-    import torch
+    from ..rng import seeded
 
     protocol = get_protocol(protocol)
     records = list(records)
@@ -403,8 +417,8 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
     generation = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": do_sample,
                   **(generation_kwargs or {})}
     plan = plan_items(records, protocol, closed_mode)
-    torch.manual_seed(seed)
-    predictions = _predict(model, records, plan, batch_size, generation, progress)
+    with seeded(seed):
+        predictions = _predict(model, records, plan, batch_size, generation, progress)
     run = {"closed_mode": closed_mode or protocol.closed_mode, "batch_size": batch_size, "generation": generation,
            "seed": seed}
     manifest = _manifest(model, records, protocol, run, data_spec, adapter_path)

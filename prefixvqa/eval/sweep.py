@@ -16,8 +16,9 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..fileio import atomic_write
 from .protocols import answer_type_of, get_protocol
-from .runner import _dump, _md_table, evaluate
+from .runner import _dump, _md_table, _save_png, evaluate
 
 __all__ = ["sweep", "stratified_subset", "plot_learning_curve"]
 
@@ -52,15 +53,16 @@ def stratified_subset(records: Sequence[Any], size: Size, seed: int) -> list[Any
 
 
 def plot_learning_curve(summary: Sequence[dict[str, Any]], metric: str, path: str | os.PathLike) -> None:
-    """Mean metric per training size against the number of examples, shaded between the seeds' min and max."""
-    import matplotlib
+    """Mean metric per training size against the number of examples, shaded between the seeds' min and max.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a ``matplotlib.figure.Figure`` without pyplot, so the caller's matplotlib backend is left alone.
+    """
+    from matplotlib.figure import Figure
 
     xs = [row["n_train"] for row in summary]
     mean = [row["mean"] for row in summary]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.plot(xs, mean, marker="o", color="tab:blue", label="mean over seeds")
     ax.fill_between(xs, [row["min"] for row in summary], [row["max"] for row in summary], alpha=0.25,
                     color="tab:blue", label="min-max over seeds")
@@ -72,9 +74,7 @@ def plot_learning_curve(summary: Sequence[dict[str, Any]], metric: str, path: st
     ax.set_xlabel("training examples")
     ax.set_ylabel(metric)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    _save_png(fig, Path(path))
 
 
 def _summary(runs: Sequence[dict[str, Any]], sizes: Sequence[Size], metric: str) -> list[dict[str, Any]]:
@@ -158,12 +158,11 @@ def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64,
     summary = _summary(runs, sizes, metric)
     table = {"protocol": prot.name, "metric": metric, "recipe": str(recipe_path), "sets": list(sets),
              "runs": runs, "summary": summary}
-    (out / "sweep.json").write_text(_dump(table), encoding="utf-8")
+    atomic_write(out / "sweep.json", _dump(table))
     rows = [[str(s["size"]), str(s["n_train"]), str(s["seeds"]), s["mean"], s["std"], s["min"], s["max"]]
             for s in summary]
-    (out / "sweep.md").write_text(
-        f"# Data-efficiency sweep: `{metric}` ({prot.name})\n\nRecipe: `{recipe_path}`\n\n"
-        + _md_table(["train size", "examples", "seeds", "mean", "std", "min", "max"], rows)
-        + "\n\n![learning curve](learning_curve.png)\n", encoding="utf-8")
+    atomic_write(out / "sweep.md", f"# Data-efficiency sweep: `{metric}` ({prot.name})\n\nRecipe: `{recipe_path}`\n\n"
+                 + _md_table(["train size", "examples", "seeds", "mean", "std", "min", "max"], rows)
+                 + "\n\n![learning curve](learning_curve.png)\n")
     plot_learning_curve(summary, metric, out / "learning_curve.png")
     return json.loads(_dump(table))

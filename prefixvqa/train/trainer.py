@@ -17,8 +17,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -229,11 +227,9 @@ def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str
     """Adapter (+ trainer_state/) into a temporary sibling, then renamed over `folder`: all or nothing."""
     from safetensors.torch import save_file
 
-    from ..adapter_io import replace_dir
+    from ..fileio import atomic_dir
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, card=card)
         if trainer_state is not None:
             state_dir = tmp / STATE_DIR
@@ -244,10 +240,6 @@ def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str
                 save_file(tensors, str(state_dir / "optimizer.safetensors"))
             payload = {**trainer_state, "optimizer": rest}
             (state_dir / "state.json").write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -272,61 +264,64 @@ def load_weights_into(model: MedVQAAdapter, folder: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
-def _schedule_fn(kind: str, warmup_steps: int, total: int):
-    def fn(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
-        return max(0.0, 1.0 - progress) if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return fn
+SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}  # transformers' names
+
+
+def trackers(cfg: TrainConfig) -> list[str]:
+    """accelerate trackers: TensorBoard when installed (and asked), W&B when installed and configured."""
+    import importlib.util
+    import os
+
+    found = []
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is not None:
+        found.append("tensorboard")
+    elif cfg.tensorboard:
+        warnings.warn("tensorboard is not installed: skipping TensorBoard logs (pip install tensorboard)",
+                      stacklevel=3)
+    if importlib.util.find_spec("wandb") is not None and (os.environ.get("WANDB_API_KEY") or
+                                                          os.environ.get("WANDB_MODE")):
+        found.append("wandb")
+    return found
 
 
 class _Logger:
-    """log.jsonl always; TensorBoard when importable (warns once otherwise); only on the main process."""
+    """log.jsonl always, plus accelerate's trackers; only the main process writes."""
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
-        self.enabled, self.writer = enabled, None
-        self.file = out / "log.jsonl"
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out / "tb"))
-            except ImportError:
-                warnings.warn("tensorboard is not installed: skipping TensorBoard logs (pip install tensorboard)",
-                              stacklevel=3)
+    def __init__(self, out: Path, acc: Any, cfg: TrainConfig):
+        self.enabled, self.acc, self.file = acc.is_main_process, acc, out / "log.jsonl"
+        if acc.log_with:
+            flat = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            acc.init_trackers("tb", config=flat)
 
     def __call__(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.file.open("a") as fh:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
-        if self.writer is not None:
-            prefix = row.get("kind", "train")
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
-                    self.writer.add_scalar(f"{prefix}/{k}", v, row.get("step", 0))
+        if self.enabled:
+            with self.file.open("a") as fh:
+                fh.write(json.dumps(row, sort_keys=True) + "\n")
+        prefix = row.get("kind", "train")
+        values = {f"{prefix}/{k}": v for k, v in row.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch")}
+        if self.acc.log_with and values:
+            self.acc.log(values, step=row.get("step", 0))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.acc.log_with:
+            self.acc.end_training()
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Train loss per logged step and eval metric per epoch, as a PNG (matplotlib Agg, imported lazily)."""
-    try:
-        import matplotlib
+    """Train loss per logged step and eval metric per epoch, as a PNG (matplotlib imported lazily).
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Drawn on a ``matplotlib.figure.Figure`` without pyplot, so the caller's matplotlib backend is left alone.
+    """
+    try:
+        from matplotlib.figure import Figure
     except ImportError:
         warnings.warn("matplotlib is not installed: no loss.png", stacklevel=2)
         return
     train = [(r["step"], r["loss"]) for r in history if r.get("kind") == "train"]
     evals = [(r["step"], r["value"]) for r in history if r.get("kind") == "eval"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -335,7 +330,6 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _make_accelerator(cfg: TrainConfig):
@@ -354,7 +348,9 @@ def _make_accelerator(cfg: TrainConfig):
         # accelerate keeps one process-wide state and refuses a second precision; a curriculum stage or a later run
         # in the same process may use another, so drop that state (the process group in PartialState is kept)
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    log_with = trackers(cfg)
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                       log_with=log_with or None, project_dir=cfg.output_dir if log_with else None)
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
@@ -392,8 +388,10 @@ class Trainer:
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         warm = int(cfg.warmup) if cfg.warmup >= 1 else int(round(cfg.warmup * self.total_steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer,
-                                                           _schedule_fn(cfg.schedule, warm, self.total_steps))
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(SCHEDULER_NAMES[cfg.schedule], self.optimizer.optimizer, num_warmup_steps=warm,
+                                       num_training_steps=self.total_steps)
         self.step = self.epoch = self.position = 0
         self.skipped: list[str] = []
         self.train_sampler, self.eval_sampler = BatchList(), BatchList()
@@ -535,7 +533,7 @@ class Trainer:
             from accelerate.utils import set_seed
 
             set_seed(cfg.seed)
-        logger = _Logger(self.out, self.main, cfg.tensorboard)
+        logger = _Logger(self.out, self.acc, cfg)
         reason = "completed"
         progress = None
         if cfg.progress and self.main:

@@ -1,0 +1,134 @@
+"""Small file helpers shared by the whole package: all-or-nothing writes, and files shipped inside installed packages.
+
+Why one module: adapters, checkpoints, the feature cache, the GGUF copy and evaluation results are all read back by
+other processes (or after a crash), so each must appear complete or not at all; and several optional packages ship
+data files (presets, DICOM samples, model weights) that are found without importing the package. Only the standard
+library is imported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+__all__ = ["atomic_write", "atomic_write_with", "atomic_dir", "replace_dir", "package_file"]
+
+PathLike = str | os.PathLike
+
+
+def _temp_sibling(path: Path, suffix: str) -> Path:
+    """A fresh hidden name next to ``path``: same folder (so os.replace is a rename), never a name readers look for."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+
+
+def _replace_with(path: PathLike, write: Callable[[Path], Any], suffix: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, suffix)
+    try:
+        write(tmp)
+        with open(tmp, "r+b") as fh:  # the bytes must be on disk before the rename makes them visible
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write(path: PathLike, data: bytes | str, *, encoding: str = "utf-8") -> Path:
+    """Write ``data`` (str is encoded) to ``path`` via a temporary sibling, fsync and ``os.replace``.
+
+    Readers see the old file or the new one, never a half-written one, even if the process dies mid-write.
+    """
+    payload = data.encode(encoding) if isinstance(data, str) else data
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "xb") as fh:
+            fh.write(payload)
+
+    return _replace_with(path, write, ".tmp")
+
+
+def atomic_write_with(path: PathLike, write: Callable[[Path], Any]) -> Path:
+    """Like :func:`atomic_write`, for writers that want a file name (``np.save``, ``save_file``, ``fig.savefig``).
+
+    ``write(tmp)`` must create ``tmp``; the temporary name keeps ``path``'s suffix, because such writers pick the
+    format from it (or, like ``np.save``, append one). If ``write`` raises, nothing is left behind.
+    """
+    return _replace_with(path, write, Path(path).suffix)
+
+
+def replace_dir(src: PathLike, dst: PathLike, *, overwrite: bool = True) -> bool:
+    """Move the finished folder ``src`` to ``dst``; an existing ``dst`` is swapped out only once ``src`` is complete.
+
+    With ``overwrite=False`` an existing ``dst`` wins (another process made an equivalent one first) and ``src`` is
+    deleted. Returns whether ``src`` took the place.
+    """
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        try:
+            src.rename(dst)
+            return True
+        except OSError:
+            if not dst.exists():  # a real failure, not a folder that appeared meanwhile
+                raise
+    if not overwrite:  # lost a race, or it was there before: keep it
+        shutil.rmtree(src, ignore_errors=True)
+        return False
+    old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+    dst.rename(old)
+    try:
+        src.rename(dst)
+    except BaseException:
+        old.rename(dst)  # put the previous folder back rather than leave nothing
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+@contextlib.contextmanager
+def atomic_dir(target: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder of ``target``; on success it is renamed to ``target``.
+
+    If the block raises, the temporary folder is removed and ``target`` is untouched; an existing ``target`` is
+    replaced only after the new folder is complete (see :func:`replace_dir` for ``overwrite=False``).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        replace_dir(tmp, target, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def package_file(package: str, relative: str = "", install_hint: str | None = None, *, purpose: str | None = None,
+                 error: type[Exception] = FileNotFoundError) -> Path:
+    """Path of ``relative`` inside the installed package ``package``, found without importing the package.
+
+    Why: data-only packages (presets, DICOM samples, model weights) are looked up by location; importing them could
+    be slow or have side effects. For a namespace package the first folder holding ``relative`` is returned (the
+    first folder if none does; the caller decides whether the file must exist). A missing package raises ``error``
+    naming the package and the pip command (``install_hint``, default ``pip install <top-level name>``).
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a missing parent package, or a module without a spec
+        spec = None
+    folders = [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
+    if not folders:
+        hint = install_hint or f"pip install {package.split('.')[0].replace('_', '-')}"
+        raise error(f"{purpose or 'this'} needs the Python package {package!r}, which is not installed: {hint}")
+    for folder in folders:
+        if (folder / relative).exists():
+            return folder / relative
+    return folders[0] / relative

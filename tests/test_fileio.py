@@ -1,0 +1,88 @@
+"""prefixvqa.fileio: all-or-nothing writes and files of installed packages (standard library + numpy only)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from prefixvqa.fileio import atomic_dir, atomic_write, atomic_write_with, package_file
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "sub" / "metrics.json"
+    atomic_write(target, "first ü\n")
+    assert target.read_text(encoding="utf-8") == "first ü\n"
+    atomic_write(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert [p.name for p in target.parent.iterdir()] == ["metrics.json"]
+
+
+def test_a_failing_writer_never_leaves_a_half_file(tmp_path):
+    target = tmp_path / "features.npy"
+    atomic_write(target, b"old")
+
+    def half_then_crash(tmp):
+        tmp.write_bytes(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_with(target, half_then_crash)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["features.npy"]
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_with(tmp_path / "new.npy", half_then_crash)
+    assert [p.name for p in tmp_path.iterdir()] == ["features.npy"]  # no new file, no temporary one
+
+
+def test_atomic_write_with_keeps_the_suffix_for_format_sniffing_writers(tmp_path):
+    target = tmp_path / "x.npy"
+    atomic_write_with(target, lambda tmp: np.save(tmp, np.arange(3)))  # np.save would append ".npy" to other names
+    np.testing.assert_array_equal(np.load(target), np.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.npy"]
+
+
+def test_atomic_dir_swaps_in_complete_folders_only(tmp_path):
+    target = tmp_path / "adapter"
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".adapter.tmp-")
+        (tmp / "weights").write_text("v1")
+    assert (target / "weights").read_text() == "v1"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "weights").write_text("v2 (half)")
+            raise RuntimeError("killed")
+    assert (target / "weights").read_text() == "v1"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v2")
+    assert (target / "weights").read_text() == "v2"
+    with atomic_dir(target, overwrite=False) as tmp:  # someone else's equivalent copy is kept
+        (tmp / "weights").write_text("v3")
+    assert (target / "weights").read_text() == "v2"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_package_file_finds_files_without_importing_and_names_the_install_command():
+    assert package_file("json", "decoder.py").is_file()
+    assert package_file("json").is_dir()
+    with pytest.raises(FileNotFoundError) as err:
+        package_file("no_such_pkg_xyz", "model")
+    assert "'no_such_pkg_xyz'" in str(err.value) and "pip install no-such-pkg-xyz" in str(err.value)
+    with pytest.raises(LookupError, match=r"the demo needs the Python package 'no_such_pkg_xyz'.*pip install --no-deps"):
+        package_file("no_such_pkg_xyz", "data", "pip install --no-deps x", purpose="the demo", error=LookupError)
+    with pytest.raises(FileNotFoundError, match="pip install no-such-parent"):
+        package_file("no_such_parent.data")  # a missing parent package is "not installed" too
+
+
+def test_feature_cache_put_is_atomic(tmp_path, monkeypatch):
+    from prefixvqa.data.cache import FeatureCache
+
+    cache = FeatureCache(tmp_path, "enc", "pre")
+    cache.put("ab" * 32, np.ones((2, 3)))
+    np.testing.assert_array_equal(cache.get("ab" * 32), np.ones((2, 3), dtype=np.float32))
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))  # after the bytes
+    with pytest.raises(OSError, match="disk full"):
+        cache.put("cd" * 32, np.ones((2, 3)))
+    assert cache.get("cd" * 32) is None and len(cache) == 1
+    assert sorted(p.name for p in cache.dir.rglob("*") if p.is_file()) == ["abab" * 16 + ".npy", "cache_info.json"]
