@@ -458,7 +458,7 @@ def check_equal(pair: Pair, work: Workload, tol: float = 1e-4, max_new_tokens: i
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     report: dict[str, Any] = {}
     # 1. pixels: open_clip's transform vs the CLIP image processor
-    pix_ours = ours.encoder.pixels(work.images)
+    pix_ours = ours.processor.pixel_values(work.images)
     pix_peer = proc.image_processor(work.images, return_tensors="pt")["pixel_values"]
     report["pixel_max_abs_diff"] = float((pix_ours - pix_peer).abs().max())
     assert report["pixel_max_abs_diff"] < 1e-5, f"pixel values differ by {report['pixel_max_abs_diff']}"
