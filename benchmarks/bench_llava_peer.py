@@ -327,12 +327,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_check(check)
         peaks = {"fp32": peak_matmul(torch.float32), "bf16": peak_matmul(torch.bfloat16)}
         rows: list[dict[str, Any]] = []
+        cores = os.cpu_count() or 1
         sections = {"train": train_section, "generate": generate_section, "score": score_section}
         for name, fn in sections.items():
             if args.only in (None, name):
-                t1 = time.perf_counter()
-                rows += fn(pair, work, repeats, warmup)
-                print(f"[{name}: {time.perf_counter() - t1:.0f} s]", flush=True)
+                t1, load0 = time.perf_counter(), os.getloadavg()[0]
+                new = fn(pair, work, repeats, warmup)
+                load = (load0, os.getloadavg()[0])
+                for r in new:
+                    r["load_avg"] = load
+                rows += new
+                busy = " - BUSY MACHINE: other processes competed for the cores" if max(load) > cores + 0.5 else ""
+                print(f"[{name}: {time.perf_counter() - t1:.0f} s, 1-min load average {load[0]:.1f} -> "
+                      f"{load[1]:.1f} on {cores} cores{busy}]", flush=True)
         for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):  # again at the end: keep the best
             peaks[key] = max(peaks[key], peak_matmul(dtype))
         print_table(rows, peaks)
