@@ -84,6 +84,25 @@ def compare(name: str, unit: str, ours: list[float], peer: list[float], units: f
             "paired_min": paired[0], "paired_max": paired[-1]}
 
 
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds all processes have used, CPU seconds this process has used), from /proc/stat on Linux."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system (idle iowait) irq softirq steal
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+def others_share(before: tuple[float, float] | None, after: tuple[float, float] | None, wall: float) -> float | None:
+    """Share of all CPUs that other processes used over `wall` seconds (contention the medians may hide)."""
+    if before is None or after is None or wall <= 0:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others) / (wall * (os.cpu_count() or 1))
+
+
 def peak_matmul(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     """Best FLOP/s of an n x n torch.matmul in this process."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
@@ -327,19 +346,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_check(check)
         peaks = {"fp32": peak_matmul(torch.float32), "bf16": peak_matmul(torch.bfloat16)}
         rows: list[dict[str, Any]] = []
-        cores = os.cpu_count() or 1
         sections = {"train": train_section, "generate": generate_section, "score": score_section}
         for name, fn in sections.items():
             if args.only in (None, name):
-                t1, load0 = time.perf_counter(), os.getloadavg()[0]
+                t1, cpu0 = time.perf_counter(), cpu_seconds()
                 new = fn(pair, work, repeats, warmup)
-                load = (load0, os.getloadavg()[0])
+                others = others_share(cpu0, cpu_seconds(), time.perf_counter() - t1)
                 for r in new:
-                    r["load_avg"] = load
+                    r["others_cpu_share"] = others
                 rows += new
-                busy = " - BUSY MACHINE: other processes competed for the cores" if max(load) > cores + 0.5 else ""
-                print(f"[{name}: {time.perf_counter() - t1:.0f} s, 1-min load average {load[0]:.1f} -> "
-                      f"{load[1]:.1f} on {cores} cores{busy}]", flush=True)
+                busy = " - BUSY: other processes competed for the cores" if (others or 0) > 0.1 else ""
+                print(f"[{name}: {time.perf_counter() - t1:.0f} s; other processes used "
+                      f"{'?' if others is None else f'{100 * others:.0f}%'} of the CPUs{busy}]", flush=True)
         for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):  # again at the end: keep the best
             peaks[key] = max(peaks[key], peak_matmul(dtype))
         print_table(rows, peaks)
