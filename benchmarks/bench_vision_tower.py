@@ -5,14 +5,18 @@ penultimate block (encoder.layer=-2, LLaVA's choice) and HF's hidden_states[-2].
 inference mode. Rows run interleaved (A, B, C, ..., A, B, C, ...) and report the median ms per batch.
 
 - old: the previous VisionEncoder.forward (forward_intermediates over every block, under the caller's autocast)
-- new: VisionEncoder.forward (stops after the block read; a frozen tower runs outside autocast in its own dtype)
+- new: VisionEncoder.forward (stops after the block read; a frozen ViT runs outside autocast in its own dtype)
 - new bf16 weights: the same after encoder.to_compute_dtype(torch.bfloat16)
-- HF: CLIPVisionModel(attn_implementation="sdpa"), output_hidden_states=True, hidden_states[-2]
+- HF: CLIPVisionModel(attn_implementation="sdpa"), output_hidden_states=True, hidden_states[-2]; it runs all 6
+  layers, so a 5-layer HF model read at hidden_states[-1] (the same blocks as ours) is shown too
+
+With --conv, also frozen open_clip ModifiedResNet towers (RN50 at 224, and the demo_smollm2 preset's small one);
+there is no HF peer, the rows show why a frozen conv tower keeps the caller's autocast.
 
 With --train, also one forward+backward of a trainable tower (train mode, grad): nn.MultiheadAttention's own path
 (what open_clip runs) vs VisionEncoder's SDPA blocks, and HF.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_vision_tower.py [--repeats 15] [--train | --train-only] [--threads N]
+    HF_HUB_OFFLINE=1 python benchmarks/bench_vision_tower.py [--repeats 15] [--conv] [--train | --train-only]
 """
 
 from __future__ import annotations
@@ -137,6 +141,35 @@ def inference_rows(repeats: int, batch: int) -> None:
         print(f"ratio {label}: {ms[num] / ms[den]:.2f}")
 
 
+def conv_rows(repeats: int) -> None:
+    """Frozen ModifiedResNet patch features: the old path and the new one, fp32, under bf16 autocast, bf16 weights."""
+    import json
+
+    demo = json.loads((Path(__file__).resolve().parents[1] / "adapters" / "demo_smollm2.json").read_text())
+    towers = {"RN50 224px, batch 8": ({}, 224, 8),
+              "demo_smollm2 RN50 64px, batch 32": (demo["config"]["encoder"]["model_overrides"], 64, 32)}
+    print(f"\nfrozen conv towers, patch features (layer -1), {repeats} interleaved repeats")
+    print("| tower | old fp32 | old bf16 autocast | new fp32 | new bf16 autocast | new bf16 weights |")
+    print("|---|---|---|---|---|---|")
+    for label, (overrides, size, batch) in towers.items():
+        cfg = EncoderConfig(name="RN50", features="patches", model_overrides=overrides)
+        enc = VisionEncoder.from_config(cfg).eval().requires_grad_(False)
+        enc_bf16 = copy.deepcopy(enc).to_compute_dtype(torch.bfloat16)
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+        def run(fn: Callable[[], torch.Tensor], amp: Callable | None = None) -> Callable[[], torch.Tensor]:
+            def call() -> torch.Tensor:
+                with torch.inference_mode(), maybe(amp):
+                    return fn()
+            return call
+
+        ms = interleaved({"old fp32": run(lambda: old_forward(enc, x)),
+                          "old bf16": run(lambda: old_forward(enc, x), bf16),
+                          "new fp32": run(lambda: enc(x)), "new bf16": run(lambda: enc(x), bf16),
+                          "new bf16 weights": run(lambda: enc_bf16(x), bf16)}, repeats)
+        print(f"| {label} | " + " | ".join(f"{v:.1f}" for v in ms.values()) + " |")
+
+
 def training_rows(repeats: int, batch: int) -> None:
     """Forward+backward of a trainable tower: open_clip's nn.MultiheadAttention path vs VisionEncoder's SDPA."""
     ours = build_ours()
@@ -184,6 +217,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--conv", action="store_true", help="also time frozen ModifiedResNet towers (no HF peer)")
     ap.add_argument("--train", action="store_true", help="also time forward+backward of a trainable tower")
     ap.add_argument("--train-only", action="store_true", help="only the trainable-tower rows")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -192,6 +226,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not args.train_only:
         inference_rows(args.repeats, args.batch)
+        if args.conv:
+            conv_rows(args.repeats)
     if args.train or args.train_only:
         training_rows(args.repeats, args.batch)
 

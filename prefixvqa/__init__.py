@@ -8,13 +8,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["MedVQAAdapter", "AdapterConfig", "Answer", "__version__"]
+__all__ = ["MedVQAAdapter", "MedVQAProcessor", "AdapterConfig", "Answer", "__version__"]
 
 if TYPE_CHECKING:
     from .config import AdapterConfig
     from .model import Answer, MedVQAAdapter
+    from .processor import MedVQAProcessor
 
-_LAZY = {"MedVQAAdapter": "model", "Answer": "model", "AdapterConfig": "config"}
+_LAZY = {"MedVQAAdapter": "model", "Answer": "model", "AdapterConfig": "config", "MedVQAProcessor": "processor"}
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,7 @@ them. `answer` and `score_choices` are the convenience API: processor, then the 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -175,6 +176,29 @@ class MedVQAAdapter(nn.Module):
             kwargs["past_key_values"] = self.decoder.get_prompt(B)
         return self._lm(), kwargs
 
+    @contextlib.contextmanager
+    def _lora_merged(self):
+        """Inference with each LoRA delta folded into a temporary copy of its base weight: one matmul per layer
+        instead of three. The original weight tensors are put back untouched on exit (no merge/unmerge rounding).
+        Skipped for quantised bases (merging would requantise) and whenever gradients are on."""
+        layers = []
+        if self.config.tuning.mode == "lora" and not self.config.decoder.quantization and not torch.is_grad_enabled():
+            from peft.tuners.lora import LoraLayer
+
+            layers = [m for m in self.decoder.modules() if isinstance(m, LoraLayer) and not m.merged
+                      and not m.disable_adapters and set(m.active_adapters) <= set(m.lora_A)]
+        saved = []
+        try:
+            for m in layers:
+                weight = m.get_base_layer().weight
+                merged = weight.data + sum(m.get_delta_weight(a) for a in m.active_adapters).to(weight.dtype)
+                saved.append((m, weight, weight.data))
+                weight.data, m.merged_adapters = merged, list(m.active_adapters)
+            yield
+        finally:
+            for m, weight, data in saved:
+                weight.data, m.merged_adapters = data, []
+
     def _lm(self) -> nn.Module:
         return self.decoder.get_base_model() if self.config.tuning.mode in PROMPT_MODES else self.decoder
 
@@ -295,6 +319,12 @@ class MedVQAAdapter(nn.Module):
         """Answers for a left-padded batch. Greedy decoding runs its own KV-cached loop (shared image heads, stop
         strings checked as it goes); beam search and sampling use transformers' `generate`."""
         stop = list(stop) if stop is not None else self.processor.stop_strings()
+        with self._lora_merged():
+            return self._generate(input_ids, attention_mask, image_mask, pixel_values, features, image_index,
+                                  max_new_tokens, num_beams, do_sample, temperature, top_p, stop, generate_kwargs)
+
+    def _generate(self, input_ids, attention_mask, image_mask, pixel_values, features, image_index, max_new_tokens,
+                  num_beams, do_sample, temperature, top_p, stop, generate_kwargs) -> list[Answer]:
         embeds = self.embed(input_ids, image_mask, self.prefix(pixel_values, features, image_index))
         mask = attention_mask.to(self.device)
         if num_beams == 1 and not do_sample and not generate_kwargs:
@@ -368,6 +398,11 @@ class MedVQAAdapter(nn.Module):
         """Mean log-probability of each candidate's answer tokens (+ EOS): pairs[q] are question q's tokenised
         (prompt, candidate) samples. The prompt common to a question's candidates runs once with a KV cache; the
         candidates continue from it and the vocabulary projection runs only where a candidate token is predicted."""
+        with self._lora_merged():
+            return self._score(batch, pairs, features)
+
+    def _score(self, batch: dict[str, torch.Tensor], pairs: Sequence[Sequence[Sample]],
+               features: torch.Tensor | None) -> list[list[float]]:
         features = batch.get("features") if features is None else features
         prefix = self.prefix(batch.get("pixel_values"), features, batch.get("image_index"))  # (S, L, E)
         slots = [len(s[0].pieces) - 1 for s in pairs]  # image slots per question

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -45,11 +46,13 @@ def require_hub_file(repo_id: str, filename: str, what: str, revision: str | Non
 class VisionEncoder(nn.Module):
     """Wraps an open_clip image tower; returns (B, 1, D) pooled or (B, N, D) patch tokens from `cfg.layer`.
 
-    Speed paths (features are unchanged, see tests/test_vision_speed_path.py):
+    Speed paths (features are unchanged, see tests/test_vision_speed_path.py and benchmarks/bench_vision_tower.py):
     - patch features from an intermediate block run only the blocks up to that one;
-    - a tower that needs no grad (frozen, or grad disabled) runs outside autocast in its own parameter dtype, so
-      nn.MultiheadAttention keeps its fused kernel (under CPU autocast it falls back to a path several times
-      slower); `to_compute_dtype(torch.bfloat16)` casts a frozen tower's weights for bf16 runs;
+    - a tower that needs no grad (frozen, or grad disabled) gets pixels in its own parameter dtype and returns
+      float32; one whose blocks attend with nn.MultiheadAttention (open_clip's ViT) runs outside autocast, where
+      that module keeps its fused kernel (under CPU autocast it falls back to a path ~4x slower). Conv towers keep
+      the caller's autocast (bf16 convolutions are faster). `to_compute_dtype(torch.bfloat16)` casts a frozen
+      tower's weights: the fastest path for bf16 runs;
     - a plain open_clip ViT that trains runs its blocks with F.scaled_dot_product_attention on batch-first q/k/v
       (the same numbers as nn.MultiheadAttention's own slow path, without its transposes).
     """
@@ -58,6 +61,7 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.visual, self.preprocess, self.cfg = visual, preprocess, cfg
         self._plain_vit, self._stop_early = _is_plain_vit(visual), _stop_early_flag(visual)
+        self._mha = any(isinstance(m, nn.MultiheadAttention) for m in visual.modules())
 
     @classmethod
     def from_config(cls, cfg: EncoderConfig, dtype: torch.dtype | str | None = None) -> "VisionEncoder":
@@ -111,8 +115,9 @@ class VisionEncoder(nn.Module):
         """Features of a batch; float32 when no grad is needed (frozen tower or grad disabled)."""
         if self._needs_grad(pixels):
             return self._features(pixels, trains=True)
-        # Autocast off: nn.MultiheadAttention's fused inference kernel refuses to run under autocast.
-        with torch.autocast(pixels.device.type, enabled=False):
+        # nn.MultiheadAttention's fused inference kernel refuses to run under autocast: switch it off for such towers
+        amp = torch.autocast(pixels.device.type, enabled=False) if self._mha else contextlib.nullcontext()
+        with amp:
             return self._features(pixels.to(self.compute_dtype), trains=False).float()
 
     def _needs_grad(self, pixels: torch.Tensor) -> bool:
@@ -163,7 +168,6 @@ class VisionEncoder(nn.Module):
     def preprocess_size(self) -> tuple[int, int]:
         size = getattr(self.visual, "image_size", 224)
         return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-
 
 
 def _is_plain_vit(visual: nn.Module) -> bool:

@@ -46,6 +46,7 @@ def check_inference_paths(model) -> None:
     """Shared-prompt scoring equals separate scoring; batched (left-padded) answers equal one-by-one answers; one image
     asked several questions (its prefix KV computed once) gives the answers of asking one by one."""
     choices = [["yes", "no"], ["left", "right", "both lungs"]]
+    before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
     shared = model.score_choices(IMAGES, QUESTIONS, choices, return_loglik=True)
     for got, image, question, options in zip(shared, IMAGES, QUESTIONS, choices):
         assert np.allclose(got, separate_loglik(model, image, question, options), atol=1e-5)
@@ -66,6 +67,8 @@ def check_inference_paths(model) -> None:
     sharing = model.config.tuning.mode not in ("prompt_tuning", "prefix_tuning") and \
         model.config.template.name == "plain"
     assert (heads[0] is not None) == sharing  # the shared-head path really ran where it applies
+    after = model.decoder.state_dict()  # LoRA folded into temporary weights for inference; originals untouched
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
 def perturb_trainable(model) -> None:
