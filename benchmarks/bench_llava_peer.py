@@ -115,10 +115,21 @@ def peak_matmul(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return best
 
 
+def _mha_flops(query: Any, key: Any, value: Any, embed_dim: int, num_heads: int, *args: Any, out_shape: Any = None,
+               **kwargs: Any) -> int:
+    """FLOPs of nn.MultiheadAttention's fused inference kernel (FlopCounterMode has no formula for it):
+    q/k/v and output projections plus the two attention matmuls; batch-first (B, L, E) inputs."""
+    B, L, E = query
+    S = key[1]
+    return 2 * B * L * E * E + 2 * B * S * E * 2 * E + 4 * B * L * S * E + 2 * B * L * E * E
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs torch runs in fn: matmuls, convolutions, attention (FlopCounterMode, plus the fused MHA kernel)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    mapping = {torch.ops.aten._native_multi_head_attention: _mha_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())
 
