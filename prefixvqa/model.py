@@ -115,7 +115,7 @@ class MedVQAAdapter(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None,
                 image_index: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
-                full_logits: bool = False, **_: Any) -> AdapterOutput:
+                full_logits: bool = False) -> AdapterOutput:
         """Tensors from the processor -> loss on answer tokens. lm_head runs only where a label is supervised."""
         embeds = self.embed(input_ids, image_mask, self.prefix(pixel_values, features, image_index))  # (B, T, E)
         keep = None
@@ -255,7 +255,8 @@ class MedVQAAdapter(nn.Module):
 
     # --- inference: tensors ---------------------------------------------------------------------------------------
     def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor, image_mask: torch.Tensor,
-                 image_index: torch.Tensor | None, input_ids: torch.Tensor | None = None) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+                 image_index: torch.Tensor | None, input_ids: torch.Tensor | None = None
+                 ) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
         """Run left-padded prompts once with a KV cache -> (last logits (B, V), cache, mask, last positions (B,)).
 
         When rows share their first image and everything before it (VQA-RAD and SLAKE ask several questions per
@@ -285,8 +286,8 @@ class MedVQAAdapter(nn.Module):
                  past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.past_key_values, full_mask, positions[:, -1]
 
-    def _shared_head(self, input_ids: torch.Tensor | None, mask: torch.Tensor, image_mask: torch.Tensor, image_index: torch.Tensor | None
-                     ) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    def _shared_head(self, input_ids: torch.Tensor | None, mask: torch.Tensor, image_mask: torch.Tensor,
+                     image_index: torch.Tensor | None) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """(head length H, a row per distinct image, each row's image) when every row has one image slot with the
         same tokens before it and some rows share an image; None otherwise (then the plain prefill is as fast)."""
         if image_index is None or input_ids is None or self.config.tuning.mode in PROMPT_MODES:
@@ -320,34 +321,30 @@ class MedVQAAdapter(nn.Module):
         strings checked as it goes); beam search and sampling use transformers' `generate`."""
         stop = list(stop) if stop is not None else self.processor.stop_strings()
         with self._lora_merged():
-            return self._generate(input_ids, attention_mask, image_mask, pixel_values, features, image_index,
-                                  max_new_tokens, num_beams, do_sample, temperature, top_p, stop, generate_kwargs)
-
-    def _generate(self, input_ids, attention_mask, image_mask, pixel_values, features, image_index, max_new_tokens,
-                  num_beams, do_sample, temperature, top_p, stop, generate_kwargs) -> list[Answer]:
-        embeds = self.embed(input_ids, image_mask, self.prefix(pixel_values, features, image_index))
-        mask = attention_mask.to(self.device)
-        if num_beams == 1 and not do_sample and not generate_kwargs:
-            ids, steps = self._greedy(embeds, mask, image_mask.to(self.device), image_index, input_ids,
-                                      max_new_tokens, stop)
-        else:
-            if self.config.tuning.mode == "prefix_tuning":
-                raise ValueError("tuning.mode='prefix_tuning' generates greedily only (peft's key/value prefixes "
-                                 "cannot be combined with transformers' generate on inputs_embeds)")
-            lm, kwargs = self._lm_inputs(embeds, mask)
-            sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-            criteria = [self.processor.stop_criteria(stop)] if stop else []
-            out = lm.generate(inputs_embeds=kwargs["inputs_embeds"], attention_mask=kwargs["attention_mask"],
-                              max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-                              eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.processor.pad_id,
-                              stopping_criteria=criteria, return_dict_in_generate=True, output_scores=True,
-                              output_logits=True, use_cache=True, **sampling, **generate_kwargs)
-            ids = out.sequences[:, -len(out.scores):]  # only the new tokens
-            if num_beams > 1:
-                steps = lm.compute_transition_scores(out.sequences, out.scores, out.beam_indices, False)
+            embeds = self.embed(input_ids, image_mask, self.prefix(pixel_values, features, image_index))
+            mask = attention_mask.to(self.device)
+            if num_beams == 1 and not do_sample and not generate_kwargs:
+                ids, steps = self._greedy(embeds, mask, image_mask.to(self.device), image_index, input_ids,
+                                          max_new_tokens, stop)
             else:
-                steps = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        return [self._finish(row, lp, stop) for row, lp in zip(ids.tolist(), steps.float().tolist())]
+                if self.config.tuning.mode == "prefix_tuning":
+                    raise ValueError("tuning.mode='prefix_tuning' generates greedily only (peft's key/value prefixes "
+                                     "cannot be combined with transformers' generate on inputs_embeds)")
+                lm, kwargs = self._lm_inputs(embeds, mask)
+                sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+                criteria = [self.processor.stop_criteria(stop)] if stop else []
+                out = lm.generate(inputs_embeds=kwargs["inputs_embeds"], attention_mask=kwargs["attention_mask"],
+                                  max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.processor.pad_id,
+                                  stopping_criteria=criteria, return_dict_in_generate=True, output_scores=True,
+                                  output_logits=True, use_cache=True, **sampling, **generate_kwargs)
+                ids = out.sequences[:, -len(out.scores):]  # only the new tokens
+                if num_beams > 1:
+                    steps = lm.compute_transition_scores(out.sequences, out.scores, out.beam_indices, False)
+                else:
+                    logp = torch.stack(out.logits, 1).float().log_softmax(-1)
+                    steps = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            return [self._finish(row, lp, stop) for row, lp in zip(ids.tolist(), steps.float().tolist())]
 
     def _greedy(self, embeds: torch.Tensor, mask: torch.Tensor, image_mask: torch.Tensor,
                 image_index: torch.Tensor | None, input_ids: torch.Tensor, max_new_tokens: int, stop: Sequence[str]
@@ -398,59 +395,55 @@ class MedVQAAdapter(nn.Module):
         """Mean log-probability of each candidate's answer tokens (+ EOS): pairs[q] are question q's tokenised
         (prompt, candidate) samples. The prompt common to a question's candidates runs once with a KV cache; the
         candidates continue from it and the vocabulary projection runs only where a candidate token is predicted."""
-        with self._lora_merged():
-            return self._score(batch, pairs, features)
+        with self._lora_merged():  # folded LoRA for the whole pass
+            features = batch.get("features") if features is None else features
+            prefix = self.prefix(batch.get("pixel_values"), features, batch.get("image_index"))  # (S, L, E)
+            slots = [len(s[0].pieces) - 1 for s in pairs]  # image slots per question
+            first_slot = [sum(slots[:q]) for q in range(len(pairs))]
+            prompts, conts, owners, starts, slot_rows = [], [], [], [], []
+            for q, samples in enumerate(pairs):
+                same = all(s.pieces[:-1] == samples[0].pieces[:-1] for s in samples)
+                groups = [list(samples)] if same else [[s] for s in samples]
+                for group in groups:
+                    S = min(len(s.pieces[-1]) for s in group)
+                    prompts.append(Sample(group[0].pieces[:-1] + [group[0].pieces[-1][:S]], []))
+                    slot_rows += range(first_slot[q], first_slot[q] + slots[q])
+                    for s in group:
+                        conts.append(s.pieces[-1][S:] + s.answer)
+                        starts.append(len(s.pieces[-1]) - S)  # first counted token of the continuation
+                        owners.append(len(prompts) - 1)
+            p = self.processor.pad(prompts, "left", labels=False)
+            embeds = self.embed(p["input_ids"], p["image_mask"], prefix[torch.tensor(slot_rows, dtype=torch.long)])
+            mask = p["attention_mask"].to(self.device)
+            lm = self._lm()
+            last, cache, mask, pos = self._prefill(embeds, mask, p["image_mask"].to(self.device), None)
+            owner = torch.tensor(owners, device=self.device)
+            cache.reorder_cache(owner)
+            P, C = len(conts), max(map(len, conts))
+            ids = torch.full((P, C), self.processor.pad_id, dtype=torch.long, device=self.device)
+            cmask = torch.zeros(P, C, dtype=torch.long, device=self.device)
+            counted = torch.zeros(P, C, dtype=torch.bool, device=self.device)
+            for i, (c, s) in enumerate(zip(conts, starts)):
+                ids[i, :len(c)], cmask[i, :len(c)], counted[i, s:len(c)] = torch.tensor(c), 1, True
+            keep = F.pad(counted[:, 1:], (0, 1))  # continuation position j predicts token j + 1
+            out = lm(inputs_embeds=self.decoder.get_input_embeddings()(ids).to(embeds.dtype),
+                     attention_mask=torch.cat([mask[owner], cmask], 1),
+                     position_ids=pos[owner, None] + 1 + torch.arange(C, device=self.device), past_key_values=cache,
+                     use_cache=False, logits_to_keep=keep if C > 1 else 0)
+            token_lp = torch.zeros(P, C, device=self.device)
+            first = last[owner].float().log_softmax(-1).gather(-1, ids[:, :1]).squeeze(-1)  # predicted by the prompt
+            token_lp[:, 0] = torch.where(counted[:, 0], first, 0.0)
+            if C > 1:
+                rest = out.logits.float().log_softmax(-1)  # (K, V) at kept positions
+                token_lp[:, 1:][counted[:, 1:]] = rest.gather(-1, ids[:, 1:][counted[:, 1:]][:, None]).squeeze(-1)
+            mean = (token_lp.sum(1) / counted.sum(1).clamp(min=1)).tolist()
+            result, k = [], 0
+            for samples in pairs:
+                result.append(mean[k:k + len(samples)])
+                k += len(samples)
+            return result
 
-    def _score(self, batch: dict[str, torch.Tensor], pairs: Sequence[Sequence[Sample]],
-               features: torch.Tensor | None) -> list[list[float]]:
-        features = batch.get("features") if features is None else features
-        prefix = self.prefix(batch.get("pixel_values"), features, batch.get("image_index"))  # (S, L, E)
-        slots = [len(s[0].pieces) - 1 for s in pairs]  # image slots per question
-        first_slot = [sum(slots[:q]) for q in range(len(pairs))]
-        prompts, conts, owners, starts, slot_rows = [], [], [], [], []
-        for q, samples in enumerate(pairs):
-            same = all(s.pieces[:-1] == samples[0].pieces[:-1] for s in samples)
-            groups = [list(samples)] if same else [[s] for s in samples]
-            for group in groups:
-                S = min(len(s.pieces[-1]) for s in group)
-                prompts.append(Sample(group[0].pieces[:-1] + [group[0].pieces[-1][:S]], []))
-                slot_rows += range(first_slot[q], first_slot[q] + slots[q])
-                for s in group:
-                    conts.append(s.pieces[-1][S:] + s.answer)
-                    starts.append(len(s.pieces[-1]) - S)  # first counted token of the continuation
-                    owners.append(len(prompts) - 1)
-        p = self.processor.pad(prompts, "left", labels=False)
-        embeds = self.embed(p["input_ids"], p["image_mask"], prefix[torch.tensor(slot_rows, dtype=torch.long)])
-        mask = p["attention_mask"].to(self.device)
-        lm = self._lm()
-        last, cache, mask, pos = self._prefill(embeds, mask, p["image_mask"].to(self.device), None)
-        owner = torch.tensor(owners, device=self.device)
-        cache.reorder_cache(owner)
-        P, C = len(conts), max(map(len, conts))
-        ids = torch.full((P, C), self.processor.pad_id, dtype=torch.long, device=self.device)
-        cmask = torch.zeros(P, C, dtype=torch.long, device=self.device)
-        counted = torch.zeros(P, C, dtype=torch.bool, device=self.device)
-        for i, (c, s) in enumerate(zip(conts, starts)):
-            ids[i, :len(c)], cmask[i, :len(c)], counted[i, s:len(c)] = torch.tensor(c), 1, True
-        keep = F.pad(counted[:, 1:], (0, 1))  # continuation position j predicts token j + 1
-        out = lm(inputs_embeds=self.decoder.get_input_embeddings()(ids).to(embeds.dtype),
-                 attention_mask=torch.cat([mask[owner], cmask], 1),
-                 position_ids=pos[owner, None] + 1 + torch.arange(C, device=self.device), past_key_values=cache,
-                 use_cache=False, logits_to_keep=keep if C > 1 else 0)
-        token_lp = torch.zeros(P, C, device=self.device)
-        first = last[owner].float().log_softmax(-1).gather(-1, ids[:, :1]).squeeze(-1)  # predicted by the prompt
-        token_lp[:, 0] = torch.where(counted[:, 0], first, 0.0)
-        if C > 1:
-            rest = out.logits.float().log_softmax(-1)  # (K, V) at kept positions
-            token_lp[:, 1:][counted[:, 1:]] = rest.gather(-1, ids[:, 1:][counted[:, 1:]][:, None]).squeeze(-1)
-        mean = (token_lp.sum(1) / counted.sum(1).clamp(min=1)).tolist()
-        result, k = [], 0
-        for samples in pairs:
-            result.append(mean[k:k + len(samples)])
-            k += len(samples)
-        return result
-
-    # --- what trains ----------------------------------------------------------------------------------------------
+        # --- what trains ----------------------------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Named parameters per group: encoder, mapper, lora (all peft tensors), decoder (base weights)."""
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in GROUPS}

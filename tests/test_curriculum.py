@@ -80,7 +80,8 @@ def test_three_stage_curriculum_smoke(tmp_path, monkeypatch):
 def _logits(model, records):
     model.eval()
     with torch.no_grad():
-        return model(**model.processor([r.image for r in records], [r.question for r in records], [r.answer for r in records])).logits
+        batch = model.processor([r.image for r in records], [r.question for r in records], [r.answer for r in records])
+        return model(**batch).logits
 
 
 def test_retune_keeps_the_function_and_refuses_lossy_switches(tmp_path):

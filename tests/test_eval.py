@@ -54,7 +54,8 @@ def trained(tmp_path_factory):
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     for _ in range(60):
-        loss = model(**model.processor([r.image for r in train], [r.question for r in train], [r.answer for r in train])).loss
+        batch = model.processor([r.image for r in train], [r.question for r in train], [r.answer for r in train])
+        loss = model(**batch).loss
         loss.backward()
         optim.step()
         optim.zero_grad()

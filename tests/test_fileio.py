@@ -69,7 +69,8 @@ def test_package_file_finds_files_without_importing_and_names_the_install_comman
     with pytest.raises(FileNotFoundError) as err:
         package_file("no_such_pkg_xyz", "model")
     assert "'no_such_pkg_xyz'" in str(err.value) and "pip install no-such-pkg-xyz" in str(err.value)
-    with pytest.raises(LookupError, match=r"the demo needs the Python package 'no_such_pkg_xyz'.*pip install --no-deps"):
+    needs = r"the demo needs the Python package 'no_such_pkg_xyz'.*pip install --no-deps"
+    with pytest.raises(LookupError, match=needs):
         package_file("no_such_pkg_xyz", "data", "pip install --no-deps x", purpose="the demo", error=LookupError)
     with pytest.raises(FileNotFoundError, match="pip install no-such-parent"):
         package_file("no_such_parent.data")  # a missing parent package is "not installed" too

@@ -32,7 +32,8 @@ def test_held_out_accuracy_beats_chance(tiny_decoders):
     losses = []
     for _ in range(600):
         idx = torch.randint(0, len(train), (16,))
-        loss = model(**model.processor(None, [train[i].question for i in idx], [train[i].answer for i in idx]), features=f_train[idx]).loss
+        batch = model.processor(None, [train[i].question for i in idx], [train[i].answer for i in idx])
+        loss = model(**batch, features=f_train[idx]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

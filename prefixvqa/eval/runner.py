@@ -136,7 +136,8 @@ def predict(model: Any, records: Sequence[Any], plan: Sequence[list[str] | None]
                     if on_error is None:
                         raise ImageLoadError(f"record {record_id!r}: {err}")
                     on_error(record_id, name, err)
-                good = [i for i in batch if records[i].id in set(data["ids"])]
+                loaded = set(data["ids"])
+                good = [i for i in batch if records[i].id in loaded]
                 bar.update(len(batch))
                 if not good:
                     continue
