@@ -5,6 +5,7 @@
     adapter_config.json        peft's own files for the LoRA / soft-prompt part, so
     adapter_model.safetensors  `peft.PeftModel.from_pretrained(base_lm, folder)` loads it without prefixvqa
     README.md                  model card
+    manifest.sha256.json       sha256 and size of every file above, verified on load
 
 Saving writes a temporary sibling folder and renames it into place, so an interrupted save never leaves a
 half-written adapter. Loading is strict: every difference is an error that names the file and the key.
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import AdapterConfig, ConfigError
-from .fileio import atomic_dir
+from .fileio import MANIFEST_NAME, IntegrityError, atomic_dir, verify_manifest, write_manifest
 from .processor import PROCESSOR_NAME, MedVQAProcessor
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ def save_adapter(model: "MedVQAAdapter", path: str | Path, card: dict[str, Any] 
         (tmp / "README.md").write_text(model_card(cfg, card or {}))
         if card and card.get("metrics"):
             (tmp / "metrics.json").write_text(json.dumps(card["metrics"], indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp)
     return path
 
 
@@ -88,6 +90,7 @@ def resolve_adapter(path: str | Path) -> Path:
 
 def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: Any) -> "MedVQAAdapter":
     folder = resolve_adapter(path)
+    check_integrity(folder)
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
         raise AdapterLoadError(f"{folder} is not a prefixvqa adapter: {CONFIG_NAME} is missing")
@@ -114,6 +117,19 @@ def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: 
         except ValueError as exc:
             raise AdapterLoadError(str(exc)) from None
     return model
+
+
+def check_integrity(folder: Path) -> None:
+    """Refuse a folder whose files differ from its manifest; a folder saved before manifests existed only warns."""
+    if not (folder / MANIFEST_NAME).is_file():
+        import warnings
+
+        warnings.warn(f"{folder} has no {MANIFEST_NAME}: its files cannot be checked for damage", stacklevel=3)
+        return
+    try:
+        verify_manifest(folder)
+    except IntegrityError as exc:
+        raise AdapterLoadError(str(exc)) from None
 
 
 def _source(cfg: AdapterConfig, part: str) -> str:

@@ -9,7 +9,9 @@ library is imported here.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -17,7 +19,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_write_with", "atomic_dir", "replace_dir", "package_file"]
+__all__ = ["atomic_write", "atomic_write_with", "atomic_dir", "replace_dir", "package_file", "MANIFEST_NAME",
+           "IntegrityError", "sha256_file", "write_manifest", "verify_manifest"]
+
+MANIFEST_NAME = "manifest.sha256.json"
 
 PathLike = str | os.PathLike
 
@@ -132,3 +137,69 @@ def package_file(package: str, relative: str = "", install_hint: str | None = No
         if (folder / relative).exists():
             return folder / relative
     return folders[0] / relative
+
+
+class IntegrityError(ValueError):
+    """A file of a folder does not match the sha256 manifest written when the folder was saved."""
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _folder_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith("."))
+
+
+def write_manifest(folder: PathLike) -> dict[str, str]:
+    """Record the sha256 and size of every file in ``folder`` (hidden files excepted) in ``MANIFEST_NAME``.
+
+    Why: a flipped byte in a weights file still loads and gives wrong answers; the manifest lets every reader
+    (adapter loading, the hub) refuse such a file by name. Call it last, once every other file is written.
+    """
+    folder = Path(folder)
+    files = {name: {"sha256": sha256_file(folder / name), "size": (folder / name).stat().st_size}
+             for name in _folder_files(folder)}
+    atomic_write(folder / MANIFEST_NAME, json.dumps({"version": 1, "files": files}, indent=1, sort_keys=True) + "\n")
+    return {name: meta["sha256"] for name, meta in files.items()}
+
+
+def verify_manifest(folder: PathLike, *, required: bool = True, extra_ok: bool = True) -> dict[str, str]:
+    """Check every file listed in ``folder``'s manifest; raise :class:`IntegrityError` naming the first bad file.
+
+    A missing manifest raises only with ``required``. Files present but unlisted are an error unless ``extra_ok``
+    (a user may add notes to a folder; weights are always listed). Returns the manifest's name -> sha256 map.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        if required:
+            raise IntegrityError(f"{path} is missing: the folder cannot be checked")
+        return {}
+    try:
+        files = json.loads(path.read_text())["files"]
+        expected = {str(name): (str(meta["sha256"]), int(meta["size"])) for name, meta in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"{path} is damaged: {exc.__class__.__name__}: {exc}") from None
+    for name, (sha, size) in sorted(expected.items()):
+        file = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise IntegrityError(f"{path} lists {name!r}, which is outside the folder")
+        if not file.is_file():
+            raise IntegrityError(f"{file} is missing (listed in {MANIFEST_NAME})")
+        if file.stat().st_size != size:
+            raise IntegrityError(f"{file} has {file.stat().st_size} bytes, the manifest says {size}: truncated or "
+                                 f"replaced")
+        if sha256_file(file) != sha:
+            raise IntegrityError(f"{file} does not match its sha256 in {MANIFEST_NAME}: the file is damaged or was "
+                                 f"changed after saving")
+    if not extra_ok:
+        extra = sorted(set(_folder_files(folder)) - set(expected))
+        if extra:
+            raise IntegrityError(f"{folder}: files not in {MANIFEST_NAME}: {extra[:5]}")
+    return {name: sha for name, (sha, _) in expected.items()}

@@ -174,6 +174,8 @@ def test_json_round_trip_and_validation():
 
 
 def test_strict_loading_names_what_differs(tiny_decoders, other_gpt2, tmp_path):
+    from prefixvqa.fileio import write_manifest
+
     model = MedVQAAdapter(make_config(tiny_decoders["gpt2"]))
     folder = model.save_pretrained(tmp_path / "a")
     with pytest.raises(AdapterLoadError, match="decoder base model"):
@@ -183,6 +185,9 @@ def test_strict_loading_names_what_differs(tiny_decoders, other_gpt2, tmp_path):
     tensors = load_file(str(folder / "mapper.safetensors"))
     dropped = sorted(tensors)[0]
     save_file({k: v for k, v in tensors.items() if k != dropped}, str(folder / "mapper.safetensors"))
+    with pytest.raises(AdapterLoadError, match=r"mapper\.safetensors (has|does not match)"):
+        MedVQAAdapter.from_pretrained(folder)  # the manifest catches any edit first ...
+    write_manifest(folder)  # ... an edited folder with a fresh manifest gets the strict structural checks
     with pytest.raises(AdapterLoadError, match=f"mapper.safetensors: missing keys.*{dropped}"):
         MedVQAAdapter.from_pretrained(folder)
 
@@ -190,6 +195,7 @@ def test_strict_loading_names_what_differs(tiny_decoders, other_gpt2, tmp_path):
     cfg = json.loads((folder / "prefixvqa_config.json").read_text())
     cfg["mapper"]["prefix_length"] = 5
     (folder / "prefixvqa_config.json").write_text(json.dumps(cfg))
+    write_manifest(folder)
     with pytest.raises(AdapterLoadError, match="shape mismatch"):
         MedVQAAdapter.from_pretrained(folder)
 
@@ -197,10 +203,21 @@ def test_strict_loading_names_what_differs(tiny_decoders, other_gpt2, tmp_path):
     peft_cfg = json.loads((folder / "adapter_config.json").read_text())
     peft_cfg["r"] = 4
     (folder / "adapter_config.json").write_text(json.dumps(peft_cfg))
+    write_manifest(folder)
     with pytest.raises(AdapterLoadError, match="adapter_config.json: r=4"):
         MedVQAAdapter.from_pretrained(folder)
     with pytest.raises(AdapterLoadError, match="not found"):
         MedVQAAdapter.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("name", ["mapper.safetensors", "adapter_model.safetensors", "prefixvqa_config.json"])
+def test_flipped_byte_in_adapter_is_refused_naming_the_file(tiny_decoders, tmp_path, name):
+    folder = MedVQAAdapter(make_config(tiny_decoders["gpt2"])).save_pretrained(tmp_path / "a")
+    data = bytearray((folder / name).read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (folder / name).write_bytes(bytes(data))
+    with pytest.raises(AdapterLoadError, match=f"{name} does not match its sha256"):
+        MedVQAAdapter.from_pretrained(folder)
 
 
 def test_save_is_atomic_and_replaces(tiny_decoders, tmp_path, monkeypatch):

@@ -87,3 +87,24 @@ def test_feature_cache_put_is_atomic(tmp_path, monkeypatch):
         cache.put("cd" * 32, np.ones((2, 3)))
     assert cache.get("cd" * 32) is None and len(cache) == 1
     assert sorted(p.name for p in cache.dir.rglob("*") if p.is_file()) == ["abab" * 16 + ".npy", "cache_info.json"]
+
+
+def test_manifest_names_the_flipped_or_truncated_file(tmp_path):
+    from prefixvqa.fileio import IntegrityError, verify_manifest, write_manifest
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "sub" / "b.json").write_text('{"x": 1}')
+    assert set(write_manifest(tmp_path)) == {"a.bin", "sub/b.json"}
+    verify_manifest(tmp_path)
+    data = bytearray((tmp_path / "a.bin").read_bytes())
+    data[17] ^= 1
+    (tmp_path / "a.bin").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"a\.bin does not match its sha256"):
+        verify_manifest(tmp_path)
+    (tmp_path / "a.bin").write_bytes(bytes(range(100)))
+    with pytest.raises(IntegrityError, match=r"a\.bin has 100 bytes"):
+        verify_manifest(tmp_path)
+    (tmp_path / "a.bin").unlink()
+    with pytest.raises(IntegrityError, match=r"a\.bin is missing"):
+        verify_manifest(tmp_path)
