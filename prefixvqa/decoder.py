@@ -107,6 +107,9 @@ def load_decoder(cfg: DecoderConfig) -> tuple[nn.Module, Any]:
             kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": dtype}
             if cfg.quantization:
                 kwargs["quantization_config"] = _bnb_config(cfg)
+                # bitsandbytes weights are placed at load time: on this process's GPU (one per rank under
+                # torchrun/DDP), else on the CPU (bitsandbytes >= 0.45 runs 4-bit and 8-bit layers there)
+                kwargs["device_map"] = {"": _local_device()}
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise ModelNotAvailableError(f"could not load decoder {source!r} (tokenizer {tok_source!r}): {exc}") from exc
@@ -114,6 +117,12 @@ def load_decoder(cfg: DecoderConfig) -> tuple[nn.Module, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, tokenizer
+
+
+def _local_device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
 
 
 def _bnb_config(cfg: DecoderConfig) -> Any:
@@ -157,15 +166,24 @@ def peft_config(model: nn.Module, tuning: TuningConfig) -> Any:
 
 def apply_tuning(model: nn.Module, tuning: TuningConfig, quantized: bool = False,
                  checkpointing: bool = False) -> nn.Module:
-    """Wrap or (un)freeze the decoder for the tuning mode; returns the module the adapter calls."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    """Wrap or (un)freeze the decoder for the tuning mode; returns the module the adapter calls.
 
+    A quantised base goes through peft's k-bit preparation (QLoRA): norms and embeddings upcast to float32, input
+    gradients enabled so checkpointed layers pass gradients back to the visual prefix. peft is imported only for
+    the modes that need it, so a `frozen` or `full` adapter (e.g. a merged export) loads without peft installed.
+    """
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     for p in model.parameters():
         p.requires_grad_(tuning.mode == "full")
-    pcfg = peft_config(model, tuning)
-    return get_peft_model(model, pcfg) if pcfg is not None else model
+    if tuning.mode in ("frozen", "full"):
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(model, tuning))
 
 
 def fingerprint(module: nn.Module, extra: dict[str, Any] | None = None, samples: int = 4096) -> str:

@@ -52,10 +52,20 @@ def build_tokenizer(folder: str | Path, vocab_size: int = 400) -> Any:
     return fast
 
 
-def build_decoder(folder: str | Path, family: str, seed: int = 0) -> Path:
+# bitsandbytes' CPU kernels need in-features that are whole 64-element blocks (and out-features divisible by 32):
+# the smallest decoders that can be quantised to 4-bit/8-bit and answer on CPU.
+QUANT_SIZES: dict[str, dict[str, Any]] = {
+    "gpt2": {"n_embd": 64, "n_head": 2},
+    "llama": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1},
+    "mistral": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1},
+}
+
+
+def build_decoder(folder: str | Path, family: str, seed: int = 0, sizes: dict[str, Any] | None = None) -> Path:
     """Save a tiny random causal LM of `family` with the tiny tokenizer into `folder` (a real local model folder).
 
-    The weights depend only on `seed`; the caller's torch random state is left as it was.
+    `sizes` overrides config fields (e.g. `QUANT_SIZES[family]`). The weights depend only on `seed` and the sizes;
+    the caller's torch random state is left as it was.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -63,8 +73,8 @@ def build_decoder(folder: str | Path, family: str, seed: int = 0) -> Path:
 
     folder = Path(folder)
     tok = build_tokenizer(folder)
-    cfg = AutoConfig.for_model(**{**TINY_DECODERS[family], "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
-                                  "eos_token_id": tok.eos_token_id})
+    cfg = AutoConfig.for_model(**{**TINY_DECODERS[family], **(sizes or {}), "vocab_size": len(tok),
+                                  "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id})
     with seeded(seed):
         model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(str(folder))

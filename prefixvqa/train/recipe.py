@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from ..data.records import VQARecord
     from ..model import MedVQAAdapter
 
-__all__ = ["Recipe", "load_recipe", "run_recipe", "apply_sets", "load_split", "build_model"]
+__all__ = ["Recipe", "load_recipe", "run_recipe", "apply_sets", "load_split", "build_model", "recipe_config"]
 
 STAGE_KEYS = ("name", "data", "template", "tuning", "start_from")  # the rest are TrainConfig fields (trainable too)
 
@@ -161,9 +161,22 @@ def build_model(spec: dict[str, Any], workdir: Path) -> MedVQAAdapter:
     """The recipe's model: preset/config/adapter plus overrides; `tiny: FAMILY` swaps in tiny offline models."""
     from ..model import MedVQAAdapter
 
+    if spec.get("adapter"):
+        if spec.get("tiny"):
+            raise ConfigError("recipe model: 'tiny' cannot be combined with 'adapter' (its base models are fixed)")
+        return MedVQAAdapter.from_pretrained(spec["adapter"], **dict(spec.get("overrides") or {}))
+    return MedVQAAdapter(recipe_config(spec, workdir))
+
+
+def recipe_config(spec: dict[str, Any], workdir: Path) -> AdapterConfig:
+    """The AdapterConfig a recipe's model section describes, without loading any weights (fit-check reads it).
+
+    `tiny: FAMILY` builds the tiny offline decoder folder under `workdir/_tiny/` (a few kB) and points at it."""
     overrides = dict(spec.get("overrides") or {})
     tiny: dict[str, Any] = {}
     if spec.get("tiny"):
+        if spec.get("adapter"):
+            raise ConfigError("recipe model: 'tiny' cannot be combined with 'adapter' (its base models are fixed)")
         from ..testing import build_decoder, tiny_overrides
 
         folder = workdir / "_tiny" / str(spec["tiny"])
@@ -174,19 +187,19 @@ def build_model(spec: dict[str, Any], workdir: Path) -> MedVQAAdapter:
                 build_decoder(folder, str(spec["tiny"]))
         tiny = tiny_overrides(folder)
     if spec.get("adapter"):
-        model = MedVQAAdapter.from_pretrained(spec["adapter"], **overrides)
-        if tiny:
-            raise ConfigError("recipe model: 'tiny' cannot be combined with 'adapter' (its base models are fixed)")
-        return model
-    if spec.get("preset"):
+        import json
+
+        from ..adapter_io import CONFIG_NAME, resolve_adapter
+
+        cfg = AdapterConfig.from_dict(json.loads((resolve_adapter(spec["adapter"]) / CONFIG_NAME).read_text()))
+    elif spec.get("preset"):
         from ..presets import preset_config
 
         cfg = preset_config(spec["preset"])
     else:
         cfg = AdapterConfig.from_dict(spec.get("config") or {})
     cfg = cfg.replace(**overrides) if overrides else cfg
-    cfg = _apply_tiny(cfg, tiny) if tiny else cfg
-    return MedVQAAdapter(cfg)
+    return _apply_tiny(cfg, tiny) if tiny else cfg
 
 
 def _apply_tiny(cfg: AdapterConfig, tiny: dict[str, Any]) -> AdapterConfig:

@@ -78,6 +78,8 @@ class TrainConfig:
     trainable: list[str] | None = None  # parameter groups to train; None keeps the model's current choice
     resume: bool | str = False  # True: continue from output_dir/last when it holds a trainer state; or a folder
     max_new_tokens: int = 16  # generation length for the accuracy metric
+    distributed: str = "auto"  # auto (the launcher's choice, else DDP) | ddp | fsdp | deepspeed: see distributed.py
+    deepspeed_config: str | None = None  # DeepSpeed JSON (ZeRO stage etc.) when distributed is deepspeed
     tensorboard: bool = True
     plot: bool = True
     progress: bool = True
@@ -109,6 +111,9 @@ class TrainConfig:
         check(self.log_every >= 1, "log_every must be >= 1")
         check(self.save_every_steps is None or self.save_every_steps >= 1, "save_every_steps must be >= 1 or null")
         check(self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0 or null")
+        from .distributed import STRATEGIES
+
+        check(self.distributed in STRATEGIES, f"distributed={self.distributed!r} is not one of {list(STRATEGIES)}")
         if self.trainable is not None:
             from ..model import GROUPS
 
