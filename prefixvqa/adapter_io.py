@@ -31,42 +31,69 @@ TENSORS_NAME = "mapper.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_MODES = ("lora", "prompt_tuning", "prefix_tuning")
+INSIDE = "./"  # a decoder.name starting with this is a folder inside the adapter folder (a merged export)
 
 
 class AdapterLoadError(ValueError):
     """An adapter folder does not match what it claims or what it is loaded onto; the message says what differs."""
 
 
-def trained_state(model: "MedVQAAdapter") -> dict[str, torch.Tensor]:
-    """Non-peft tensors that differ from the base models: the mapper, and encoder/decoder only if they train."""
-    parts = {"mapper": model.mapper}
+PART_PREFIX = {"mapper": "mapper.", "encoder": "encoder.visual.", "decoder": "decoder."}  # in the model's names
+
+
+def stored_parts(model: "MedVQAAdapter") -> list[str]:
+    """Non-peft parts an adapter folder holds: the mapper; the encoder when it is not frozen; the decoder's base
+    weights in `full` mode only when they may differ from the base model (trained now or by an earlier curriculum
+    stage, LoRA merged in, or loaded from a folder that stored them). A full-mode decoder that only sat frozen
+    while the mapper trained is rebuilt from its base model (checked by fingerprint) instead of being copied."""
+    parts = ["mapper"]
     if not model.config.encoder.freeze:
-        parts["encoder"] = model.encoder.visual
-    if model.config.tuning.mode == "full":
-        parts["decoder"] = model.decoder
+        parts.append("encoder")
+    if model.config.tuning.mode == "full" and ("decoder" in model.changed_parts or
+                                               any(p.requires_grad for p in model.decoder.parameters())):
+        parts.append("decoder")
+    return parts
+
+
+def trained_state(model: "MedVQAAdapter", state_dict: dict[str, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The tensors `mapper.safetensors` holds (see `stored_parts`), from the live model or a gathered state dict."""
+    state = model.state_dict() if state_dict is None else state_dict
     # clone: tied weights (e.g. GPT-2's lm_head and wte) share storage, which safetensors refuses to write
-    return {f"{part}.{k}": v.detach().cpu().contiguous().clone()
-            for part, module in parts.items() for k, v in module.state_dict().items()}
+    return {f"{part}.{k[len(PART_PREFIX[part]):]}": v.detach().cpu().contiguous().clone()
+            for part in stored_parts(model) for k, v in state.items() if k.startswith(PART_PREFIX[part])}
 
 
-def save_adapter(model: "MedVQAAdapter", path: str | Path, card: dict[str, Any] | None = None) -> Path:
+def save_adapter(model: "MedVQAAdapter", path: str | Path, card: dict[str, Any] | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        write_adapter_files(model, tmp, card, state_dict)
+        write_manifest(tmp)
+    return path
+
+
+def write_adapter_files(model: "MedVQAAdapter", folder: Path, card: dict[str, Any] | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None,
+                        config: AdapterConfig | None = None) -> None:
+    """The adapter files into an existing (temporary) folder; the caller writes the manifest and renames."""
     from safetensors.torch import save_file
 
     from . import __version__
 
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        cfg = model.config.replace(fingerprints=dict(model.base_fingerprints), version=__version__)
-        if model.config.tuning.mode in PEFT_MODES:
-            model.decoder.save_pretrained(str(tmp))  # peft's adapter_config.json + adapter_model.safetensors
-        save_file(trained_state(model), str(tmp / TENSORS_NAME), metadata={"format": "pt", "library": "prefixvqa"})
-        model.processor.save_pretrained(tmp)  # tokenizer files + processor_config.json
-        (tmp / CONFIG_NAME).write_text(cfg.to_json() + "\n")
-        (tmp / "README.md").write_text(model_card(cfg, card or {}))
-        if card and card.get("metrics"):
-            (tmp / "metrics.json").write_text(json.dumps(card["metrics"], indent=2, sort_keys=True) + "\n")
-        write_manifest(tmp)
-    return path
+    cfg = (config or model.config).replace(fingerprints=dict(model.base_fingerprints), version=__version__)
+    if model.config.tuning.mode in PEFT_MODES:  # peft's adapter_config.json + adapter_model.safetensors
+        kwargs = {}
+        if state_dict is not None:
+            kwargs["state_dict"] = {k[len("decoder."):]: v for k, v in state_dict.items() if k.startswith("decoder.")}
+        model.decoder.save_pretrained(str(folder), **kwargs)
+    save_file(trained_state(model, state_dict), str(folder / TENSORS_NAME),
+              metadata={"format": "pt", "library": "prefixvqa"})
+    model.processor.save_pretrained(folder)  # tokenizer files + processor_config.json
+    (folder / CONFIG_NAME).write_text(cfg.to_json() + "\n")
+    (folder / "README.md").write_text(model_card(cfg, card or {}))
+    if card and card.get("metrics"):
+        (folder / "metrics.json").write_text(json.dumps(card["metrics"], indent=2, sort_keys=True) + "\n")
 
 
 def resolve_adapter(path: str | Path) -> Path:
@@ -98,6 +125,8 @@ def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: 
         cfg = AdapterConfig.from_dict(json.loads(cfg_path.read_text()))
     except (json.JSONDecodeError, ConfigError) as exc:
         raise AdapterLoadError(f"{cfg_path}: {exc}") from None
+    if cfg.decoder.name.startswith(INSIDE):  # a decoder shipped inside the folder (`prefixvqa export --merge`)
+        cfg = cfg.replace(decoder={"name": str(folder / cfg.decoder.name[len(INSIDE):])})
     saved = dict(cfg.fingerprints)
     if overrides:
         cfg = cfg.replace(**overrides)
@@ -149,18 +178,23 @@ def _compare(file: Path, got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 
 
 def _load_tensors(model: "MedVQAAdapter", file: Path) -> None:
+    """Strict per part: the mapper (and a trainable encoder) must be there; a full-mode decoder is optional (absent:
+    the base model's weights stand), but when present every one of its keys must be."""
     from safetensors.torch import load_file
 
     if not file.is_file():
         raise AdapterLoadError(f"{file} is missing")
     got = load_file(str(file))
-    want = trained_state(model)
-    _compare(file, got, want)
     modules = {"mapper": model.mapper, "encoder": model.encoder.visual, "decoder": model.decoder}
-    for part, module in modules.items():
+    expected = ["mapper"] + (["encoder"] if not model.config.encoder.freeze else [])
+    if model.config.tuning.mode == "full" and any(k.startswith("decoder.") for k in got):
+        expected.append("decoder")
+    want = {f"{part}.{k}": v for part in expected for k, v in modules[part].state_dict().items()}
+    _compare(file, got, want)
+    for part in expected:
         state = {k[len(part) + 1:]: v for k, v in got.items() if k.startswith(part + ".")}
-        if state:
-            module.load_state_dict(state, strict=True)
+        modules[part].load_state_dict(state, strict=True)
+    model.changed_parts.update(p for p in expected if p != "mapper")
 
 
 def _load_peft(model: "MedVQAAdapter", folder: Path) -> None:

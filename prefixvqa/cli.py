@@ -98,6 +98,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_merged
+    from .model import MedVQAAdapter
+
+    if not args.merge:
+        raise ValueError("prefixvqa export needs --merge: the adapter folder itself is already the shareable unit; "
+                         "--merge writes a merged full-precision decoder + mapper + processor loadable without peft")
+    folder, caveat = export_merged(MedVQAAdapter.from_pretrained(args.adapter), args.out, args.dtype)
+    print(f"merged export: {folder} (decoder in {folder / 'decoder'}; load with MedVQAAdapter.from_pretrained)")
+    if caveat:
+        print(f"precision: {caveat}", file=sys.stderr)
+    return 0
+
+
+def cmd_fit_check(args: argparse.Namespace) -> int:
+    from .fitcheck import fit_check
+    from .train.recipe import load_recipe
+
+    reports = fit_check(load_recipe(args.recipe, args.set), args.gpu_mem, stage=args.stage,
+                        batch_size=args.batch_size, text_len=args.text_len, answer_len=args.answer_len,
+                        num_processes=args.num_processes, decoder_config=args.decoder_config,
+                        encoder_config=args.encoder_config, reserve=args.reserve)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print("\n\n".join(r.format() for r in reports))
+    return 0 if all(r.fits is not False for r in reports) else 1
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .presets import list_presets, preset_info
 
@@ -167,6 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int)
     s.add_argument("--seed", type=int)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("export", help="write a merged full-precision decoder + mapper + processor (no peft needed)")
+    s.add_argument("adapter")
+    s.add_argument("--merge", action="store_true", help="fold LoRA into the decoder (dequantising a 4/8-bit base)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="merged weights' dtype (default: the adapter's decoder.dtype)")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("fit-check", help="predict a recipe's training-step GPU memory before loading anything")
+    s.add_argument("recipe")
+    s.add_argument("--gpu-mem", help="GPU memory to fit in, e.g. 11GB (GB = GiB = 2^30 bytes)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    s.add_argument("--stage", help="one curriculum stage (default: every stage)")
+    s.add_argument("--batch-size", type=int, help="per-process batch (default: the recipe's)")
+    s.add_argument("--text-len", type=int, help="text tokens per sample (default: template.max_length)")
+    s.add_argument("--answer-len", type=int, default=32, help="supervised tokens per sample (default 32)")
+    s.add_argument("--num-processes", type=int, help="processes sharing the model under fsdp/deepspeed")
+    s.add_argument("--decoder-config", help="a transformers config.json when the decoder's is not available")
+    s.add_argument("--encoder-config", help="an open_clip model config JSON when the encoder's is not available")
+    s.add_argument("--reserve", default="0.75GB", help="CUDA context + allocator slack added before comparing")
+    s.add_argument("--json", action="store_true", help="print the reports as JSON")
+    s.set_defaults(func=cmd_fit_check)
 
     s = sub.add_parser("presets", help="list the named adapter presets")
     s.set_defaults(func=cmd_presets)

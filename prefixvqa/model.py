@@ -75,6 +75,9 @@ class MedVQAAdapter(nn.Module):
         self.base_fingerprints = {"encoder": fingerprint(encoder.visual, {"name": config.encoder.name}),
                                   "decoder": decoder_fingerprint(decoder)}
         self.encoder = encoder
+        # parts whose weights may differ from their base model (trained or set to train, merged into, or loaded
+        # from an adapter that stored them): an adapter folder stores a full-mode decoder only when it is here
+        self.changed_parts: set[str] = set()
         self.mapper = build_mapper(self.config.mapper)
         with torch.no_grad():
             prefix_length = self.mapper.eval()(torch.zeros(1, num_tokens, feat_dim)).shape[1]
@@ -106,10 +109,13 @@ class MedVQAAdapter(nn.Module):
 
         return load_adapter(cls, path, strict=strict, **overrides)
 
-    def save_pretrained(self, path: str | Path, *, card: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(self, path: str | Path, *, card: dict[str, Any] | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the adapter folder. `state_dict` (this model's names, full tensors) replaces the live tensors:
+        what a sharded run gathers to rank 0 (see prefixvqa/train/distributed.py)."""
         from .adapter_io import save_adapter
 
-        return save_adapter(self, path, card=card)
+        return save_adapter(self, path, card=card, state_dict=state_dict)
 
     # --- core forward -------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
@@ -459,11 +465,14 @@ class MedVQAAdapter(nn.Module):
         unknown = set(groups) - set(GROUPS)
         if unknown:
             raise ConfigError(f"unknown parameter group(s) {sorted(unknown)}; expected some of {list(GROUPS)}")
+        self.changed_parts.update(g for g in groups if g in ("encoder", "decoder"))
         for group, params in self.parameter_groups().items():
             for _, p in params:
                 p.requires_grad_(group in groups and p.dtype.is_floating_point)
 
     def _set_group(self, group: str, trainable: bool) -> None:
+        if trainable and group in ("encoder", "decoder"):
+            self.changed_parts.add(group)
         for _, p in self.parameter_groups()[group]:
             p.requires_grad_(trainable and p.dtype.is_floating_point)
 

@@ -225,6 +225,8 @@ def retune(model: MedVQAAdapter, tuning: dict[str, Any]) -> None:
         model.decoder = apply_tuning(base, new, quantized=bool(model.config.decoder.quantization),
                                      checkpointing=model.config.decoder.gradient_checkpointing)
         model.config = new_cfg
+        if old.mode == "lora":
+            model.changed_parts.add("decoder")  # the trained LoRA now lives in the decoder's weights
         return
     raise ConfigError(f"curriculum: switching tuning from {old.mode!r} to {new.mode!r} (or changing LoRA settings) "
                       "would drop trained decoder weights from the saved adapter; allowed: same tuning, from "

@@ -378,6 +378,7 @@ class Trainer:
         if not groups:
             raise ConfigError("train: no trainable parameters (set train.trainable or the model's tuning)")
         self.group_names = list(groups)
+        model.changed_parts.update(g for g in groups if g in ("encoder", "decoder"))
         if cfg.gradient_checkpointing:
             model.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         encoder_trains = "encoder" in groups

@@ -1,0 +1,162 @@
+"""`prefixvqa export ADAPTER --merge --out DIR`: one folder that needs neither peft nor bitsandbytes.
+
+    DIR/decoder/                 a plain transformers model (config.json, model.safetensors, tokenizer): the base
+                                 weights with every LoRA delta added, in full precision
+    DIR/prefixvqa_config.json    tuning.mode "frozen", decoder.name "./decoder" (resolved against DIR on load)
+    DIR/mapper.safetensors, processor files, README.md, manifest.sha256.json
+
+Merging works in the linear orientation (out, in) for every layer kind: a bitsandbytes 4-bit/8-bit weight is
+dequantised first, a transformers Conv1D (GPT-2) weight is transposed in and out, and the LoRA delta is
+`B @ A * scaling`. Precision caveat for a quantised (QLoRA / 8-bit) base: the merged weights are the *dequantised*
+base plus the delta, so the export reproduces the adapter as trained (up to the float rounding of the output dtype)
+but its base weights carry the quantisation error, not the original full-precision checkpoint's values; merging
+the delta into the original weights instead would change the function the LoRA was trained against. Quantising
+the merged model again would round the (small) LoRA delta away along with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+
+if TYPE_CHECKING:
+    from .model import MedVQAAdapter
+
+DECODER_DIR = "decoder"
+PRECISION_CAVEAT = ("merged after dequantising the {quant} base: the merged weights are the dequantised base plus "
+                    "the LoRA delta, so they carry the quantisation error of the original checkpoint (they are not "
+                    "its full-precision values), and re-quantising the merged model would round the LoRA delta "
+                    "away. {how}")
+CAVEAT_HOW = {"4bit": "4-bit layers dequantise their weights to compute, so the export computes what the adapter "
+                      "computed up to {dtype} rounding.",
+              "8bit": "LLM.int8 layers also round their inputs to int8 at run time; the {dtype} export does not, so "
+                      "its outputs differ from the 8-bit adapter's by that activation rounding."}
+
+
+def _bnb_kind(layer: nn.Module) -> str | None:
+    weight = getattr(layer, "weight", None)
+    name = type(weight).__name__
+    return "4bit" if name == "Params4bit" else "8bit" if name == "Int8Params" else None
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """A bitsandbytes layer's weight as float32 (out, in); undoes bitsandbytes' CPU inference packing first."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    weight = layer.weight
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        raise ConfigError("this model has run bitsandbytes' CPU inference kernel, which repacks 4-bit weights with "
+                          "bfloat16 statistics (lossy); export from a freshly loaded adapter (`prefixvqa export` "
+                          "loads it from its folder)")
+    return dequantize_bnb_weight(weight, state=getattr(layer, "state", None)).float()
+
+
+def _linear_weight(layer: nn.Module) -> torch.Tensor:
+    """A layer's weight as float32 in the (out, in) orientation."""
+    from transformers.pytorch_utils import Conv1D
+
+    if _bnb_kind(layer):
+        return dequantized_weight(layer)
+    weight = layer.weight.detach().float()
+    return weight.t() if isinstance(layer, Conv1D) else weight
+
+
+def _lora_delta(module: nn.Module) -> torch.Tensor | None:
+    """Sum of the active LoRA adapters' B @ A * scaling, (out, in); None for other peft layer kinds."""
+    deltas = []
+    for name in module.active_adapters:
+        if name not in getattr(module, "lora_A", {}):
+            continue
+        if getattr(module, "use_dora", {}).get(name) or name in getattr(module, "lora_magnitude_vector", {}):
+            raise ConfigError("merging DoRA adapters is not supported by prefixvqa export")
+        a, b = module.lora_A[name].weight.float(), module.lora_B[name].weight.float()
+        deltas.append(b @ a * module.scaling[name])
+    return sum(deltas) if deltas else None
+
+
+def merged_decoder(model: "MedVQAAdapter", dtype: torch.dtype) -> nn.Module:
+    """A plain transformers causal LM computing what `model.decoder` (+LoRA) computes, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.pytorch_utils import Conv1D
+
+    mode = model.config.tuning.mode
+    if mode in ("prompt_tuning", "prefix_tuning"):
+        raise ConfigError(f"tuning.mode={mode!r} learns soft prompts, which have no weights to merge into; share "
+                          "the adapter folder itself (peft loads it)")
+    source = model.decoder.get_base_model() if mode == "lora" else model.decoder
+    config = source.config.__class__.from_dict(source.config.to_dict())
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, key):
+            delattr(config, key)
+    with no_init_weights():
+        target = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    target.tie_weights()
+    modules = dict(source.named_modules())
+    lora = set()
+    if mode == "lora":
+        from peft.tuners.lora import LoraLayer
+
+        lora = {name for name, m in modules.items() if isinstance(m, LoraLayer)}
+    with torch.no_grad():
+        for module_name, module in target.named_modules():
+            local = dict(module.named_parameters(recurse=False))
+            local.update({k: b for k, b in module.named_buffers(recurse=False)
+                          if k not in module._non_persistent_buffers_set})
+            if not local:
+                continue
+            src = modules[module_name]
+            layer = src.get_base_layer() if module_name in lora else src
+            for pname, tensor in local.items():
+                if pname == "weight" and (_bnb_kind(layer) or module_name in lora):
+                    value = _linear_weight(layer)
+                    delta = _lora_delta(src) if module_name in lora else None
+                    if delta is not None:
+                        value = value + delta
+                    value = value.t() if isinstance(module, Conv1D) else value
+                else:
+                    value = getattr(layer, pname).detach().float()
+                if value.shape != tensor.shape:
+                    raise RuntimeError(f"merge: {module_name}.{pname} has shape {tuple(value.shape)}, the plain "
+                                       f"model expects {tuple(tensor.shape)}")
+                tensor.copy_(value.to(tensor.dtype))
+    return target.eval()
+
+
+def export_merged(model: "MedVQAAdapter", out: str | Path, dtype: str | None = None) -> tuple[Path, str | None]:
+    """Write the merged export of `model` into `out` (atomically); returns (folder, precision caveat or None)."""
+    from . import __version__
+    from .adapter_io import INSIDE, write_adapter_files
+    from .fileio import atomic_dir, write_manifest
+    from .model import MedVQAAdapter
+
+    quant = model.config.decoder.quantization
+    dtype_name = dtype or model.config.decoder.dtype
+    if dtype_name not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype {dtype_name!r} is not one of float32, bfloat16, float16")
+    merged = merged_decoder(model, getattr(torch, dtype_name))
+    caveat = (PRECISION_CAVEAT.format(quant=quant, how=CAVEAT_HOW[quant].format(dtype=dtype_name))
+              if quant else None)
+    cfg = model.config.replace(
+        decoder={"name": INSIDE + DECODER_DIR, "revision": None, "gguf_file": None, "model_config": None,
+                 "tokenizer": None, "dtype": dtype_name, "quantization": None, "gradient_checkpointing": False},
+        tuning={"mode": "frozen"},
+        description=(model.config.description + " " if model.config.description else "") +
+        f"Merged export (prefixvqa {__version__}) of a {model.config.tuning.mode} adapter on "
+        f"{model.config.decoder.name}." + (f" Note: {caveat}." if caveat else ""))
+    exported = MedVQAAdapter(cfg, encoder=model.encoder, decoder=merged, tokenizer=model.tokenizer)
+    exported.mapper.load_state_dict(model.mapper.state_dict())
+    exported.processor = model.processor
+    card: dict[str, Any] = {"description": cfg.description}
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(str(tmp / DECODER_DIR))
+        model.tokenizer.save_pretrained(str(tmp / DECODER_DIR))
+        write_adapter_files(exported, tmp, card)
+        write_manifest(tmp)
+    return out, caveat
