@@ -11,7 +11,6 @@ Design points:
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ from ..data.cache import FeatureCache
 from ..data.images import ImageLoadError
 from ..data.loader import BatchList, RecordDataset, make_loader, to_device
 from ..processor import record_label
+from .distributed import Distributed
 
 if TYPE_CHECKING:
     from ..data.records import VQARecord
@@ -215,11 +215,11 @@ def optimizer_tensors(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor
 
 def optimizer_from_tensors(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
+    for key, value in tensors.items():  # "state.<index or parameter name>.<state name>"
+        idx, name = key[len("state."):].rsplit(".", 1)
+        state.setdefault(int(idx) if idx.isdigit() else idx, {})[name] = value
     for idx, values in rest["scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
+        state.setdefault(int(idx) if idx.isdigit() else idx, {}).update(values)
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
@@ -228,14 +228,16 @@ def _scheduler_json(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str, Any] | None,
-                     optimizer_state: dict[str, Any] | None = None, card: dict[str, Any] | None = None) -> Path:
-    """Adapter (+ trainer_state/) into a temporary sibling, then renamed over `folder`: all or nothing."""
+                     optimizer_state: dict[str, Any] | None = None, card: dict[str, Any] | None = None,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Adapter (+ trainer_state/) into a temporary sibling, then renamed over `folder`: all or nothing.
+    `state_dict`: the full tensors a sharded run gathered (else the model's live tensors are written)."""
     from safetensors.torch import save_file
 
     from ..fileio import atomic_dir
 
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, card=card)
+        model.save_pretrained(tmp, card=card, state_dict=state_dict)
         if trainer_state is not None:
             state_dir = tmp / STATE_DIR
             state_dir.mkdir()
@@ -337,7 +339,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _make_accelerator(cfg: TrainConfig):
+def _make_accelerator(cfg: TrainConfig, **kwargs: Any):
     """Accelerator for CPU/GPU/multi-process; a torchrun launch on CPU gets a gloo process group first."""
     import torch.distributed as dist
     from accelerate import Accelerator
@@ -355,7 +357,7 @@ def _make_accelerator(cfg: TrainConfig):
         AcceleratorState._reset_state(reset_partial_state=False)
     log_with = trackers(cfg)
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                       log_with=log_with or None, project_dir=cfg.output_dir if log_with else None)
+                       log_with=log_with or None, project_dir=cfg.output_dir if log_with else None, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
@@ -368,8 +370,10 @@ class Trainer:
             raise ConfigError("train: no training records")
         self.cfg, self.train_records, self.eval_records = cfg, list(train_records), list(eval_records or [])
         self.out = Path(cfg.output_dir)
-        self.acc = _make_accelerator(cfg)
+        self.dist = Distributed(cfg)
+        self.acc = _make_accelerator(cfg, **self.dist.accelerator_kwargs())
         self.main = self.acc.is_main_process
+        self.dist.check(model, self.acc.num_processes)
         if cfg.trainable is not None:
             check_trainable(model, cfg.trainable)
             model.set_trainable(*cfg.trainable)
@@ -384,10 +388,19 @@ class Trainer:
         encoder_trains = "encoder" in groups
         self.cache = (FeatureCache.for_model(model, cfg.feature_cache)
                       if cfg.feature_cache and model.config.encoder.freeze and not encoder_trains else None)
-        optimizer = torch.optim.AdamW([{"params": ps, "lr": cfg.group_lr(g), "name": g} for g, ps in groups.items()],
-                                      weight_decay=cfg.weight_decay)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # a resumed run's trained tensors go in before the model is wrapped or sharded
+        self.resume_dir = self._resume_dir()
+        self.resume_state: tuple[dict[str, Any], dict[str, Any] | None] | None = None
+        if self.resume_dir is not None:
+            self.resume_state = read_trainer_state(self.resume_dir)
+            self._check_resume(self.resume_state[0], self.resume_dir)
+            load_weights_into(model, self.resume_dir)
         self.raw = model
+        wrapped = self.dist.shard(self.acc, model)  # FSDP replaces the parameters: the optimizer is built after
+        params = {g: [p for _, p in ps if p.requires_grad] for g, ps in model.parameter_groups().items()}
+        optimizer = torch.optim.AdamW([{"params": params[g], "lr": cfg.group_lr(g), "name": g} for g in groups],
+                                      weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = self.dist.prepare(self.acc, wrapped, optimizer)
         world = self.acc.num_processes
         self.batches_per_epoch = max(1, math.ceil(len(self.train_records) / cfg.batch_size) // world)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
@@ -401,10 +414,11 @@ class Trainer:
         self.step = self.epoch = self.position = 0
         self.skipped: list[str] = []
         self.train_sampler, self.eval_sampler = BatchList(), BatchList()
-        self.train_loader = make_loader(self._dataset(self.train_records), self.train_sampler,
-                                        num_workers=cfg.num_workers)
-        self.eval_loader = make_loader(self._dataset(self.eval_records), self.eval_sampler,
-                                       num_workers=cfg.num_workers) if self.eval_records else None
+        with self.dist.full_params(self.model):  # the feature cache encodes images outside the forward
+            self.train_loader = make_loader(self._dataset(self.train_records), self.train_sampler,
+                                            num_workers=cfg.num_workers)
+            self.eval_loader = make_loader(self._dataset(self.eval_records), self.eval_sampler,
+                                           num_workers=cfg.num_workers) if self.eval_records else None
         self.best: float | None = None
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
@@ -445,39 +459,45 @@ class Trainer:
         scaler = self.acc.scaler.state_dict() if getattr(self.acc, "scaler", None) is not None else None
         return {"step": self.step, "epoch": self.epoch, "position": self.position, "best_metric": self.best,
                 "bad_epochs": self.bad_epochs, "rng": rngs, "world_size": self.acc.num_processes,
+                "strategy": "fsdp" if self.dist.fsdp else self.dist.strategy,
                 "scheduler": _scheduler_json(self.scheduler.state_dict()), "scaler": scaler,
                 "skipped_images": self.skipped, "groups": self.group_names, "config": self.cfg.to_dict()}
 
     def save_last(self) -> None:
-        state = self._state()  # every rank joins the gather
+        state = self._state()  # every rank joins the gathers: random states, sharded tensors, optimizer state
+        weights = self.dist.gathered_state(self.acc, self.model, self.raw)
+        optimizer = self.dist.optimizer_state(self.model, self.optimizer)
         if self.main:
-            write_checkpoint(self.raw, self.out / "last", state, self.optimizer.state_dict())
+            write_checkpoint(self.raw, self.out / "last", state, optimizer, state_dict=weights)
         self.acc.wait_for_everyone()
 
     def save_best(self, metrics: dict[str, Any]) -> None:
+        weights = self.dist.gathered_state(self.acc, self.model, self.raw)
         if self.main:
-            write_checkpoint(self.raw, self.out / "best", None, card={"metrics": metrics})
+            write_checkpoint(self.raw, self.out / "best", None, card={"metrics": metrics}, state_dict=weights)
         self.acc.wait_for_everyone()
 
-    def resume(self, folder: Path) -> None:
-        state, opt = read_trainer_state(folder)
+    def _check_resume(self, state: dict[str, Any], folder: Path) -> None:
         if state.get("groups") != self.group_names:
             raise ConfigError(f"resume from {folder}: trained groups {state.get('groups')} but this run trains "
                               f"{self.group_names}")
-        load_weights_into(self.raw, folder)
+        self.dist.check_resume(state, self.acc.num_processes, folder)
+
+    def resume(self, folder: Path) -> None:
+        """Restore the optimizer, scheduler, counters and random state (the weights went in before wrapping)."""
+        state, opt = self.resume_state if self.resume_state is not None else read_trainer_state(folder)
+        if self.resume_state is None:
+            self._check_resume(state, folder)
+            load_weights_into(self.raw, folder)
         if opt is not None:
-            self.optimizer.load_state_dict(opt)
+            self.dist.load_optimizer(self.model, self.optimizer, opt)
         self.scheduler.load_state_dict({**self.scheduler.state_dict(), **state["scheduler"]})
         if state.get("scaler") and getattr(self.acc, "scaler", None) is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best, self.bad_epochs = state["best_metric"], state["bad_epochs"]
         self.skipped = list(state.get("skipped_images", []))
-        rngs = state["rng"]
-        if len(rngs) != self.acc.num_processes:
-            warnings.warn(f"resume: checkpoint was written by {len(rngs)} process(es), this run has "
-                          f"{self.acc.num_processes}; random state is not restored exactly", stacklevel=2)
-        set_rng_state(rngs[min(self.acc.process_index, len(rngs) - 1)])
+        set_rng_state(state["rng"][self.acc.process_index])  # same world size: checked before loading
 
     # --- evaluation -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -494,25 +514,27 @@ class Trainer:
         size = cfg.eval_batch_size or cfg.batch_size
         total = count = 0.0
         try:
-            if cfg.metric == "loss":
-                self.eval_sampler.set([idx[s:s + size] for s in range(0, len(idx), size)])
-                for batch in self.eval_loader:
-                    inputs = self._check(batch)
-                    if inputs is not None:
-                        with self.acc.autocast():
-                            total += float(model(**inputs).loss) * len(batch["ids"])
-                        count += len(batch["ids"])
-            elif idx:
-                data = self.eval_loader.dataset
-                recs = [self.eval_records[i] for i in idx]
-                keys = [data.cache_keys[i] for i in idx] if data.cache_keys is not None else None
-                with self.acc.autocast():
-                    rows = predict(model, recs, [r.choices or None for r in recs], size,
-                                   {"max_new_tokens": cfg.max_new_tokens}, progress=False,
-                                   num_workers=cfg.num_workers, cache=data.cache, cache_keys=keys,
-                                   on_error=self._bad_image)
-                done = [(row, r) for row, r in zip(rows, recs) if row is not None]
-                total, count = sum(exact_match(row["prediction"], r.answer) for row, r in done), len(done)
+            # sharded weights are gathered once: ranks may run different numbers of forwards here
+            with self.dist.full_params(self.model):
+                if cfg.metric == "loss":
+                    self.eval_sampler.set([idx[s:s + size] for s in range(0, len(idx), size)])
+                    for batch in self.eval_loader:
+                        inputs = self._check(batch)
+                        if inputs is not None:
+                            with self.acc.autocast():
+                                total += float(model(**inputs).loss) * len(batch["ids"])
+                            count += len(batch["ids"])
+                elif idx:
+                    data = self.eval_loader.dataset
+                    recs = [self.eval_records[i] for i in idx]
+                    keys = [data.cache_keys[i] for i in idx] if data.cache_keys is not None else None
+                    with self.acc.autocast():
+                        rows = predict(model, recs, [r.choices or None for r in recs], size,
+                                       {"max_new_tokens": cfg.max_new_tokens}, progress=False,
+                                       num_workers=cfg.num_workers, cache=data.cache, cache_keys=keys,
+                                       on_error=self._bad_image)
+                    done = [(row, r) for row, r in zip(rows, recs) if row is not None]
+                    total, count = sum(exact_match(row["prediction"], r.answer) for row, r in done), len(done)
         finally:
             model.train(was)
         sums = torch.tensor([total, count], dtype=torch.float64, device=self.acc.device)
@@ -532,9 +554,8 @@ class Trainer:
         cfg = self.cfg
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-        resume_dir = self._resume_dir()
-        if resume_dir is not None:
-            self.resume(resume_dir)
+        if self.resume_dir is not None:
+            self.resume(self.resume_dir)
         else:
             from accelerate.utils import set_seed
 
@@ -599,18 +620,17 @@ class Trainer:
                     loss = sum(p.sum() * 0.0 for p in self.raw.parameters() if p.requires_grad)
                 else:
                     running, n_running = running + float(loss.detach()), n_running + 1
-                ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
-                with ctx:
-                    acc.backward(loss / cfg.grad_accum)
+                with self.dist.no_sync(acc, self.model, sync):
+                    self.dist.backward(acc, loss, cfg.grad_accum)
                 micro += 1
                 self.position = index + 1
                 if not sync:
                     continue
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
-                    grad_norm = float(acc.clip_grad_norm_([p for g in self.optimizer.param_groups
-                                                           for p in g["params"]], cfg.max_grad_norm))
-                    if not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16":
+                    grad_norm = self.dist.clip_grad_norm(acc, [p for g in self.optimizer.param_groups
+                                                               for p in g["params"]], cfg.max_grad_norm)
+                    if grad_norm is not None and not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16":
                         self.history.append({"kind": "stop", "step": self.step, "reason": "non-finite loss"})
                         logger(self.history[-1])
                         return "non-finite loss"

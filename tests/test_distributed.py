@@ -1,0 +1,229 @@
+"""Many processes, one adapter format: 2-process CPU runs under torchrun (gloo) with DDP and FSDP.
+
+`accelerate launch --cpu --num_processes 2` starts a single process on CPU, so these use
+`torchrun --nproc_per_node=2`, which is what `accelerate launch` runs on GPUs too. The trainer is unchanged: the
+same script runs in-process (one process) and under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+torch = pytest.importorskip("torch")
+
+from prefixvqa.config import ConfigError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+pytestmark = pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_gloo_available(),
+                                reason="torchrun with the gloo backend is not available")
+
+# 12 records in batches of 3: 4 batches per epoch. Two ranks with one batch each per step see exactly the batches one
+# process sees with grad_accum=2, so the weights must match. No dropout anywhere (tiny Llama, LoRA and mapper dropout
+# 0): ranks would draw different random masks than one process.
+SCRIPT = textwrap.dedent("""
+    import os, signal, sys, json
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from pathlib import Path
+    from safetensors.torch import save_file
+    from prefixvqa.train import TrainConfig, train
+    from prefixvqa.train import trainer as T
+    from prefixvqa.data.synthetic import colour_records
+    from prefixvqa.train.recipe import build_model
+
+    MODEL = {"tiny": "llama", "config": {"mapper": {"prefix_length": 2}, "tuning": {"dropout": 0.0}}}
+
+    def run(work, out, kill_at, extra):
+        if kill_at:
+            original = T.Trainer.save_last
+            def save_then_die(self):
+                original(self)
+                if self.step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            T.Trainer.save_last = save_then_die
+        torch.manual_seed(0)
+        model = build_model(MODEL, work)
+        cfg = TrainConfig(output_dir=str(out), epochs=2, batch_size=3, seed=3, warmup=0.2, schedule="cosine",
+                          save_every_steps=1, lr={"mapper": 1e-2, "lora": 1e-2}, progress=False, tensorboard=False,
+                          plot=False, **extra)
+        result = train(model, colour_records(12), colour_records(4, seed=1), cfg)
+        held = {}
+        for name, p in model.named_parameters():  # what this rank holds (sharded tensors gathered: all ranks)
+            if p.requires_grad:
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                held[name] = full.detach().clone().contiguous()
+        save_file(held, str(Path(out) / f"rank{os.environ.get('RANK', '0')}.safetensors"))
+        print("SHARDED", sum(hasattr(p, "full_tensor") for p in model.parameters()), "of",
+              len(list(model.parameters())))
+        print("RESULT", result.stopped_reason, result.global_step)
+        return result
+
+    if __name__ == "__main__":
+        run(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]))
+""")
+
+
+def launch(work: Path, out: Path, kill_at: int = 0, extra: dict | None = None, procs: int = 2,
+           port: int = 29541) -> subprocess.CompletedProcess:
+    script = work / "dist_script.py"
+    script.write_text(SCRIPT)
+    launcher = [str(TORCHRUN), f"--nproc_per_node={procs}", f"--master_port={port}"] if procs > 1 else [sys.executable]
+    cmd = [*launcher, str(script), str(work), str(out), str(kill_at), json.dumps(extra or {})]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def in_process(work: Path, out: Path, extra: dict | None = None, kill_at: int = 0):
+    namespace: dict = {"__name__": "dist_script"}
+    exec(SCRIPT, namespace)
+    return namespace["run"](work, out, kill_at, extra or {})
+
+
+def tensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(file))
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {f"mapper/{k}": v for k, v in tensors(folder / "mapper.safetensors").items()}
+    out.update({f"lora/{k}": v for k, v in tensors(folder / "adapter_model.safetensors").items()})
+    return out
+
+
+def assert_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """The tiny decoder folder is built here once, so two ranks never build it at the same time."""
+    work = tmp_path_factory.mktemp("dist")
+    from prefixvqa.train.recipe import build_model
+
+    build_model({"tiny": "llama"}, work)
+    return work
+
+
+@pytest.fixture(scope="module")
+def single(work) -> Path:
+    """One process, two micro-batches accumulated per step: the same global batches as two ranks."""
+    out = work / "single"
+    assert in_process(work, out, {"grad_accum": 2}).stopped_reason == "completed"
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp(work) -> Path:
+    out = work / "ddp"
+    run = launch(work, out)
+    assert run.returncode == 0 and "RESULT completed 4" in run.stdout, (run.stdout + run.stderr)[-3000:]
+    assert "SHARDED 0 of" in run.stdout  # DDP: whole replicas
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_ranks_hold_identical_weights_equal_to_one_process(ddp, single):
+    rank0, rank1 = tensors(ddp / "rank0.safetensors"), tensors(ddp / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and rank0
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k  # DDP replicas stay bit-identical
+    assert_close(rank0, tensors(single / "rank0.safetensors"), atol=1e-6)
+    # only rank 0 wrote, and what it wrote is the ordinary adapter folder, equal to a one-process run's
+    assert_close(adapter_tensors(ddp / "last"), adapter_tensors(single / "last"), atol=1e-6)
+    state = json.loads((ddp / "last" / "trainer_state" / "state.json").read_text())
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["strategy"] == "ddp"
+    from prefixvqa.model import MedVQAAdapter
+
+    MedVQAAdapter.from_pretrained(ddp / "last")
+    leftovers = [p.name for p in ddp.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert not leftovers
+
+
+@pytest.mark.slow
+def test_kill_and_resume_under_two_processes_is_exact(work, ddp):
+    cut = work / "ddp-cut"
+    killed = launch(work, cut, kill_at=2, port=29543)
+    assert killed.returncode != 0, killed.stdout[-2000:]
+    state = json.loads((cut / "last" / "trainer_state" / "state.json").read_text())
+    assert state["step"] == 2 and state["position"] == 2 and state["world_size"] == 2
+
+    other = work / "ddp-cut-one-process"  # a different world size is refused, naming both sizes
+    shutil.copytree(cut, other)
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\), this run has 1"):
+        in_process(work, other, {"resume": True})
+
+    resumed = launch(work, cut, extra={"resume": True}, port=29545)
+    assert resumed.returncode == 0 and "RESULT completed 4" in resumed.stdout, (resumed.stdout + resumed.stderr)[-3000:]
+    assert_close(adapter_tensors(cut / "last"), adapter_tensors(ddp / "last"), atol=1e-7)
+    a = json.loads((ddp / "last" / "trainer_state" / "state.json").read_text())
+    b = json.loads((cut / "last" / "trainer_state" / "state.json").read_text())
+    assert a["step"] == b["step"] and a["scheduler"] == b["scheduler"] and a["rng"] == b["rng"]
+
+
+@pytest.mark.slow
+def test_fsdp_full_shard_on_cpu_matches_one_process_and_resumes(work, single):
+    """torch 2.14's FSDP2 (`fully_shard`) runs on CPU with gloo; accelerate's FSDP path needs GPUs, so the trainer
+    shards with torch directly. Killed after step 2 and resumed (full optimizer state gathered and re-sharded)."""
+    out = work / "fsdp"
+    killed = launch(work, out, kill_at=2, extra={"distributed": "fsdp"}, port=29547)
+    assert killed.returncode != 0, (killed.stdout + killed.stderr)[-3000:]
+    assert json.loads((out / "last" / "trainer_state" / "state.json").read_text())["strategy"] == "fsdp"
+    run = launch(work, out, extra={"distributed": "fsdp", "resume": True}, port=29549)
+    assert run.returncode == 0 and "RESULT completed 4" in run.stdout, (run.stdout + run.stderr)[-3000:]
+    sharded = run.stdout.split("SHARDED ")[1].split()
+    assert sharded[0] == sharded[2] != "0"  # every parameter became a DTensor shard
+    rank0, rank1 = tensors(out / "rank0.safetensors"), tensors(out / "rank1.safetensors")
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+    assert_close(rank0, tensors(single / "rank0.safetensors"), atol=1e-5)
+    assert_close(adapter_tensors(out / "last"), adapter_tensors(single / "last"), atol=1e-5)
+    from prefixvqa.model import MedVQAAdapter
+
+    MedVQAAdapter.from_pretrained(out / "best")  # gathered to rank 0: an ordinary one-process adapter
+
+
+def test_strategy_choice_and_refusals(monkeypatch, tmp_path):
+    from prefixvqa.train import TrainConfig
+    from prefixvqa.train.distributed import Distributed, strategy_of
+
+    assert strategy_of(TrainConfig()) == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --config_file recipes/launch/fsdp...
+    assert strategy_of(TrainConfig()) == "fsdp"
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert strategy_of(TrainConfig(distributed="deepspeed", deepspeed_config=str(ds))) == "zero3"
+    with pytest.raises(ConfigError, match="distributed"):
+        TrainConfig(distributed="horovod")
+    dist = Distributed(TrainConfig(distributed="deepspeed", deepspeed_config=str(ds)))
+    with pytest.raises(ConfigError, match="DeepSpeed is not supported"):
+        dist.check_resume({"world_size": 8}, 8, tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs CUDA"):
+            dist.accelerator_kwargs()
+
+
+def test_sharding_refuses_quantised_decoders_and_one_process(work):
+    from prefixvqa.train import TrainConfig
+    from prefixvqa.train.distributed import Distributed
+    from prefixvqa.train.recipe import build_model
+
+    model = build_model({"tiny": "llama"}, work)
+    with pytest.raises(ConfigError, match="several processes"):
+        Distributed(TrainConfig(distributed="fsdp")).check(model, 1)
+    model.config = model.config.replace(decoder={"quantization": "4bit", "model_config": None})
+    with pytest.raises(ConfigError, match="cannot shard a bitsandbytes 4bit decoder"):
+        Distributed(TrainConfig(distributed="fsdp")).check(model, 2)
