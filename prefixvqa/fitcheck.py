@@ -191,7 +191,6 @@ class FakeParts:
 
 def build_fake(cfg: AdapterConfig, arch: Architecture) -> FakeParts:
     """Encoder tower, mapper and decoder (+ peft) as FakeTensorMode modules; call inside `fake_mode()`."""
-    from open_clip.model import _build_vision_tower
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -199,9 +198,7 @@ def build_fake(cfg: AdapterConfig, arch: Architecture) -> FakeParts:
     from .mappers import build_mapper
     from .vision import VisionEncoder
 
-    vision_cfg = arch.encoder["vision_cfg"]
-    visual = _build_vision_tower(arch.encoder["embed_dim"], vision_cfg, arch.encoder.get("quick_gelu", False))
-    encoder = VisionEncoder(visual, None, cfg.encoder)
+    encoder = VisionEncoder(vision_tower(arch), None, cfg.encoder)
     encoder.requires_grad_(not cfg.encoder.freeze)
     num_tokens, feat_dim = encoder.output_shape()
     dtype = getattr(torch, cfg.decoder.dtype)
@@ -220,6 +217,26 @@ def build_fake(cfg: AdapterConfig, arch: Architecture) -> FakeParts:
     no_split = set(getattr(_base(decoder), "_no_split_modules", None) or [])
     layers = [m for m in decoder.modules() if type(m).__name__ in no_split]
     return FakeParts(encoder, mapper, decoder, quantized, layers, num_tokens, feat_dim)
+
+
+def vision_tower(arch: Architecture) -> nn.Module:
+    """open_clip's image tower for the architecture, with fake weights. Built on the meta device outside fake mode
+    (timm reads a few real scalars while building), then given fake storage-less tensors of the same shapes."""
+    from open_clip.model import _build_vision_tower
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.device("meta"):
+        visual = _build_vision_tower(arch.encoder["embed_dim"], arch.encoder["vision_cfg"],
+                                     arch.encoder.get("quick_gelu", False))
+    for module in visual.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                        requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
+    return visual
 
 
 def _base(decoder: nn.Module) -> nn.Module:
@@ -603,13 +620,12 @@ def recipe_plans(recipe: Any, stage: str | None = None, batch_size: int | None =
                  answer_len: int = 32, num_processes: int | None = None, workdir: Path | None = None
                  ) -> list[StepPlan]:
     """One StepPlan per recipe stage (or the single training run), from the recipe alone."""
-    import tempfile
-
     from .train.distributed import strategy_of
     from .train.recipe import STAGE_KEYS, recipe_config
     from .train.trainer import TrainConfig
 
-    base_cfg = recipe_config(recipe.model, workdir or Path(tempfile.mkdtemp(prefix="prefixvqa-fitcheck-")))
+    # a `tiny:` recipe builds its tiny decoder where training would (its output_dir): a few kB of config/tokenizer
+    base_cfg = recipe_config(recipe.model, workdir or Path(TrainConfig.from_dict(recipe.train).output_dir))
     stages = recipe.stages or [{"name": "train"}]
     if stage is not None:
         stages = [s for s in stages if s.get("name") == stage]
@@ -651,15 +667,11 @@ def _default_groups(cfg: AdapterConfig) -> list[str]:
 
 def plan_tokens(plan: StepPlan, arch: Architecture) -> StepPlan:
     """Add the visual prefix to the text length: the decoder sees prefix + text tokens."""
+    from .mappers import prefix_length
+    from .vision import VisionEncoder
+
     with fake_mode():
-        from open_clip.model import _build_vision_tower
-
-        from .mappers import prefix_length
-        from .vision import VisionEncoder
-
-        visual = _build_vision_tower(arch.encoder["embed_dim"], arch.encoder["vision_cfg"],
-                                     arch.encoder.get("quick_gelu", False))
-        n, _ = VisionEncoder(visual, None, plan.config.encoder).output_shape()
+        n, _ = VisionEncoder(vision_tower(arch), None, plan.config.encoder).output_shape()
     plan.text_len += prefix_length(plan.config.mapper, n)
     return plan
 
