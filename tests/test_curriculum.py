@@ -143,3 +143,38 @@ def test_curriculum_switches_tuning_between_stages(tmp_path):
     assert (tmp_path / "instruct" / "last" / "adapter_model.safetensors").is_file()
     final = MedVQAAdapter.from_pretrained(result.final_dir)
     assert final.config.tuning.mode == "full"
+
+
+def test_stage_checkpoints_store_what_the_stage_trained(tmp_path):
+    """LLaVA-Med's curriculum in full mode: an align stage that trains only the mapper writes no copy of the frozen
+    decoder (it is rebuilt from its base model, checked by fingerprint); the stage that fine-tunes the decoder
+    stores it; a later mapper-only stage still stores it, since rebuilding needs the decoder an earlier stage trained."""
+    from safetensors import safe_open
+
+    from prefixvqa.model import MedVQAAdapter
+
+    recipe = {
+        "model": {"tiny": "gpt2", "config": {"tuning": {"mode": "full"}}},
+        "data": {"train": {"format": "synthetic", "n": 4, "kind": "closed"}},
+        "train": {"output_dir": str(tmp_path), "batch_size": 4, "epochs": 1, "progress": False,
+                  "tensorboard": False, "plot": False, "lr": {"mapper": 5e-3, "decoder": 1e-3}},
+        "stages": [{"name": "align", "trainable": ["mapper"]},
+                   {"name": "instruct", "trainable": ["mapper", "decoder"]},
+                   {"name": "polish", "trainable": ["mapper"]}],
+    }
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_recipe(load_recipe(path))
+
+    def parts(stage: str) -> set[str]:
+        with safe_open(str(tmp_path / stage / "last" / "mapper.safetensors"), "pt") as f:
+            return {k.split(".")[0] for k in f.keys()}
+
+    assert parts("align") == {"mapper"}
+    assert parts("instruct") == parts("polish") == {"mapper", "decoder"}
+    align = MedVQAAdapter.from_pretrained(tmp_path / "align" / "last")  # the decoder comes from its base model
+    instruct = MedVQAAdapter.from_pretrained(tmp_path / "instruct" / "last")
+    polish = MedVQAAdapter.from_pretrained(tmp_path / "polish" / "last")
+    name, trained = next((n, p) for n, p in instruct.decoder.named_parameters() if n.endswith("c_attn.weight"))
+    assert torch.equal(dict(polish.decoder.named_parameters())[name], trained)
+    assert not torch.equal(dict(align.decoder.named_parameters())[name], trained)
