@@ -227,3 +227,30 @@ def test_sharding_refuses_quantised_decoders_and_one_process(work):
     model.config = model.config.replace(decoder={"quantization": "4bit", "model_config": None})
     with pytest.raises(ConfigError, match="cannot shard a bitsandbytes 4bit decoder"):
         Distributed(TrainConfig(distributed="fsdp")).check(model, 2)
+
+
+@pytest.mark.parametrize("kind, strategy", [("ddp", "ddp"), ("fsdp", "fsdp"), ("zero2", "zero2"), ("zero3", "zero3")])
+def test_launch_configs_for_8_gpus(monkeypatch, kind, strategy):
+    """recipes/launch/: accelerate reads each config; the environment `accelerate launch` derives from it selects the
+    trainer's strategy; the DeepSpeed JSONs take the run's accumulation and clipping through accelerate's plugin."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from prefixvqa.train import TrainConfig
+    from prefixvqa.train.distributed import strategy_of
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "recipes" / "launch" / f"accelerate_{kind}_8gpu.yaml"))
+    assert config.num_processes == 8 and config.mixed_precision == "bf16"
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    if config.distributed_type == "FSDP":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    if config.distributed_type == "DEEPSPEED":
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        file = ROOT / config.deepspeed_config["deepspeed_config_file"]
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(file))
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin(hf_ds_config=str(file), gradient_accumulation_steps=4, gradient_clipping=1.0)
+        assert plugin.deepspeed_config["gradient_accumulation_steps"] == 4
+        assert plugin.deepspeed_config["gradient_clipping"] == 1.0 and plugin.zero_stage == int(kind[-1])
+    assert strategy_of(TrainConfig()) == strategy

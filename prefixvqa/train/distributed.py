@@ -38,10 +38,15 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
+def deepspeed_file(cfg: "TrainConfig") -> str | None:
+    """The DeepSpeed JSON: train.deepspeed_config, else the one `accelerate launch --config_file` names."""
+    return cfg.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+
+
 def deepspeed_stage(cfg: "TrainConfig") -> int:
     """ZeRO stage of the run's DeepSpeed config (file), or of `accelerate launch`'s environment."""
-    if cfg.deepspeed_config:
-        path = Path(cfg.deepspeed_config)
+    if deepspeed_file(cfg):
+        path = Path(deepspeed_file(cfg))
         if not path.is_file():
             raise ConfigError(f"train.deepspeed_config: {path} not found")
         try:
@@ -104,8 +109,9 @@ class Distributed:
         kwargs: dict[str, Any] = {"gradient_accumulation_steps": self.cfg.grad_accum}
         if self.cfg.max_grad_norm is not None:
             kwargs["gradient_clipping"] = self.cfg.max_grad_norm
-        plugin = DeepSpeedPlugin(hf_ds_config=self.cfg.deepspeed_config, **kwargs) if self.cfg.deepspeed_config \
-            else DeepSpeedPlugin(zero_stage=int(self.strategy[-1]), **kwargs)
+        file = deepspeed_file(self.cfg)
+        plugin = DeepSpeedPlugin(hf_ds_config=file, **kwargs) if file else \
+            DeepSpeedPlugin(zero_stage=int(self.strategy[-1]), **kwargs)
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.batch_size  # no dataloader is prepared
         return {"deepspeed_plugin": plugin, "gradient_accumulation_steps": self.cfg.grad_accum}
 
