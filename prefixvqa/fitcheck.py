@@ -341,7 +341,7 @@ class FitReport:
                 f"{p.strategy} x {p.num_processes} process(es)"]
         rows += [f"  weights  {k:<34} {fmt_bytes(v):>11}" for k, v in self.weights.items()]
         rows += [f"  gradients (trained weights)                 {fmt_bytes(self.gradients):>11}",
-                 f"  optimizer states (AdamW: 2 per element)     {fmt_bytes(self.optimizer):>11}"]
+                 f"  optimizer states (AdamW)                    {fmt_bytes(self.optimizer):>11}"]
         rows += [f"  activations  {k:<30} {fmt_bytes(v):>11}" for k, v in self.activations.items()]
         rows += [f"  backward transient (logit grads, recompute) {fmt_bytes(self.transient):>11}",
                  f"  predicted peak (torch max_memory_allocated) {fmt_bytes(self.peak):>11}",
@@ -374,11 +374,16 @@ def predict(plan: StepPlan, arch: Architecture, budget: int | None = None,
         _set_groups(parts, plan.groups)
         weights = weight_breakdown(parts, plan.config)
         trainable = sum(p.numel() * p.element_size() for p in _all_params(parts) if p.requires_grad)
+        trainable_numel = sum(p.numel() for p in _all_params(parts) if p.requires_grad)
         traces = {b: trace_step(parts, plan, b) for b in (1, 2)}
     w_share, g_share, o_share = _shares(plan)
     weights = {k: int(v * w_share) for k, v in weights.items()}
     gradients = int(trainable * g_share)
     optimizer = int(2 * trainable * o_share)
+    if plan.strategy.startswith("zero") and plan.mixed_precision != "no":
+        # DeepSpeed's bf16/fp16 mode keeps fp32 master weights and fp32 Adam states for its partition
+        optimizer = int(12 * trainable_numel * o_share)
+        notes.append("DeepSpeed mixed precision: fp32 master weights + fp32 AdamW states (12 bytes per element)")
     static = sum(weights.values()) + optimizer
     step_temp = gradients  # AdamW's foreach update allocates about one trained-size temporary
 
