@@ -7,6 +7,8 @@ Validation happens in `__post_init__` so a bad combination fails where it is wri
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -43,6 +45,64 @@ def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
     _check(value in allowed, f"{section}.{name}={value!r} is not one of {list(allowed)}")
 
 
+# --- declared types -------------------------------------------------------------------------------------------------
+def _options(hint: Any) -> tuple[Any, ...]:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def describe_type(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    parts = []
+    for option in _options(hint):
+        origin = typing.get_origin(option) or option
+        parts.append(names.get(option) or {list: "a list", dict: "a mapping"}.get(origin, getattr(option, "__name__",
+                                                                                                str(option))))
+    return " or ".join(parts)
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the declared type ``hint``, or a ConfigError naming ``where``.
+
+    Only lossless conversions: an int where a float is declared, and a numeric string where a number is declared
+    (YAML 1.1 reads ``1e-3`` without a dot as a string). Booleans are never numbers.
+    """
+    if hint is Any:
+        return value
+    for option in _options(hint):
+        origin, args = typing.get_origin(option), typing.get_args(option)
+        if option is type(None) and value is None:
+            return None
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if origin is list and isinstance(value, (list, tuple)):
+            return [coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+        if origin is dict and isinstance(value, dict):
+            kt, vt = args or (Any, Any)
+            return {coerce(k, kt, where): coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, str) and float in _options(hint):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) and str in _options(hint):
+        raise ConfigError(f"{where}={value!r}: expected {describe_type(hint)} (YAML reads an unquoted no/yes/off/on "
+                          f"as a boolean: quote it, e.g. '{'yes' if value else 'no'}')")
+    raise ConfigError(f"{where}={value!r}: expected {describe_type(hint)}")
+
+
+def check_types(obj: Any, section: str) -> None:
+    """Coerce every field of the dataclass ``obj`` to its declared type in place (see :func:`coerce`)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        setattr(obj, f.name, coerce(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}"))
+
+
 @dataclass
 class EncoderConfig:
     """open_clip image tower. `pretrained` is a tag ("openai"), a local checkpoint file, or None for random weights."""
@@ -58,6 +118,7 @@ class EncoderConfig:
     freeze: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self, "encoder")
         _choice("encoder", "features", self.features, FEATURE_KINDS)
         _check(bool(self.name), "encoder.name must be an open_clip model name or an 'hf-hub:' id")
 
@@ -77,6 +138,7 @@ class MapperConfig:
     out_dim: int | None = None
 
     def __post_init__(self) -> None:
+        check_types(self, "mapper")
         _choice("mapper", "kind", self.kind, MAPPER_KINDS)
         _choice("mapper", "activation", self.activation, ACTIVATIONS)
         _check(self.prefix_length >= 1, f"mapper.prefix_length must be >= 1, got {self.prefix_length}")
@@ -103,6 +165,7 @@ class DecoderConfig:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self, "decoder")
         _choice("decoder", "dtype", self.dtype, DTYPES)
         _choice("decoder", "quantization", self.quantization, QUANTIZATIONS)
         _check(self.model_config is None or "model_type" in self.model_config,
@@ -126,6 +189,7 @@ class TuningConfig:
     num_virtual_tokens: int = 10  # prompt/prefix tuning
 
     def __post_init__(self) -> None:
+        check_types(self, "tuning")
         _choice("tuning", "mode", self.mode, TUNING_MODES)
         _choice("tuning", "bias", self.bias, ("none", "all", "lora_only"))
         _check(self.r >= 1 and self.alpha > 0,
@@ -143,6 +207,7 @@ class TemplateConfig:
     max_length: int = 512  # prompt + answer tokens, excluding the visual prefix
 
     def __post_init__(self) -> None:
+        check_types(self, "template")
         _choice("template", "image_position", self.image_position, (None, *IMAGE_POSITIONS))
         _check(self.max_length >= 8, "template.max_length must be >= 8")
 

@@ -792,6 +792,19 @@ def _load_hub(hub: str, split: str | None, options: dict) -> datasets.Dataset | 
         raise DataError(f"{hub}: cannot load dataset (split={split!r}): {type(err).__name__}: {err}") from err
 
 
+def _check_options(fmt: str, reader: Callable[..., Any], keys: set[str]) -> None:
+    """Unknown data-spec keys are refused by name (a misspelt option would otherwise be a TypeError traceback)."""
+    import inspect
+
+    params = inspect.signature(reader).parameters
+    known = {name for name, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"label"}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    if keys - known:
+        raise DataError(f"dataset spec for format {fmt!r}: unknown key(s) {sorted(keys - known)}; expected some of "
+                        f"{sorted(known | {'format', 'path', 'hub', 'split', *_HUB_KEYS})}")
+
+
 def load_records(spec: str | os.PathLike | dict, split: str | None = None, **kw: Any) -> list[VQARecord]:
     """Read records from a spec: {"format": <READERS key>, "path": ... | "hub": ..., [split], reader options}.
 
@@ -811,6 +824,7 @@ def load_records(spec: str | os.PathLike | dict, split: str | None = None, **kw:
     if (hub is None) == (path is None):
         raise DataError(f"dataset spec for format {fmt!r} needs exactly one of 'path' or 'hub'")
     reader = READERS[fmt]
+    _check_options(fmt, reader, set(spec) - (set(_HUB_KEYS) if hub is not None else set()))
     if path is not None:
         return reader(path, split, **spec)
     options = {_HUB_KEYS[k]: spec.pop(k) for k in list(spec) if k in _HUB_KEYS}

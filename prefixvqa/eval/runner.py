@@ -439,6 +439,19 @@ def rescore(result_dir: str | os.PathLike, protocol: str | Protocol, records: Se
     return compute_metrics(get_protocol(protocol), list(records), load_predictions(result_dir))
 
 
+def _metrics_file(file: Path) -> dict[str, Any]:
+    """A metrics.json as a dict; anything else is refused naming the file."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not a metrics JSON file (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file} is not a metrics JSON file: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} is not a metrics JSON file: expected an object, got {type(data).__name__}")
+    return data
+
+
 def compare(paths: Sequence[str | os.PathLike], metrics: Sequence[str] | None = None) -> str:
     """Markdown table of overall metrics side by side, one column per metrics.json (or result folder).
 
@@ -448,7 +461,7 @@ def compare(paths: Sequence[str | os.PathLike], metrics: Sequence[str] | None = 
     files = [Path(p) / "metrics.json" if Path(p).is_dir() else Path(p) for p in paths]
     if not files:
         raise ValueError("nothing to compare")
-    raw = [json.loads(file.read_text(encoding="utf-8")) for file in files]
+    raw = [_metrics_file(file) for file in files]
     loaded = [data.get("overall", data) for data in raw]
     names = [f.parent.name or str(f) for f in files]
     depth = 1
