@@ -504,9 +504,10 @@ class Trainer:
             step = json.loads((last / STATE_DIR / "state.json").read_text())["step"]
             kept = f"the last finite checkpoint is {last} (step {step}), kept for inspection or resume"
         shown = ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
-        message = (f"non-finite {what} at optimizer step {self.step + 1} (epoch {self.epoch}, batch {index}); records "
-                   f"of the batch: {shown}; {kept}; nothing was published as best or final (lower the learning "
-                   f"rate, or check those records)")
+        where = (f"at optimizer step {self.step + 1} (epoch {self.epoch}, batch {index}); records of the batch: "
+                 f"{shown}" if ids else f"after optimizer step {self.step} (end of epoch {self.epoch})")
+        message = (f"non-finite {what} {where}; {kept}; nothing was published as best or final (lower the learning "
+                   f"rate, or check the records named)")
         log.error(message)
         return TrainingDiverged(message)
 
@@ -754,6 +755,8 @@ class Trainer:
             if cfg.eval_every_epoch and self.eval_records:
                 metrics = self.evaluate()
                 value = metrics[cfg.metric]
+                if cfg.metric == "loss" and metrics["count"] and not math.isfinite(value):
+                    raise self._diverged(logger, "evaluation loss", [], len(batches))  # before saving these weights
                 improved = self._improved(value)
                 if improved:
                     self.best, self.bad_epochs = value, 0
