@@ -81,8 +81,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from .data.cache import cache_features
     from .model import MedVQAAdapter
 
+    records = _records(args)  # a bad --data fails before a model is loaded
     model = MedVQAAdapter.from_pretrained(args.adapter) if args.adapter else MedVQAAdapter.from_preset(args.preset)
-    stats = cache_features(model, _records(args), args.out, batch_size=args.batch_size)
+    stats = cache_features(model, records, args.out, batch_size=args.batch_size)
     print(json.dumps(stats, indent=2, default=str))
     return 0
 
@@ -114,8 +115,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("prefixvqa eval needs --adapter and --data (or --compare A B ...)")
     from .model import MedVQAAdapter
 
+    records = _records(args)  # a bad --data fails before a model is loaded
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
-    metrics = evaluate(model, _records(args), args.protocol, args.out, batch_size=args.batch_size,
+    metrics = evaluate(model, records, args.protocol, args.out, batch_size=args.batch_size,
                        closed_mode=args.closed_mode, data_spec=_data_spec(args.data, args.format, args.split),
                        adapter_path=args.adapter)
     print(json.dumps(metrics, indent=2, sort_keys=True))

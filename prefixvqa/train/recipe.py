@@ -366,9 +366,17 @@ def _stage_seed(recipe: Recipe, stage: dict[str, Any]) -> int:
     return int({**recipe.train, **_stage_train(stage)}.get("seed", 0))
 
 
-def check_curriculum(recipe: Recipe, model: MedVQAAdapter) -> list[tuple[list[VQARecord], list[VQARecord]]]:
-    """Everything about every stage that can fail, before the first stage trains: each stage's tuning switch is
-    allowed from the one before, and each stage's data loads. Returns each stage's (train, eval) records."""
+def load_stage_data(recipe: Recipe) -> list[tuple[list[VQARecord], list[VQARecord]]]:
+    """Each stage's (train, eval) records (one entry for a single-stage recipe), all read before anything trains:
+    a missing file or a misspelt spec key of the last stage fails before the first one starts."""
+    specs = [{**recipe.data, **(stage.get("data") or {})} for stage in recipe.stages] if recipe.stages \
+        else [recipe.data]
+    return [(load_split(spec.get("train")), load_split(spec.get("eval"))) for spec in specs]
+
+
+def check_curriculum(recipe: Recipe, model: MedVQAAdapter) -> None:
+    """Before the first stage trains: each stage's tuning switch is allowed from the one before (settings, templates
+    and data are checked at load)."""
     tuning = model.config.tuning
     for i, stage in enumerate(recipe.stages or []):
         if stage.get("tuning"):
@@ -378,11 +386,6 @@ def check_curriculum(recipe: Recipe, model: MedVQAAdapter) -> list[tuple[list[VQ
                                   f"{new.mode!r} would drop trained decoder weights; allowed: same tuning, from "
                                   "'frozen' to any mode, or 'lora' -> 'full'")
             tuning = new
-    out = []
-    for stage in recipe.stages or []:
-        data = {**recipe.data, **(stage.get("data") or {})}
-        out.append((load_split(data.get("train")), load_split(data.get("eval"))))
-    return out
 
 
 def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
@@ -398,13 +401,13 @@ def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
     top = TrainConfig.from_dict(recipe.train)
     out = Path(top.output_dir)
     with output_lock(out):
+        stage_data = load_stage_data(recipe)
         with _seeded(top.seed):
             model = build_model(recipe.model, out)
         if not recipe.stages:
-            train_recs, eval_recs = load_split(recipe.data.get("train")), load_split(recipe.data.get("eval"))
-            result = train(model, train_recs, eval_recs, top)
+            result = train(model, *stage_data[0], top)
             return RecipeResult({"train": result}, result.best_dir or result.last_dir, model)
-        stage_data = check_curriculum(recipe, model)
+        check_curriculum(recipe, model)
         results: dict[str, TrainResult] = {}
         previous: TrainResult | None = None
         base_template = model.config.to_dict()["template"]
