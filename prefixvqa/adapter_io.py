@@ -50,23 +50,30 @@ def trained_state(model: "MedVQAAdapter") -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: "MedVQAAdapter", path: str | Path, card: dict[str, Any] | None = None) -> Path:
+    """Write the adapter folder all or nothing: into a temporary sibling, renamed into place when complete."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        write_adapter_files(model, tmp, card)
+    return path
+
+
+def write_adapter_files(model: "MedVQAAdapter", folder: Path, card: dict[str, Any] | None = None) -> None:
+    """The adapter's files (manifest last) into the existing, empty ``folder``: for callers that already write into
+    a temporary folder of their own (a training checkpoint adds its trainer state before its one rename)."""
     from safetensors.torch import save_file
 
     from . import __version__
 
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        cfg = model.config.replace(fingerprints=dict(model.base_fingerprints), version=__version__)
-        if model.config.tuning.mode in PEFT_MODES:
-            model.decoder.save_pretrained(str(tmp))  # peft's adapter_config.json + adapter_model.safetensors
-        save_file(trained_state(model), str(tmp / TENSORS_NAME), metadata={"format": "pt", "library": "prefixvqa"})
-        model.processor.save_pretrained(tmp)  # tokenizer files + processor_config.json
-        (tmp / CONFIG_NAME).write_text(cfg.to_json() + "\n")
-        (tmp / "README.md").write_text(model_card(cfg, card or {}))
-        if card and card.get("metrics"):
-            (tmp / "metrics.json").write_text(json.dumps(card["metrics"], indent=2, sort_keys=True) + "\n")
-        write_manifest(tmp)
-    return path
+    cfg = model.config.replace(fingerprints=dict(model.base_fingerprints), version=__version__)
+    if model.config.tuning.mode in PEFT_MODES:
+        model.decoder.save_pretrained(str(folder))  # peft's adapter_config.json + adapter_model.safetensors
+    save_file(trained_state(model), str(folder / TENSORS_NAME), metadata={"format": "pt", "library": "prefixvqa"})
+    model.processor.save_pretrained(folder)  # tokenizer files + processor_config.json
+    (folder / CONFIG_NAME).write_text(cfg.to_json() + "\n")
+    (folder / "README.md").write_text(model_card(cfg, card or {}))
+    if card and card.get("metrics"):
+        (folder / "metrics.json").write_text(json.dumps(card["metrics"], indent=2, sort_keys=True) + "\n")
+    write_manifest(folder)
 
 
 def resolve_adapter(path: str | Path) -> Path:

@@ -116,13 +116,16 @@ def replace_dir(src: PathLike, dst: PathLike, *, overwrite: bool = True) -> bool
     return True
 
 
-def recover_dir(dst: PathLike, is_complete: Callable[[Path], bool]) -> Path | None:
+def recover_dir(dst: PathLike, is_complete: Callable[[Path], bool],
+                newer: Callable[[Path], Any] | None = None) -> Path | None:
     """After a crash, put back the newest complete version of ``dst`` and delete what interrupted swaps left.
 
     A process killed inside :func:`atomic_dir` / :func:`replace_dir` leaves hidden siblings: ``.NAME.tmp-*`` (the
     new folder, complete or half-written) and ``.NAME.old-*`` (the previous folder, moved aside between the two
     renames). When ``dst`` is missing, the first complete one (new before old, then newest first) takes its place;
-    afterwards every leftover is removed. If ``dst`` is missing and a previous folder exists but none passes
+    with ``newer`` (a sort key, e.g. a checkpoint's step) the complete candidate with the largest key wins, and also
+    replaces an existing ``dst`` with a smaller one (killed after the new folder was complete, before its swap).
+    Afterwards every leftover is removed. If ``dst`` is missing and a previous folder exists but none passes
     ``is_complete``, :class:`IntegrityError` is raised and nothing is deleted (a damaged checkpoint is evidence, not
     garbage). Only call it while no other process writes ``dst`` (hold the run's lock). Returns ``dst`` if it exists.
     """
@@ -134,13 +137,17 @@ def recover_dir(dst: PathLike, is_complete: Callable[[Path], bool]) -> Path | No
         return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
     tmps, olds = newest_first("tmp"), newest_first("old")
+    complete = [c for c in (*tmps, *olds) if is_complete(c)]
+    if newer is not None:
+        complete.sort(key=newer, reverse=True)  # stable: ties keep new-before-old order
     if not dst.exists():
-        chosen = next((c for c in (*tmps, *olds) if is_complete(c)), None)
-        if chosen is None and olds:
+        if not complete and olds:
             raise IntegrityError(f"{dst} is missing and the earlier version(s) left by an interrupted swap "
                                  f"({', '.join(p.name for p in olds)}) are incomplete or damaged")
-        if chosen is not None:
-            chosen.rename(dst)
+        if complete:
+            complete[0].rename(dst)
+    elif newer is not None and complete and is_complete(dst) and newer(complete[0]) > newer(dst):
+        replace_dir(complete[0], dst)
     for leftover in (*tmps, *olds):
         shutil.rmtree(leftover, ignore_errors=True)
     return dst if dst.exists() else None

@@ -334,3 +334,123 @@ def test_a_100k_character_question_trains_and_resumes(work, monkeypatch, caplog)
     assert f"record {records[2].id}: prompt longer than template.max_length" in caplog.text
     result = run(resume=True)
     assert result.stopped_reason == "completed" and result.global_step == 4
+
+
+# ------------------------------------------------------------------------------------------------ fault injection
+FAULT_DRIVER = textwrap.dedent("""
+    import json, os, random, signal, sys, time
+    import torch
+    torch.set_num_threads(1)
+    from pathlib import Path
+    from prefixvqa import fileio
+    from prefixvqa.train import TrainConfig, train
+    from prefixvqa.train import trainer as T
+    from prefixvqa.train.checkpoint import checkpoint_problem
+    from prefixvqa.data.synthetic import colour_records
+    from prefixvqa.train.recipe import build_model
+
+    work, ref, cut, seed = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+    random_kills, swap_kills = int(sys.argv[5]), int(sys.argv[6])
+    MODEL = json.loads(sys.argv[7])
+
+    def child(out, swap_kill, ready):
+        # one training attempt in a forked process (imports are shared, so an attempt starts in about a second)
+        if swap_kill:
+            seen = [0]
+            def between(old, dst):  # after the old folder moved aside, before the new one moves in
+                seen[0] += 1
+                if seen[0] == swap_kill:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            fileio._between_renames = between
+        loop = T.Trainer._loop
+        def report_start(self, *args):  # the step this attempt resumed from, once recovery and resume are done
+            os.write(ready, f"{self.step}\\n".encode())
+            return loop(self, *args)
+        T.Trainer._loop = report_start
+        code = 0
+        try:
+            torch.manual_seed(0)
+            model = build_model(MODEL, work)
+            cfg = TrainConfig(output_dir=out, epochs=3, batch_size=2, save_every_steps=1, seed=3, resume=True,
+                              progress=False, tensorboard=False, plot=False)
+            train(model, colour_records(10), colour_records(4, seed=1), cfg)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 3
+        os._exit(code)
+
+    def attempt(out, swap_kill=0, kill_after=None):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            child(out, swap_kill, w)
+        os.close(w)
+        with os.fdopen(r) as pipe:
+            started = pipe.readline()  # empty if the attempt died before training began
+        t0 = time.time()
+        if started and kill_after is not None:
+            time.sleep(kill_after)
+            os.kill(pid, signal.SIGKILL)  # a finished child is a zombie until waited for: no error
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        return code, int(started) if started.strip() else None
+
+    def newest_complete(out):
+        # the largest step of any complete checkpoint a killed attempt left (last/ or a swap's leftovers)
+        steps = [json.loads((c / "trainer_state" / "state.json").read_text())["step"]
+                 for c in Path(out).glob("*last*") if c.is_dir() and checkpoint_problem(c) is None]
+        return max(steps, default=0)
+
+    build_model(MODEL, work)  # imports everything the attempts need once, here: forked attempts start at once
+    import accelerate.utils, safetensors.torch, tqdm.auto  # noqa: E401, F401
+    t0 = time.time()
+    code, _ = attempt(ref)
+    span = time.time() - t0
+    assert code == 0, code
+    rng = random.Random(seed)
+    plan = ["swap"] * swap_kills + ["random"] * random_kills
+    rng.shuffle(plan)
+    report = {"span": span, "random": 0, "swap": 0, "codes": [], "resumed": []}
+    for kind in plan:
+        expected = newest_complete(cut)
+        if kind == "swap":
+            code, resumed = attempt(cut, swap_kill=rng.randint(1, 2))
+        else:
+            code, resumed = attempt(cut, kill_after=rng.uniform(0.0, span / 10))
+        report["codes"].append(code)
+        report["resumed"].append(resumed)
+        assert resumed is None or resumed == expected, ("resumed from", resumed, "newest complete", expected)
+        assert code in (0, -9), code
+        if code == 0:
+            break
+        report[kind] += 1
+    expected = newest_complete(cut)
+    code, resumed = attempt(cut)
+    assert code == 0 and resumed == expected, (code, resumed, expected)
+    print("REPORT " + json.dumps(report))
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_and_between_swap_renames_always_resumes_to_the_same_result(work):
+    """Real SIGKILLs, many times: at random moments of training and saving, and exactly between the two renames of
+    a checkpoint swap. Every attempt resumes from what the last one left (taking over its stale lock, recovering
+    its half-swapped checkpoint); the final checkpoints equal those of an uninterrupted run."""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    ref, cut = work / "fault-ref", work / "fault-cut"
+    script = work / "fault_driver.py"
+    script.write_text(FAULT_DRIVER)
+    run = subprocess.run([sys.executable, str(script), str(work), str(ref), str(cut), "7", "20", "6",
+                          json.dumps(MODEL)], capture_output=True, text=True, env=ENV, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    report = json.loads(run.stdout.split("REPORT ", 1)[1])
+    print(json.dumps(report))
+    assert report["swap"] >= 4 and report["random"] + report["swap"] >= 15, report  # the kills really happened
+    for name in ("last", "best"):
+        assert_same_tensors(ref / name, cut / name, atol=1e-6)
+    a, b = state(ref / "last"), state(cut / "last")
+    assert a["step"] == b["step"] == 15 and a["scheduler"] == b["scheduler"] and a["rng"] == b["rng"]
+    assert a["best_metric"] == b["best_metric"]
+    assert not leftovers(cut) and not (cut / LOCK_NAME).exists()

@@ -169,9 +169,11 @@ def checkpoint_problem(folder: Path, trainer_state: bool = True) -> str | None:
         return f"{STATE_FILE} is missing"
     if (folder / MANIFEST_NAME).is_file():
         try:
-            verify_manifest(folder)
+            listed = verify_manifest(folder)
         except IntegrityError as exc:
             return str(exc)
+        if trainer_state and STATE_FILE not in listed:  # killed before the manifest covered the trainer state
+            return f"{MANIFEST_NAME} does not list {STATE_FILE}: the checkpoint was not finished"
     elif trainer_state:  # written before checkpoints carried manifests: check what can be checked
         log.warning("%s has no %s: its files cannot be checked for damage", folder, MANIFEST_NAME)
     if trainer_state:
@@ -184,8 +186,12 @@ def checkpoint_problem(folder: Path, trainer_state: bool = True) -> str | None:
 
 def recover_checkpoint(folder: Path, trainer_state: bool = True) -> Path | None:
     """Make ``folder`` the newest complete checkpoint an interrupted swap left (see ``fileio.recover_dir``)."""
+    def step(candidate: Path) -> int:
+        return int(json.loads((candidate / STATE_FILE).read_text()).get("step", 0))
+
     try:
-        return recover_dir(folder, lambda c: checkpoint_problem(c, trainer_state) is None)
+        return recover_dir(folder, lambda c: checkpoint_problem(c, trainer_state) is None,
+                           newer=step if trainer_state else None)
     except IntegrityError as exc:
         raise CheckpointError(f"cannot resume: {exc}; move them away to start afresh") from None
 

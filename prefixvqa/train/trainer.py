@@ -249,10 +249,11 @@ def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str
     is rewritten last to cover trainer_state/ too, so a complete checkpoint is one whose manifest verifies."""
     from safetensors.torch import save_file
 
+    from ..adapter_io import write_adapter_files
     from ..fileio import atomic_dir, write_manifest
 
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, card=card)
+        write_adapter_files(model, tmp, card)
         if trainer_state is not None:
             state_dir = tmp / STATE_DIR
             state_dir.mkdir()
