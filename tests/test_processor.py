@@ -67,6 +67,8 @@ def test_long_question_is_shortened_never_the_answer(tiny_decoders, caplog):
 
 
 def test_processor_saved_and_loaded_with_the_adapter(tiny_decoders, tmp_path):
+    from prefixvqa.fileio import write_manifest
+
     model = MedVQAAdapter(make_config(tiny_decoders["gpt2"], "linear"))
     folder = model.save_pretrained(tmp_path / "adapter")
     assert (folder / "processor_config.json").is_file() and (folder / "tokenizer.json").is_file()
@@ -77,6 +79,9 @@ def test_processor_saved_and_loaded_with_the_adapter(tiny_decoders, tmp_path):
     other = MedVQAProcessor(loaded.tokenizer, loaded.config.template, lambda im: im, 1)
     (folder / "processor_config.json").write_text((folder / "processor_config.json").read_text().replace(
         loaded.processor.transform_fingerprint(), "0" * 16))
+    with pytest.raises(Exception, match="processor_config.json (has|does not match)"):
+        MedVQAAdapter.from_pretrained(folder)
+    write_manifest(folder)  # an edited folder re-manifested: the structural check speaks
     with pytest.raises(Exception, match="image transform differs"):
         MedVQAAdapter.from_pretrained(folder)
     assert other.image_seq_length == 1

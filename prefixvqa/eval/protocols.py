@@ -37,6 +37,8 @@ __all__ = [
     "list_protocols",
     "answer_type_of",
     "candidates_for",
+    "listed_options",
+    "is_yes_no_question",
     "gold_choice_index",
     "item_scores",
     "compute_metrics",
@@ -84,15 +86,44 @@ def answer_type_of(record: Any) -> str:
     return "open"
 
 
-_ALTERNATIVE = re.compile(r"\b\w+\s+or\s+\w+", re.IGNORECASE)
+_WORD = r"[\w'/-]+"
+#: "X or Y", "X, Y, or Z", "X vs. Y": the last alternatives clause of a question (articles after "or" skipped)
+_ALTERNATIVES = re.compile(rf"((?:{_WORD},\s*)*{_WORD}),?\s+(?:or|vs\.?)\s+(?:(?:a|an|the)\s+)?({_WORD})", re.I)
+#: words that open a yes/no question ("Is ...", "Does ...", elliptical "Any ...")
+_POLAR = frozenset("is are was were do does did can could has have had will would should may might must shall any "
+                   "anything".split())
+#: openings after which "or" joins things asked about, not alternatives ("Is there X or Y?" is answered yes/no)
+_EXISTENTIAL = re.compile(r"^\s*(is there|are there|is there any|are there any|any|anything|evidence)\b", re.I)
+
+
+def listed_options(question: str) -> list[str] | None:
+    """The options a closed question lists ("axial, sagittal, or coronal?" -> those three), else None.
+
+    One word per option, as VQA-RAD and SLAKE golds mostly are ("left", "hypodense"); existential questions ("Is there
+    X or Y?", "Any X or Y?") ask yes/no and list nothing.
+    """
+    if _EXISTENTIAL.match(question):
+        return None
+    match = _ALTERNATIVES.search(question.strip().rstrip("?.! "))
+    if not match:
+        return None
+    options = [w.strip() for w in match.group(1).split(",") if w.strip()] + [match.group(2)]
+    return list(dict.fromkeys(options)) if len(set(map(str.lower, options))) > 1 else None
+
+
+def is_yes_no_question(question: str) -> bool:
+    """Opens like a yes/no question and lists no options (the gold answer is never consulted)."""
+    words = question.strip().split(maxsplit=1)
+    return bool(words) and words[0].lower() in _POLAR and listed_options(question) is None
 
 
 def candidates_for(record: Any, policy: Candidates = "auto") -> list[str] | None:
     """Candidates to score for a closed question, or None to generate instead.
 
-    ``"choices"``: the record's own choices (None without them). ``"yes_no"``: always ["yes", "no"]. ``"auto"``: the
-    record's choices when present; otherwise ["yes", "no"], except for "A or B?" questions (e.g. "left or right?"),
-    whose answer is not yes/no and which are therefore generated. The gold answer is never consulted.
+    ``"choices"``: the record's own choices (None without them). ``"yes_no"``: always ["yes", "no"] (the old rule,
+    kept by name). ``"auto"``: the record's choices; else the options the question lists ("left, right, or both?");
+    else ["yes", "no"] for a yes/no question; otherwise None, and the answer is generated. The gold answer is never
+    consulted.
     """
     if policy not in ("auto", "yes_no", "choices"):
         raise ValueError(f"candidates must be 'auto', 'yes_no' or 'choices', got {policy!r}")
@@ -100,9 +131,12 @@ def candidates_for(record: Any, policy: Candidates = "auto") -> list[str] | None
         return list(YES_NO)
     if record.choices:
         return list(record.choices)
-    if policy == "choices" or _ALTERNATIVE.search(record.question):
+    if policy == "choices":
         return None
-    return list(YES_NO)
+    options = listed_options(record.question)
+    if options:
+        return options
+    return list(YES_NO) if is_yes_no_question(record.question) else None
 
 
 _LETTER = re.compile(r"^\(?([A-Za-z])[).:]?$")
@@ -250,15 +284,18 @@ def get_protocol(protocol: str | Protocol, **options: Any) -> Protocol:
 
 
 register_protocol(Protocol(
-    "llava_med", "LLaVA-Med: closed accuracy by the upstream substring test and by the strict test; open recall.",
-    item_metrics=("closed_accuracy_strict", "closed_accuracy_substring", "open_recall"), primary="llava_primary"))
+    "llava_med", "LLaVA-Med: every question answered by generation (as upstream); closed accuracy by the upstream "
+                 "substring test and by the strict test; open recall.",
+    item_metrics=("closed_accuracy_strict", "closed_accuracy_substring", "open_recall"), primary="llava_primary",
+    closed_mode="generate"))
 register_protocol(Protocol(
-    "prefix_vqa", "van Sonsbeek et al.: exact-match accuracy, word BLEU-1 (upstream: characters), BERTScore-style F1, "
-                  "token F1.",
-    item_metrics=("exact_match", "bleu1", "bert_f1", "token_f1"), primary="exact_match"))
+    "prefix_vqa", "van Sonsbeek et al.: every question answered by generation (upstream: beam search); exact-match "
+                  "accuracy, word BLEU-1, BERTScore-style F1, token F1; upstream variants by name.",
+    item_metrics=("exact_match", "bleu1", "bert_f1", "token_f1"), primary="exact_match", closed_mode="generate"))
 register_protocol(Protocol(
-    "med_flamingo", "Med-Flamingo: exact match and BERT-sim (BERTScore-style F1).",
-    item_metrics=("exact_match", "bert_f1"), primary="exact_match"))
+    "med_flamingo", "Med-Flamingo: every question answered by generation; exact match and BERT-sim (BERTScore-style "
+                    "F1).",
+    item_metrics=("exact_match", "bert_f1"), primary="exact_match", closed_mode="generate"))
 register_protocol(Protocol(
     "pmc_vqa", "PMC-VQA: multiple-choice accuracy, the choice of highest likelihood (never letter matching).",
     item_metrics=("mc_accuracy",), primary="mc_accuracy", candidates="choices", score_all=True))
