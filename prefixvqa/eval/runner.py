@@ -396,7 +396,8 @@ def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Seque
 
 
 def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_dir: str | os.PathLike, *,
-             batch_size: int = 8, closed_mode: str | None = None, max_new_tokens: int = 32, num_beams: int = 1,
+             batch_size: int = 8, closed_mode: str | None = None, max_new_tokens: int | None = None,
+             num_beams: int | None = None,
              do_sample: bool = False, generation_kwargs: Mapping[str, Any] | None = None, data_spec: Any = None,
              adapter_path: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
              plots: bool = True) -> dict[str, float]:
@@ -415,7 +416,9 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
         raise ValueError("no records to evaluate")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    generation = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": do_sample,
+    defaults = model.config.generation  # unset settings: the adapter's own decoding (its source paper's)
+    generation = {"max_new_tokens": defaults.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                  "num_beams": defaults.num_beams if num_beams is None else num_beams, "do_sample": do_sample,
                   **(generation_kwargs or {})}
     plan = plan_items(records, protocol, closed_mode)
     with seeded(seed):
