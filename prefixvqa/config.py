@@ -141,9 +141,13 @@ class TemplateConfig:
     image_position: str | None = None  # None -> the template's default
     system: str | None = None  # overrides the template's system text
     max_length: int = 512  # prompt + answer tokens, excluding the visual prefix
+    # what opens a sequence: "tokenizer" = the tokens the tokenizer itself adds (Llama <s>, BioGPT </s>, GPT-2
+    # nothing, as the published code tokenised), "bos" = always the BOS token, "none" = nothing
+    start: str = "tokenizer"
 
     def __post_init__(self) -> None:
         _choice("template", "image_position", self.image_position, (None, *IMAGE_POSITIONS))
+        _choice("template", "start", self.start, ("tokenizer", "bos", "none"))
         _check(self.max_length >= 8, "template.max_length must be >= 8")
 
 

@@ -19,6 +19,8 @@ A batch is a dict of tensors::
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import logging
@@ -127,10 +129,26 @@ class MedVQAProcessor:
             eos = self.tokenizer.eos_token_id
             answer_ids = answer_ids + ([eos] if eos is not None else [])
         pieces.append(last)
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and (not pieces[0] or pieces[0][0] != bos):
-            pieces[0] = [bos] + pieces[0]
+        start = self.start_ids
+        if start and pieces[0][:len(start)] != start:
+            pieces[0] = start + pieces[0]
         return Sample(pieces, answer_ids)
+
+    @functools.cached_property
+    def start_ids(self) -> list[int]:
+        """Token ids every sequence opens with (`template.start`): for "tokenizer", those the tokenizer adds in front
+        of a text by itself, found by encoding one word with and without special tokens."""
+        tok, mode = self.tokenizer, self.template.start
+        if mode == "none" or (mode == "bos" and tok.bos_token_id is None):
+            return []
+        if mode == "bos":
+            return [tok.bos_token_id]
+        plain = tok("x", add_special_tokens=False)["input_ids"]
+        special = tok("x", add_special_tokens=True)["input_ids"]
+        for i in range(len(special) - len(plain) + 1):
+            if special[i:i + len(plain)] == plain:
+                return list(special[:i])
+        return []
 
     def tokenize(self, question: str, answer: str | None = None, shots: Sequence[tuple[str, str]] = (),
                  record_id: str | None = None) -> Sample:
