@@ -118,10 +118,14 @@ def test_end_to_end_outputs_and_determinism(trained, tmp_path):
 
 def test_generate_mode_and_prefix_vqa(trained, tmp_path):
     model, _, records, _ = trained
-    protocol = P.get_protocol("prefix_vqa", upstream_char_bleu=True)
+    protocol = P.get_protocol("prefix_vqa", upstream_metrics=True)
     metrics = evaluate(model, records, protocol, tmp_path, closed_mode="generate", max_new_tokens=4, progress=False)
-    for key in ("exact_match", "bleu1", "bert_f1", "token_f1", "char_bleu1_upstream"):
+    for key in ("exact_match", "bleu1", "bert_f1", "token_f1", "char_bleu1_upstream", "exact_match_upstream",
+                "token_f1_upstream"):
         assert 0.0 <= metrics[key] <= 1.0 + 1e-6, key
+    rows = load_predictions(tmp_path)
+    assert all(r["token_ids"][1] == model.tokenizer.encode(r["gold"], add_special_tokens=False) for r in rows)
+    assert rescore(tmp_path, protocol, records)["token_f1_upstream"] == pytest.approx(metrics["token_f1_upstream"])
     assert all(r["mode"] == "generate" for r in load_predictions(tmp_path))
 
 

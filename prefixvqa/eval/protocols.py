@@ -9,8 +9,10 @@ Registered protocols (see ``../shared/DESIGN.md``, "Evaluation protocols"):
 
 * ``llava_med``: closed accuracy twice, labelled: ``closed_accuracy_substring`` (LLaVA-Med's upstream test, where gold
   "no" matches "normal") and ``closed_accuracy_strict`` (the corrected one); ``open_recall`` on open questions.
-* ``prefix_vqa`` (van Sonsbeek et al.): ``exact_match`` accuracy, word-level ``bleu1`` (upstream scored characters;
-  ``char_bleu1_upstream`` reproduces that when ``upstream_char_bleu=True``), ``bert_f1``, ``token_f1``.
+* ``prefix_vqa`` (van Sonsbeek et al.): ``exact_match`` accuracy, word-level ``bleu1``, ``bert_f1``, ``token_f1``;
+  with ``upstream_metrics=True`` also their own variants by name: ``exact_match_upstream`` (lower-cased strings),
+  ``char_bleu1_upstream`` (their nltk call on strings, which scores characters) and ``token_f1_upstream`` (F1 on the
+  decoder's token ids).
 * ``med_flamingo``: ``exact_match`` and ``bert_f1``.
 * ``pmc_vqa``: ``mc_accuracy``, the choice with the highest likelihood (``model.score_choices``) against the gold
   choice; never a letter string match.
@@ -58,7 +60,9 @@ METRIC_LABELS: dict[str, str] = {
     "exact_match": "accuracy (exact match)",
     "bleu1": "BLEU-1 (words)",
     "bleu4": "BLEU-4 (words)",
-    "char_bleu1_upstream": "BLEU-1 on characters (upstream, reference only)",
+    "char_bleu1_upstream": "BLEU-1, upstream nltk call on strings (characters; reference only)",
+    "exact_match_upstream": "accuracy, upstream (lower-cased strings equal; reference only)",
+    "token_f1_upstream": "token F1, upstream (decoder token ids; reference only)",
     "token_f1": "token F1",
     "bert_f1": "BERTScore-style F1",
     "mc_accuracy": "multiple-choice accuracy (likelihood)",
@@ -203,7 +207,9 @@ ITEM_FUNCS: dict[str, ItemMetric] = {
     "exact_match": lambda r, p: M.exact_match(p["prediction"], r.answer),
     "token_f1": lambda r, p: M.token_f1(p["prediction"], r.answer),
     "bleu1": lambda r, p: M.sentence_bleu([p["prediction"]], [r.answer], n=1)[0],
-    "char_bleu1_upstream": lambda r, p: M.char_bleu1(p["prediction"], r.answer),
+    "char_bleu1_upstream": lambda r, p: M.char_bleu1_upstream(p["prediction"], r.answer),
+    "exact_match_upstream": lambda r, p: M.exact_match_upstream(p["prediction"], r.answer),
+    "token_f1_upstream": lambda r, p: M.token_f1_ids(*p["token_ids"]) if p.get("token_ids") else None,
     "rouge_l": lambda r, p: M.rouge_l(p["prediction"], r.answer),
     "mc_accuracy": _mc_accuracy,
     "llava_primary": _llava_primary,
@@ -232,7 +238,7 @@ class Protocol:
     n_resamples: int = 1000
     seed: int = 0
     bert_model_path: str | None = None  # None: metrics.default_similarity_model_path()
-    upstream_char_bleu: bool = False  # also report char_bleu1_upstream (prefix_vqa)
+    upstream_metrics: tuple[str, ...] = ()  # the source's own (uncorrected) variants, reported with upstream_metrics=True
 
     def __post_init__(self) -> None:
         known = set(ITEM_FUNCS) | set(BATCHED_ITEM_METRICS)
@@ -244,14 +250,15 @@ class Protocol:
             raise ValueError(f"protocol {self.name!r}: unknown corpus metric(s) {bad}; use bleu1..bleu4")
         if self.closed_mode not in ("score", "generate"):
             raise ValueError(f"closed_mode must be 'score' or 'generate', got {self.closed_mode!r}")
+        unknown = [m for m in self.upstream_metrics if m not in ITEM_FUNCS]
+        if unknown:
+            raise ValueError(f"protocol {self.name!r}: unknown upstream metric(s) {unknown}")
         if self.candidates not in ("auto", "yes_no", "choices"):
             raise ValueError(f"candidates must be 'auto', 'yes_no' or 'choices', got {self.candidates!r}")
 
     @property
     def all_item_metrics(self) -> tuple[str, ...]:
-        extra = ("char_bleu1_upstream",) if self.upstream_char_bleu and "char_bleu1_upstream" not in self.item_metrics \
-            else ()
-        return tuple(dict.fromkeys((*self.item_metrics, *extra, self.primary)))
+        return tuple(dict.fromkeys((*self.item_metrics, *self.upstream_metrics, self.primary)))
 
     def settings(self) -> dict[str, Any]:
         """JSON-able description, written to manifests so a result names exactly how it was computed."""
@@ -259,6 +266,13 @@ class Protocol:
 
 
 PROTOCOLS: dict[str, Protocol] = {}
+#: each protocol's source metrics as the source computed them, reported beside the corrected ones on request
+UPSTREAM_VARIANTS: dict[str, tuple[str, ...]] = {
+    "prefix_vqa": ("exact_match_upstream", "char_bleu1_upstream", "token_f1_upstream"),
+    "llava_med": ("closed_accuracy_substring",),
+}
+#: item metrics that need the decoder's token ids of prediction and gold (written into the prediction rows)
+TOKEN_ID_METRICS = ("token_f1_upstream",)
 
 
 def register_protocol(protocol: Protocol, *, overwrite: bool = False) -> Protocol:
@@ -275,7 +289,12 @@ def list_protocols() -> list[str]:
 
 def get_protocol(protocol: str | Protocol, **options: Any) -> Protocol:
     """A registered protocol by name (or a Protocol as is), with field overrides such as ``closed_mode="generate"``,
-    ``bert_model_path=...``, ``n_resamples=200`` or ``upstream_char_bleu=True``."""
+    ``bert_model_path=...``, ``n_resamples=200`` or ``upstream_metrics=True`` (the protocol's ``UPSTREAM_VARIANTS``)."""
+    if options.get("upstream_metrics") is True:
+        name = protocol if isinstance(protocol, str) else protocol.name
+        options["upstream_metrics"] = UPSTREAM_VARIANTS.get(name, ())
+    elif options.get("upstream_metrics") is False:
+        options["upstream_metrics"] = ()
     if isinstance(protocol, str):
         if protocol not in PROTOCOLS:
             raise KeyError(f"unknown protocol {protocol!r}; registered: {list_protocols()}")
@@ -343,7 +362,7 @@ def _aggregate(protocol: Protocol, records: Sequence[Any], predictions: Sequence
         if not values:
             continue
         out[name] = sum(values) / len(values)
-        if name not in protocol.item_metrics and name != "char_bleu1_upstream":
+        if name not in protocol.item_metrics and name not in protocol.upstream_metrics:
             continue
         out[f"n_{name}"] = len(values)
         if protocol.bootstrap:

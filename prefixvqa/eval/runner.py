@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import functools
 import math
 import os
 from collections import Counter
@@ -29,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ..fileio import atomic_write, atomic_write_with
-from .protocols import (METRIC_LABELS, Protocol, answer_type_of, candidates_for, compute_metrics, get_protocol,
+from .protocols import (METRIC_LABELS, TOKEN_ID_METRICS, Protocol, answer_type_of, candidates_for, compute_metrics, get_protocol,
                         item_scores)
 
 __all__ = ["evaluate", "plan_items", "write_outputs", "rescore", "compare", "load_predictions", "BREAKDOWN_FIELDS",
@@ -423,6 +424,10 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
     plan = plan_items(records, protocol, closed_mode)
     with seeded(seed):
         predictions = _predict(model, records, plan, batch_size, generation, progress)
+    if any(m in protocol.all_item_metrics for m in TOKEN_ID_METRICS):  # stored, so rescoring needs no model
+        encode = functools.partial(model.tokenizer.encode, add_special_tokens=False)
+        for row in predictions:
+            row["token_ids"] = [encode(row["prediction"]), encode(row["gold"])]
     run = {"closed_mode": closed_mode or protocol.closed_mode, "batch_size": batch_size, "generation": generation,
            "seed": seed}
     manifest = _manifest(model, records, protocol, run, data_spec, adapter_path)
