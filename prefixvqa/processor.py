@@ -109,14 +109,15 @@ class MedVQAProcessor:
     def stop_strings(self) -> list[str]:
         return prompts.stop_strings(self.template.name)
 
-    def _render(self, question: str, shots: Sequence[tuple[str, str]]) -> list[str]:
+    def _render(self, question: str, shots: Sequence[tuple[str, str]], choices: Sequence[str] = ()) -> list[str]:
         t = self.template
         text = prompts.render(t.name, question, position=t.image_position, system=t.system, shots=shots,
-                              tokenizer=self.tokenizer)
+                              tokenizer=self.tokenizer, choices=choices)
         return prompts.split_on_images(text)
 
-    def _pieces(self, question: str, answer: str | None, shots: Sequence[tuple[str, str]]) -> Sample:
-        texts = self._render(question, shots)
+    def _pieces(self, question: str, answer: str | None, shots: Sequence[tuple[str, str]],
+                choices: Sequence[str] = ()) -> Sample:
+        texts = self._render(question, shots, choices)
         pieces = [self._encode(p) for p in texts[:-1]]
         last = self._encode(texts[-1])
         answer_ids: list[int] = []
@@ -127,11 +128,13 @@ class MedVQAProcessor:
                 keep += 1
             last, answer_ids = joint[:keep], joint[keep:]
             eos = self.tokenizer.eos_token_id
-            answer_ids = answer_ids + ([eos] if eos is not None else [])
+            answer_ids = answer_ids + ([eos] if eos is not None and prompts.ends_with_eos(self.template.name) else [])
         pieces.append(last)
+        # the start tokens open the sequence; MedVInT put its visual queries before the tokenised text (and its BOS)
+        first = next((k for k, p in enumerate(pieces) if p), 0) if prompts.image_before_start(self.template.name) else 0
         start = self.start_ids
-        if start and pieces[0][:len(start)] != start:
-            pieces[0] = start + pieces[0]
+        if start and pieces[first][:len(start)] != start:
+            pieces[first] = start + pieces[first]
         return Sample(pieces, answer_ids)
 
     @functools.cached_property
@@ -151,17 +154,18 @@ class MedVQAProcessor:
         return []
 
     def tokenize(self, question: str, answer: str | None = None, shots: Sequence[tuple[str, str]] = (),
-                 record_id: str | None = None) -> Sample:
-        """Token ids of the prompt pieces and of the answer (+ EOS). Prompt + answer longer than
-        `template.max_length` shortens the question (never the answer or a candidate) and warns with the record."""
-        sample = self._pieces(question, answer, shots)
+                 record_id: str | None = None, choices: Sequence[str] = ()) -> Sample:
+        """Token ids of the prompt pieces and of the answer (+ EOS where the template ends with it). Prompt + answer
+        longer than `template.max_length` shortens the question (never the answer or a candidate) and warns with the
+        record. `choices` are listed in the prompt by templates that show them (MedVInT)."""
+        sample = self._pieces(question, answer, shots, choices)
         excess = sum(map(len, sample.pieces)) + len(sample.answer) - self.template.max_length
         if excess <= 0:
             return sample
         q_ids = self._encode(question)
         while excess > 0 and q_ids:
             q_ids = q_ids[:max(0, len(q_ids) - excess)]
-            sample = self._pieces(self.tokenizer.decode(q_ids), answer, shots)
+            sample = self._pieces(self.tokenizer.decode(q_ids), answer, shots, choices)
             excess = sum(map(len, sample.pieces)) + len(sample.answer) - self.template.max_length
         if excess > 0:
             raise ValueError(f"record {record_id or question[:40]!r}: the template and answer alone take "
@@ -207,14 +211,17 @@ class MedVQAProcessor:
     def __call__(self, images: Sequence[Any] | None = None, questions: Sequence[str] = (),
                  answers: Sequence[str] | None = None, *, shots: Sequence[Sequence[tuple[str, str]]] | None = None,
                  views: Sequence[dict[str, Any] | None] | None = None, padding_side: str = "right",
-                 ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                 ids: Sequence[str] | None = None, choices: Sequence[Sequence[str]] | None = None
+                 ) -> dict[str, torch.Tensor]:
         """Images (one per question, or per question a list: shots' images then the query's) + questions
         (+ answers) -> a batch. The same image object given for several questions is loaded and encoded once."""
         n = len(questions)
         shots = shots if shots is not None else [()] * n
         answers_ = answers if answers is not None else [None] * n
         ids_ = ids if ids is not None else [None] * n
-        samples = [self.tokenize(q, a, s, i) for q, a, s, i in zip(questions, answers_, shots, ids_, strict=True)]
+        choices_ = choices if choices is not None else [()] * n
+        samples = [self.tokenize(q, a, s, i, c)
+                   for q, a, s, i, c in zip(questions, answers_, shots, ids_, choices_, strict=True)]
         batch = self.pad(samples, padding_side, labels=answers is not None)
         if images is not None:
             per_item = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
@@ -248,7 +255,8 @@ class MedVQAProcessor:
                 item["pixel_values"] = self.transform(self.load_record_image(record))
         except ImageLoadError as err:
             return {**item, "error": str(err)}
-        item["sample"] = self.tokenize(record.question, record.answer if answer else None, record_id=record.id)
+        item["sample"] = self.tokenize(record.question, record.answer if answer else None, record_id=record.id,
+                                       choices=record.choices or ())
         return item
 
     def collate(self, items: Sequence[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:

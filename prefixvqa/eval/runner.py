@@ -144,8 +144,8 @@ def predict(model: Any, records: Sequence[Any], plan: Sequence[list[str] | None]
                     continue
                 tensors = to_device(data, model.device)
                 if is_scored:
-                    pairs = [[proc.tokenize(records[i].question, c, record_id=records[i].id) for c in plan[i]]
-                             for i in good]
+                    pairs = [[proc.tokenize(records[i].question, c, record_id=records[i].id,
+                                            choices=records[i].choices or ()) for c in plan[i]] for i in good]
                     for i, loglik in zip(good, model.score(tensors, pairs)):
                         p = [float(x) for x in torch.tensor(loglik).softmax(0)]
                         best = max(range(len(p)), key=lambda k: (p[k], -k))  # ties -> first candidate
