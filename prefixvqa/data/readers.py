@@ -987,7 +987,8 @@ def read_iu_xray(
     `source` is the folder or the reports CSV (`projections` defaults to the CSV beside it). The reports' `image`
     column describes the exam (kept as meta["exam"]); each study's files come from the projections file, joined by
     uid, for the chosen `view` ("frontal" or "lateral"; a study with several such images keeps the first as its image
-    and all of them in meta["images"]). A study without an image of that view is a bad record. Images resolve
+    and all of them in meta["images"]). Studies without an image of that view are left out (one log line counts
+    them), as are studies whose target section is empty (skip_empty). Images resolve
     against `image_root` (default: images/images_normalized/ as the Kaggle archive unpacks). Report options as in
     `read_reports`. The release has no split: split must be None.
     """
@@ -1011,17 +1012,29 @@ def read_iu_xray(
     hint = f"Image file names come from {proj_file} (column 'filename'), resolved against image_root={root}"
 
     def parse(table: Iterable[Any], rows: _Rows, part: str | None, stem: str) -> list[VQARecord]:
+        without: list[str] = []
+
         def one(row: dict, index: int) -> VQARecord | None:
             uid = rows.text(row, index, "uid")
             files = by_uid.get(uid)
-            if not files:
-                raise DataError(f"{rows.where(index)}: uid {uid} has no {IU_XRAY_VIEWS[view]} image in {proj_file}")
-            joined = {**{k: v for k, v in row.items() if k != "image"}, "image": files if len(files) > 1 else files[0]}
-            return _report_item(joined, index, rows, part, stem, instruction=instruction, target=target,
-                                with_indication=with_indication, image_field="image", skip_empty=skip_empty,
-                                id_field="uid", dataset="iu_xray", extra_meta={"exam": row.get("image"), "view": view})
+            joined = {**{k: v for k, v in row.items() if k != "image"}, "image": (files or [None])[0]}
+            if files and len(files) > 1:
+                joined["image"] = files
+            record = _report_item(joined, index, rows, part, stem, instruction=instruction, target=target,
+                                  with_indication=with_indication, image_field="image", skip_empty=skip_empty,
+                                  id_field="uid", dataset="iu_xray",
+                                  extra_meta={"exam": row.get("image"), "view": view})
+            if record is not None and not files:  # the study has no image of this view: not this view's data
+                without.append(uid)
+                return None
+            return record
 
-        return rows.each(table, one)
+        records = rows.each(table, one)
+        if without:
+            log.warning("%s: %d studies (with %s text) have no %s image in %s and are left out (uids %s%s)",
+                        rows.label, len(without), target, IU_XRAY_VIEWS[view], proj_file, ", ".join(without[:5]),
+                        ", ..." if len(without) > 5 else "")
+        return records
 
     return _read_tables(reports, None, suffixes=(".csv",), image_root=root, check_images=check_images, label=label,
                         parse=parse, on_bad_record=on_bad_record, hint=hint)
