@@ -143,7 +143,7 @@ def predict(model: Any, records: Sequence[Any], plan: Sequence[list[str] | None]
                     continue
                 tensors = to_device(data, model.device)
                 if is_scored:
-                    pairs = [[proc.tokenize(records[i].question, c, record_id=records[i].id) for c in plan[i]]
+                    pairs = [[proc.tokenize_record(records[i], c) for c in plan[i]]
                              for i in good]
                     for i, loglik in zip(good, model.score(tensors, pairs)):
                         p = [float(x) for x in torch.tensor(loglik).softmax(0)]
