@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", required=True, help="PNG/JPEG/TIFF/DICOM/NIfTI file")
     s.add_argument("question")
     s.add_argument("--choices", help="comma-separated candidates to rank instead of generating")
-    s.add_argument("--max-new-tokens", type=int, default=32)
-    s.add_argument("--num-beams", type=int, default=1)
+    s.add_argument("--max-new-tokens", type=int, default=None, help="default: the adapter's generation settings")
+    s.add_argument("--num-beams", type=int, default=None, help="default: the adapter's generation settings")
     s.set_defaults(func=cmd_answer)
 
     s = sub.add_parser("eval", help="evaluate an adapter under a named protocol, or compare results")

@@ -141,10 +141,27 @@ class TemplateConfig:
     image_position: str | None = None  # None -> the template's default
     system: str | None = None  # overrides the template's system text
     max_length: int = 512  # prompt + answer tokens, excluding the visual prefix
+    # what opens a sequence: "tokenizer" = the tokens the tokenizer itself adds (Llama <s>, BioGPT </s>, GPT-2
+    # nothing, as the published code tokenised), "bos" = always the BOS token, "none" = nothing
+    start: str = "tokenizer"
 
     def __post_init__(self) -> None:
         _choice("template", "image_position", self.image_position, (None, *IMAGE_POSITIONS))
+        _choice("template", "start", self.start, ("tokenizer", "bos", "none"))
         _check(self.max_length >= 8, "template.max_length must be >= 8")
+
+
+@dataclass
+class GenerationConfig:
+    """How the adapter answers by default (`answer`, `eval`, the CLI): the source paper's decoding, overridable."""
+
+    num_beams: int = 1
+    max_new_tokens: int = 32
+    length_penalty: float = 1.0  # beam search only
+
+    def __post_init__(self) -> None:
+        _check(self.num_beams >= 1, f"generation.num_beams must be >= 1, got {self.num_beams}")
+        _check(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass
@@ -154,6 +171,7 @@ class AdapterConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     name: str | None = None
     description: str = ""
     fingerprints: dict[str, str] = field(default_factory=dict)  # filled at save time: encoder, decoder
@@ -205,7 +223,7 @@ class AdapterConfig:
 
 
 _SECTIONS: dict[str, type] = {"encoder": EncoderConfig, "mapper": MapperConfig, "decoder": DecoderConfig,
-                              "tuning": TuningConfig, "template": TemplateConfig}
+                              "tuning": TuningConfig, "template": TemplateConfig, "generation": GenerationConfig}
 
 
 def _build(kind: type, data: dict[str, Any], where: str):

@@ -314,12 +314,18 @@ class MedVQAAdapter(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
                  pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None,
-                 image_index: torch.Tensor | None = None, *, max_new_tokens: int = 32, num_beams: int = 1,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 image_index: torch.Tensor | None = None, *, max_new_tokens: int | None = None,
+                 num_beams: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  stop: Sequence[str] | None = None, **generate_kwargs: Any) -> list[Answer]:
         """Answers for a left-padded batch. Greedy decoding runs its own KV-cached loop (shared image heads, stop
-        strings checked as it goes); beam search and sampling use transformers' `generate`."""
+        strings checked as it goes); beam search and sampling use transformers' `generate`. Unset `num_beams` and
+        `max_new_tokens` come from `config.generation` (the source paper's decoding)."""
         stop = list(stop) if stop is not None else self.processor.stop_strings()
+        defaults = self.config.generation
+        num_beams = defaults.num_beams if num_beams is None else num_beams
+        max_new_tokens = defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if num_beams > 1 and "length_penalty" not in generate_kwargs:
+            generate_kwargs["length_penalty"] = defaults.length_penalty
         with self._lora_merged():
             embeds = self.embed(input_ids, image_mask, self.prefix(pixel_values, features, image_index))
             mask = attention_mask.to(self.device)

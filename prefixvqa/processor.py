@@ -20,6 +20,8 @@ A batch is a dict of tensors::
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import logging
@@ -149,11 +151,27 @@ class MedVQAProcessor:
             pieces[-1] += ids
         target = prompts.answer_text(t.name, answer) if answer is not None else None
         answer_ids = place(segs[-1], target) + (end if answer is not None else [])
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and (not pieces[0] or pieces[0][0] != bos):
-            pieces[0] = [bos] + pieces[0]
-            supervised = [(j, a + (j == 0), b + (j == 0)) for j, a, b in supervised]
+        start = self.start_ids
+        if start and pieces[0][:len(start)] != start:
+            pieces[0] = start + pieces[0]
+            supervised = [(j, a + len(start) * (j == 0), b + len(start) * (j == 0)) for j, a, b in supervised]
         return Sample(pieces, answer_ids, tuple(supervised))
+
+    @functools.cached_property
+    def start_ids(self) -> list[int]:
+        """Token ids every sequence opens with (`template.start`): for "tokenizer", those the tokenizer adds in front
+        of a text by itself, found by encoding one word with and without special tokens."""
+        tok, mode = self.tokenizer, self.template.start
+        if mode == "none" or (mode == "bos" and tok.bos_token_id is None):
+            return []
+        if mode == "bos":
+            return [tok.bos_token_id]
+        plain = tok("x", add_special_tokens=False)["input_ids"]
+        special = tok("x", add_special_tokens=True)["input_ids"]
+        for i in range(len(special) - len(plain) + 1):
+            if special[i:i + len(plain)] == plain:
+                return list(special[:i])
+        return []
 
     def tokenize(self, question: str, answer: str | None = None, shots: Sequence[tuple[str, str]] = (),
                  record_id: str | None = None, *, history: Sequence[tuple[str, str]] = (),

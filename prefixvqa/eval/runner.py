@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import functools
 import math
 import os
 from collections import Counter
@@ -29,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ..fileio import atomic_write, atomic_write_with
-from .protocols import (METRIC_LABELS, Protocol, answer_type_of, candidates_for, compute_metrics, get_protocol,
+from .protocols import (METRIC_LABELS, TOKEN_ID_METRICS, Protocol, answer_type_of, candidates_for, compute_metrics, get_protocol,
                         item_scores)
 
 __all__ = ["evaluate", "plan_items", "write_outputs", "rescore", "compare", "load_predictions", "BREAKDOWN_FIELDS",
@@ -396,7 +397,8 @@ def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Seque
 
 
 def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_dir: str | os.PathLike, *,
-             batch_size: int = 8, closed_mode: str | None = None, max_new_tokens: int = 32, num_beams: int = 1,
+             batch_size: int = 8, closed_mode: str | None = None, max_new_tokens: int | None = None,
+             num_beams: int | None = None,
              do_sample: bool = False, generation_kwargs: Mapping[str, Any] | None = None, data_spec: Any = None,
              adapter_path: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
              plots: bool = True) -> dict[str, float]:
@@ -415,11 +417,17 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
         raise ValueError("no records to evaluate")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    generation = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": do_sample,
+    defaults = model.config.generation  # unset settings: the adapter's own decoding (its source paper's)
+    generation = {"max_new_tokens": defaults.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                  "num_beams": defaults.num_beams if num_beams is None else num_beams, "do_sample": do_sample,
                   **(generation_kwargs or {})}
     plan = plan_items(records, protocol, closed_mode)
     with seeded(seed):
         predictions = _predict(model, records, plan, batch_size, generation, progress)
+    if any(m in protocol.all_item_metrics for m in TOKEN_ID_METRICS):  # stored, so rescoring needs no model
+        encode = functools.partial(model.tokenizer.encode, add_special_tokens=False)
+        for row in predictions:
+            row["token_ids"] = [encode(row["prediction"]), encode(row["gold"])]
     run = {"closed_mode": closed_mode or protocol.closed_mode, "batch_size": batch_size, "generation": generation,
            "seed": seed}
     manifest = _manifest(model, records, protocol, run, data_spec, adapter_path)
