@@ -180,7 +180,8 @@ def test_conversation_label_mask_supervises_every_answer_and_nothing_else(llava_
             assert span[-1] == tok.eos_token_id and tok.decode(span[:-1]).strip() == turn.answer
         supervised = [i for i, label in enumerate(labels) if label != IGNORE]
         assert all(labels[i] == ids[i] for i in supervised)
-        unsupervised = (batch["labels"][row] == IGNORE) & ~batch["image_mask"][row] & batch["attention_mask"][row].bool()
+        unsupervised = batch["attention_mask"][row].bool() & ~batch["image_mask"][row]
+        unsupervised &= batch["labels"][row] == IGNORE
         prompt = tok.decode(batch["input_ids"][row][unsupervised].tolist())
         assert all(turn.question in prompt for turn in record.turns)  # questions are read, never trained
         image = batch["image_mask"][row].nonzero().flatten().tolist()
