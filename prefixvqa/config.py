@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 FEATURE_KINDS = ("pooled", "patches")
-MAPPER_KINDS = ("linear", "mlp", "mlp2x_gelu", "transformer", "resampler")
+MAPPER_KINDS = ("linear", "mlp", "mlp2x_gelu", "transformer", "resampler", "query_decoder")
 ACTIVATIONS = ("tanh", "gelu", "relu", "silu")
 TUNING_MODES = ("frozen", "lora", "full", "prompt_tuning", "prefix_tuning")
 QUANTIZATIONS = (None, "8bit", "4bit")
@@ -67,10 +67,13 @@ class MapperConfig:
     """Features (B, N, D_v) -> prefix (B, L, E). `in_dim`/`out_dim` are filled from the encoder/decoder at build."""
 
     kind: str = "mlp"
-    prefix_length: int = 8  # L for mlp/transformer/resampler; linear/mlp2x_gelu keep one vector per input token
-    hidden_dim: int | None = None  # mlp: L*E/2 (van Sonsbeek); transformer/resampler: E
-    depth: int = 2  # mlp: linear layers; transformer/resampler: attention layers
+    prefix_length: int = 8  # L for mlp/transformer/resampler/query_decoder; linear/mlp2x_gelu: one per input token
+    hidden_dim: int | None = None  # mlp: first hidden width (default L*E/2); attention mappers: their width (E)
+    depth: int = 2  # mlp: linear layers; attention mappers: layers
     heads: int = 8
+    head_dim: int | None = None  # attention inner width per head; None -> width / heads (Flamingo's perceiver: 64)
+    mlp_ratio: float = 4.0  # attention mappers' feed-forward width / model width (ClipCap 2, MedVInT 1)
+    input_tokens: int | None = None  # transformer: tokens one pooled vector is expanded to (ClipCap's clip_length)
     activation: str = "tanh"
     dropout: float = 0.0
     in_dim: int | None = None
@@ -83,6 +86,8 @@ class MapperConfig:
         _check(self.depth >= 1, f"mapper.depth must be >= 1, got {self.depth}")
         _check(0.0 <= self.dropout < 1.0, f"mapper.dropout must be in [0, 1), got {self.dropout}")
         _check(self.heads >= 1, f"mapper.heads must be >= 1, got {self.heads}")
+        _check(self.mlp_ratio > 0, f"mapper.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        _check(self.input_tokens is None or self.input_tokens >= 1, "mapper.input_tokens must be >= 1")
 
 
 @dataclass
@@ -191,6 +196,8 @@ class AdapterConfig:
                f"tuning.mode={self.tuning.mode!r} is not supported with a quantized decoder; use 'lora' (QLoRA)")
         _check(not (self.tuning.mode == "full" and self.decoder.quantization),
                "tuning.mode='full' cannot train a quantized decoder; use 'lora' or drop decoder.quantization")
+        _check(not (self.mapper.input_tokens and self.encoder.features != "pooled"),
+               "mapper.input_tokens expands one pooled vector (ClipCap): set encoder.features='pooled'")
         pooled_only = self.mapper.kind == "mlp"
         _check(not (pooled_only and self.encoder.features != "pooled"),
                "mapper.kind='mlp' maps one pooled vector to L prefix vectors: set encoder.features='pooled' "

@@ -15,7 +15,7 @@ from prefixvqa.mappers import MAPPERS
 from prefixvqa.testing import TINY_ENCODER, plain_transformers_batch
 
 FAMILIES = ("gpt2", "biogpt", "llama")
-FEATURES = {"mlp": "pooled", "transformer": "pooled"}  # the others read patch tokens
+FEATURES = {"mlp": "pooled", "transformer": "pooled"}  # the others read patch tokens (transformer: ClipCap)
 IMAGES = [Image.new("RGB", (48, 40), (200, 30, 30)), Image.new("L", (40, 40), 90)]
 QUESTIONS = ["is there a lesion?", "which side?"]
 ANSWERS = ["yes", "left lung"]
