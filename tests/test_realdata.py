@@ -192,6 +192,25 @@ def test_conversation_label_mask_supervises_every_answer_and_nothing_else(llava_
         assert record.turns[1].question not in before
 
 
+def test_long_conversation_drops_middle_exchanges_never_an_answer(llava_model, caplog):
+    from prefixvqa.processor import MedVQAProcessor
+
+    record = max(load_records({"format": "llava", "path": RETINA, **NO_IMAGES}), key=lambda r: len(r.turns))
+    full = llava_model.processor.tokenize_record(record, record.answer)
+    size = sum(map(len, full.pieces)) + len(full.answer)
+    proc = MedVQAProcessor(llava_model.tokenizer, dataclasses.replace(llava_model.config.template,
+                                                                      max_length=size * 2 // 3),
+                           llava_model.processor.transform, llava_model.processor.image_seq_length)
+    with caplog.at_level("WARNING"):
+        short = proc.tokenize_record(record, record.answer)
+    assert f"record {record.id}" in caplog.text and "earlier exchange(s) of the conversation dropped" in caplog.text
+    spans = _spans(proc.pad([short])["labels"][0].tolist())
+    answers = [proc.tokenizer.decode(span[:-1]).strip() for span in spans]
+    assert answers[0] == record.turns[0].answer and answers[-1] == record.answer  # the image turn and the last
+    assert set(answers) <= {t.answer for t in record.turns} and len(answers) < len(record.turns)
+    assert sum(map(len, short.pieces)) + len(short.answer) <= size * 2 // 3
+
+
 def test_conversation_trains_on_a_real_image_and_generation_sees_the_history(llava_model):
     fundus = str(REAL / "llava_med_retina" / "color_fundus_image.jpg")
     records = [dataclasses.replace(r, image=fundus)
