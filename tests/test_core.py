@@ -239,7 +239,7 @@ def test_templates_place_image_and_mask_prompt(tiny_decoders):
                                ("mistral_instruct", None)):
         template_cfg = {"name": template, "image_position": position}
         model = MedVQAAdapter(make_config(tiny_decoders["llama"], template=template_cfg))
-        pieces, answer = model.processor.tokenize("which side?", "left")
+        pieces, answer = model.processor.tokenize("which side?", "left")[:2]
         assert len(pieces) == 2 and answer[-1] == model.tokenizer.eos_token_id
         text = model.tokenizer.decode(pieces[0] + pieces[1])
         assert "which side?" in text
@@ -251,7 +251,7 @@ def test_templates_place_image_and_mask_prompt(tiny_decoders):
 def test_few_shot_prompt_places_one_prefix_per_image(tiny_decoders):
     model = MedVQAAdapter(make_config(tiny_decoders["gpt2"], "resampler", "frozen"))
     shots = [[("is there a lesion?", "yes"), ("is there a lesion?", "no")]]
-    pieces, _ = model.processor.tokenize("is there a lesion?", None, shots[0])
+    pieces = model.processor.tokenize("is there a lesion?", None, shots[0]).pieces
     assert len(pieces) == 4  # three image slots
     images = [[IMAGES[0], IMAGES[1], IMAGES[0]]]
     out = model(**model.processor(images, ["is there a lesion?"], ["yes"], shots=shots))
