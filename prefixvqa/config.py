@@ -149,6 +149,8 @@ class TemplateConfig:
     # what opens a sequence: "tokenizer" = the tokens the tokenizer itself adds (Llama <s>, BioGPT </s>, GPT-2
     # nothing, as the published code tokenised), "bos" = always the BOS token, "none" = nothing
     start: str = "tokenizer"
+    # LLaVA's mm_use_im_start_end: a learned start and end vector around every image's prefix (trained with the mapper)
+    image_start_end: bool = False
 
     def __post_init__(self) -> None:
         _choice("template", "image_position", self.image_position, (None, *IMAGE_POSITIONS))

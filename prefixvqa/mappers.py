@@ -156,6 +156,21 @@ class QueryDecoder(nn.Module):
         return self.out(self.decoder(self.queries.expand(x.shape[0], -1, -1), memory))  # (B, L, E)
 
 
+class WithImageDelimiters(nn.Module):
+    """LLaVA's `<im_start>` / `<im_end>`: two learned vectors around each prefix, (B, L, E) -> (B, L + 2, E). Upstream
+    adds them as tokens initialised to the mean token embedding; here they live with the mapper and train with it."""
+
+    def __init__(self, mapper: nn.Module, dim: int):
+        super().__init__()
+        self.mapper = mapper
+        self.delimiters = nn.Parameter(torch.zeros(2, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, L + 2, E)
+        prefix = self.mapper(x)
+        ends = self.delimiters.to(prefix.dtype).expand(prefix.shape[0], -1, -1)
+        return torch.cat([ends[:, :1], prefix, ends[:, 1:]], dim=1)
+
+
 MAPPERS: dict[str, Callable[[MapperConfig], nn.Module]] = {
     "linear": lambda c: TokenMLP(c, depth=1, activation=c.activation),
     "mlp2x_gelu": lambda c: TokenMLP(c, depth=2, activation="gelu"),
@@ -166,14 +181,16 @@ MAPPERS: dict[str, Callable[[MapperConfig], nn.Module]] = {
 }
 
 
-def build_mapper(cfg: MapperConfig) -> nn.Module:
-    """Build from a config whose `in_dim`/`out_dim` are set (the adapter fills them from encoder and decoder)."""
+def build_mapper(cfg: MapperConfig, image_start_end: bool = False) -> nn.Module:
+    """Build from a config whose `in_dim`/`out_dim` are set (the adapter fills them from encoder and decoder);
+    `image_start_end` wraps it with learned start/end vectors (template.image_start_end)."""
     if not cfg.in_dim or not cfg.out_dim:
         raise ConfigError("mapper.in_dim and mapper.out_dim must be set before building (taken from the models)")
     width = cfg.hidden_dim or (cfg.out_dim if cfg.kind == "transformer" else cfg.in_dim)
     if cfg.kind in ("transformer", "resampler", "query_decoder") and width % cfg.heads and not cfg.head_dim:
         raise ConfigError(f"mapper.heads={cfg.heads} must divide the mapper width {width} (hidden_dim or decoder dim)")
-    return MAPPERS[cfg.kind](cfg)
+    mapper = MAPPERS[cfg.kind](cfg)
+    return WithImageDelimiters(mapper, cfg.out_dim) if image_start_end else mapper
 
 
 def prefix_length(cfg: MapperConfig, num_tokens: int) -> int:

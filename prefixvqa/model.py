@@ -75,7 +75,10 @@ class MedVQAAdapter(nn.Module):
         self.base_fingerprints = {"encoder": fingerprint(encoder.visual, {"name": config.encoder.name}),
                                   "decoder": decoder_fingerprint(decoder)}
         self.encoder = encoder
-        self.mapper = build_mapper(self.config.mapper)
+        self.mapper = build_mapper(self.config.mapper, self.config.template.image_start_end)
+        if self.config.template.image_start_end:  # as LLaVA initialised <im_start>/<im_end>: the mean token embedding
+            with torch.no_grad():
+                self.mapper.delimiters.copy_(decoder.get_input_embeddings().weight.float().mean(0).expand(2, -1))
         with torch.no_grad():
             prefix_length = self.mapper.eval()(torch.zeros(1, num_tokens, feat_dim)).shape[1]
         self.decoder = apply_tuning(decoder, config.tuning, quantized=bool(config.decoder.quantization),
@@ -243,9 +246,10 @@ class MedVQAAdapter(nn.Module):
         runs once; its KV cache serves its K candidates. Returns per-question probabilities (softmax over the
         normalised log-likelihoods), or those log-likelihoods with `return_loglik=True`."""
         shots = shots if shots is not None else [()] * len(questions)
-        batch = self.processor(None if features is not None else images, questions, shots=shots, views=views)
-        pairs = [[self.processor.tokenize(q, c, s) for c in opts] for q, opts, s in zip(questions, choices, shots,
-                                                                                         strict=True)]
+        batch = self.processor(None if features is not None else images, questions, shots=shots, views=views,
+                               choices=choices)  # templates that list the options show them (MedVInT)
+        pairs = [[self.processor.tokenize(q, c, s, choices=opts) for c in opts]
+                 for q, opts, s in zip(questions, choices, shots, strict=True)]
         mean_lp = self.score(batch, pairs, features=features)
         out = []
         for scores in mean_lp:

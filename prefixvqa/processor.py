@@ -13,7 +13,7 @@ A batch is a dict of tensors::
     attention_mask  (B, T)  1 on real tokens and image slots
     image_mask      (B, T)  True on the L positions of each image slot, row by row, slot by slot
     labels          (B, T)  answer ids (+ EOS) where supervised, IGNORE (-100) elsewhere   [with answers]
-                            (a conversation supervises every assistant answer, each ending with EOS)
+                            (a conversation supervises every assistant answer, each closed as the template closes it)
     pixel_values    (I, 3, H, W)  one per distinct image                                     [with images]
     image_index     (S,)    which of the I images fills each of the S slots (images shared by several questions)
 """
@@ -127,12 +127,13 @@ class MedVQAProcessor:
         return joint[:keep], joint[keep:]
 
     def _pieces(self, question: str, answer: str | None, shots: Sequence[tuple[str, str]],
-                history: Sequence[tuple[str, str]] = (), position: str | None = None) -> Sample:
+                choices: Sequence[str] = (), history: Sequence[tuple[str, str]] = (),
+                position: str | None = None) -> Sample:
         t = self.template
         segs = prompts.segments(t.name, question, position=position or t.image_position, system=t.system,
-                                shots=shots, history=history, tokenizer=self.tokenizer)
+                                shots=shots, history=history, tokenizer=self.tokenizer, choices=choices)
         eos = self.tokenizer.eos_token_id
-        end = [eos] if eos is not None else []
+        end = [eos] if eos is not None and prompts.ends_with_eos(t.name) else []
         pieces: list[list[int]] = [[]]
         supervised: list[tuple[int, int, int]] = []
 
@@ -151,10 +152,12 @@ class MedVQAProcessor:
             pieces[-1] += ids
         target = prompts.answer_text(t.name, answer) if answer is not None else None
         answer_ids = place(segs[-1], target) + (end if answer is not None else [])
+        # the start tokens open the sequence; MedVInT put its visual queries before the tokenised text (and its BOS)
+        first = next((k for k, p in enumerate(pieces) if p), 0) if prompts.image_before_start(t.name) else 0
         start = self.start_ids
-        if start and pieces[0][:len(start)] != start:
-            pieces[0] = start + pieces[0]
-            supervised = [(j, a + len(start) * (j == 0), b + len(start) * (j == 0)) for j, a, b in supervised]
+        if start and pieces[first][:len(start)] != start:
+            pieces[first] = start + pieces[first]
+            supervised = [(j, a + len(start) * (j == first), b + len(start) * (j == first)) for j, a, b in supervised]
         return Sample(pieces, answer_ids, tuple(supervised))
 
     @functools.cached_property
@@ -174,16 +177,17 @@ class MedVQAProcessor:
         return []
 
     def tokenize(self, question: str, answer: str | None = None, shots: Sequence[tuple[str, str]] = (),
-                 record_id: str | None = None, *, history: Sequence[tuple[str, str]] = (),
-                 position: str | None = None) -> Sample:
-        """Token ids of the prompt pieces and of the answer (+ EOS); `history` holds a conversation's earlier
+                 record_id: str | None = None, choices: Sequence[str] = (), *,
+                 history: Sequence[tuple[str, str]] = (), position: str | None = None) -> Sample:
+        """Token ids of the prompt pieces and of the answer (+ EOS where the template ends with it). `choices` are
+        listed in the prompt by templates that show them (MedVInT); `history` holds a conversation's earlier
         exchanges (the image in the first), `position` where the record puts its image (None: the template's).
 
         Prompt + answer longer than `template.max_length`: first a conversation's text-only earlier exchanges are
         dropped (oldest first; the one holding the image stays), then the question is shortened; never an answer
         or a candidate. It warns with the record."""
         history = list(history)
-        sample = self._pieces(question, answer, shots, history, position)
+        sample = self._pieces(question, answer, shots, choices, history, position)
         excess = self._excess(sample)
         if excess <= 0:
             return sample
@@ -191,12 +195,12 @@ class MedVQAProcessor:
         while excess > 0 and len(history) > 1:
             del history[1]
             dropped += 1
-            sample = self._pieces(question, answer, shots, history, position)
+            sample = self._pieces(question, answer, shots, choices, history, position)
             excess = self._excess(sample)
         q_ids = self._encode(question)
         while excess > 0 and q_ids:
             q_ids = q_ids[:max(0, len(q_ids) - excess)]
-            sample = self._pieces(self.tokenizer.decode(q_ids), answer, shots, history, position)
+            sample = self._pieces(self.tokenizer.decode(q_ids), answer, shots, choices, history, position)
             excess = self._excess(sample)
         if excess > 0:
             raise ValueError(f"record {record_id or question[:40]!r}: the template and answers alone take "
@@ -213,10 +217,10 @@ class MedVQAProcessor:
         return sum(map(len, sample.pieces)) + len(sample.answer) - self.template.max_length
 
     def tokenize_record(self, record: VQARecord, answer: str | None) -> Sample:
-        """`tokenize` with the record's conversation history and image position (answer: its own, a candidate, or
-        None to generate)."""
-        return self.tokenize(record.question, answer, record_id=record.id, history=record.history,
-                             position=record.image_position)
+        """`tokenize` with the record's choices, conversation history and image position (answer: its own, a
+        candidate, or None to generate)."""
+        return self.tokenize(record.question, answer, record_id=record.id, choices=record.choices or (),
+                             history=record.history, position=record.image_position)
 
     # --- batches ------------------------------------------------------------------------------------------------
     def pad(self, samples: Sequence[Sample], padding_side: str = "right", labels: bool = True
@@ -257,14 +261,17 @@ class MedVQAProcessor:
     def __call__(self, images: Sequence[Any] | None = None, questions: Sequence[str] = (),
                  answers: Sequence[str] | None = None, *, shots: Sequence[Sequence[tuple[str, str]]] | None = None,
                  views: Sequence[dict[str, Any] | None] | None = None, padding_side: str = "right",
-                 ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                 ids: Sequence[str] | None = None, choices: Sequence[Sequence[str]] | None = None
+                 ) -> dict[str, torch.Tensor]:
         """Images (one per question, or per question a list: shots' images then the query's) + questions
         (+ answers) -> a batch. The same image object given for several questions is loaded and encoded once."""
         n = len(questions)
         shots = shots if shots is not None else [()] * n
         answers_ = answers if answers is not None else [None] * n
         ids_ = ids if ids is not None else [None] * n
-        samples = [self.tokenize(q, a, s, i) for q, a, s, i in zip(questions, answers_, shots, ids_, strict=True)]
+        choices_ = choices if choices is not None else [()] * n
+        samples = [self.tokenize(q, a, s, i, c)
+                   for q, a, s, i, c in zip(questions, answers_, shots, ids_, choices_, strict=True)]
         batch = self.pad(samples, padding_side, labels=answers is not None)
         if images is not None:
             if len(images) != n:

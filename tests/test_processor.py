@@ -20,8 +20,10 @@ def reference_layout(model, question, answer, L):
     t, tok = model.config.template, model.tokenizer
     text = prompts.render(t.name, question, position=t.image_position, system=t.system, tokenizer=tok)
     pieces = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts.split_on_images(text)]
-    pieces[0] = model.processor.start_ids + pieces[0]  # the opening tokens: see test_start_tokens
-    answer_ids = tok(prompts.answer_text(t.name, answer), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    first = next((k for k, p in enumerate(pieces) if p), 0) if prompts.image_before_start(t.name) else 0
+    pieces[first] = model.processor.start_ids + pieces[first]  # the opening tokens: see test_start_tokens
+    answer_ids = tok(prompts.answer_text(t.name, answer), add_special_tokens=False)["input_ids"]
+    answer_ids += [tok.eos_token_id] if prompts.ends_with_eos(t.name) else []
     ids, labels, slots = [], [], []
     for j, piece in enumerate(pieces):
         if j:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import prompts
 from .records import DataError, Records, SkippedRecord, VQARecord, normalize_answer_type, records_to_dataset
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_REPORT_INSTRUCTION = "Describe the findings of the chest X-ray."
+LLAVA_RAD_INSTRUCTION = "llava_rad"  # instruction=... naming LLaVA-Rad's prompt (prompts.report_question)
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pk")
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".tsv")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "validate": "validation", "dev": "validation"}
@@ -904,7 +906,10 @@ def _report_item(row: dict, index: int, rows: _Rows, split: str | None, stem: st
             return None
         raise DataError(f"{rows.where(index)}: empty report target '{target}'")
     image, image_meta = rows.images(row[image_field], index, image_field)
-    question = f"{instruction} Indication: {indication}" if with_indication and indication else instruction
+    if instruction == LLAVA_RAD_INSTRUCTION:  # LLaVA-Rad's own wording, with the study's indication when given
+        question = prompts.report_question(indication)
+    else:
+        question = f"{instruction} Indication: {indication}" if with_indication and indication else instruction
     meta = {
         "dataset": dataset,
         "split": split,
@@ -936,7 +941,8 @@ def read_reports(
 ) -> Records:
     """Report pairs (MIMIC-CXR / IU X-ray style) CSV/JSONL: image, findings[, impression, indication][, id].
 
-    question = `instruction` (+ " Indication: ..." with with_indication=True); answer = findings, impression or both
+    question = `instruction` (+ " Indication: ..." with with_indication=True), or with instruction="llava_rad"
+    LLaVA-Rad's "Provide a description of the findings ... indication: ..."; answer = findings, impression or both
     ("FINDINGS: ...\\nIMPRESSION: ..."). Studies whose target section is empty are skipped (skip_empty=True, as
     report-generation work does) — a missing column is an error. JSONL may give a list of images per study.
     IU X-ray's Kaggle `indiana_reports.csv` is refused with a pointer to format "iu_xray": its `image` column
