@@ -166,20 +166,28 @@ def _spans(labels: list[int]) -> list[list[int]]:
     return spans
 
 
-def test_conversation_label_mask_supervises_every_answer_and_nothing_else(llava_model):
-    proc, tok = llava_model.processor, llava_model.tokenizer
+def _closed(proc, answer: str) -> str:
+    """An answer as its template closes a turn: LLaVA-Med's "\\n###" (no EOS), Vicuna's EOS."""
+    from prefixvqa import prompts
+
+    name = proc.template.name
+    return prompts.answer_text(name, answer) + (proc.tokenizer.eos_token if prompts.ends_with_eos(name) else "")
+
+
+@pytest.mark.parametrize("template", ["llava_med_v1", "vicuna_v1"])
+def test_conversation_label_mask_supervises_every_answer_and_nothing_else(tiny_decoders, template):
+    model = MedVQAAdapter(make_config(tiny_decoders["llama"], "linear", template={"name": template,
+                                                                                  "max_length": 2048}))
+    proc, tok = model.processor, model.tokenizer
     records = [r for r in load_records({"format": "llava", "path": RETINA, **NO_IMAGES}) if len(r.turns) >= 3][:4]
-    samples = [proc.tokenize_record(r, r.answer) for r in records]
-    batch = proc.pad(samples)
+    batch = proc.pad([proc.tokenize_record(r, r.answer) for r in records])
     L = proc.image_seq_length
     for row, record in enumerate(records):
         labels, ids = batch["labels"][row].tolist(), batch["input_ids"][row].tolist()
         spans = _spans(labels)
-        assert len(spans) == len(record.turns)  # one supervised span per assistant turn ...
-        for span, turn in zip(spans, record.turns):  # ... holding exactly its answer, closed by EOS
-            assert span[-1] == tok.eos_token_id and tok.decode(span[:-1]).strip() == turn.answer
-        supervised = [i for i, label in enumerate(labels) if label != IGNORE]
-        assert all(labels[i] == ids[i] for i in supervised)
+        assert len(spans) == len(record.turns)  # one supervised span per assistant turn, holding exactly its answer
+        assert [tok.decode(span).strip() for span in spans] == [_closed(proc, t.answer).strip() for t in record.turns]
+        assert all(labels[i] == ids[i] for i, label in enumerate(labels) if label != IGNORE)
         unsupervised = batch["attention_mask"][row].bool() & ~batch["image_mask"][row]
         unsupervised &= batch["labels"][row] == IGNORE
         prompt = tok.decode(batch["input_ids"][row][unsupervised].tolist())
@@ -187,8 +195,7 @@ def test_conversation_label_mask_supervises_every_answer_and_nothing_else(llava_
         image = batch["image_mask"][row].nonzero().flatten().tolist()
         assert len(image) == L and image == list(range(image[0], image[0] + L))  # one image, in the first turn
         before = tok.decode(ids[:image[0]])
-        first = record.turns[0].question
-        assert (first in before) == (record.image_position == "after_question")
+        assert (record.turns[0].question in before) == (record.image_position == "after_question")
         assert record.turns[1].question not in before
 
 
@@ -205,9 +212,10 @@ def test_long_conversation_drops_middle_exchanges_never_an_answer(llava_model, c
         short = proc.tokenize_record(record, record.answer)
     assert f"record {record.id}" in caplog.text and "earlier exchange(s) of the conversation dropped" in caplog.text
     spans = _spans(proc.pad([short])["labels"][0].tolist())
-    answers = [proc.tokenizer.decode(span[:-1]).strip() for span in spans]
-    assert answers[0] == record.turns[0].answer and answers[-1] == record.answer  # the image turn and the last
-    assert set(answers) <= {t.answer for t in record.turns} and len(answers) < len(record.turns)
+    answers = [proc.tokenizer.decode(span).strip() for span in spans]
+    closed = [_closed(proc, t.answer).strip() for t in record.turns]
+    assert answers[0] == closed[0] and answers[-1] == closed[-1]  # the image turn and the last stay
+    assert set(answers) <= set(closed) and len(answers) < len(record.turns)
     assert sum(map(len, short.pieces)) + len(short.answer) <= size * 2 // 3
 
 
