@@ -71,7 +71,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .model import MedVQAAdapter
 
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
-    metrics = evaluate(model, _records(args), args.protocol, args.out, batch_size=args.batch_size,
+    from .eval.protocols import get_protocol
+
+    protocol = get_protocol(args.protocol, upstream_metrics=True) if args.upstream_metrics else args.protocol
+    metrics = evaluate(model, _records(args), protocol, args.out, batch_size=args.batch_size,
                        closed_mode=args.closed_mode, data_spec=_data_spec(args.data, args.format, args.split),
                        adapter_path=args.adapter)
     print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -148,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/eval")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--closed-mode", choices=["score", "generate"])
+    s.add_argument("--upstream-metrics", action="store_true",
+                   help="also report the source's own metric variants (prefix_vqa: van Sonsbeek's nltk BLEU etc.)")
     s.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print a side-by-side table")
     s.set_defaults(func=cmd_eval)
 

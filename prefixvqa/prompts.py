@@ -41,6 +41,8 @@ TEMPLATES: dict[str, Template] = {
     # ClipCap: the prefix, then the caption; generation stops at the first "." (their stop token), no EOS trained.
     "clipcap": Template(before_question="{image}", after_question="{image}", answer="{answer}", stop=(".",),
                         eos=False),
+    # LLaVA's "plain" alignment format (LLaVA-Rad stage 1): the image, then the caption/findings and "\n".
+    "llava_plain": Template(before_question="{image}", after_question="{image}", answer="{answer}\n", eos=False),
     # van Sonsbeek et al. 2023 (open-ended-medical-vqa, vqaloader.py): "question: Q context:" + prefix + "answer " + A
     # + EOS. The space before A is tokenised with A (upstream tokenised "answer " and A separately; same characters).
     "prefix_vqa": Template(before_question="{image}question: {question} answer",

@@ -83,7 +83,7 @@ def tiny_overrides(decoder_folder: str | Path) -> dict[str, Any]:
     """Overrides that turn any preset into a tiny offline model (keeps the preset's mapper/tuning/template)."""
     return {"encoder": dict(TINY_ENCODER), "decoder": {"name": str(decoder_folder), "quantization": None,
                                                        "gguf_file": None, "model_config": None, "dtype": "float32"},
-            "mapper": {"hidden_dim": None, "heads": 2}, "template": {"max_length": 128}}
+            "mapper": {"hidden_dim": None, "heads": 2}, "template": {"max_length": 256}}
 
 
 def plain_transformers_batch(model: Any, prefix: Any, questions: list[str], answers: list[str]) -> tuple[Any, ...]:
