@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     def data_args(s: argparse.ArgumentParser) -> None:
         s.add_argument("--data", required=False, help="dataset path or JSON spec, e.g. '{\"format\": \"slake\", "
                                                       "\"path\": \"Slake1.0\"}'")
-        s.add_argument("--format", help="reader: vqa_rad, slake, pathvqa, pmc_vqa, llava, report, generic")
+        s.add_argument("--format", help="reader: vqa_rad, slake, pathvqa, pmc_vqa, llava, llava_med_eval, report, "
+                                                "iu_xray, generic")
         s.add_argument("--split", help="split to read (train, validate, test, ...)")
 
     s = sub.add_parser("train", help="train from a YAML recipe (single stage or curriculum)")

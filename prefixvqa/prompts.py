@@ -2,6 +2,8 @@
 
 A rendered prompt is plain text holding `IMAGE` sentinels; the model splits on them and places one visual prefix per
 sentinel, so few-shot prompts with several images (Med-Flamingo style) use the same path as single-image VQA.
+A conversation (LLaVA-style multi-turn record) renders as alternating prompt and answer texts (`segments`): the image
+in its first question, later questions in the template's text-only user turn, every answer a training target.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Template:
     eos: bool = True
     choice: str = " {letter}:{text}"
     image_before_start: bool = False  # a leading image goes before the start tokens (BOS), as MedVInT built it
+    text_turn: str | None = None  # a user turn without an image (a conversation's later questions); None: derived
 
 
 TEMPLATES: dict[str, Template] = {
@@ -98,42 +101,94 @@ def _position(template: Template, position: str | None) -> str:
     return position or template.default_position
 
 
-def render(template_name: str, question: str, *, answer: str | None = None, position: str | None = None,
-           system: str | None = None, shots: Sequence[tuple[str, str]] = (), tokenizer: Any = None,
-           choices: Sequence[str] = ()) -> str:
-    """Render the prompt text with one IMAGE sentinel per image: each shot (question, answer) and then the query.
+def text_turn(template: Template) -> str:
+    """The user turn of a conversation's later questions, which carry no image: the template's `text_turn`, or its
+    before_question layout without `{image}` and the whitespace after it ("Human: {question}\n### Assistant:")."""
+    if template.text_turn is not None:
+        return template.text_turn
+    return re.sub(r"\{image\}[ \t]*\n?", "", template.before_question)
 
-    With `answer`, the answer text is appended (training); without, the text ends where generation starts.
-    `choices` fill the template's `{choices}` (templates without it do not show them).
-    """
+
+def segments(template_name: str, question: str, *, position: str | None = None, system: str | None = None,
+             shots: Sequence[tuple[str, str]] = (), history: Sequence[tuple[str, str]] = (), tokenizer: Any = None,
+             choices: Sequence[str] = ()) -> list[str]:
+    """The prompt as [prompt, answer, prompt, answer, ..., prompt]: one (prompt, answer) per earlier exchange of a
+    conversation (`history`), then the query's prompt. Answers are target texts (`answer_text`), each closed by EOS
+    where the template ends answers with it (`ends_with_eos`; the processor adds it). An exchange follows an EOS-ended
+    answer directly (Vicuna's "</s>USER:"), else after the template's shot separator (LLaVA-Med's "\n### Human:").
+    IMAGE sentinels: one per shot and one in the conversation's first question; `choices` go to the query."""
     if template_name == "chat":
-        return _render_chat(tokenizer, question, answer=answer, position=position, system=system, shots=shots)
+        return _chat_segments(tokenizer, question, position=position, system=system, shots=shots, history=history)
     t = TEMPLATES[template_name]
     turn = getattr(t, _position(t, position))
     parts = [system if system is not None else t.system]
     for q, a in shots:
         parts.append(turn.format(image=IMAGE, question=q, choices="") + t.answer.format(answer=a) + t.shot_separator)
-    parts.append(turn.format(image=IMAGE, question=question, choices=format_choices(template_name, choices)))
-    text = "".join(parts)
+    out, text = [], "".join(parts)
+    joiner = "" if t.eos else t.shot_separator
+    for k, (q, a) in enumerate([*history, (question, None)]):
+        listed = format_choices(template_name, choices) if a is None else ""
+        text += (joiner if k else "") + (turn if k == 0 else text_turn(t)).format(image=IMAGE, question=q,
+                                                                                 choices=listed)
+        if a is None:
+            break
+        out += [text, answer_text(template_name, a)]
+        text = ""
+    return out + [text]
+
+
+def render(template_name: str, question: str, *, answer: str | None = None, position: str | None = None,
+           system: str | None = None, shots: Sequence[tuple[str, str]] = (), tokenizer: Any = None,
+           choices: Sequence[str] = (), history: Sequence[tuple[str, str]] = ()) -> str:
+    """Render the prompt text with one IMAGE sentinel per image: each shot (question, answer), then the query (after
+    its conversation's earlier exchanges, `history`; their EOS tokens are the processor's and not in the text).
+
+    With `answer`, the answer text is appended (training); without, the text ends where generation starts.
+    `choices` fill the template's `{choices}` (templates without it do not show them).
+    """
+    text = "".join(segments(template_name, question, position=position, system=system, shots=shots, history=history,
+                            tokenizer=tokenizer, choices=choices))
     return text if answer is None else text + answer_text(template_name, answer)
 
 
-def _render_chat(tokenizer: Any, question: str, *, answer: str | None, position: str | None, system: str | None,
-                 shots: Sequence[tuple[str, str]]) -> str:
-    """Use the tokenizer's own chat template; the image sentinel goes before or after the question text."""
+def _chat_segments(tokenizer: Any, question: str, *, position: str | None, system: str | None,
+                   shots: Sequence[tuple[str, str]], history: Sequence[tuple[str, str]]) -> list[str]:
+    """`segments` through the tokenizer's own chat template; the image sentinel goes before or after the question
+    text. Each answer's closing EOS text is left to the processor's EOS token (so the ids are the template's)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("template.name='chat' needs a tokenizer with a chat_template")
 
-    def user(q: str) -> dict[str, str]:
-        content = f"{IMAGE}\n{q}" if position in (None, "before_question") else f"{q}\n{IMAGE}"
+    def user(q: str, image: bool = True) -> dict[str, str]:
+        content = q if not image else f"{IMAGE}\n{q}" if position in (None, "before_question") else f"{q}\n{IMAGE}"
         return {"role": "user", "content": content}
+
+    def apply(messages: list[dict[str, str]], generation: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
 
     messages = [{"role": "system", "content": system}] if system else []
     for q, a in shots:
         messages += [user(q), {"role": "assistant", "content": a}]
-    messages.append(user(question))
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return prompt if answer is None else prompt + answer_text("chat", answer)
+    unstable = ValueError("the tokenizer's chat template renders an earlier turn differently once a later one is "
+                          "added, so a conversation cannot be split into turns; use a named template for multi-turn "
+                          "records")
+    out, done = [], ""
+    for k, (q, a) in enumerate([*history, (question, None)]):
+        messages.append(user(q, image=k == 0))
+        prompt = apply(messages, True)
+        if not prompt.startswith(done):
+            raise unstable
+        if a is None:
+            return out + [prompt[len(done):]]
+        messages.append({"role": "assistant", "content": a})
+        full = apply(messages, False)
+        if not full.startswith(prompt + a):
+            raise unstable
+        out += [prompt[len(done):], a]
+        done = prompt + a
+        eos = getattr(tokenizer, "eos_token", None)
+        if eos and full[len(done):].startswith(eos):
+            done += eos
+    raise AssertionError("unreachable")
 
 
 def stop_strings(template_name: str) -> list[str]:

@@ -240,7 +240,7 @@ def test_save_is_atomic_and_replaces(tiny_decoders, tmp_path, monkeypatch):
 def test_templates_place_image_and_mask_prompt(tiny_decoders, template, position):
     template_cfg = {"name": template, "image_position": position}
     model = MedVQAAdapter(make_config(tiny_decoders["llama"], template=template_cfg))
-    pieces, answer = model.processor.tokenize("which side?", "left")
+    pieces, answer = model.processor.tokenize("which side?", "left")[:2]
     assert len(pieces) == 2 and (answer[-1] == model.tokenizer.eos_token_id) == TEMPLATES[template].eos
     text = model.tokenizer.decode(pieces[0] + pieces[1])
     assert ("which side?" in text) == ("{question}" in getattr(TEMPLATES[template], position))  # ClipCap: caption only
@@ -252,7 +252,7 @@ def test_templates_place_image_and_mask_prompt(tiny_decoders, template, position
 def test_few_shot_prompt_places_one_prefix_per_image(tiny_decoders):
     model = MedVQAAdapter(make_config(tiny_decoders["gpt2"], "resampler", "frozen"))
     shots = [[("is there a lesion?", "yes"), ("is there a lesion?", "no")]]
-    pieces, _ = model.processor.tokenize("is there a lesion?", None, shots[0])
+    pieces = model.processor.tokenize("is there a lesion?", None, shots[0]).pieces
     assert len(pieces) == 4  # three image slots
     images = [[IMAGES[0], IMAGES[1], IMAGES[0]]]
     out = model(**model.processor(images, ["is there a lesion?"], ["yes"], shots=shots))

@@ -18,6 +18,7 @@ folder can be rescored without the model (:func:`rescore`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import functools
@@ -144,8 +145,8 @@ def predict(model: Any, records: Sequence[Any], plan: Sequence[list[str] | None]
                     continue
                 tensors = to_device(data, model.device)
                 if is_scored:
-                    pairs = [[proc.tokenize(records[i].question, c, record_id=records[i].id,
-                                            choices=records[i].choices or ()) for c in plan[i]] for i in good]
+                    pairs = [[proc.tokenize_record(records[i], c) for c in plan[i]]
+                             for i in good]
                     for i, loglik in zip(good, model.score(tensors, pairs)):
                         p = [float(x) for x in torch.tensor(loglik).softmax(0)]
                         best = max(range(len(p)), key=lambda k: (p[k], -k))  # ties -> first candidate
@@ -273,6 +274,8 @@ def _report(protocol: Protocol, metrics: Mapping[str, Any], manifest: Mapping[st
     parts = [f"# Evaluation: protocol `{protocol.name}`", "", protocol.description, "",
              f"Dataset: {manifest['dataset'] or '-'}, split: {manifest['split'] or '-'}, {manifest['num_items']} items,"
              f" content hash `{manifest['content_hash'][:16]}`. Adapter: {manifest['adapter']['path'] or '-'}.", "",
+             *([f"Bad items the reader left out (on_bad_record='skip'): {metrics['skipped_records']}, listed "
+                "in manifest.json.", ""] if metrics.get("skipped_records") else []),
              "Items answered by: " + ", ".join(
                  f"{k} ({v})" for k, v in sorted(metrics.get("answered_by", {}).items())) + ".", "",
              "## Overall", "",
@@ -386,7 +389,8 @@ def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Seque
         p["scores"] = _round(row)
     metrics = _round({"protocol": protocol.name, "overall": overall,
                       "breakdown": _breakdowns(protocol, records, rows),
-                      "answered_by": dict(Counter(p["mode"] for p in predictions))})
+                      "answered_by": dict(Counter(p["mode"] for p in predictions)),
+                      "skipped_records": len(manifest.get("skipped_records") or [])})
     atomic_write(out / "predictions.jsonl",
                  "".join(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n" for p in predictions))
     atomic_write(out / "metrics.json", _dump(metrics))
@@ -411,7 +415,10 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
     """
     from ..rng import seeded
 
+    from ..data.records import skipped_of
+
     protocol = get_protocol(protocol)
+    skipped = skipped_of(records)  # items the reader left out as bad: reported beside the metrics
     records = list(records)
     if not records:
         raise ValueError("no records to evaluate")
@@ -430,7 +437,8 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
             row["token_ids"] = [encode(row["prediction"]), encode(row["gold"])]
     run = {"closed_mode": closed_mode or protocol.closed_mode, "batch_size": batch_size, "generation": generation,
            "seed": seed}
-    manifest = _manifest(model, records, protocol, run, data_spec, adapter_path)
+    manifest = {**_manifest(model, records, protocol, run, data_spec, adapter_path),
+                "skipped_records": [dataclasses.asdict(item) for item in skipped]}
     return write_outputs(out_dir, protocol, records, predictions, manifest, plots=plots)["overall"]
 
 

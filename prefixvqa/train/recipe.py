@@ -153,7 +153,7 @@ def load_split(spec: Any) -> list[VQARecord]:
         return synthetic_split(**{k: v for k, v in spec.items() if k != "format"})
     from ..data.readers import load_records
 
-    return list(load_records(spec))
+    return load_records(spec)  # Records: keeps the list of bad items skipped, which the run reports
 
 
 # -------------------------------------------------------------------------------------------------------- model
