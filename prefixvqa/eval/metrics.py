@@ -5,8 +5,8 @@ Every function states its exact definition, because published numbers in this fi
 * ``llava_med`` protocol: :func:`normalize_answer`, :func:`closed_accuracy` (``"substring"`` reproduces the upstream
   test, ``"strict"`` is the corrected one), :func:`open_recall`.
 * ``prefix_vqa`` (van Sonsbeek et al.): :func:`exact_match`, word-level :func:`sentence_bleu` with ``n=1`` (upstream
-  computed BLEU-1 on *characters*; :func:`char_bleu1_upstream` reproduces that for reference only), :func:`bert_similarity`,
-  :func:`token_f1`.
+  computed BLEU-1 on *characters*; :func:`char_bleu1_upstream` reproduces that for reference only),
+  :func:`bert_similarity`, :func:`token_f1`.
 * ``med_flamingo``: :func:`exact_match`, :func:`bert_similarity` F1.
 * ``pmc_vqa``: :func:`multiple_choice_accuracy` over choice indices picked by likelihood.
 * ``report``: corpus :func:`bleu` (1 and 4), :func:`rouge_l`, with :func:`bootstrap_ci`.
@@ -355,8 +355,8 @@ def sentence_bleu(preds: Sequence[str], refs: Sequence[str | Sequence[str]], n: 
     """Per-item BLEU-n: the :func:`bleu` definition applied to each (prediction, references) pair alone.
 
     Average the list for the "mean sentence BLEU" that VQA papers report (van Sonsbeek: BLEU-1, i.e. ``n=1``, on
-    *words* here; their code passed raw strings to nltk and so scored characters, see :func:`char_bleu1_upstream`). Without
-    smoothing, short answers get BLEU-n = 0 for n above their length (sacrebleu's sentence-level default is
+    *words* here; their code passed raw strings to nltk and so scored characters, see :func:`char_bleu1_upstream`).
+    Without smoothing, short answers get BLEU-n = 0 for n above their length (sacrebleu's sentence-level default is
     ``effective_order=True``; ours stays False unless asked, so a number means the same as in :func:`bleu`). Equals
     sacrebleu's ``sentence_score`` (/100) with the same settings, and nltk's ``sentence_bleu`` (method1 = "floor",
     method3 = "exp") when every prediction has at least n tokens.

@@ -238,7 +238,7 @@ class Protocol:
     n_resamples: int = 1000
     seed: int = 0
     bert_model_path: str | None = None  # None: metrics.default_similarity_model_path()
-    upstream_metrics: tuple[str, ...] = ()  # the source's own (uncorrected) variants, reported with upstream_metrics=True
+    upstream_metrics: tuple[str, ...] = ()  # the source's own (uncorrected) variants (upstream_metrics=True)
 
     def __post_init__(self) -> None:
         known = set(ITEM_FUNCS) | set(BATCHED_ITEM_METRICS)

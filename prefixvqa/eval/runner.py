@@ -31,8 +31,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ..fileio import atomic_write, atomic_write_with
-from .protocols import (METRIC_LABELS, TOKEN_ID_METRICS, Protocol, answer_type_of, candidates_for, compute_metrics, get_protocol,
-                        item_scores)
+from .protocols import (METRIC_LABELS, TOKEN_ID_METRICS, Protocol, answer_type_of, candidates_for, compute_metrics,
+                        get_protocol, item_scores)
 
 __all__ = ["evaluate", "plan_items", "write_outputs", "rescore", "compare", "load_predictions", "BREAKDOWN_FIELDS",
            "DECIMALS"]
