@@ -88,8 +88,8 @@ def tiny_overrides(decoder_folder: str | Path) -> dict[str, Any]:
 
 def plain_transformers_batch(model: Any, prefix: Any, questions: list[str], answers: list[str]) -> tuple[Any, ...]:
     """What a plain-transformers user builds by hand for the `plain` template: [start tokens] prefix
-    "Question: q Answer:" " a" EOS, right-padded, labels on the answer only -> (inputs_embeds, attention_mask, labels). The reference the
-    model's own assembly is tested and benchmarked against."""
+    "Question: q Answer:" " a" EOS, right-padded, labels on the answer only -> (inputs_embeds, attention_mask,
+    labels). The reference the model's own assembly is tested and benchmarked against."""
     import torch
 
     tok, emb = model.tokenizer, model.decoder.get_input_embeddings()
