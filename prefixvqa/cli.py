@@ -117,7 +117,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     records = _records(args)  # a bad --data fails before a model is loaded
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
-    metrics = evaluate(model, records, args.protocol, args.out, batch_size=args.batch_size,
+    from .eval.protocols import get_protocol
+
+    protocol = get_protocol(args.protocol, upstream_metrics=True) if args.upstream_metrics else args.protocol
+    metrics = evaluate(model, records, protocol, args.out, batch_size=args.batch_size,
                        closed_mode=args.closed_mode, data_spec=_data_spec(args.data, args.format, args.split),
                        adapter_path=args.adapter)
     print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -158,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     def data_args(s: argparse.ArgumentParser, required: bool = False) -> None:
         s.add_argument("--data", required=required, help="dataset path or JSON spec, e.g. '{\"format\": \"slake\", "
                                                       "\"path\": \"Slake1.0\"}'")
-        s.add_argument("--format", help="reader: vqa_rad, slake, pathvqa, pmc_vqa, llava, report, generic")
+        s.add_argument("--format", help="reader: vqa_rad, slake, pathvqa, pmc_vqa, llava, llava_med_eval, report, "
+                                                "iu_xray, generic")
         s.add_argument("--split", help="split to read (train, validate, test, ...)")
 
     s = sub.add_parser("train", help="train from a YAML recipe (single stage or curriculum)")
@@ -183,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", required=True, help="PNG/JPEG/TIFF/DICOM/NIfTI file")
     s.add_argument("question")
     s.add_argument("--choices", help="comma-separated candidates to rank instead of generating")
-    s.add_argument("--max-new-tokens", type=_positive_int, default=32)
-    s.add_argument("--num-beams", type=_positive_int, default=1)
+    s.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="default: the adapter's generation settings")
+    s.add_argument("--num-beams", type=_positive_int, default=None, help="default: the adapter's generation settings")
     s.set_defaults(func=cmd_answer)
 
     s = sub.add_parser("eval", help="evaluate an adapter under a named protocol, or compare results")
@@ -195,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/eval")
     s.add_argument("--batch-size", type=_positive_int, default=8)
     s.add_argument("--closed-mode", choices=["score", "generate"])
+    s.add_argument("--upstream-metrics", action="store_true",
+                   help="also report the source's own metric variants (prefix_vqa: van Sonsbeek's nltk BLEU etc.)")
     s.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print a side-by-side table")
     s.set_defaults(func=cmd_eval)
 

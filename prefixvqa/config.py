@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 FEATURE_KINDS = ("pooled", "patches")
-MAPPER_KINDS = ("linear", "mlp", "mlp2x_gelu", "transformer", "resampler")
+MAPPER_KINDS = ("linear", "mlp", "mlp2x_gelu", "transformer", "resampler", "query_decoder")
 ACTIVATIONS = ("tanh", "gelu", "relu", "silu")
 TUNING_MODES = ("frozen", "lora", "full", "prompt_tuning", "prefix_tuning")
 QUANTIZATIONS = (None, "8bit", "4bit")
@@ -128,10 +128,13 @@ class MapperConfig:
     """Features (B, N, D_v) -> prefix (B, L, E). `in_dim`/`out_dim` are filled from the encoder/decoder at build."""
 
     kind: str = "mlp"
-    prefix_length: int = 8  # L for mlp/transformer/resampler; linear/mlp2x_gelu keep one vector per input token
-    hidden_dim: int | None = None  # mlp: L*E/2 (van Sonsbeek); transformer/resampler: E
-    depth: int = 2  # mlp: linear layers; transformer/resampler: attention layers
+    prefix_length: int = 8  # L for mlp/transformer/resampler/query_decoder; linear/mlp2x_gelu: one per input token
+    hidden_dim: int | None = None  # mlp: first hidden width (default L*E/2); attention mappers: their width (E)
+    depth: int = 2  # mlp: linear layers; attention mappers: layers
     heads: int = 8
+    head_dim: int | None = None  # attention inner width per head; None -> width / heads (Flamingo's perceiver: 64)
+    mlp_ratio: float = 4.0  # attention mappers' feed-forward width / model width (ClipCap 2, MedVInT 1)
+    input_tokens: int | None = None  # transformer: tokens one pooled vector is expanded to (ClipCap's clip_length)
     activation: str = "tanh"
     dropout: float = 0.0
     in_dim: int | None = None
@@ -145,6 +148,8 @@ class MapperConfig:
         _check(self.depth >= 1, f"mapper.depth must be >= 1, got {self.depth}")
         _check(0.0 <= self.dropout < 1.0, f"mapper.dropout must be in [0, 1), got {self.dropout}")
         _check(self.heads >= 1, f"mapper.heads must be >= 1, got {self.heads}")
+        _check(self.mlp_ratio > 0, f"mapper.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        _check(self.input_tokens is None or self.input_tokens >= 1, "mapper.input_tokens must be >= 1")
 
 
 @dataclass
@@ -205,11 +210,30 @@ class TemplateConfig:
     image_position: str | None = None  # None -> the template's default
     system: str | None = None  # overrides the template's system text
     max_length: int = 512  # prompt + answer tokens, excluding the visual prefix
+    # what opens a sequence: "tokenizer" = the tokens the tokenizer itself adds (Llama <s>, BioGPT </s>, GPT-2
+    # nothing, as the published code tokenised), "bos" = always the BOS token, "none" = nothing
+    start: str = "tokenizer"
+    # LLaVA's mm_use_im_start_end: a learned start and end vector around every image's prefix (trained with the mapper)
+    image_start_end: bool = False
 
     def __post_init__(self) -> None:
         check_types(self, "template")
         _choice("template", "image_position", self.image_position, (None, *IMAGE_POSITIONS))
+        _choice("template", "start", self.start, ("tokenizer", "bos", "none"))
         _check(self.max_length >= 8, "template.max_length must be >= 8")
+
+
+@dataclass
+class GenerationConfig:
+    """How the adapter answers by default (`answer`, `eval`, the CLI): the source paper's decoding, overridable."""
+
+    num_beams: int = 1
+    max_new_tokens: int = 32
+    length_penalty: float = 1.0  # beam search only
+
+    def __post_init__(self) -> None:
+        _check(self.num_beams >= 1, f"generation.num_beams must be >= 1, got {self.num_beams}")
+        _check(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass
@@ -219,6 +243,7 @@ class AdapterConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     name: str | None = None
     description: str = ""
     fingerprints: dict[str, str] = field(default_factory=dict)  # filled at save time: encoder, decoder
@@ -238,6 +263,8 @@ class AdapterConfig:
                f"tuning.mode={self.tuning.mode!r} is not supported with a quantized decoder; use 'lora' (QLoRA)")
         _check(not (self.tuning.mode == "full" and self.decoder.quantization),
                "tuning.mode='full' cannot train a quantized decoder; use 'lora' or drop decoder.quantization")
+        _check(not (self.mapper.input_tokens and self.encoder.features != "pooled"),
+               "mapper.input_tokens expands one pooled vector (ClipCap): set encoder.features='pooled'")
         pooled_only = self.mapper.kind == "mlp"
         _check(not (pooled_only and self.encoder.features != "pooled"),
                "mapper.kind='mlp' maps one pooled vector to L prefix vectors: set encoder.features='pooled' "
@@ -270,7 +297,7 @@ class AdapterConfig:
 
 
 _SECTIONS: dict[str, type] = {"encoder": EncoderConfig, "mapper": MapperConfig, "decoder": DecoderConfig,
-                              "tuning": TuningConfig, "template": TemplateConfig}
+                              "tuning": TuningConfig, "template": TemplateConfig, "generation": GenerationConfig}
 
 
 def _build(kind: type, data: dict[str, Any], where: str):

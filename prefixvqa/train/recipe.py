@@ -247,7 +247,7 @@ def load_split(spec: Any) -> list[VQARecord]:
             raise DataError(f"synthetic data spec {spec}: {exc}") from None
     from ..data.readers import load_records
 
-    return list(load_records(spec))
+    return load_records(spec)  # Records: keeps the list of bad items skipped, which the run reports
 
 
 # -------------------------------------------------------------------------------------------------------- model

@@ -34,6 +34,7 @@ from ..config import ConfigError, check_types
 from ..data.cache import FeatureCache
 from ..data.images import ImageLoadError
 from ..data.loader import BatchList, RecordDataset, make_loader, to_device
+from ..data.records import skipped_of
 from ..processor import record_label
 from .checkpoint import (STATE_DIR, CheckpointError, check_same_recipe, checkpoint_problem, output_lock,
                          recover_checkpoint, run_signature)
@@ -149,6 +150,7 @@ class TrainResult:
     global_step: int = 0
     skipped_images: list[str] = field(default_factory=list)
     best_metric: float | None = None
+    skipped_records: list[dict[str, Any]] = field(default_factory=list)  # bad items the readers left out
 
 
 class TrainingDiverged(RuntimeError):
@@ -165,7 +167,7 @@ class TrainingDiverged(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------------ batching
 def _length(record: VQARecord) -> int:
-    return len(record.question) + len(record.answer)
+    return sum(len(turn.question) + len(turn.answer) for turn in record.turns)
 
 
 def epoch_batches(records: Sequence[VQARecord], batch_size: int, seed: int, epoch: int,
@@ -393,6 +395,8 @@ class Trainer:
                  eval_records: Sequence[VQARecord] | None, cfg: TrainConfig):
         if not train_records:
             raise ConfigError("train: no training records")
+        self.skipped_records = [{"split": split, **asdict(item)} for split, records in
+                                (("train", train_records), ("eval", eval_records)) for item in skipped_of(records)]
         self.cfg, self.train_records, self.eval_records = cfg, list(train_records), list(eval_records or [])
         self.out = Path(cfg.output_dir)
         self.acc = _make_accelerator(cfg)
@@ -637,6 +641,8 @@ class Trainer:
             set_seed(cfg.seed)
         self._check_usable(trained=False)  # the feature cache has already tried every image
         logger = _Logger(self.out, self.acc, cfg)
+        logger({"kind": "data", "train_records": len(self.train_records), "eval_records": len(self.eval_records),
+                "skipped_records": len(self.skipped_records)})
         reason, failure = "completed", None
         progress = None
         if cfg.progress and self.main:
@@ -660,7 +666,7 @@ class Trainer:
         best = self.out / "best"
         last = self.out / "last"
         result = TrainResult(best if best.is_dir() else None, last if last.is_dir() else None, self.history, reason,
-                             self.step, list(self.skipped), self.best)
+                             self.step, list(self.skipped), self.best, list(self.skipped_records))
         if failure is not None:
             failure.result = result
             raise failure
