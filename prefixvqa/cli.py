@@ -131,8 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .eval.sweep import sweep
 
-    result = sweep(args.recipe, train_sizes=args.train_sizes, seeds=args.seeds, out_dir=args.out, protocol=args.protocol,
-                   sets=args.set, smoke=args.smoke)
+    result = sweep(args.recipe, train_sizes=args.train_sizes, seeds=args.seeds, out_dir=args.out,
+                   protocol=args.protocol, sets=args.set, smoke=args.smoke)
     print(json.dumps(result["summary"], indent=2, default=str))
     print(f"learning curve: {Path(args.out) / 'learning_curve.png'}")
     return 0

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from ..model import MedVQAAdapter
     from .trainer import TrainConfig
 
+__all__ = ["LOCK_NAME", "RunLockedError", "CheckpointError", "output_lock", "run_lock", "checkpoint_problem",
+           "recover_checkpoint", "run_signature", "signature_differences", "check_same_recipe"]
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "prefixvqa.lock"
@@ -161,6 +164,12 @@ def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
+def run_lock(folder: str | os.PathLike) -> contextlib.AbstractContextManager:
+    """:func:`output_lock` in the main process of a (torchrun/accelerate) launch, nothing in the others: the ranks
+    of one run share its folder."""
+    return output_lock(folder) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------------------------------------------- completeness
 def checkpoint_problem(folder: Path, trainer_state: bool = True) -> str | None:
     """Why ``folder`` is not a usable checkpoint (None if it is): a missing state, a damaged or missing file."""
@@ -246,7 +255,3 @@ def check_same_recipe(folder: Path, saved: dict[str, Any] | None, current: dict[
     raise CheckpointError(f"resume from {folder}: the run's settings differ from the checkpoint's: {shown}. "
                           f"Resume with the original recipe, pass --resume-with-changes (train.resume_with_changes="
                           f"true) to continue with the new settings, or choose another output_dir")
-
-
-__all__ = ["LOCK_NAME", "RunLockedError", "CheckpointError", "output_lock", "checkpoint_problem",
-           "recover_checkpoint", "run_signature", "signature_differences", "check_same_recipe"]

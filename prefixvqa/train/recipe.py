@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import yaml
 
 from ..config import AdapterConfig, ConfigError, apply_override, coerce
-from .checkpoint import output_lock
+from .checkpoint import run_lock
 from .trainer import TrainConfig, TrainResult, train
 
 if TYPE_CHECKING:
@@ -400,7 +400,7 @@ def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
         recipe = recipe.with_sets(recipe.smoke)
     top = TrainConfig.from_dict(recipe.train)
     out = Path(top.output_dir)
-    with output_lock(out):
+    with run_lock(out):
         stage_data = load_stage_data(recipe)
         with _seeded(top.seed):
             model = build_model(recipe.model, out)

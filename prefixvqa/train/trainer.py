@@ -36,7 +36,7 @@ from ..data.images import ImageLoadError
 from ..data.loader import BatchList, RecordDataset, make_loader, to_device
 from ..data.records import skipped_of
 from ..processor import record_label
-from .checkpoint import (STATE_DIR, CheckpointError, check_same_recipe, checkpoint_problem, output_lock,
+from .checkpoint import (STATE_DIR, CheckpointError, check_same_recipe, checkpoint_problem, run_lock,
                          recover_checkpoint, run_signature)
 
 if TYPE_CHECKING:
@@ -805,6 +805,5 @@ def train(model: MedVQAAdapter, train_records: Sequence[VQARecord], eval_records
     `TrainingDiverged` on a non-finite loss, `ImageLoadError` when too few training images are usable, and
     `CheckpointError` when a resume would be unsafe.
     """
-    main = int(os.environ.get("RANK", "0")) == 0
-    with output_lock(cfg.output_dir) if main else contextlib.nullcontext():
+    with run_lock(cfg.output_dir):
         return Trainer(model, train_records, eval_records, cfg).run()
