@@ -132,7 +132,7 @@ def export_merged(model: "MedVQAAdapter", out: str | Path, dtype: str | None = N
     """Write the merged export of `model` into `out` (atomically); returns (folder, precision caveat or None)."""
     from . import __version__
     from .adapter_io import INSIDE, write_adapter_files
-    from .fileio import atomic_dir, write_manifest
+    from .fileio import atomic_dir
     from .model import MedVQAAdapter
 
     quant = model.config.decoder.quantization
@@ -157,6 +157,5 @@ def export_merged(model: "MedVQAAdapter", out: str | Path, dtype: str | None = N
     with atomic_dir(out) as tmp:
         merged.save_pretrained(str(tmp / DECODER_DIR))
         model.tokenizer.save_pretrained(str(tmp / DECODER_DIR))
-        write_adapter_files(exported, tmp, card)
-        write_manifest(tmp)
+        write_adapter_files(exported, tmp, card)  # its manifest covers decoder/ too
     return out, caveat

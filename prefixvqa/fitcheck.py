@@ -212,7 +212,8 @@ def build_fake(cfg: AdapterConfig, arch: Architecture) -> FakeParts:
     if cfg.decoder.gradient_checkpointing:
         decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     embed_dim = decoder.get_input_embeddings().embedding_dim
-    mapper = build_mapper(cfg.replace(mapper={"in_dim": feat_dim, "out_dim": embed_dim}).mapper)
+    mapper = build_mapper(cfg.replace(mapper={"in_dim": feat_dim, "out_dim": embed_dim}).mapper,
+                          cfg.template.image_start_end)
     decoder = apply_tuning(decoder, cfg.tuning)
     no_split = set(getattr(_base(decoder), "_no_split_modules", None) or [])
     layers = [m for m in decoder.modules() if type(m).__name__ in no_split]

@@ -148,7 +148,8 @@ def test_curriculum_switches_tuning_between_stages(tmp_path):
 def test_stage_checkpoints_store_what_the_stage_trained(tmp_path):
     """LLaVA-Med's curriculum in full mode: an align stage that trains only the mapper writes no copy of the frozen
     decoder (it is rebuilt from its base model, checked by fingerprint); the stage that fine-tunes the decoder
-    stores it; a later mapper-only stage still stores it, since rebuilding needs the decoder an earlier stage trained."""
+    stores it; a later mapper-only stage still stores it, since rebuilding needs the decoder an earlier stage
+    trained."""
     from safetensors import safe_open
 
     from prefixvqa.model import MedVQAAdapter

@@ -176,7 +176,8 @@ def test_cli_on_a_recipe_with_a_tiny_decoder(tmp_path, capsys):
     from prefixvqa.cli import main
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model": {"tiny": "llama"}, "train": {"batch_size": 2, "output_dir": str(tmp_path)},
+    recipe.write_text(yaml.safe_dump({"model": {"tiny": "llama"},
+                                      "train": {"batch_size": 2, "output_dir": str(tmp_path)},
                                       "stages": [{"name": "align", "trainable": ["mapper"]},
                                                  {"name": "tune", "trainable": ["mapper", "lora"]}]}))
     assert main(["fit-check", str(recipe), "--gpu-mem", "11GB", "--text-len", "32"]) == 0
