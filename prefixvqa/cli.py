@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merged weights' dtype (default: the adapter's decoder.dtype)")
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("fit-check", help="predict a recipe's training-step GPU memory before loading anything")
+    s = sub.add_parser("fit-check", help="predict a recipe's training-step GPU memory before loading anything "
+                                         "(exit status 1 when a stage does not fit)")
     s.add_argument("recipe")
     s.add_argument("--gpu-mem", help="GPU memory to fit in, e.g. 11GB (GB = GiB = 2^30 bytes)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")

@@ -363,6 +363,8 @@ def _shares(plan: StepPlan) -> tuple[float, float, float]:
         return 1 / n, 1 / n, 1 / n
     if plan.strategy == "zero2":
         return 1.0, 1 / n, 1 / n
+    if plan.strategy == "zero1":
+        return 1.0, 1.0, 1 / n
     return 1.0, 1.0, 1.0
 
 
