@@ -5,6 +5,7 @@
     adapter_config.json        peft's own files for the LoRA / soft-prompt part, so
     adapter_model.safetensors  `peft.PeftModel.from_pretrained(base_lm, folder)` loads it without prefixvqa
     README.md                  model card
+    calibration.json           optional: confidence temperatures fitted on validation data (prefixvqa.calibration)
     manifest.sha256.json       sha256 and size of every file above, verified on load
 
 Saving writes a temporary sibling folder and renames it into place, so an interrupted save never leaves a
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .calibration import CALIBRATION_NAME, Calibration
 from .config import AdapterConfig, ConfigError
 from .fileio import MANIFEST_NAME, IntegrityError, atomic_dir, verify_manifest, write_manifest
 from .processor import PROCESSOR_NAME, MedVQAProcessor
@@ -65,8 +67,26 @@ def save_adapter(model: "MedVQAAdapter", path: str | Path, card: dict[str, Any] 
         (tmp / "README.md").write_text(model_card(cfg, card or {}))
         if card and card.get("metrics"):
             (tmp / "metrics.json").write_text(json.dumps(card["metrics"], indent=2, sort_keys=True) + "\n")
+        if getattr(model, "calibration", None) is not None:
+            model.calibration.save(tmp)
         write_manifest(tmp)
     return path
+
+
+def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
+    """Put `calibration.json` into a saved adapter: the folder is checked, copied with the new file and a new
+    manifest into a temporary sibling, and swapped in whole (readers never see a half-updated adapter)."""
+    import shutil
+
+    folder = Path(folder)
+    check_integrity(folder)
+    with atomic_dir(folder) as tmp:
+        for item in folder.iterdir():
+            if item.name not in (CALIBRATION_NAME, MANIFEST_NAME) and not item.name.startswith("."):
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        calibration.save(tmp)
+        write_manifest(tmp)
+    return folder / CALIBRATION_NAME
 
 
 def resolve_adapter(path: str | Path) -> Path:
@@ -116,6 +136,10 @@ def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: 
             model.processor = MedVQAProcessor.from_pretrained(folder, model.encoder.preprocess, model.config.template)
         except ValueError as exc:
             raise AdapterLoadError(str(exc)) from None
+    try:
+        model.calibration = Calibration.load(folder)
+    except ValueError as exc:
+        raise AdapterLoadError(str(exc)) from None
     return model
 
 

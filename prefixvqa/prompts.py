@@ -40,6 +40,14 @@ TEMPLATES: dict[str, Template] = {
         before_question="### Human: {image}\n{question}\n### Assistant:",
         after_question="### Human: {question}\n{image}\n### Assistant:",
         stop=("###",), shot_separator="\n"),
+    # Med-Flamingo's few-shot prompt (its demo script): an instruction, then per shot
+    # "<image>Question: q Answer: a.<|endofchunk|>", then the query. <|endofchunk|> is a special token in
+    # OpenFlamingo's tokenizer and plain text here; a generated answer stops at it or at a line break.
+    "med_flamingo": Template(
+        system="You are a helpful medical assistant. You are being provided with images, a question about the image "
+               "and an answer. Follow the examples and answer the last question. ",
+        before_question="{image}Question: {question} Answer:", after_question="Question: {question} {image} Answer:",
+        shot_separator=".<|endofchunk|>", stop=("<|endofchunk|>", "\n")),
     # Mistral/Llama-2 instruction format; BOS comes from the tokenizer, EOS ends the answer.
     "mistral_instruct": Template(before_question="[INST] {image}\n{question} [/INST]",
                                  after_question="[INST] {question}\n{image} [/INST]",
