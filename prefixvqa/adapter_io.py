@@ -90,11 +90,21 @@ def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
 
 
 def resolve_adapter(path: str | Path) -> Path:
-    """A local folder, or a hub repo id fetched (or found in the cache) with huggingface_hub."""
+    """A local folder; a name in the local adapter hub ("name" or "name@version", checked against the hub index);
+    or a Hugging Face Hub repo id fetched (or found in the cache) with huggingface_hub."""
     local = Path(path).expanduser()
     if local.is_dir():
         return local
     name = str(path)
+    if "/" not in name and not local.exists():
+        from .hub import Hub, HubError
+
+        try:
+            hub = Hub()
+            if name in hub:
+                return hub.resolve(name)
+        except HubError as exc:
+            raise AdapterLoadError(str(exc)) from None
     if local.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise AdapterLoadError(f"adapter folder not found: {path}")
     from huggingface_hub import snapshot_download

@@ -40,6 +40,7 @@ class VQARecord:
     """One question about (usually) one image.
 
     `image` is an absolute file path, encoded image bytes (parquet releases) or None (text-only turns).
+    `answer` is None only for unlabeled records read for prediction (readers' `require_answer=False`).
     `meta` holds everything dataset-specific (dataset, split, organ, modality, question type, turn index, history,
     extra images, report sections, the image name as written in the source under `image_name`, ...); it must stay
     JSON-serialisable because it is stored as a JSON string column.
@@ -48,7 +49,7 @@ class VQARecord:
     id: str
     image: str | bytes | None
     question: str
-    answer: str
+    answer: str | None
     answer_type: str | None = None
     choices: list[str] | None = None
     meta: dict = field(default_factory=dict)
