@@ -14,8 +14,8 @@ Why not Gradio: its default themes request Google Fonts and its install adds som
 the page a VQA demo needs is small enough to own, and owning it makes "nothing leaves the machine" checkable.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request) at definition time,
+# and Request is imported inside create_app so that fastapi stays an optional dependency
 import base64
 import hashlib
 import html
@@ -51,7 +51,7 @@ _PAGE = """<!doctype html>
  input[type=text] {{ width: 100%; padding: .4rem; box-sizing: border-box; }}
  button {{ margin-top: .8rem; padding: .45rem 1.2rem; }}
  #error {{ color: #a00; margin-top: .8rem; min-height: 1.2rem; }}
- #result {{ display: flex; gap: 1.5rem; margin-top: 1rem; align-items: flex-start; }}
+ #result {{ display: flex; gap: 1.5rem; margin-top: 1rem; align-items: flex-start; }} #result[hidden] {{ display: none; }}
  #result img {{ width: 256px; height: 256px; object-fit: contain; background: #111; image-rendering: auto; }}
  .answer {{ font-size: 1.25rem; font-weight: 600; }} .uncertain {{ color: #b35c00; }}
 </style></head><body>
@@ -221,7 +221,8 @@ def load_adapters(adapter: str, hub: str | None = None) -> "AdapterSet":
 
     adapters = AdapterSet.load(adapter, name=str(adapter))
     try:
-        refs = list(iter_compatible(Hub(hub), adapters.model.base_fingerprints))
+        hub_ = Hub(hub)
+        refs = list(iter_compatible(hub_, adapters.model.base_fingerprints))
     except HubError as exc:
         log.warning("hub %s not read: %s", hub, exc)
         refs = []
@@ -229,7 +230,7 @@ def load_adapters(adapter: str, hub: str | None = None) -> "AdapterSet":
         if ref in adapters.names or str(ref.split("@")[0]) == str(adapter):
             continue
         try:
-            adapters.add(ref, name=ref)
+            adapters.add(hub_.resolve(ref), name=ref)
         except (AdapterLoadError, HubError) as exc:
             log.warning("hub adapter %s not offered: %s", ref, exc)
     return adapters
