@@ -51,7 +51,8 @@ _PAGE = """<!doctype html>
  input[type=text] {{ width: 100%; padding: .4rem; box-sizing: border-box; }}
  button {{ margin-top: .8rem; padding: .45rem 1.2rem; }}
  #error {{ color: #a00; margin-top: .8rem; min-height: 1.2rem; }}
- #result {{ display: flex; gap: 1.5rem; margin-top: 1rem; align-items: flex-start; }} #result[hidden] {{ display: none; }}
+ #result {{ display: flex; gap: 1.5rem; margin-top: 1rem; align-items: flex-start; }}
+ #result[hidden] {{ display: none; }}
  #result img {{ width: 256px; height: 256px; object-fit: contain; background: #111; image-rendering: auto; }}
  .answer {{ font-size: 1.25rem; font-weight: 600; }} .uncertain {{ color: #b35c00; }}
 </style></head><body>

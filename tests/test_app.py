@@ -41,7 +41,7 @@ def server(tmp_path_factory, tiny_decoders):
     Image.new("RGB", (48, 40), (200, 30, 30)).save(png, format="PNG")
     (root / "scan.png").write_bytes(png.getvalue())
     (root / "notes.txt").write_text("not an image at all\n" * 5)
-    app = create_app(load_adapters(str(first), str(root / "hub")), max_upload_bytes=64 << 10, explain_method="occlusion")
+    app = create_app(load_adapters(str(first), str(root / "hub")), max_upload_bytes=64 << 10)
     srv, thread, url = start_server(app)
     yield url, root
     srv.should_exit = True

@@ -77,8 +77,8 @@ def test_temperature_scaling_recovers_an_overconfident_scale():
         z = rng.normal(0.5, 1.5, n)
         ok = rng.random(n) < 1 / (1 + np.exp(-z))
         # a 2-way scored item whose winning-candidate log-likelihood margin is 3z (sign kept on the winner)
-        rows = [{"mode": "score", "choice_probs": [1 / (1 + math.exp(-abs(3 * v))), 1 - 1 / (1 + math.exp(-abs(3 * v)))]}
-                for v in z]
+        win = [1 / (1 + math.exp(-abs(3 * v))) for v in z]
+        rows = [{"mode": "score", "choice_probs": [p, 1 - p]} for p in win]
         return rows, [bool(o) if v >= 0 else not o for v, o in zip(z, ok)]
 
     rows, correct = sample(1500)
@@ -172,7 +172,8 @@ def test_grad_x_input_over_patch_features(tiny_decoders):
     from prefixvqa.testing import tiny_overrides
 
     over = tiny_overrides(tiny_decoders["gpt2"])
-    over = {**over, "mapper": {**over["mapper"], "kind": "linear"}, "encoder": {**over["encoder"], "features": "patches"}}
+    over = {**over, "mapper": {**over["mapper"], "kind": "linear"},
+            "encoder": {**over["encoder"], "features": "patches"}}
     model = MedVQAAdapter(AdapterConfig().replace(**over)).eval()
     a, b = Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("RGB", (32, 32), (30, 30, 200))
     maps = [grounding_map(model, im, "is there a lesion?", answer="yes", method="grad_x_input").heatmap

@@ -34,7 +34,8 @@ from ..fileio import atomic_write, atomic_write_with
 from .protocols import (METRIC_LABELS, Protocol, answer_type_of, candidates_for, compute_metrics, get_protocol,
                         item_scores)
 
-__all__ = ["evaluate", "fit_calibration_on", "plan_items", "write_outputs", "rescore", "compare", "load_predictions", "BREAKDOWN_FIELDS",
+__all__ = ["evaluate", "fit_calibration_on", "plan_items", "write_outputs", "rescore", "compare", "load_predictions",
+           "BREAKDOWN_FIELDS",
            "DECIMALS"]
 
 DECIMALS = 6  # every float written to metrics.json / predictions.jsonl is rounded to this many decimals
@@ -329,7 +330,8 @@ def _confidence_section(conf: Mapping[str, Any]) -> list[str]:
     else:
         rows.append(["ECE, temperature-scaled", "no calibration (fit one with --calibrate-on)"])
     if conf.get("abstain_below") is not None:
-        rows += [["abstain below", conf["abstain_below"]], ["coverage at that threshold", conf["coverage_at_threshold"]],
+        rows += [["abstain below", conf["abstain_below"]],
+                 ["coverage at that threshold", conf["coverage_at_threshold"]],
                  ["accuracy on answered items there", conf["accuracy_answered_at_threshold"]]]
     parts += [_md_table(["", "value"], rows), "", "Accuracy against coverage (answer only the most confident items, "
               "\"uncertain\" for the rest):", ""]
