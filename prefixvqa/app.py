@@ -220,9 +220,10 @@ def load_adapters(adapter: str, hub: str | None = None) -> "AdapterSet":
     from .adapter_set import AdapterSet
     from .hub import Hub, HubError, iter_compatible
 
-    adapters = AdapterSet.load(adapter, name=str(adapter))
+    hub_ = Hub(hub)
+    given = hub_.resolve(adapter) if not Path(adapter).is_dir() and adapter in hub_ else adapter
+    adapters = AdapterSet.load(given, name=str(adapter))
     try:
-        hub_ = Hub(hub)
         refs = list(iter_compatible(hub_, adapters.model.base_fingerprints))
     except HubError as exc:
         log.warning("hub %s not read: %s", hub, exc)

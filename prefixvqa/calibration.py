@@ -10,7 +10,8 @@ Raw confidence is what the model already computes:
 Temperature scaling (Guo et al. 2017) divides those log-likelihoods by one learned ``T`` per answering mode:
 ``exp(l / (n T))`` and ``softmax(ll / T)``. ``T`` is fitted on a validation set by minimising the negative
 log-likelihood of "the answer was right" (binary cross-entropy between confidence and correctness). Being monotone,
-it never changes which answer is given nor the order of confidences, only how far they can be trusted. Expected
+it never changes which answer is given nor the order of confidences, only how far they can be trusted. The targets
+are smoothed as in Platt scaling, so a validation set the model gets entirely right does not send T to zero. Expected
 calibration error (ECE, 10 equal-width bins) before and after, a reliability diagram and the accuracy-coverage curve
 (answer only above a threshold, "uncertain" otherwise) go into evaluation reports.
 
@@ -136,15 +137,21 @@ def reliability_bins(confidences: Sequence[float], correct: Sequence[bool], bins
 def fit_temperature(values: Sequence[Any], correct: Sequence[bool], confidence: Any) -> float:
     """The T that minimises the binary cross-entropy of ``confidence(value, T)`` against correctness, searched on a
     log-spaced grid (T from 0.018 to 55) and refined around the best point to 0.5 % steps. A grid keeps the fit
-    deterministic and free of optimiser settings."""
+    deterministic and free of optimiser settings.
+
+    The targets are Platt's (1999) smoothed ones, (N+ + 1) / (N+ + 2) for right answers and 1 / (N- + 2) for wrong
+    ones: with plain 0/1 targets a validation set without a single error drives T to zero (every confidence 1.0)."""
     if not values:
         return 1.0
+    n_pos = sum(map(bool, correct))
+    t_pos, t_neg = (n_pos + 1) / (n_pos + 2), 1 / (len(correct) - n_pos + 2)
 
     def nll(t: float) -> float:
         total = 0.0
         for v, ok in zip(values, correct):
             p = min(max(confidence(v, t), 1e-12), 1 - 1e-12)
-            total -= math.log(p if ok else 1 - p)
+            target = t_pos if ok else t_neg
+            total -= target * math.log(p) + (1 - target) * math.log(1 - p)
         return total
 
     coarse = min(_LOG_T, key=lambda lt: nll(math.exp(lt)))

@@ -74,6 +74,8 @@ def cmd_answer(args: argparse.Namespace) -> int:
 def _threshold(args: argparse.Namespace, model: Any) -> float | None:
     """--abstain-below, else the adapter calibration's threshold, else none."""
     if getattr(args, "abstain_below", None) is not None:
+        if not 0.0 <= args.abstain_below <= 1.0:
+            raise ValueError(f"--abstain-below must be a confidence in [0, 1], got {args.abstain_below}")
         return args.abstain_below
     return model.calibration.threshold if model.calibration is not None else None
 
@@ -94,6 +96,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.shots:
         pool = (_records(argparse.Namespace(**{**vars(args), "split": "train"})) if args.shot_pool == "train"
                 else _records(argparse.Namespace(data=args.shot_pool, format=None, split=None)))
+    if pool is not None:
+        shared = {r.id for r in pool} & {r.id for r in records}
+        if shared:  # e.g. a single-file dataset has no separate train split: its "train" is the test data itself
+            raise ValueError(f"the shot pool shares {len(shared)} record(s) with the evaluated data (e.g. "
+                             f"{sorted(shared)[0]!r}); its answers would leak into the prompts: pass --shot-pool DATA")
     shot_args = {"shots": args.shots, "shot_pool": pool, "feature_cache": args.feature_cache}
     calibration = None
     if args.calibrate_on or args.calibrate_split:
@@ -133,7 +140,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not records:
         raise ValueError(f"no records in {args.data}")
     rows = predict_records(model, records, protocol=args.protocol, batch_size=args.batch_size,
-                           max_new_tokens=args.max_new_tokens, abstain_below=args.abstain_below)
+                           max_new_tokens=args.max_new_tokens, abstain_below=_threshold(args, model))
     write_predictions(rows, args.out)
     uncertain = sum(r["abstained"] for r in rows)
     print(f"{len(rows)} answers ({uncertain} uncertain) written to {args.out}")

@@ -99,9 +99,13 @@ def run_demo(out_dir: str | Path = "checkpoints/demo", n_train: int = 360, n_tes
                       tensorboard=False)
     result = train(model, train_records, [], cfg)
     model.eval()
-    # confidence: temperature scaling fitted on fresh generated questions (a seed neither split uses), then the
-    # held-out report shows calibration error before/after, a reliability diagram and accuracy against coverage
+    # confidence: temperature scaling fitted on a validation set (generated questions from a seed neither split uses,
+    # and fresh crops of the DICOM files, as the held-out ones are), then the held-out report shows calibration error
+    # before/after, a reliability diagram and accuracy against coverage
     val_records = lesion_records(max(n_test, 30), seed=seed + 3, size=64, split="validation")
+    for r in dicom_records(views=1, seed=seed + 3):
+        r.id, r.meta["split"] = r.id.replace("dicom-", "dicom-validation-"), "validation"
+        val_records.append(r)
     model.calibration = fit_calibration_on(model, val_records, "llava_med", batch_size=32, threshold=0.5,
                                            progress=progress)
     fitted = model.calibration.fitted_on

@@ -84,6 +84,10 @@ def test_temperature_scaling_recovers_an_overconfident_scale():
     rows, correct = sample(1500)
     cal = fit_calibration(rows, correct)
     assert 2.5 < cal.temperature_score < 3.5
+    # a validation set without a single error does not collapse every confidence to 1 (Platt's smoothed targets)
+    perfect = fit_calibration(rows[:100], [True] * 100)
+    mean = float(np.mean([row_confidence(r, perfect) for r in rows[:100]]))
+    assert perfect.temperature_score > 0.05 and 0.9 < mean < 0.99
     test_rows, test_correct = sample(1500)
     before = expected_calibration_error([row_confidence(r, None) for r in test_rows], test_correct)
     after = expected_calibration_error([row_confidence(r, cal) for r in test_rows], test_correct)
@@ -217,3 +221,34 @@ def test_is_correct_rule():
     assert is_correct(1.0) and is_correct(0.5) and not is_correct(0.49) and not is_correct(None)
     with pytest.raises(ValueError, match="temperature_score"):
         Calibration(temperature_score=0.0)
+
+
+def test_eval_cli_calibrates_saves_and_retrieves_shots(calibrated_setup, tmp_path, capsys):
+    from prefixvqa.cli import main
+    from prefixvqa.model import MedVQAAdapter
+
+    model, sets, _ = calibrated_setup
+    folder = model.save_pretrained(tmp_path / "adapter")
+    files = {}
+    for name, records in (("val", sets["val"][:40]), ("test", sets["mixed"][:24])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"id": r.id, "image": r.image, "question": r.question,
+                                                   "answer": r.answer, "answer_type": "closed"}) + "\n"
+                                       for r in records))
+    out = tmp_path / "eval"
+    assert main(["eval", "--adapter", str(folder), "--data", str(files["test"]), "--out", str(out),
+                 "--calibrate-on", str(files["val"]), "--save-calibration", "--abstain-below", "0.7",
+                 "--shots", "1", "--shot-pool", str(files["val"]), "--feature-cache", str(tmp_path / "cache"),
+                 "--batch-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration on 40 validation items: ECE" in printed and "calibration.json" in printed
+    assert MedVQAAdapter.from_pretrained(folder).calibration.threshold == 0.7
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    val_ids = {r.id for r in sets["val"]}
+    assert all(len(r["shot_ids"]) == 1 and r["shot_ids"][0] in val_ids for r in rows)
+    report = (out / "report.md").read_text()
+    assert "ECE, temperature-scaled" in report and "| abstain below | 0.7000 |" in report
+    # a one-file dataset has no separate train split: its "train" pool would leak the evaluated answers
+    assert main(["eval", "--adapter", str(folder), "--data", str(files["test"]), "--out", str(out),
+                 "--shots", "1"]) == 2
+    assert "shares 24 record(s) with the evaluated data" in capsys.readouterr().err

@@ -82,10 +82,13 @@ def test_local_hub_round_trip(adapters, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PREFIXVQA_HUB", str(tmp_path / "hub"))
     model = MedVQAAdapter.from_pretrained("beta@v1.0")
     assert model.config.name == "beta"
-    assert main(["hub", "list"]) == 0 and "alpha@2" in capsys.readouterr().out
+    assert main(["hub", "push", str(adapters["alpha"]), "--name", "gamma", "--task", "lesions"]) == 0
+    assert "gamma@1" in capsys.readouterr().out
+    assert main(["hub", "list"]) == 0 and "gamma@1" in capsys.readouterr().out
     assert main(["hub", "verify"]) == 0 and "OK" in capsys.readouterr().out
     assert main(["hub", "pull", "alpha@1", "--to", str(tmp_path / "cli_pull")]) == 0
     assert (tmp_path / "cli_pull" / "mapper.safetensors").is_file()
+    assert main(["hub", "pull", "alpha@9"]) == 2 and "no version '9'" in capsys.readouterr().err
 
 
 def test_fsspec_hub_round_trip(adapters, tmp_path, monkeypatch):

@@ -487,7 +487,9 @@ def _answer_records(model: Any, records: Sequence[Any], protocol: Protocol, *, b
         from ..data.records import content_hash
         from ..fewshot import ShotRetriever
 
-        pool = list(shot_pool) if shot_pool is not None else list(records)
+        if shot_pool is None:
+            raise ValueError("shots > 0 needs a shot_pool (e.g. the training split): shots come with their answers")
+        pool = list(shot_pool)
         retriever = ShotRetriever(model, pool, cache_dir=feature_cache)
         run["shots"] = {"k": shots, "retrieval": "cosine of mean-pooled encoder features, query image excluded",
                         "pool_items": len(retriever.pool), "pool_content_hash": content_hash(retriever.pool)}
@@ -507,8 +509,8 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
     ``closed_mode`` overrides the protocol's way of answering closed questions ("score": rank candidates with
     ``model.score_choices``; "generate": free generation). Generation settings are recorded in the manifest; answering
     runs under torch seed ``seed`` (so a rerun with ``do_sample`` reproduces it), and the caller's torch random state
-    is restored afterwards. ``shots=k`` answers each query after k shots retrieved from ``shot_pool`` (default: the
-    evaluated records themselves, never the query or its image) in the template's few-shot format. Confidences are
+    is restored afterwards. ``shots=k`` answers each query after k shots retrieved from ``shot_pool`` (never the query
+    or its image) in the template's few-shot format. Confidences are
     calibrated with ``calibration`` (default: the adapter's own, if it has one); the report shows ECE before and
     after, a reliability diagram and accuracy against coverage.
     """
