@@ -146,7 +146,7 @@ def ours_config(arch: Arch, lm_folder: Path) -> Any:
         "decoder": {"name": str(lm_folder), "dtype": "float32"},
         "tuning": {"mode": "lora", "r": arch.lora_r, "alpha": arch.lora_alpha, "dropout": 0.0,
                    "target_modules": ["q_proj", "v_proj"]},
-        "template": {"name": "plain"},
+        "template": {"name": "plain", "start": "bos"},  # the peer prompt opens with BOS (see peer_prompt)
     })
 
 

@@ -52,25 +52,32 @@ def trained_state(model: "MedVQAAdapter") -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: "MedVQAAdapter", path: str | Path, card: dict[str, Any] | None = None) -> Path:
+    """Write the adapter folder all or nothing: into a temporary sibling, renamed into place when complete."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        write_adapter_files(model, tmp, card)
+    return path
+
+
+def write_adapter_files(model: "MedVQAAdapter", folder: Path, card: dict[str, Any] | None = None) -> None:
+    """The adapter's files (manifest last) into the existing, empty ``folder``: for callers that already write into
+    a temporary folder of their own (a training checkpoint adds its trainer state before its one rename)."""
     from safetensors.torch import save_file
 
     from . import __version__
 
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        cfg = model.config.replace(fingerprints=dict(model.base_fingerprints), version=__version__)
-        if model.config.tuning.mode in PEFT_MODES:
-            model.decoder.save_pretrained(str(tmp))  # peft's adapter_config.json + adapter_model.safetensors
-        save_file(trained_state(model), str(tmp / TENSORS_NAME), metadata={"format": "pt", "library": "prefixvqa"})
-        model.processor.save_pretrained(tmp)  # tokenizer files + processor_config.json
-        (tmp / CONFIG_NAME).write_text(cfg.to_json() + "\n")
-        (tmp / "README.md").write_text(model_card(cfg, card or {}))
-        if card and card.get("metrics"):
-            (tmp / "metrics.json").write_text(json.dumps(card["metrics"], indent=2, sort_keys=True) + "\n")
-        if getattr(model, "calibration", None) is not None:
-            model.calibration.save(tmp)
-        write_manifest(tmp)
-    return path
+    cfg = model.config.replace(fingerprints=dict(model.base_fingerprints), version=__version__)
+    if model.config.tuning.mode in PEFT_MODES:
+        model.decoder.save_pretrained(str(folder))  # peft's adapter_config.json + adapter_model.safetensors
+    save_file(trained_state(model), str(folder / TENSORS_NAME), metadata={"format": "pt", "library": "prefixvqa"})
+    model.processor.save_pretrained(folder)  # tokenizer files + processor_config.json
+    (folder / CONFIG_NAME).write_text(cfg.to_json() + "\n")
+    (folder / "README.md").write_text(model_card(cfg, card or {}))
+    if card and card.get("metrics"):
+        (folder / "metrics.json").write_text(json.dumps(card["metrics"], indent=2, sort_keys=True) + "\n")
+    if getattr(model, "calibration", None) is not None:
+        model.calibration.save(folder)
+    write_manifest(folder)
 
 
 def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
@@ -125,8 +132,11 @@ def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: 
     if not cfg_path.is_file():
         raise AdapterLoadError(f"{folder} is not a prefixvqa adapter: {CONFIG_NAME} is missing")
     try:
-        cfg = AdapterConfig.from_dict(json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, ConfigError) as exc:
+        data = json.loads(cfg_path.read_text())
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a JSON object, got {type(data).__name__}")
+        cfg = AdapterConfig.from_dict(compatible_config(data, str(cfg_path)))
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as exc:
         raise AdapterLoadError(f"{cfg_path}: {exc}") from None
     saved = dict(cfg.fingerprints)
     if overrides:
@@ -144,6 +154,8 @@ def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: 
     if (folder / PROCESSOR_NAME).is_file():
         try:
             model.processor = MedVQAProcessor.from_pretrained(folder, model.encoder.preprocess, model.config.template)
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise AdapterLoadError(f"{folder / PROCESSOR_NAME} is damaged: {exc.__class__.__name__}: {exc}") from None
         except ValueError as exc:
             raise AdapterLoadError(str(exc)) from None
     try:
@@ -151,6 +163,65 @@ def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: 
     except ValueError as exc:
         raise AdapterLoadError(str(exc)) from None
     return model
+
+
+def _version(text: str, where: str) -> tuple[int, int, int]:
+    import re
+
+    match = re.match(r"^\s*(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if match is None:
+        raise AdapterLoadError(f"{where}: version {text!r} is not a prefixvqa version (MAJOR.MINOR.PATCH)")
+    return int(match[1]), int(match[2]), int(match[3] or 0)
+
+
+def compatible_config(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Apply the compatibility rule to a config written by another prefixvqa version.
+
+    Same major version and not newer: loads as is (unknown fields are errors: the file is damaged). Newer minor or
+    patch of the same major: loads with a warning naming both versions; fields this version does not know are
+    dropped, each named (newer versions only add optional fields within a major version). Newer major: refused.
+    A config without a version (written before versions were recorded) loads as is.
+    """
+    import warnings
+    from dataclasses import fields as dc_fields
+
+    from . import __version__
+    from .config import _SECTIONS
+
+    written = str(data.get("version") or "")
+    if not written:
+        return data
+    theirs, ours = _version(written, where), _version(__version__, "prefixvqa")
+    if theirs[0] > ours[0]:
+        raise AdapterLoadError(f"{where} was written by prefixvqa {written}, a newer major version than this "
+                               f"prefixvqa {__version__}: upgrade prefixvqa (pip install -U prefixvqa) to load it")
+    if theirs <= ours:
+        return data
+    data = json.loads(json.dumps(data))
+    dropped = []
+    for section, kind in _SECTIONS.items():
+        known = {f.name for f in dc_fields(kind)}
+        for key in sorted(set(data.get(section) or {}) - known):
+            data[section].pop(key)
+            dropped.append(f"{section}.{key}")
+    known_top = {f.name for f in dc_fields(AdapterConfig)}
+    for key in sorted(set(data) - known_top):
+        data.pop(key)
+        dropped.append(key)
+    warnings.warn(f"{where} was written by prefixvqa {written}, newer than this prefixvqa {__version__}; loading it"
+                  + (f" without the field(s) this version does not know: {dropped}" if dropped else ""), stacklevel=3)
+    return data
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a damaged header or a truncated file is an AdapterLoadError naming the file."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises SafetensorError, OSError, ValueError ... for damaged files
+        raise AdapterLoadError(f"{file} is damaged or truncated (not a readable safetensors file): "
+                               f"{exc.__class__.__name__}: {exc}") from None
 
 
 def check_integrity(folder: Path) -> None:
@@ -183,11 +254,9 @@ def _compare(file: Path, got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 
 
 def _load_tensors(model: "MedVQAAdapter", file: Path) -> None:
-    from safetensors.torch import load_file
-
     if not file.is_file():
         raise AdapterLoadError(f"{file} is missing")
-    got = load_file(str(file))
+    got = read_safetensors(file)
     want = trained_state(model)
     _compare(file, got, want)
     modules = {"mapper": model.mapper, "encoder": model.encoder.visual, "decoder": model.decoder}
@@ -199,12 +268,15 @@ def _load_tensors(model: "MedVQAAdapter", file: Path) -> None:
 
 def _load_peft(model: "MedVQAAdapter", folder: Path) -> None:
     from peft import PeftConfig, get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise AdapterLoadError(f"{folder / name} is missing (tuning.mode={model.config.tuning.mode!r})")
-    saved_cfg = PeftConfig.from_pretrained(str(folder))
+    try:
+        saved_cfg = PeftConfig.from_pretrained(str(folder))
+    except Exception as exc:  # peft raises ValueError, TypeError, JSONDecodeError ... for a damaged config
+        raise AdapterLoadError(f"{folder / PEFT_CONFIG_NAME} cannot be read: {exc.__class__.__name__}: {exc}") \
+            from None
     live_cfg = model.decoder.peft_config["default"]
     fields = ("peft_type", "r", "lora_alpha", "target_modules", "num_virtual_tokens", "fan_in_fan_out", "bias")
     for f in fields:
@@ -212,7 +284,7 @@ def _load_peft(model: "MedVQAAdapter", folder: Path) -> None:
         a, b = (set(a), set(b)) if isinstance(a, (list, set)) and isinstance(b, (list, set)) else (a, b)
         if a != b:
             raise AdapterLoadError(f"{folder / PEFT_CONFIG_NAME}: {f}={a!r} but the config builds {f}={b!r}")
-    got = load_file(str(folder / PEFT_WEIGHTS_NAME))
+    got = read_safetensors(folder / PEFT_WEIGHTS_NAME)
     _compare(folder / PEFT_WEIGHTS_NAME, got, get_peft_model_state_dict(model.decoder))
     set_peft_model_state_dict(model.decoder, got)
 

@@ -132,7 +132,7 @@ def _data_url(png: bytes) -> str:
 
 def create_app(adapters: "AdapterSet", *, max_upload_bytes: int = 20 << 20, abstain_below: float | None = None,
                keep_uploads: str | os.PathLike | None = None, explain_method: str = "occlusion",
-               max_new_tokens: int = 16) -> Any:
+               max_new_tokens: int | None = None) -> Any:
     """The FastAPI app serving ``adapters``."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse

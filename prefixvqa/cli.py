@@ -1,4 +1,5 @@
-"""The `prefixvqa` command line. Errors a user can fix are printed as one line, not a traceback."""
+"""The `prefixvqa` command line. Errors a user can fix are printed as one line (exit 2), not a traceback; a training
+run that diverged exits 1 with one line naming the step and records."""
 
 from __future__ import annotations
 
@@ -9,9 +10,56 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (and exit 2, as argparse does)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (0 shots: zero-shot)."""
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _train_sizes(text: str) -> list[int | str]:
+    sizes: list[int | str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part == "all":
+            sizes.append(part)
+            continue
+        try:
+            sizes.append(_positive_int(part))
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r}: {exc}; give sizes like 16,64,256,all") from None
+    return sizes
+
+
+def _protocol(name: str) -> str:
+    from .eval.protocols import list_protocols
+
+    if name not in list_protocols():
+        raise argparse.ArgumentTypeError(f"unknown protocol {name!r}; choose from {list_protocols()}")
+    return name
+
+
 def _data_spec(text: str, fmt: str | None, split: str | None) -> Any:
     """A path, or a JSON spec such as '{"format": "slake", "path": "Slake1.0"}'."""
-    spec: Any = json.loads(text) if text.lstrip().startswith("{") else text
+    try:
+        spec: Any = json.loads(text) if text.lstrip().startswith("{") else text
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--data is neither a path nor valid JSON: {exc.msg} at column {exc.colno} of {text!r}") \
+            from None
     if fmt:
         spec = {"format": fmt, "path": text} if isinstance(spec, str) else {**spec, "format": fmt}
     if split and isinstance(spec, dict):
@@ -28,7 +76,8 @@ def _records(args: argparse.Namespace) -> list:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.recipe import load_recipe, run_recipe
 
-    result = run_recipe(load_recipe(args.recipe, args.set), smoke=args.smoke)
+    sets = [*args.set, *(["train.resume_with_changes=true"] if args.resume_with_changes else [])]
+    result = run_recipe(load_recipe(args.recipe, sets), smoke=args.smoke)
     print(f"final adapter: {result.final_dir}")
     return 0
 
@@ -37,8 +86,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from .data.cache import cache_features
     from .model import MedVQAAdapter
 
+    records = _records(args)  # a bad --data fails before a model is loaded
     model = MedVQAAdapter.from_pretrained(args.adapter) if args.adapter else MedVQAAdapter.from_preset(args.preset)
-    stats = cache_features(model, _records(args), args.out, batch_size=args.batch_size)
+    stats = cache_features(model, records, args.out, batch_size=args.batch_size)
     print(json.dumps(stats, indent=2, default=str))
     return 0
 
@@ -90,8 +140,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("prefixvqa eval needs --adapter and --data (or --compare A B ...)")
     from .model import MedVQAAdapter
 
+    records = _records(args)  # a bad --data fails before a model is loaded
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
-    records = _records(args)
     pool = None
     if args.shots:
         pool = (_records(argparse.Namespace(**{**vars(args), "split": "train"})) if args.shot_pool == "train"
@@ -123,7 +173,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base = model.calibration or Calibration()
         calibration = Calibration(base.temperature_generate, base.temperature_score, args.abstain_below,
                                   base.fitted_on)
-    metrics = evaluate(model, records, args.protocol, args.out, batch_size=args.batch_size,
+    from .eval.protocols import get_protocol
+
+    protocol = get_protocol(args.protocol, upstream_metrics=True) if args.upstream_metrics else args.protocol
+    metrics = evaluate(model, records, protocol, args.out, batch_size=args.batch_size,
                        closed_mode=args.closed_mode, data_spec=_data_spec(args.data, args.format, args.split),
                        adapter_path=args.adapter, calibration=calibration, **shot_args)
     print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -139,7 +192,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     records = load_unlabeled(_data_spec(args.data, args.format, None), args.split)
     if not records:
         raise ValueError(f"no records in {args.data}")
-    rows = predict_records(model, records, protocol=args.protocol, batch_size=args.batch_size,
+    rows = predict_records(model, records, protocol=args.protocol, closed_mode=args.closed_mode,
+                           batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, abstain_below=_threshold(args, model))
     write_predictions(rows, args.out)
     uncertain = sum(r["abstained"] for r in rows)
@@ -204,9 +258,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .eval.sweep import sweep
 
-    sizes = [s if s == "all" else int(s) for s in args.train_sizes.split(",")]
-    result = sweep(args.recipe, train_sizes=sizes, seeds=args.seeds, out_dir=args.out, protocol=args.protocol,
-                   sets=args.set, smoke=args.smoke)
+    result = sweep(args.recipe, train_sizes=args.train_sizes, seeds=args.seeds, out_dir=args.out,
+                   protocol=args.protocol, sets=args.set, smoke=args.smoke)
     print(json.dumps(result["summary"], indent=2, default=str))
     print(f"learning curve: {Path(args.out) / 'learning_curve.png'}")
     return 0
@@ -229,32 +282,35 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prefixvqa", description="Vision-language prefix adapters for medical VQA.")
+    p = _Parser(prog="prefixvqa", description="Vision-language prefix adapters for medical VQA.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def abstain_arg(s: argparse.ArgumentParser) -> None:
         s.add_argument("--abstain-below", type=float, metavar="P",
                        help="answer 'uncertain' below this confidence (default: the adapter calibration's threshold)")
 
-    def data_args(s: argparse.ArgumentParser) -> None:
-        s.add_argument("--data", required=False, help="dataset path or JSON spec, e.g. '{\"format\": \"slake\", "
+    def data_args(s: argparse.ArgumentParser, required: bool = False) -> None:
+        s.add_argument("--data", required=required, help="dataset path or JSON spec, e.g. '{\"format\": \"slake\", "
                                                       "\"path\": \"Slake1.0\"}'")
-        s.add_argument("--format", help="reader: vqa_rad, slake, pathvqa, pmc_vqa, llava, report, generic")
+        s.add_argument("--format", help="reader: vqa_rad, slake, pathvqa, pmc_vqa, llava, llava_med_eval, report, "
+                                                "iu_xray, generic")
         s.add_argument("--split", help="split to read (train, validate, test, ...)")
 
     s = sub.add_parser("train", help="train from a YAML recipe (single stage or curriculum)")
     s.add_argument("recipe")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     s.add_argument("--smoke", action="store_true", help="apply the recipe's tiny offline smoke override")
+    s.add_argument("--resume-with-changes", action="store_true",
+                   help="resume although settings that change the result differ from the checkpoint's")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("cache-features", help="encode images once into the memory-mapped feature cache")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--adapter")
     g.add_argument("--preset")
-    data_args(s)
+    data_args(s, required=True)
     s.add_argument("--out", required=True, help="cache folder")
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--batch-size", type=_positive_int, default=32)
     s.set_defaults(func=cmd_cache)
 
     s = sub.add_parser("answer", help="answer one question about one image")
@@ -262,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", required=True, help="PNG/JPEG/TIFF/DICOM/NIfTI file")
     s.add_argument("question")
     s.add_argument("--choices", help="comma-separated candidates to rank instead of generating")
-    s.add_argument("--max-new-tokens", type=int, default=32)
-    s.add_argument("--num-beams", type=int, default=1)
+    s.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="default: the adapter's generation settings")
+    s.add_argument("--num-beams", type=_positive_int, default=None, help="default: the adapter's generation settings")
     abstain_arg(s)
     s.add_argument("--explain", nargs="?", const="", metavar="PNG",
                    help="write a grounding heatmap overlay (default: <image>_explain.png)")
@@ -274,12 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="evaluate an adapter under a named protocol, or compare results")
     s.add_argument("--adapter")
     data_args(s)
-    s.add_argument("--protocol", default="llava_med", help="llava_med, prefix_vqa, med_flamingo, pmc_vqa, report")
+    s.add_argument("--protocol", default="llava_med", type=_protocol,
+                   help="llava_med, prefix_vqa, med_flamingo, pmc_vqa, report")
     s.add_argument("--out", default="runs/eval")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--batch-size", type=_positive_int, default=8)
     s.add_argument("--closed-mode", choices=["score", "generate"])
+    s.add_argument("--upstream-metrics", action="store_true",
+                   help="also report the source's own metric variants (prefix_vqa: van Sonsbeek's nltk BLEU etc.)")
     s.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print a side-by-side table")
-    s.add_argument("--shots", type=int, default=0, help="k shots per query in the template's few-shot format")
+    s.add_argument("--shots", type=_count, default=0, help="k shots per query in the template's few-shot format")
     s.add_argument("--shot-pool", default="train", metavar="train|DATA",
                    help="where shots are retrieved from: the same dataset's train split, or a dataset path/spec")
     s.add_argument("--feature-cache", help="feature cache folder for retrieval (default ~/.cache/prefixvqa/features)")
@@ -293,9 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", required=True, help="adapter folder or hub name[@version]")
     data_args(s)
     s.add_argument("--out", default="predictions.jsonl")
-    s.add_argument("--protocol", default="llava_med", help="how closed questions are answered (see eval)")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--protocol", default="llava_med", help="how questions are answered (see eval)")
+    s.add_argument("--closed-mode", choices=["score", "generate"], help="rank a closed question's candidates "
+                                                                        "(score) or generate (the protocol's default)")
+    s.add_argument("--batch-size", type=_positive_int, default=8)
+    s.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="default: the adapter's generation settings")
     abstain_arg(s)
     s.set_defaults(func=cmd_predict)
 
@@ -334,9 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="few-shot learning curve: train and evaluate at several training-set sizes")
     s.add_argument("recipe")
-    s.add_argument("--train-sizes", default="16,64,256,all")
-    s.add_argument("--seeds", type=int, default=3)
-    s.add_argument("--protocol", default="llava_med")
+    s.add_argument("--train-sizes", default="16,64,256,all", type=_train_sizes)
+    s.add_argument("--seeds", type=_positive_int, default=3)
+    s.add_argument("--protocol", default="llava_med", type=_protocol)
     s.add_argument("--out", default="runs/sweep")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--smoke", action="store_true")
@@ -344,9 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="offline demo: train and evaluate on real DICOM + generated lesions (SmolLM2)")
     s.add_argument("--out", default="checkpoints/demo")
-    s.add_argument("--n-train", type=int, help="generated lesion training questions (default: run_demo's)")
-    s.add_argument("--n-test", type=int, help="generated lesion held-out questions")
-    s.add_argument("--epochs", type=int)
+    s.add_argument("--n-train", type=_positive_int, help="generated lesion training questions (default: run_demo's)")
+    s.add_argument("--n-test", type=_positive_int, help="generated lesion held-out questions")
+    s.add_argument("--epochs", type=_positive_int)
     s.add_argument("--seed", type=int)
     s.set_defaults(func=cmd_demo)
 
@@ -364,13 +427,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .hub import HubError
     from .data.records import DataError
+    from .train.checkpoint import RunLockedError
+    from .train.trainer import TrainingDiverged
     from .vision import ModelNotAvailableError
+
+    def say(exc: BaseException) -> None:
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or exc.__class__.__name__
+        print(f"prefixvqa {args.command}: error: {text}", file=sys.stderr)
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelNotAvailableError, AdapterLoadError, HubError, FileNotFoundError,
-            ImportError, ValueError) as exc:
-        print(f"prefixvqa {args.command}: error: {exc}", file=sys.stderr)
+    except TrainingDiverged as exc:  # not a usage error: the run itself failed
+        say(exc)
+        return 1
+    except (ConfigError, DataError, ModelNotAvailableError, AdapterLoadError, HubError, RunLockedError, ImportError,
+            ValueError, OSError) as exc:  # OSError: missing files, a recipe folder, a full disk (the path is named)
+        say(exc)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,11 +7,13 @@ Validation happens in `__post_init__` so a bad combination fails where it is wri
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 FEATURE_KINDS = ("pooled", "patches")
-MAPPER_KINDS = ("linear", "mlp", "mlp2x_gelu", "transformer", "resampler")
+MAPPER_KINDS = ("linear", "mlp", "mlp2x_gelu", "transformer", "resampler", "query_decoder")
 ACTIVATIONS = ("tanh", "gelu", "relu", "silu")
 TUNING_MODES = ("frozen", "lora", "full", "prompt_tuning", "prefix_tuning")
 QUANTIZATIONS = (None, "8bit", "4bit")
@@ -43,6 +45,64 @@ def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
     _check(value in allowed, f"{section}.{name}={value!r} is not one of {list(allowed)}")
 
 
+# --- declared types -------------------------------------------------------------------------------------------------
+def _options(hint: Any) -> tuple[Any, ...]:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def describe_type(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    parts = []
+    for option in _options(hint):
+        origin = typing.get_origin(option) or option
+        parts.append(names.get(option) or {list: "a list", dict: "a mapping"}.get(origin, getattr(option, "__name__",
+                                                                                                str(option))))
+    return " or ".join(parts)
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the declared type ``hint``, or a ConfigError naming ``where``.
+
+    Only lossless conversions: an int where a float is declared, and a numeric string where a number is declared
+    (YAML 1.1 reads ``1e-3`` without a dot as a string). Booleans are never numbers.
+    """
+    if hint is Any:
+        return value
+    for option in _options(hint):
+        origin, args = typing.get_origin(option), typing.get_args(option)
+        if option is type(None) and value is None:
+            return None
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if origin is list and isinstance(value, (list, tuple)):
+            return [coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+        if origin is dict and isinstance(value, dict):
+            kt, vt = args or (Any, Any)
+            return {coerce(k, kt, where): coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, str) and float in _options(hint):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) and str in _options(hint):
+        raise ConfigError(f"{where}={value!r}: expected {describe_type(hint)} (YAML reads an unquoted no/yes/off/on "
+                          f"as a boolean: quote it, e.g. '{'yes' if value else 'no'}')")
+    raise ConfigError(f"{where}={value!r}: expected {describe_type(hint)}")
+
+
+def check_types(obj: Any, section: str) -> None:
+    """Coerce every field of the dataclass ``obj`` to its declared type in place (see :func:`coerce`)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        setattr(obj, f.name, coerce(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}"))
+
+
 @dataclass
 class EncoderConfig:
     """open_clip image tower. `pretrained` is a tag ("openai"), a local checkpoint file, or None for random weights."""
@@ -58,6 +118,7 @@ class EncoderConfig:
     freeze: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self, "encoder")
         _choice("encoder", "features", self.features, FEATURE_KINDS)
         _check(bool(self.name), "encoder.name must be an open_clip model name or an 'hf-hub:' id")
 
@@ -67,22 +128,28 @@ class MapperConfig:
     """Features (B, N, D_v) -> prefix (B, L, E). `in_dim`/`out_dim` are filled from the encoder/decoder at build."""
 
     kind: str = "mlp"
-    prefix_length: int = 8  # L for mlp/transformer/resampler; linear/mlp2x_gelu keep one vector per input token
-    hidden_dim: int | None = None  # mlp: L*E/2 (van Sonsbeek); transformer/resampler: E
-    depth: int = 2  # mlp: linear layers; transformer/resampler: attention layers
+    prefix_length: int = 8  # L for mlp/transformer/resampler/query_decoder; linear/mlp2x_gelu: one per input token
+    hidden_dim: int | None = None  # mlp: first hidden width (default L*E/2); attention mappers: their width (E)
+    depth: int = 2  # mlp: linear layers; attention mappers: layers
     heads: int = 8
+    head_dim: int | None = None  # attention inner width per head; None -> width / heads (Flamingo's perceiver: 64)
+    mlp_ratio: float = 4.0  # attention mappers' feed-forward width / model width (ClipCap 2, MedVInT 1)
+    input_tokens: int | None = None  # transformer: tokens one pooled vector is expanded to (ClipCap's clip_length)
     activation: str = "tanh"
     dropout: float = 0.0
     in_dim: int | None = None
     out_dim: int | None = None
 
     def __post_init__(self) -> None:
+        check_types(self, "mapper")
         _choice("mapper", "kind", self.kind, MAPPER_KINDS)
         _choice("mapper", "activation", self.activation, ACTIVATIONS)
         _check(self.prefix_length >= 1, f"mapper.prefix_length must be >= 1, got {self.prefix_length}")
         _check(self.depth >= 1, f"mapper.depth must be >= 1, got {self.depth}")
         _check(0.0 <= self.dropout < 1.0, f"mapper.dropout must be in [0, 1), got {self.dropout}")
         _check(self.heads >= 1, f"mapper.heads must be >= 1, got {self.heads}")
+        _check(self.mlp_ratio > 0, f"mapper.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        _check(self.input_tokens is None or self.input_tokens >= 1, "mapper.input_tokens must be >= 1")
 
 
 @dataclass
@@ -103,6 +170,7 @@ class DecoderConfig:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self, "decoder")
         _choice("decoder", "dtype", self.dtype, DTYPES)
         _choice("decoder", "quantization", self.quantization, QUANTIZATIONS)
         _check(self.model_config is None or "model_type" in self.model_config,
@@ -126,6 +194,7 @@ class TuningConfig:
     num_virtual_tokens: int = 10  # prompt/prefix tuning
 
     def __post_init__(self) -> None:
+        check_types(self, "tuning")
         _choice("tuning", "mode", self.mode, TUNING_MODES)
         _choice("tuning", "bias", self.bias, ("none", "all", "lora_only"))
         _check(self.r >= 1 and self.alpha > 0,
@@ -141,10 +210,30 @@ class TemplateConfig:
     image_position: str | None = None  # None -> the template's default
     system: str | None = None  # overrides the template's system text
     max_length: int = 512  # prompt + answer tokens, excluding the visual prefix
+    # what opens a sequence: "tokenizer" = the tokens the tokenizer itself adds (Llama <s>, BioGPT </s>, GPT-2
+    # nothing, as the published code tokenised), "bos" = always the BOS token, "none" = nothing
+    start: str = "tokenizer"
+    # LLaVA's mm_use_im_start_end: a learned start and end vector around every image's prefix (trained with the mapper)
+    image_start_end: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self, "template")
         _choice("template", "image_position", self.image_position, (None, *IMAGE_POSITIONS))
+        _choice("template", "start", self.start, ("tokenizer", "bos", "none"))
         _check(self.max_length >= 8, "template.max_length must be >= 8")
+
+
+@dataclass
+class GenerationConfig:
+    """How the adapter answers by default (`answer`, `eval`, the CLI): the source paper's decoding, overridable."""
+
+    num_beams: int = 1
+    max_new_tokens: int = 32
+    length_penalty: float = 1.0  # beam search only
+
+    def __post_init__(self) -> None:
+        _check(self.num_beams >= 1, f"generation.num_beams must be >= 1, got {self.num_beams}")
+        _check(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass
@@ -154,6 +243,7 @@ class AdapterConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     name: str | None = None
     description: str = ""
     fingerprints: dict[str, str] = field(default_factory=dict)  # filled at save time: encoder, decoder
@@ -173,6 +263,8 @@ class AdapterConfig:
                f"tuning.mode={self.tuning.mode!r} is not supported with a quantized decoder; use 'lora' (QLoRA)")
         _check(not (self.tuning.mode == "full" and self.decoder.quantization),
                "tuning.mode='full' cannot train a quantized decoder; use 'lora' or drop decoder.quantization")
+        _check(not (self.mapper.input_tokens and self.encoder.features != "pooled"),
+               "mapper.input_tokens expands one pooled vector (ClipCap): set encoder.features='pooled'")
         pooled_only = self.mapper.kind == "mlp"
         _check(not (pooled_only and self.encoder.features != "pooled"),
                "mapper.kind='mlp' maps one pooled vector to L prefix vectors: set encoder.features='pooled' "
@@ -205,7 +297,7 @@ class AdapterConfig:
 
 
 _SECTIONS: dict[str, type] = {"encoder": EncoderConfig, "mapper": MapperConfig, "decoder": DecoderConfig,
-                              "tuning": TuningConfig, "template": TemplateConfig}
+                              "tuning": TuningConfig, "template": TemplateConfig, "generation": GenerationConfig}
 
 
 def _build(kind: type, data: dict[str, Any], where: str):

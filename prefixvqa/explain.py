@@ -67,7 +67,7 @@ def _feature_grid(n: int, keep_cls: bool) -> tuple[int, int]:
 
 def grounding_map(model: "MedVQAAdapter", image: Any, question: str, answer: str | None = None, *,
                   method: str = "occlusion", grid: int = 8, view: dict | None = None,
-                  max_new_tokens: int = 16) -> Grounding:
+                  max_new_tokens: int | None = None) -> Grounding:
     """Heatmap of how much the answer (generated if not given) depended on each image region."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

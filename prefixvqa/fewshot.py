@@ -138,12 +138,15 @@ def predict_with_shots(model: "MedVQAAdapter", records: Sequence["VQARecord"], p
                     pairs = [[(s.question, s.answer) for s in shots[i]] for i in batch]
                     slots = [key for i in batch for key in [key_of[id(s)] for s in shots[i]] + [query_keys[i]]]
                     features = retriever.features(slots).to(model.device)  # one row per image slot, in order
-                    questions = [records[i].question for i in batch]
-                    tensors = proc(None, questions, shots=pairs, padding_side="left",
-                                   ids=[records[i].id for i in batch])
+
+                    def sample(i: int, p: list, answer: str | None) -> Any:
+                        r = records[i]
+                        return proc.tokenize(r.question, answer, p, r.id, r.choices or (), history=r.history,
+                                             position=r.image_position)
+
+                    tensors = proc.pad([sample(i, p, None) for i, p in zip(batch, pairs)], "left", labels=False)
                     if is_scored:
-                        samples = [[proc.tokenize(records[i].question, c, p, records[i].id) for c in plan[i]]
-                                   for i, p in zip(batch, pairs)]
+                        samples = [[sample(i, p, c) for c in plan[i]] for i, p in zip(batch, pairs)]
                         for i, loglik in zip(batch, model.score(tensors, samples, features=features)):
                             rows[i] = scored_row(plan[i], loglik, model.calibration)
                     else:

@@ -9,6 +9,7 @@ library is imported here.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import importlib.util
 import json
@@ -19,12 +20,16 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_write_with", "atomic_dir", "replace_dir", "package_file", "MANIFEST_NAME",
-           "IntegrityError", "sha256_file", "write_manifest", "verify_manifest"]
+__all__ = ["atomic_write", "atomic_write_with", "atomic_dir", "replace_dir", "recover_dir", "package_file",
+           "MANIFEST_NAME", "IntegrityError", "sha256_file", "write_manifest", "verify_manifest"]
 
 MANIFEST_NAME = "manifest.sha256.json"
 
 PathLike = str | os.PathLike
+
+# Called between the two renames of a folder swap (after the old folder moved aside, before the new one moved in).
+# None in normal use; fault-injection tests set it to kill the process exactly there.
+_between_renames: Callable[[Path, Path], Any] | None = None
 
 
 def _temp_sibling(path: Path, suffix: str) -> Path:
@@ -41,10 +46,21 @@ def _replace_with(path: PathLike, write: Callable[[Path], Any], suffix: str) -> 
         with open(tmp, "r+b") as fh:  # the bytes must be on disk before the rename makes them visible
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _naming(exc, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _naming(exc: OSError, target: Path) -> OSError:
+    """The same error with the file being written named: ENOSPC from ``write()`` names no file otherwise."""
+    if exc.filename is not None:
+        return exc
+    return OSError(exc.errno, f"{exc.strerror or exc} (while writing {target})") if exc.errno else \
+        OSError(f"{exc} (while writing {target})")
 
 
 def atomic_write(path: PathLike, data: bytes | str, *, encoding: str = "utf-8") -> Path:
@@ -89,6 +105,8 @@ def replace_dir(src: PathLike, dst: PathLike, *, overwrite: bool = True) -> bool
         return False
     old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
     dst.rename(old)
+    if _between_renames is not None:
+        _between_renames(old, dst)
     try:
         src.rename(dst)
     except BaseException:
@@ -96,6 +114,43 @@ def replace_dir(src: PathLike, dst: PathLike, *, overwrite: bool = True) -> bool
         raise
     shutil.rmtree(old, ignore_errors=True)
     return True
+
+
+def recover_dir(dst: PathLike, is_complete: Callable[[Path], bool],
+                newer: Callable[[Path], Any] | None = None) -> Path | None:
+    """After a crash, put back the newest complete version of ``dst`` and delete what interrupted swaps left.
+
+    A process killed inside :func:`atomic_dir` / :func:`replace_dir` leaves hidden siblings: ``.NAME.tmp-*`` (the
+    new folder, complete or half-written) and ``.NAME.old-*`` (the previous folder, moved aside between the two
+    renames). When ``dst`` is missing, the first complete one (new before old, then newest first) takes its place;
+    with ``newer`` (a sort key, e.g. a checkpoint's step) the complete candidate with the largest key wins, and also
+    replaces an existing ``dst`` with a smaller one (killed after the new folder was complete, before its swap).
+    Afterwards every leftover is removed. If ``dst`` is missing and a previous folder exists but none passes
+    ``is_complete``, :class:`IntegrityError` is raised and nothing is deleted (a damaged checkpoint is evidence, not
+    garbage). Only call it while no other process writes ``dst`` (hold the run's lock). Returns ``dst`` if it exists.
+    """
+    dst = Path(dst)
+    pattern = glob.escape(str(dst.parent / f".{dst.name}"))
+
+    def newest_first(kind: str) -> list[Path]:
+        found = [Path(p) for p in glob.glob(f"{pattern}.{kind}-*") if Path(p).is_dir()]
+        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+    tmps, olds = newest_first("tmp"), newest_first("old")
+    complete = [c for c in (*tmps, *olds) if is_complete(c)]
+    if newer is not None:
+        complete.sort(key=newer, reverse=True)  # stable: ties keep new-before-old order
+    if not dst.exists():
+        if not complete and olds:
+            raise IntegrityError(f"{dst} is missing and the earlier version(s) left by an interrupted swap "
+                                 f"({', '.join(p.name for p in olds)}) are incomplete or damaged")
+        if complete:
+            complete[0].rename(dst)
+    elif newer is not None and complete and is_complete(dst) and newer(complete[0]) > newer(dst):
+        replace_dir(complete[0], dst)
+    for leftover in (*tmps, *olds):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return dst if dst.exists() else None
 
 
 @contextlib.contextmanager
@@ -111,6 +166,9 @@ def atomic_dir(target: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         replace_dir(tmp, target, overwrite=overwrite)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _naming(exc, target) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,7 +1,8 @@
 """Mappers: image features (B, N, D_v) -> visual prefix (B, L, E) in the decoder's embedding space.
 
 One registry, one constructor per published shape: per-token linear/MLP projections (LLaVA-Med, LLaVA-Rad), the
-pooled MLP of van Sonsbeek et al., ClipCap's transformer mapper and a perceiver-style resampler (MedVInT-TD, Flamingo).
+pooled MLP (ClipCap's, van Sonsbeek et al.'s), ClipCap's transformer mapper, Flamingo's perceiver resampler and
+MedVInT-TD's query decoder. Each preset's parameter count is tested against its source's.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ _ACT: dict[str, Callable[[], nn.Module]] = {"tanh": nn.Tanh, "gelu": nn.GELU, "r
 
 
 def _mlp(sizes: list[int], activation: str, dropout: float) -> nn.Sequential:
+    """Linear layers with [Dropout,] activation between them (dropout before the activation, as van Sonsbeek's)."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers += [_ACT[activation](), nn.Dropout(dropout)] if dropout else [_ACT[activation]()]
+            layers += ([nn.Dropout(dropout)] if dropout else []) + [_ACT[activation]()]
     return nn.Sequential(*layers)
 
 
@@ -38,71 +40,135 @@ class TokenMLP(nn.Module):
 
 
 class PooledMLP(nn.Module):
-    """van Sonsbeek et al.: pooled D -> L*E/2 -> L*E, reshaped to L prefix vectors (depth = number of layers)."""
+    """One pooled vector -> L prefix vectors: D -> L*E/2 -> L*E [-> L*E ...] (ClipCap's MLP at depth 2, van Sonsbeek
+    et al.'s at depth 3 with Dropout(0.5) before each Tanh), reshaped to (L, E)."""
 
     def __init__(self, cfg: MapperConfig):
         super().__init__()
         self.length, self.dim = cfg.prefix_length, cfg.out_dim
-        hidden = cfg.hidden_dim or (cfg.prefix_length * cfg.out_dim) // 2
-        sizes = [cfg.in_dim] + [hidden] * (cfg.depth - 1) + [cfg.prefix_length * cfg.out_dim]
-        self.net = _mlp(sizes, cfg.activation, cfg.dropout)
+        full = cfg.prefix_length * cfg.out_dim
+        sizes = [cfg.in_dim, cfg.hidden_dim or full // 2] + [full] * (cfg.depth - 1)
+        self.net = _mlp(sizes if cfg.depth > 1 else [cfg.in_dim, full], cfg.activation, cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, L, E)
         return self.net(x.mean(dim=1)).view(x.shape[0], self.length, self.dim)
 
 
+class Attention(nn.Module):
+    """Multi-head attention with explicit biases: ClipCap (no q/kv bias, output bias), Flamingo (no biases at all)."""
+
+    def __init__(self, width: int, heads: int, head_dim: int, qkv_bias: bool, out_bias: bool, kv_width: int = 0):
+        super().__init__()
+        self.heads, inner = heads, heads * head_dim
+        self.q = nn.Linear(width, inner, bias=qkv_bias)
+        self.kv = nn.Linear(kv_width or width, 2 * inner, bias=qkv_bias)
+        self.out = nn.Linear(inner, width, bias=out_bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # (B, T, W), (B, S, W) -> (B, T, W)
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, d)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, S, d)
+        y = nn.functional.scaled_dot_product_attention(q, k, v)  # (B, h, T, d)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _feed_forward(width: int, cfg: MapperConfig, activation: str, bias: bool) -> nn.Sequential:
+    hidden = int(width * cfg.mlp_ratio)
+    return nn.Sequential(nn.Linear(width, hidden, bias=bias), _ACT[activation](), nn.Dropout(cfg.dropout),
+                         nn.Linear(hidden, width, bias=bias))
+
+
 class TransformerMapper(nn.Module):
-    """ClipCap: features projected into L tokens and joined by L learned constants, whose outputs are the prefix."""
+    """ClipCap: a pooled vector expanded to `input_tokens` tokens (without `input_tokens`: patch features, one token
+    each), joined by L learned constants; pre-norm self-attention blocks (no q/kv bias, feed-forward `mlp_ratio`x with
+    `activation`); the constants' outputs are the prefix."""
 
     def __init__(self, cfg: MapperConfig):
         super().__init__()
-        self.length, width = cfg.prefix_length, cfg.hidden_dim or cfg.out_dim
-        self.expand = nn.Linear(cfg.in_dim, cfg.prefix_length * width)  # pooled input -> L tokens
-        self.project = nn.Linear(cfg.in_dim, width)  # patch input -> one token each
-        self.const = nn.Parameter(torch.randn(cfg.prefix_length, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, cfg.heads, 4 * width, cfg.dropout, batch_first=True,
-                                           norm_first=True, activation="gelu")
-        self.blocks = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.length, self.tokens, width = cfg.prefix_length, cfg.input_tokens, cfg.hidden_dim or cfg.out_dim
+        if self.tokens:  # pooled input -> input_tokens tokens
+            self.expand = nn.Linear(cfg.in_dim, self.tokens * width)
+        else:  # patch input -> one token each
+            self.project = nn.Linear(cfg.in_dim, width) if cfg.in_dim != width else nn.Identity()
+        self.const = nn.Parameter(torch.randn(cfg.prefix_length, width))
+        head_dim = cfg.head_dim or width // cfg.heads
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(width), "attn": Attention(width, cfg.heads, head_dim, qkv_bias=False, out_bias=True),
+            "norm2": nn.LayerNorm(width), "ff": _feed_forward(width, cfg, cfg.activation, bias=True),
+        }) for _ in range(cfg.depth))
         self.out = nn.Linear(width, cfg.out_dim) if width != cfg.out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, L, E)
-        B, N, _ = x.shape
-        tokens = self.expand(x[:, 0]).view(B, self.length, -1) if N == 1 else self.project(x)  # (B, L|N, W)
-        h = self.blocks(torch.cat([tokens, self.const.expand(B, -1, -1)], dim=1))  # (B, L|N + L, W)
+        B = x.shape[0]
+        tokens = self.expand(x.mean(1)).view(B, self.tokens, -1) if self.tokens else self.project(x)  # (B, S, W)
+        h = torch.cat([tokens, self.const.expand(B, -1, -1)], dim=1)  # (B, S + L, W)
+        for block in self.blocks:
+            n = block["norm1"](h)
+            h = h + block["attn"](n, n)
+            h = h + block["ff"](block["norm2"](h))
         return self.out(h[:, -self.length:])
 
 
-class ResamplerLayer(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float):
-        super().__init__()
-        self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
-        self.ff = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-
-    def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        kv = self.norm_kv(torch.cat([x, q], dim=1))  # Flamingo: queries attend to features and to themselves
-        q = q + self.attn(self.norm_q(q), kv, kv, need_weights=False)[0]
-        return q + self.ff(self.norm_ff(q))
-
-
 class Resampler(nn.Module):
-    """Perceiver resampler: L learned queries cross-attend to the patch tokens (MedVInT-TD, Flamingo)."""
+    """Flamingo's perceiver resampler: L latents attend to [features; latents] (no biases, `head_dim` per head,
+    GELU feed-forward), a final LayerNorm, then a projection to the decoder width (Flamingo instead cross-attends)."""
 
     def __init__(self, cfg: MapperConfig):
         super().__init__()
-        width = cfg.hidden_dim or cfg.out_dim
-        self.project = nn.Linear(cfg.in_dim, width)
-        self.queries = nn.Parameter(torch.randn(cfg.prefix_length, width) * 0.02)
-        self.layers = nn.ModuleList(ResamplerLayer(width, cfg.heads, cfg.dropout) for _ in range(cfg.depth))
+        width = cfg.hidden_dim or cfg.in_dim
+        head_dim = cfg.head_dim or width // cfg.heads
+        self.project = nn.Linear(cfg.in_dim, width) if cfg.in_dim != width else nn.Identity()
+        self.latents = nn.Parameter(torch.randn(cfg.prefix_length, width))
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "norm_x": nn.LayerNorm(width), "norm_q": nn.LayerNorm(width),
+            "attn": Attention(width, cfg.heads, head_dim, qkv_bias=False, out_bias=False),
+            "ff": nn.Sequential(nn.LayerNorm(width), *_feed_forward(width, cfg, "gelu", bias=False)),
+        }) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, cfg.out_dim)
+        self.out = nn.Linear(width, cfg.out_dim) if width != cfg.out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, L, E)
         x = self.project(x)  # (B, N, W)
-        q = self.queries.expand(x.shape[0], -1, -1)  # (B, L, W)
+        q = self.latents.expand(x.shape[0], -1, -1)  # (B, L, W)
         for layer in self.layers:
-            q = layer(q, x)
+            latents = layer["norm_q"](q)
+            q = q + layer["attn"](latents, torch.cat([layer["norm_x"](x), latents], dim=1))
+            q = q + layer["ff"](q)
         return self.out(self.norm(q))
+
+
+class QueryDecoder(nn.Module):
+    """MedVInT-TD: L learned queries through a pre-norm transformer decoder (self-attention, cross-attention to the
+    features, ReLU feed-forward, dropout), a final LayerNorm, then Linear-ReLU-Linear to the decoder width."""
+
+    def __init__(self, cfg: MapperConfig):
+        super().__init__()
+        width = cfg.hidden_dim or cfg.in_dim
+        self.project = nn.Linear(cfg.in_dim, width) if cfg.in_dim != width else nn.Identity()
+        self.queries = nn.Parameter(torch.randn(cfg.prefix_length, width))
+        layer = nn.TransformerDecoderLayer(width, cfg.heads, int(width * cfg.mlp_ratio), cfg.dropout,
+                                           activation=_ACT[cfg.activation](), batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, cfg.depth, norm=nn.LayerNorm(width))
+        self.out = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, cfg.out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, L, E)
+        memory = self.project(x)  # (B, N, W)
+        return self.out(self.decoder(self.queries.expand(x.shape[0], -1, -1), memory))  # (B, L, E)
+
+
+class WithImageDelimiters(nn.Module):
+    """LLaVA's `<im_start>` / `<im_end>`: two learned vectors around each prefix, (B, L, E) -> (B, L + 2, E). Upstream
+    adds them as tokens initialised to the mean token embedding; here they live with the mapper and train with it."""
+
+    def __init__(self, mapper: nn.Module, dim: int):
+        super().__init__()
+        self.mapper = mapper
+        self.delimiters = nn.Parameter(torch.zeros(2, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, L + 2, E)
+        prefix = self.mapper(x)
+        ends = self.delimiters.to(prefix.dtype).expand(prefix.shape[0], -1, -1)
+        return torch.cat([ends[:, :1], prefix, ends[:, 1:]], dim=1)
 
 
 MAPPERS: dict[str, Callable[[MapperConfig], nn.Module]] = {
@@ -111,17 +177,20 @@ MAPPERS: dict[str, Callable[[MapperConfig], nn.Module]] = {
     "mlp": PooledMLP,
     "transformer": TransformerMapper,
     "resampler": Resampler,
+    "query_decoder": QueryDecoder,
 }
 
 
-def build_mapper(cfg: MapperConfig) -> nn.Module:
-    """Build from a config whose `in_dim`/`out_dim` are set (the adapter fills them from encoder and decoder)."""
+def build_mapper(cfg: MapperConfig, image_start_end: bool = False) -> nn.Module:
+    """Build from a config whose `in_dim`/`out_dim` are set (the adapter fills them from encoder and decoder);
+    `image_start_end` wraps it with learned start/end vectors (template.image_start_end)."""
     if not cfg.in_dim or not cfg.out_dim:
         raise ConfigError("mapper.in_dim and mapper.out_dim must be set before building (taken from the models)")
-    width = cfg.hidden_dim or cfg.out_dim
-    if cfg.kind in ("transformer", "resampler") and width % cfg.heads:
+    width = cfg.hidden_dim or (cfg.out_dim if cfg.kind == "transformer" else cfg.in_dim)
+    if cfg.kind in ("transformer", "resampler", "query_decoder") and width % cfg.heads and not cfg.head_dim:
         raise ConfigError(f"mapper.heads={cfg.heads} must divide the mapper width {width} (hidden_dim or decoder dim)")
-    return MAPPERS[cfg.kind](cfg)
+    mapper = MAPPERS[cfg.kind](cfg)
+    return WithImageDelimiters(mapper, cfg.out_dim) if image_start_end else mapper
 
 
 def prefix_length(cfg: MapperConfig, num_tokens: int) -> int:

@@ -86,7 +86,10 @@ class MedVQAAdapter(nn.Module):
         self.base_fingerprints = {"encoder": fingerprint(encoder.visual, {"name": config.encoder.name}),
                                   "decoder": decoder_fingerprint(decoder)}
         self.encoder = encoder
-        self.mapper = build_mapper(self.config.mapper)
+        self.mapper = build_mapper(self.config.mapper, self.config.template.image_start_end)
+        if self.config.template.image_start_end:  # as LLaVA initialised <im_start>/<im_end>: the mean token embedding
+            with torch.no_grad():
+                self.mapper.delimiters.copy_(decoder.get_input_embeddings().weight.float().mean(0).expand(2, -1))
         with torch.no_grad():
             prefix_length = self.mapper.eval()(torch.zeros(1, num_tokens, feat_dim)).shape[1]
         self.decoder = apply_tuning(decoder, config.tuning, quantized=bool(config.decoder.quantization),
@@ -258,9 +261,10 @@ class MedVQAAdapter(nn.Module):
         normalised log-likelihoods, divided by the calibrated temperature when the adapter has one), or those
         log-likelihoods with `return_loglik=True`."""
         shots = shots if shots is not None else [()] * len(questions)
-        batch = self.processor(None if features is not None else images, questions, shots=shots, views=views)
-        pairs = [[self.processor.tokenize(q, c, s) for c in opts] for q, opts, s in zip(questions, choices, shots,
-                                                                                         strict=True)]
+        batch = self.processor(None if features is not None else images, questions, shots=shots, views=views,
+                               choices=choices)  # templates that list the options show them (MedVInT)
+        pairs = [[self.processor.tokenize(q, c, s, choices=opts) for c in opts]
+                 for q, opts, s in zip(questions, choices, shots, strict=True)]
         mean_lp = self.score(batch, pairs, features=features)
         if return_loglik:
             return mean_lp
@@ -327,12 +331,18 @@ class MedVQAAdapter(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
                  pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None,
-                 image_index: torch.Tensor | None = None, *, max_new_tokens: int = 32, num_beams: int = 1,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 image_index: torch.Tensor | None = None, *, max_new_tokens: int | None = None,
+                 num_beams: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  stop: Sequence[str] | None = None, **generate_kwargs: Any) -> list[Answer]:
         """Answers for a left-padded batch. Greedy decoding runs its own KV-cached loop (shared image heads, stop
-        strings checked as it goes); beam search and sampling use transformers' `generate`."""
+        strings checked as it goes); beam search and sampling use transformers' `generate`. Unset `num_beams` and
+        `max_new_tokens` come from `config.generation` (the source paper's decoding)."""
         stop = list(stop) if stop is not None else self.processor.stop_strings()
+        defaults = self.config.generation
+        num_beams = defaults.num_beams if num_beams is None else num_beams
+        max_new_tokens = defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if num_beams > 1 and "length_penalty" not in generate_kwargs:
+            generate_kwargs["length_penalty"] = defaults.length_penalty
         with self._lora_merged():
             embeds = self.embed(input_ids, image_mask, self.prefix(pixel_values, features, image_index))
             mask = attention_mask.to(self.device)

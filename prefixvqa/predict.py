@@ -1,7 +1,8 @@
 """Answers for records without gold answers (new images), written as JSONL with confidences.
 
-Each record is answered as an evaluation would answer it (`eval.runner.plan_items`: its choices, or yes/no for a
-closed question, are ranked by likelihood; anything else is generated), with the same batching and image loading,
+Each record is answered as an evaluation under the given protocol would answer it (`eval.runner.plan_items`; with
+``closed_mode="score"`` a closed question's choices, or yes/no, are ranked by likelihood), with the same batching and
+image loading,
 and below an optional threshold the answer is "uncertain" (the guess is kept in ``guess``).
 """
 
@@ -36,8 +37,8 @@ def load_unlabeled(spec: Any, split: str | None = None) -> list["VQARecord"]:
 
 
 def predict_records(model: "MedVQAAdapter", records: Sequence["VQARecord"], *, protocol: str = "llava_med",
-                    batch_size: int = 8, max_new_tokens: int = 32, abstain_below: float | None = None,
-                    progress: bool = True) -> list[dict[str, Any]]:
+                    closed_mode: str | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
+                    abstain_below: float | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """One output row per record: id, image, question, answer (or "uncertain"), guess, confidence (calibrated when
     the adapter is), raw confidence, how it was answered, candidates and their probabilities when ranked."""
     from .eval.protocols import get_protocol
@@ -46,7 +47,7 @@ def predict_records(model: "MedVQAAdapter", records: Sequence["VQARecord"], *, p
     if abstain_below is None and model.calibration is not None:
         abstain_below = model.calibration.threshold
     records = list(records)
-    plan = plan_items(records, get_protocol(protocol))
+    plan = plan_items(records, get_protocol(protocol), closed_mode)
     rows = predict(model, records, plan, batch_size, {"max_new_tokens": max_new_tokens}, progress)
     out = []
     for record, row in zip(records, rows):

@@ -56,3 +56,33 @@ def preset_config(name: str, **overrides: Any) -> AdapterConfig:
     info = preset_info(name)
     base = AdapterConfig.from_dict({"name": name, "description": info.get("description", ""), **info["config"]})
     return base.replace(**overrides) if overrides else base
+
+
+def _setting_summary(cfg: AdapterConfig) -> str:
+    """The settings a reader compares with the paper, in one cell."""
+    m, t, d = cfg.mapper, cfg.tuning, cfg.decoder
+    mapper = {"linear": "Linear", "mlp2x_gelu": "Linear-GELU-Linear"}.get(
+        m.kind, f"{m.kind} L={m.prefix_length} depth {m.depth}")
+    tuning = t.mode if t.mode != "lora" else f"LoRA r{t.r}/a{t.alpha}/p{t.dropout}"
+    decoding = f"beam {cfg.generation.num_beams}" if cfg.generation.num_beams > 1 else "greedy"
+    return (f"{cfg.encoder.name} {cfg.encoder.features}; {mapper}; `{d.name}`"
+            f"{' ' + d.quantization if d.quantization else ''}; {tuning}; template `{cfg.template.name}`; "
+            f"{decoding}, {cfg.generation.max_new_tokens} new tokens")
+
+
+def presets_table() -> str:
+    """The README's table of published presets, made from the preset files (a test keeps the README equal to it)."""
+    rows = ["| preset | source (repository @ commit: files) | settings | mapper parameters | training | deviations |",
+            "|---|---|---|---|---|---|"]
+    for name in list_presets():
+        info = preset_info(name)
+        src = info.get("source")
+        if not src:
+            continue
+        cfg = preset_config(name)
+        params = f"{src['mapper_params'] / 1e6:.1f}M" + "".join(
+            f" + {n / 1e6:.2f}M ({why})" for why, n in src.get("added_params", {}).items())
+        cells = [f"`{name}`", f"{src['repository']} @ {src['commit']}: " + "; ".join(src["files"]),
+                 _setting_summary(cfg), params, src["training"], " ".join(src["deviations"]) or "none"]
+        rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(rows)

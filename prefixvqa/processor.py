@@ -13,11 +13,14 @@ A batch is a dict of tensors::
     attention_mask  (B, T)  1 on real tokens and image slots
     image_mask      (B, T)  True on the L positions of each image slot, row by row, slot by slot
     labels          (B, T)  answer ids (+ EOS) where supervised, IGNORE (-100) elsewhere   [with answers]
+                            (a conversation supervises every assistant answer, each closed as the template closes it)
     pixel_values    (I, 3, H, W)  one per distinct image                                     [with images]
     image_index     (S,)    which of the I images fills each of the S slots (images shared by several questions)
 """
 
 from __future__ import annotations
+
+import functools
 
 import hashlib
 import json
@@ -43,10 +46,14 @@ VIEW_KEYS = ("frame", "slice_index", "window")  # load_image arguments that chan
 
 
 class Sample(NamedTuple):
-    """One tokenised item: text pieces around the image slots (n slots -> n + 1 pieces) and the answer ids."""
+    """One tokenised item: text pieces around the image slots (n slots -> n + 1 pieces) and the answer ids.
+
+    `supervised` marks the earlier answers of a conversation inside the pieces, (piece, start, end) token spans:
+    training labels them too; generation and scoring read them as prompt."""
 
     pieces: list[list[int]]
     answer: list[int]
+    supervised: tuple[tuple[int, int, int], ...] = ()
 
 
 def view_args(record: VQARecord) -> dict[str, Any]:
@@ -107,51 +114,113 @@ class MedVQAProcessor:
     def stop_strings(self) -> list[str]:
         return prompts.stop_strings(self.template.name)
 
-    def _render(self, question: str, shots: Sequence[tuple[str, str]]) -> list[str]:
-        t = self.template
-        text = prompts.render(t.name, question, position=t.image_position, system=t.system, shots=shots,
-                              tokenizer=self.tokenizer)
-        return prompts.split_on_images(text)
+    def _split(self, prompt: str, target: str | None) -> tuple[list[int], list[int]]:
+        """(prompt ids, target ids): tokenised together, so tokenizers that merge across the boundary give the ids
+        they give in context; the target starts where the joint ids leave the prompt's own ids."""
+        own = self._encode(prompt)
+        if target is None:
+            return own, []
+        joint = self._encode(prompt + target)
+        keep = 0
+        while keep < min(len(own), len(joint)) and own[keep] == joint[keep]:
+            keep += 1
+        return joint[:keep], joint[keep:]
 
-    def _pieces(self, question: str, answer: str | None, shots: Sequence[tuple[str, str]]) -> Sample:
-        texts = self._render(question, shots)
-        pieces = [self._encode(p) for p in texts[:-1]]
-        last = self._encode(texts[-1])
-        answer_ids: list[int] = []
-        if answer is not None:
-            joint = self._encode(texts[-1] + prompts.answer_text(self.template.name, answer))
-            keep = 0  # the answer starts where the joint ids leave the prompt's own ids
-            while keep < min(len(last), len(joint)) and last[keep] == joint[keep]:
-                keep += 1
-            last, answer_ids = joint[:keep], joint[keep:]
-            eos = self.tokenizer.eos_token_id
-            answer_ids = answer_ids + ([eos] if eos is not None else [])
-        pieces.append(last)
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and (not pieces[0] or pieces[0][0] != bos):
-            pieces[0] = [bos] + pieces[0]
-        return Sample(pieces, answer_ids)
+    def _pieces(self, question: str, answer: str | None, shots: Sequence[tuple[str, str]],
+                choices: Sequence[str] = (), history: Sequence[tuple[str, str]] = (),
+                position: str | None = None) -> Sample:
+        t = self.template
+        segs = prompts.segments(t.name, question, position=position or t.image_position, system=t.system,
+                                shots=shots, history=history, tokenizer=self.tokenizer, choices=choices)
+        eos = self.tokenizer.eos_token_id
+        end = [eos] if eos is not None and prompts.ends_with_eos(t.name) else []
+        pieces: list[list[int]] = [[]]
+        supervised: list[tuple[int, int, int]] = []
+
+        def place(prompt: str, target: str | None) -> list[int]:
+            *before, last = prompts.split_on_images(prompt)
+            for text in before:
+                pieces[-1] += self._encode(text)
+                pieces.append([])
+            ids, target_ids = self._split(last, target)
+            pieces[-1] += ids
+            return target_ids
+
+        for k in range(0, len(segs) - 1, 2):  # a conversation's earlier exchanges: answers supervised in place
+            ids = place(segs[k], segs[k + 1]) + end
+            supervised.append((len(pieces) - 1, len(pieces[-1]), len(pieces[-1]) + len(ids)))
+            pieces[-1] += ids
+        target = prompts.answer_text(t.name, answer) if answer is not None else None
+        answer_ids = place(segs[-1], target) + (end if answer is not None else [])
+        # the start tokens open the sequence; MedVInT put its visual queries before the tokenised text (and its BOS)
+        first = next((k for k, p in enumerate(pieces) if p), 0) if prompts.image_before_start(t.name) else 0
+        start = self.start_ids
+        if start and pieces[first][:len(start)] != start:
+            pieces[first] = start + pieces[first]
+            supervised = [(j, a + len(start) * (j == first), b + len(start) * (j == first)) for j, a, b in supervised]
+        return Sample(pieces, answer_ids, tuple(supervised))
+
+    @functools.cached_property
+    def start_ids(self) -> list[int]:
+        """Token ids every sequence opens with (`template.start`): for "tokenizer", those the tokenizer adds in front
+        of a text by itself, found by encoding one word with and without special tokens."""
+        tok, mode = self.tokenizer, self.template.start
+        if mode == "none" or (mode == "bos" and tok.bos_token_id is None):
+            return []
+        if mode == "bos":
+            return [tok.bos_token_id]
+        plain = tok("x", add_special_tokens=False)["input_ids"]
+        special = tok("x", add_special_tokens=True)["input_ids"]
+        for i in range(len(special) - len(plain) + 1):
+            if special[i:i + len(plain)] == plain:
+                return list(special[:i])
+        return []
 
     def tokenize(self, question: str, answer: str | None = None, shots: Sequence[tuple[str, str]] = (),
-                 record_id: str | None = None) -> Sample:
-        """Token ids of the prompt pieces and of the answer (+ EOS). Prompt + answer longer than
-        `template.max_length` shortens the question (never the answer or a candidate) and warns with the record."""
-        sample = self._pieces(question, answer, shots)
-        excess = sum(map(len, sample.pieces)) + len(sample.answer) - self.template.max_length
+                 record_id: str | None = None, choices: Sequence[str] = (), *,
+                 history: Sequence[tuple[str, str]] = (), position: str | None = None) -> Sample:
+        """Token ids of the prompt pieces and of the answer (+ EOS where the template ends with it). `choices` are
+        listed in the prompt by templates that show them (MedVInT); `history` holds a conversation's earlier
+        exchanges (the image in the first), `position` where the record puts its image (None: the template's).
+
+        Prompt + answer longer than `template.max_length`: first a conversation's text-only earlier exchanges are
+        dropped (oldest first; the one holding the image stays), then the question is shortened; never an answer
+        or a candidate. It warns with the record."""
+        history = list(history)
+        sample = self._pieces(question, answer, shots, choices, history, position)
+        excess = self._excess(sample)
         if excess <= 0:
             return sample
+        dropped = 0
+        while excess > 0 and len(history) > 1:
+            del history[1]
+            dropped += 1
+            sample = self._pieces(question, answer, shots, choices, history, position)
+            excess = self._excess(sample)
         q_ids = self._encode(question)
         while excess > 0 and q_ids:
             q_ids = q_ids[:max(0, len(q_ids) - excess)]
-            sample = self._pieces(self.tokenizer.decode(q_ids), answer, shots)
-            excess = sum(map(len, sample.pieces)) + len(sample.answer) - self.template.max_length
+            sample = self._pieces(self.tokenizer.decode(q_ids), answer, shots, choices, history, position)
+            excess = self._excess(sample)
         if excess > 0:
-            raise ValueError(f"record {record_id or question[:40]!r}: the template and answer alone take "
+            raise ValueError(f"record {record_id or question[:40]!r}: the template and answers alone take "
                              f"{self.template.max_length + excess} tokens, over template.max_length="
                              f"{self.template.max_length}; raise it")
-        log.warning("record %s: prompt longer than template.max_length=%d tokens; question shortened to %d tokens",
-                    record_id or repr(question[:40]), self.template.max_length, len(q_ids))
+        what = f"{dropped} earlier exchange(s) of the conversation dropped" if dropped else ""
+        if len(q_ids) < len(self._encode(question)):
+            what += ("; " if what else "") + f"question shortened to {len(q_ids)} tokens"
+        log.warning("record %s: prompt longer than template.max_length=%d tokens; %s",
+                    record_id or repr(question[:40]), self.template.max_length, what)
         return sample
+
+    def _excess(self, sample: Sample) -> int:
+        return sum(map(len, sample.pieces)) + len(sample.answer) - self.template.max_length
+
+    def tokenize_record(self, record: VQARecord, answer: str | None) -> Sample:
+        """`tokenize` with the record's choices, conversation history and image position (answer: its own, a
+        candidate, or None to generate)."""
+        return self.tokenize(record.question, answer, record_id=record.id, choices=record.choices or (),
+                             history=record.history, position=record.image_position)
 
     # --- batches ------------------------------------------------------------------------------------------------
     def pad(self, samples: Sequence[Sample], padding_side: str = "right", labels: bool = True
@@ -160,14 +229,17 @@ class MedVQAProcessor:
         L, pad = self.image_seq_length, self.pad_id
         rows = []
         for s in samples:
-            ids, img, lab = [], [], []
+            ids, img, starts = [], [], []
             for j, piece in enumerate(s.pieces):
                 if j:
                     ids += [pad] * L
                     img += [True] * L
+                starts.append(len(ids))
                 ids += piece
                 img += [False] * len(piece)
             lab = [IGNORE] * len(ids) + list(s.answer)
+            for j, a, b in s.supervised:  # a conversation's earlier answers
+                lab[starts[j] + a:starts[j] + b] = ids[starts[j] + a:starts[j] + b]
             ids += s.answer
             img += [False] * len(s.answer)
             rows.append((ids, img, lab))
@@ -189,17 +261,30 @@ class MedVQAProcessor:
     def __call__(self, images: Sequence[Any] | None = None, questions: Sequence[str] = (),
                  answers: Sequence[str] | None = None, *, shots: Sequence[Sequence[tuple[str, str]]] | None = None,
                  views: Sequence[dict[str, Any] | None] | None = None, padding_side: str = "right",
-                 ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                 ids: Sequence[str] | None = None, choices: Sequence[Sequence[str]] | None = None
+                 ) -> dict[str, torch.Tensor]:
         """Images (one per question, or per question a list: shots' images then the query's) + questions
         (+ answers) -> a batch. The same image object given for several questions is loaded and encoded once."""
         n = len(questions)
         shots = shots if shots is not None else [()] * n
         answers_ = answers if answers is not None else [None] * n
         ids_ = ids if ids is not None else [None] * n
-        samples = [self.tokenize(q, a, s, i) for q, a, s, i in zip(questions, answers_, shots, ids_, strict=True)]
+        choices_ = choices if choices is not None else [()] * n
+        samples = [self.tokenize(q, a, s, i, c)
+                   for q, a, s, i, c in zip(questions, answers_, shots, ids_, choices_, strict=True)]
         batch = self.pad(samples, padding_side, labels=answers is not None)
         if images is not None:
+            if len(images) != n:
+                raise ValueError(f"{len(images)} image entries for {n} questions: give one per question (a list of "
+                                 "images for a few-shot question)")
             per_item = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+            for k, (item, sample, item_shots) in enumerate(zip(per_item, samples, shots, strict=True)):
+                slots = len(sample.pieces) - 1
+                if len(item) != slots:
+                    raise ValueError(
+                        f"question {k}: its prompt has {slots} image slot(s) ({len(item_shots)} shot(s) + the "
+                        f"question) but {len(item)} image(s) were given; give a list per question: one image per "
+                        f"shot, in shot order, then the question's image")
             per_view = [[v] * len(p) for v, p in zip(views, per_item, strict=True)] if views else None
             unique: dict[tuple[int, str], int] = {}
             flat, flat_views, index = [], [], []
@@ -230,7 +315,7 @@ class MedVQAProcessor:
                 item["pixel_values"] = self.transform(self.load_record_image(record))
         except ImageLoadError as err:
             return {**item, "error": str(err)}
-        item["sample"] = self.tokenize(record.question, record.answer if answer else None, record_id=record.id)
+        item["sample"] = self.tokenize_record(record, record.answer if answer else None)
         return item
 
     def collate(self, items: Sequence[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:

@@ -34,9 +34,14 @@ _CORPUS = ("question answer yes no left right lung heart liver kidney brain ches
            "impression describe report the of and with without ? : . , ### human assistant context").split()
 
 
-def build_tokenizer(folder: str | Path, vocab_size: int = 400) -> Any:
-    """A byte-level BPE tokenizer with `<|endoftext|>` as BOS/EOS/UNK and no pad token (like GPT-2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+#: families whose real tokenizers open every text with a start token (Llama/Mistral <s>, BioGPT </s>); GPT-2 adds none
+OPENS_WITH_START = ("llama", "mistral", "biogpt")
+
+
+def build_tokenizer(folder: str | Path, vocab_size: int = 400, adds_start: bool = False) -> Any:
+    """A byte-level BPE tokenizer with `<|endoftext|>` as BOS/EOS/UNK and no pad token (like GPT-2); with
+    `adds_start` it puts BOS in front of every text itself, as Llama's and BioGPT's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -46,6 +51,9 @@ def build_tokenizer(folder: str | Path, vocab_size: int = 400) -> Any:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = [" ".join(_CORPUS[i:] + _CORPUS[:i]) for i in range(len(_CORPUS))]
     tok.train_from_iterator(text, trainer)
+    if adds_start:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", 0)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    unk_token="<|endoftext|>")
     fast.save_pretrained(str(folder))
@@ -62,7 +70,7 @@ def build_decoder(folder: str | Path, family: str, seed: int = 0) -> Path:
     from .rng import seeded
 
     folder = Path(folder)
-    tok = build_tokenizer(folder)
+    tok = build_tokenizer(folder, adds_start=family in OPENS_WITH_START)
     cfg = AutoConfig.for_model(**{**TINY_DECODERS[family], "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
                                   "eos_token_id": tok.eos_token_id})
     with seeded(seed):
@@ -75,17 +83,17 @@ def tiny_overrides(decoder_folder: str | Path) -> dict[str, Any]:
     """Overrides that turn any preset into a tiny offline model (keeps the preset's mapper/tuning/template)."""
     return {"encoder": dict(TINY_ENCODER), "decoder": {"name": str(decoder_folder), "quantization": None,
                                                        "gguf_file": None, "model_config": None, "dtype": "float32"},
-            "mapper": {"hidden_dim": None, "heads": 2}, "template": {"max_length": 128}}
+            "mapper": {"hidden_dim": None, "heads": 2}, "template": {"max_length": 256}}
 
 
 def plain_transformers_batch(model: Any, prefix: Any, questions: list[str], answers: list[str]) -> tuple[Any, ...]:
-    """What a plain-transformers user builds by hand for the `plain` template: [BOS] prefix "Question: q Answer:" " a"
-    EOS, right-padded, labels on the answer only -> (inputs_embeds, attention_mask, labels). The reference the
-    model's own assembly is tested and benchmarked against."""
+    """What a plain-transformers user builds by hand for the `plain` template: [start tokens] prefix
+    "Question: q Answer:" " a" EOS, right-padded, labels on the answer only -> (inputs_embeds, attention_mask,
+    labels). The reference the model's own assembly is tested and benchmarked against."""
     import torch
 
     tok, emb = model.tokenizer, model.decoder.get_input_embeddings()
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    bos = model.processor.start_ids  # what the tokenizer opens a text with (none for GPT-2)
     rows, labels = [], []
     for p, q, a in zip(prefix, questions, answers):
         head = tok(f"Question: {q} Answer:", add_special_tokens=False)["input_ids"]

@@ -12,10 +12,11 @@ from prefixvqa import MedVQAAdapter
 from prefixvqa.adapter_io import AdapterLoadError
 from prefixvqa.config import TUNING_MODES, AdapterConfig, ConfigError
 from prefixvqa.mappers import MAPPERS
+from prefixvqa.prompts import TEMPLATES
 from prefixvqa.testing import TINY_ENCODER, plain_transformers_batch
 
 FAMILIES = ("gpt2", "biogpt", "llama")
-FEATURES = {"mlp": "pooled", "transformer": "pooled"}  # the others read patch tokens
+FEATURES = {"mlp": "pooled", "transformer": "pooled"}  # the others read patch tokens (transformer: ClipCap)
 IMAGES = [Image.new("RGB", (48, 40), (200, 30, 30)), Image.new("L", (40, 40), 90)]
 QUESTIONS = ["is there a lesion?", "which side?"]
 ANSWERS = ["yes", "left lung"]
@@ -234,24 +235,24 @@ def test_save_is_atomic_and_replaces(tiny_decoders, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary folder left behind
 
 
-def test_templates_place_image_and_mask_prompt(tiny_decoders):
-    for template, position in (("prefix_vqa", None), ("plain", "after_question"), ("llava_med_v1", None),
-                               ("mistral_instruct", None)):
-        template_cfg = {"name": template, "image_position": position}
-        model = MedVQAAdapter(make_config(tiny_decoders["llama"], template=template_cfg))
-        pieces, answer = model.processor.tokenize("which side?", "left")
-        assert len(pieces) == 2 and answer[-1] == model.tokenizer.eos_token_id
-        text = model.tokenizer.decode(pieces[0] + pieces[1])
-        assert "which side?" in text
-        out = model(**model.processor(IMAGES[:1], ["which side?"], ["left"]))
-        prompt_len = sum(map(len, pieces)) + 3  # 3 prefix vectors
-        assert (out.labels[0, :prompt_len] == -100).all() and (out.labels[0, prompt_len:] != -100).all()
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+@pytest.mark.parametrize("position", ["before_question", "after_question"])
+def test_templates_place_image_and_mask_prompt(tiny_decoders, template, position):
+    template_cfg = {"name": template, "image_position": position}
+    model = MedVQAAdapter(make_config(tiny_decoders["llama"], template=template_cfg))
+    pieces, answer = model.processor.tokenize("which side?", "left")[:2]
+    assert len(pieces) == 2 and (answer[-1] == model.tokenizer.eos_token_id) == TEMPLATES[template].eos
+    text = model.tokenizer.decode(pieces[0] + pieces[1])
+    assert ("which side?" in text) == ("{question}" in getattr(TEMPLATES[template], position))  # ClipCap: caption only
+    out = model(**model.processor(IMAGES[:1], ["which side?"], ["left"]))
+    prompt_len = sum(map(len, pieces)) + 3  # 3 prefix vectors
+    assert (out.labels[0, :prompt_len] == -100).all() and (out.labels[0, prompt_len:] != -100).all()
 
 
 def test_few_shot_prompt_places_one_prefix_per_image(tiny_decoders):
     model = MedVQAAdapter(make_config(tiny_decoders["gpt2"], "resampler", "frozen"))
     shots = [[("is there a lesion?", "yes"), ("is there a lesion?", "no")]]
-    pieces, _ = model.processor.tokenize("is there a lesion?", None, shots[0])
+    pieces = model.processor.tokenize("is there a lesion?", None, shots[0]).pieces
     assert len(pieces) == 4  # three image slots
     images = [[IMAGES[0], IMAGES[1], IMAGES[0]]]
     out = model(**model.processor(images, ["is there a lesion?"], ["yes"], shots=shots))
@@ -348,3 +349,19 @@ def test_frozen_decoder_runs_without_dropout_in_training(tiny_decoders):
     batch = model.processor(IMAGES, QUESTIONS, ANSWERS)
     assert not model.decoder.training and model.mapper.training
     assert float(model(**batch).loss) == float(model(**batch).loss)  # no dropout in the frozen decoder
+
+
+def test_image_start_end_vectors_wrap_every_prefix_and_are_saved(tiny_decoders, tmp_path):
+    """LLaVA-Med's mm_use_im_start_end: L + 2 slots per image, the two ends learned with the mapper and saved."""
+    plain = MedVQAAdapter(make_config(tiny_decoders["llama"], "linear"))
+    model = MedVQAAdapter(make_config(tiny_decoders["llama"], "linear", template={"image_start_end": True}))
+    assert model.processor.image_seq_length == plain.processor.image_seq_length + 2
+    mean = model.decoder.get_input_embeddings().weight.float().mean(0)
+    assert torch.allclose(model.mapper.delimiters, mean.expand(2, -1))
+    out = model(**model.processor(IMAGES, QUESTIONS, ANSWERS))
+    out.loss.backward()
+    assert model.mapper.delimiters.grad is not None and model.mapper.delimiters.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.mapper.delimiters.add_(1.0)
+    loaded = MedVQAAdapter.from_pretrained(model.save_pretrained(tmp_path / "a"))
+    assert torch.equal(loaded.mapper.delimiters, model.mapper.delimiters)

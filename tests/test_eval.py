@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,10 @@ pytest.importorskip("open_clip")
 
 from prefixvqa.data.records import VQARecord, content_hash  # noqa: E402
 from prefixvqa.eval import protocols as P  # noqa: E402
+from prefixvqa.eval.metrics import normalize_answer  # noqa: E402
 from prefixvqa.eval.runner import compare, evaluate, load_predictions, rescore  # noqa: E402
+
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"  # ../shared next to the checkout
 
 COLOURS = {"red": ((220, 30, 30), "yes", "lung", "ct"), "blue": ((30, 30, 220), "no", "liver", "mri")}
 
@@ -68,9 +72,9 @@ def test_end_to_end_outputs_and_determinism(trained, tmp_path):
     model, adapter, records, _ = trained
     spec = {"reader": "colours", "split": "test"}
     first = evaluate(model, records, "llava_med", tmp_path / "a", batch_size=3, max_new_tokens=4, data_spec=spec,
-                     adapter_path=adapter, progress=False)
+                     adapter_path=adapter, progress=False, closed_mode="score")
     evaluate(model, records, "llava_med", tmp_path / "b", batch_size=3, max_new_tokens=4, data_spec=spec,
-             adapter_path=adapter, progress=False)
+             adapter_path=adapter, progress=False, closed_mode="score")
     out = tmp_path / "a"
     for name in ("predictions.jsonl", "metrics.json", "report.md", "manifest.json", "per_type_accuracy.png",
                  "confusion_closed.png", "confidence_hist.png"):
@@ -114,10 +118,14 @@ def test_end_to_end_outputs_and_determinism(trained, tmp_path):
 
 def test_generate_mode_and_prefix_vqa(trained, tmp_path):
     model, _, records, _ = trained
-    protocol = P.get_protocol("prefix_vqa", upstream_char_bleu=True)
+    protocol = P.get_protocol("prefix_vqa", upstream_metrics=True)
     metrics = evaluate(model, records, protocol, tmp_path, closed_mode="generate", max_new_tokens=4, progress=False)
-    for key in ("exact_match", "bleu1", "bert_f1", "token_f1", "char_bleu1_upstream"):
+    for key in ("exact_match", "bleu1", "bert_f1", "token_f1", "char_bleu1_upstream", "exact_match_upstream",
+                "token_f1_upstream"):
         assert 0.0 <= metrics[key] <= 1.0 + 1e-6, key
+    rows = load_predictions(tmp_path)
+    assert all(r["token_ids"][1] == model.tokenizer.encode(r["gold"], add_special_tokens=False) for r in rows)
+    assert rescore(tmp_path, protocol, records)["token_f1_upstream"] == pytest.approx(metrics["token_f1_upstream"])
     assert all(r["mode"] == "generate" for r in load_predictions(tmp_path))
 
 
@@ -163,7 +171,6 @@ def test_report_protocol_and_pmc_gold_letters():
     letter = VQARecord("x", None, "q", "B", None, ["A: cat", "B: dog", "C: cow", "D: pig"])
     assert P.gold_choice_index(letter) == 1
     assert P.gold_choice_index(VQARecord("y", None, "q", "cow", None, ["A: cat", "B: dog", "C: cow"])) == 2
-    assert P.candidates_for(VQARecord("z", None, "left or right?", "left", "closed")) is None
     assert sorted(P.list_protocols()) == ["llava_med", "med_flamingo", "pmc_vqa", "prefix_vqa", "report"]
 
 
@@ -222,3 +229,44 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
     for name in (*written, "curve.png", "loss.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*written, "curve.png", "loss.png"])  # no temp files
+
+
+@pytest.mark.parametrize("question, candidates", [
+    ("Is this an axial, sagittal, or coronal image?", ["axial", "sagittal", "coronal"]),
+    ("Is the lesion on the left, right, or both?", ["left", "right", "both"]),
+    ("Is the abnormality focal or diffuse?", ["focal", "diffuse"]),
+    ("Is this an MRI or a CT scan?", ["MRI", "CT"]),
+    ("Is this a pneumonia vs. pleural effusion?", ["pneumonia", "pleural"]),
+    ("Is there a fracture?", ["yes", "no"]),
+    ("Any evidence of epidural or subdural hematoma?", ["yes", "no"]),  # existential: yes/no, not options
+    ("Are there epidural or subdural bleeds as well?", ["yes", "no"]),
+    ("Does the liver look normal?", ["yes", "no"]),
+    ("Which side is the lesion on?", None),  # neither: generated
+    ("In which lobe are the lesions?", None),
+])
+def test_closed_candidates_follow_the_question_never_the_gold(question, candidates):
+    for gold in ("yes", "axial", "bilateral frontal lobes"):
+        assert P.candidates_for(VQARecord("q", None, question, gold, "closed")) == candidates
+    assert P.candidates_for(VQARecord("q", None, question, "x", "closed", ["a", "b"])) == ["a", "b"]
+    assert P.candidates_for(VQARecord("q", None, question, "x", "closed"), "yes_no") == ["yes", "no"]
+
+
+def test_real_vqa_rad_closed_questions_can_be_answered_right():
+    """On the released VQA-RAD file, the gold of a scored closed question is among its candidates almost always
+    (it never was for the 105 closed questions whose answer is not yes/no, when every one got yes/no)."""
+    data = json.loads((REALDATA / "vqa_rad" / "VQA_RAD Dataset Public.json").read_text())
+    closed = [VQARecord(str(r["qid"]), None, r["question"], str(r["answer"]), "closed") for r in data
+              if r["answer_type"] == "CLOSED"]
+    not_yes_no = [r for r in closed if normalize_answer(r.answer) not in ("yes", "no")]
+    reachable = [r for r in closed if normalize_answer(r.answer) in map(normalize_answer, P.candidates_for(r) or [])]
+    assert len(closed) == 1297 and len(not_yes_no) == 105
+    assert len(reachable) / len(closed) > 0.95
+    assert sum(r in reachable for r in not_yes_no) >= 55
+
+
+@pytest.mark.parametrize("name, mode", [("llava_med", "generate"), ("prefix_vqa", "generate"),
+                                        ("med_flamingo", "generate"), ("pmc_vqa", "score")])
+def test_protocols_answer_as_their_source_did(name, mode):
+    protocol = P.get_protocol(name)
+    assert protocol.closed_mode == mode
+    assert ("generation" in protocol.description) == (mode == "generate")

@@ -108,3 +108,32 @@ def test_manifest_names_the_flipped_or_truncated_file(tmp_path):
     (tmp_path / "a.bin").unlink()
     with pytest.raises(IntegrityError, match=r"a\.bin is missing"):
         verify_manifest(tmp_path)
+
+
+def test_recover_dir_puts_back_the_newest_complete_folder_and_removes_leftovers(tmp_path):
+    import pytest
+
+    from prefixvqa.fileio import IntegrityError, recover_dir
+
+    def make(name: str, content: str | None) -> None:
+        (tmp_path / name).mkdir()
+        if content is not None:
+            (tmp_path / name / "done").write_text(content)
+
+    complete = lambda folder: (folder / "done").is_file()  # noqa: E731
+    make(".ckpt.old-1", "previous")  # a kill between the two renames of a swap
+    make(".ckpt.tmp-2", "new")
+    assert recover_dir(tmp_path / "ckpt", complete) == tmp_path / "ckpt"
+    assert (tmp_path / "ckpt" / "done").read_text() == "new" and os.listdir(tmp_path) == ["ckpt"]
+    make(".ckpt.tmp-3", None)  # a kill while writing the next one: the current folder stays, the half is removed
+    assert recover_dir(tmp_path / "ckpt", complete) and os.listdir(tmp_path) == ["ckpt"]
+    os.rename(tmp_path / "ckpt", tmp_path / ".ckpt.old-4")
+    make(".ckpt.tmp-5", None)
+    assert recover_dir(tmp_path / "ckpt", complete) and (tmp_path / "ckpt" / "done").read_text() == "new"
+    assert os.listdir(tmp_path) == ["ckpt"]
+    assert recover_dir(tmp_path / "none", complete) is None
+    (tmp_path / "ckpt" / "done").unlink()
+    os.rename(tmp_path / "ckpt", tmp_path / ".ckpt.old-6")
+    with pytest.raises(IntegrityError, match=r"ckpt is missing .*\.ckpt\.old-6"):
+        recover_dir(tmp_path / "ckpt", complete)
+    assert os.listdir(tmp_path) == [".ckpt.old-6"]  # a damaged only copy is kept as evidence

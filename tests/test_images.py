@@ -355,3 +355,31 @@ def test_nifti_found_by_magic_bytes_and_singleton_axes(tmp_path: Path) -> None:
     expected = expected_minmax(np.rot90(VOLUME[:, :, 3]))
     for ref in (path, renamed, path.read_bytes()):
         assert close(assert_gray(rgb_array(ref)), expected)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "write", "as_bytes"),
+    [(".png", _png, False), (".tif", _tiff, False), (".dcm", _dicom, False), (".dcm", _dicom, True),
+     (".nii", _nifti, False), (".nii.gz", _nifti, False), (".nii.gz", _nifti, True)],
+    ids=["png", "tiff", "dicom", "dicom-bytes", "nifti", "nifti-gz", "nifti-gz-bytes"],
+)
+def test_every_image_kind_obeys_the_pixel_limit_before_decoding(tmp_path: Path, monkeypatch, suffix: str, write,
+                                                                 as_bytes: bool) -> None:
+    """One limit for every kind, PIL's decompression-bomb threshold (2 x MAX_IMAGE_PIXELS), read from the header:
+    a 389 KB .nii.gz of 20000 x 20000 must not be decompressed (47 s and 4 GB in issue 9)."""
+    path = tmp_path / f"big{suffix}"
+    write(path)
+    ref = path.read_bytes() if as_bytes else path
+    load_image(ref, name=path.name)  # within the default limit
+    from prefixvqa.data import images
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # limit 100 pixels: every fixture image has more
+    decoded = []
+    for stage in ("_nifti_slice", "_rgb_image"):  # decoded NIfTI/DICOM pixels pass through these
+        monkeypatch.setattr(images, stage, lambda *a, **k: decoded.append(1))
+    with pytest.raises(ImageLoadError, match=r"exceeds the limit of 100 |decompression bomb") as err:
+        load_image(ref, name=path.name)
+    assert path.name in str(err.value) and not decoded
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # no limit: trusted large images
+    monkeypatch.undo()
+    load_image(ref, name=path.name)

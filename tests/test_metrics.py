@@ -283,12 +283,21 @@ def test_bleu_signature():
         M.bleu_signature(tokenize="chars")
 
 
-def test_char_bleu1_reproduces_nltk_on_characters():
+@pytest.mark.parametrize("pred, gold, expected", [("no", "normal", 1.0), ("left", "left lung", 1.0),
+                                                  ("normal", "no", 1 / 3), ("yes", "no", 0.0)])
+def test_upstream_char_bleu1_is_van_sonsbeeks_nltk_call(pred, gold, expected):
+    """Their predict.py called nltk's sentence_bleu(reference_string, candidate_string, weights=(1, 0, 0, 0))."""
     nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
-    for pred, ref in [("left lung", "right lung"), ("no", "normal"), ("pleural effusion", "effusion")]:
-        expected = nltk_bleu.sentence_bleu([list(ref)], list(pred), weights=(1,))
-        assert M.char_bleu1(pred, ref) == pytest.approx(expected, abs=TOL)
-    assert M.char_bleu1("no", "normal") > 0 == M.sentence_bleu(["no"], ["normal"], n=1)[0]
+    assert M.char_bleu1_upstream(pred, gold) == pytest.approx(expected, abs=1e-9)
+    assert M.char_bleu1_upstream(pred, gold) == nltk_bleu.sentence_bleu(gold, pred, weights=(1, 0, 0, 0))
+    assert M.sentence_bleu([pred], [gold], n=1)[0] < 1.0  # the corrected word BLEU-1 does not call these matches
+
+
+def test_upstream_exact_match_and_token_f1():
+    assert M.exact_match_upstream("Left Lung", "left lung") == 1.0
+    assert M.exact_match_upstream("left lung.", "left lung") == 0.0 < M.exact_match("left lung.", "left lung")
+    assert M.token_f1_ids([5, 6, 7], [5, 6]) == pytest.approx(0.8)
+    assert M.token_f1_ids([], []) == 1.0 and M.token_f1_ids([1], []) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------- ROUGE-L

@@ -1,15 +1,20 @@
 """Every preset builds offline with tiny overrides; a full-size preset fails fast naming what it needs."""
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
 
 from prefixvqa import MedVQAAdapter
-from prefixvqa.presets import list_presets, preset_config, preset_info
+from prefixvqa import prompts
+from prefixvqa.presets import list_presets, preset_config, preset_info, presets_table
 from prefixvqa.testing import tiny_overrides
 from prefixvqa.vision import ModelNotAvailableError
 
-PUBLISHED = {"van_sonsbeek_gpt2xl", "van_sonsbeek_biogpt", "van_sonsbeek_biomedlm", "clipcap_gpt2", "llava_med_7b",
+PUBLISHED = {"van_sonsbeek_gpt2xl", "van_sonsbeek_biogpt", "van_sonsbeek_biomedlm", "clipcap_gpt2", "clipcap_gpt2_mlp",
+             "llava_med_7b",
              "llava_rad_7b", "medvint_td_7b", "med_flamingo_resampler_7b", "demo_smollm2"}
 
 
@@ -39,3 +44,47 @@ def test_full_size_preset_fails_fast_offline(name):
 def test_unknown_preset_lists_known():
     with pytest.raises(ValueError, match="available"):
         MedVQAAdapter.from_preset("nope")
+
+
+SOURCED = [name for name in list_presets() if preset_info(name).get("source")]
+
+
+def test_every_published_preset_names_its_source():
+    assert PUBLISHED - {"demo_smollm2"} <= set(SOURCED) | {"mistral_7b_qlora_2080ti"}
+    assert {"clipcap_gpt2_mlp", "van_sonsbeek_biogpt", "medvint_td_7b", "med_flamingo_resampler_7b"} <= set(SOURCED)
+
+
+@pytest.mark.parametrize("name", SOURCED)
+def test_full_size_mapper_has_the_published_parameter_count(name):
+    """Built alone at the real encoder/decoder widths (on the meta device: no memory), the mapper has its source's
+    parameter count, plus only what the preset declares it adds (within 1%)."""
+    import open_clip
+
+    from prefixvqa.mappers import build_mapper
+
+    cfg, src = preset_config(name), preset_info(name)["source"]
+    if not cfg.encoder.name.startswith("hf-hub:"):  # the stated encoder width is open_clip's own
+        vision = open_clip.get_model_config(cfg.encoder.name)
+        want = vision["embed_dim"] if cfg.encoder.features == "pooled" else vision["vision_cfg"]["width"]
+        assert src["encoder_width"] == want
+    mapper_cfg = dataclasses.replace(cfg.mapper, in_dim=src["encoder_width"], out_dim=src["decoder_width"])
+    with torch.device("meta"):
+        mapper = build_mapper(mapper_cfg, cfg.template.image_start_end)
+    count = sum(p.numel() for p in mapper.parameters())
+    expected = src["mapper_params"] + sum(src.get("added_params", {}).values())
+    assert abs(count - expected) <= 0.01 * expected, (count, expected)
+
+
+@pytest.mark.parametrize("name", SOURCED)
+def test_template_renders_its_source_format_character_for_character(name):
+    cfg, example = preset_config(name), preset_info(name)["example"]
+    t = cfg.template
+    text = prompts.render(t.name, example["question"], answer=example["answer"], position=t.image_position,
+                          system=t.system, shots=[tuple(s) for s in example.get("shots", [])],
+                          choices=example.get("choices", ()))
+    assert text.replace(prompts.IMAGE, "<image>") == example["rendered"]
+
+
+def test_readme_table_of_presets_is_current():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert presets_table() in readme, "README's preset table is stale: paste prefixvqa.presets.presets_table()"

@@ -20,9 +20,10 @@ def reference_layout(model, question, answer, L):
     t, tok = model.config.template, model.tokenizer
     text = prompts.render(t.name, question, position=t.image_position, system=t.system, tokenizer=tok)
     pieces = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts.split_on_images(text)]
-    if tok.bos_token_id is not None and (not pieces[0] or pieces[0][0] != tok.bos_token_id):
-        pieces[0] = [tok.bos_token_id] + pieces[0]
-    answer_ids = tok(prompts.answer_text(t.name, answer), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    first = next((k for k, p in enumerate(pieces) if p), 0) if prompts.image_before_start(t.name) else 0
+    pieces[first] = model.processor.start_ids + pieces[first]  # the opening tokens: see test_start_tokens
+    answer_ids = tok(prompts.answer_text(t.name, answer), add_special_tokens=False)["input_ids"]
+    answer_ids += [tok.eos_token_id] if prompts.ends_with_eos(t.name) else []
     ids, labels, slots = [], [], []
     for j, piece in enumerate(pieces):
         if j:
@@ -67,6 +68,8 @@ def test_long_question_is_shortened_never_the_answer(tiny_decoders, caplog):
 
 
 def test_processor_saved_and_loaded_with_the_adapter(tiny_decoders, tmp_path):
+    from prefixvqa.fileio import write_manifest
+
     model = MedVQAAdapter(make_config(tiny_decoders["gpt2"], "linear"))
     folder = model.save_pretrained(tmp_path / "adapter")
     assert (folder / "processor_config.json").is_file() and (folder / "tokenizer.json").is_file()
@@ -77,6 +80,9 @@ def test_processor_saved_and_loaded_with_the_adapter(tiny_decoders, tmp_path):
     other = MedVQAProcessor(loaded.tokenizer, loaded.config.template, lambda im: im, 1)
     (folder / "processor_config.json").write_text((folder / "processor_config.json").read_text().replace(
         loaded.processor.transform_fingerprint(), "0" * 16))
+    with pytest.raises(Exception, match="processor_config.json (has|does not match)"):
+        MedVQAAdapter.from_pretrained(folder)
+    write_manifest(folder)  # an edited folder re-manifested: the structural check speaks
     with pytest.raises(Exception, match="image transform differs"):
         MedVQAAdapter.from_pretrained(folder)
     assert other.image_seq_length == 1
@@ -127,3 +133,19 @@ def test_one_image_for_many_questions_is_encoded_once(tiny_decoders):
     image = Image.new("RGB", (40, 40), (10, 200, 30))
     batch = model.processor([image] * 3 + [IMAGES[1]], ["which side?"] * 4, padding_side="left")
     assert batch["pixel_values"].shape[0] == 2 and batch["image_index"].tolist() == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "biogpt", "llama"])
+@pytest.mark.parametrize("start", ["tokenizer", "bos", "none"])
+def test_start_tokens(tiny_decoders, family, start):
+    """`template.start="tokenizer"` opens with what the tokenizer adds by itself, as the published code tokenised:
+    nothing for GPT-2 (van Sonsbeek, ClipCap), the start token for Llama and BioGPT."""
+    from prefixvqa.testing import OPENS_WITH_START
+
+    cfg = make_config(tiny_decoders[family]).replace(**{"template.start": start})
+    processor = MedVQAAdapter(cfg).processor
+    bos = processor.tokenizer.bos_token_id
+    expected = {"tokenizer": [bos] if family in OPENS_WITH_START else [], "bos": [bos], "none": []}[start]
+    assert processor.start_ids == expected
+    sample = processor.tokenize("is there a lesion?", "yes")
+    assert sample.pieces[0][:len(expected)] == expected and (expected or sample.pieces[0][:1] != [bos])

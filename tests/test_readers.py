@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -245,22 +246,30 @@ def test_pmc_vqa_choices_stripped_and_answer_from_label(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- LLaVA
-def test_llava_turns_history_and_image_token(tmp_path: Path) -> None:
+def test_llava_one_record_per_conversation_with_history_and_image_position(tmp_path: Path) -> None:
     path = make_llava(tmp_path / "llava")
     records = load_records({"format": "llava", "path": path, "image_root": tmp_path / "llava" / "images"})
     by_id = {r.id: r for r in records}
-    assert list(by_id) == ["cap1", "chat7#0", "chat7#1", "vqa3", "text9"]
+    assert list(by_id) == ["cap1", "chat7", "vqa3", "text9"]
     caption = by_id["cap1"]
-    assert caption.question == "Describe the image concisely." and caption.meta["image_token_offsets"] == [0]
-    first, second = by_id["chat7#0"], by_id["chat7#1"]
-    assert first.question == "What is shown?" and first.meta["image_token_offsets"] == [len("What is shown?")]
-    assert second.question == "Any effusion?" and "image_token_offsets" not in second.meta
-    assert second.meta["history"] == [{"question": "What is shown?", "answer": "A chest radiograph."}]
-    assert (second.meta["turn"], second.meta["n_turns"], second.meta["source_id"]) == (1, 2, "chat7")
-    assert second.image == first.image == str((tmp_path / "llava" / "images" / "fig2.png").resolve())
-    assert second.meta["domain"] == {"ct": True}
+    assert caption.question == "Describe the image concisely." and caption.image_position == "before_question"
+    assert caption.history == []
+    chat = by_id["chat7"]  # one sequence: the first exchange is history, the image was after its question
+    assert (chat.question, chat.answer) == ("Any effusion?", "Small left effusion.")
+    assert chat.history == [("What is shown?", "A chest radiograph.")] and chat.image_position == "after_question"
+    assert [tuple(t) for t in chat.turns] == [("What is shown?", "A chest radiograph."),
+                                              ("Any effusion?", "Small left effusion.")]
+    assert (chat.meta["n_turns"], chat.meta["source_id"], chat.meta["domain"]) == (2, "chat7", {"ct": True})
+    assert chat.image == str((tmp_path / "llava" / "images" / "fig2.png").resolve())
     assert by_id["vqa3"].answer_type == "closed" and by_id["vqa3"].answer == "no"
-    assert by_id["text9"].image is None
+    assert by_id["text9"].image is None and by_id["text9"].image_position is None
+    each = load_records({"format": "llava", "path": path, "image_root": tmp_path / "llava" / "images",
+                         "per_turn": True})
+    assert [r.id for r in each] == ["cap1", "chat7#0", "chat7#1", "vqa3", "text9"]
+    first, second = each[1], each[2]
+    assert first.history == [] and first.question == "What is shown?" and first.meta["turn"] == 0
+    assert second.history == [("What is shown?", "A chest radiograph.")] and second.meta["turn"] == 1
+    assert second.image_position == first.image_position == "after_question"
 
 
 def test_strip_image_tokens_positions() -> None:
@@ -316,13 +325,16 @@ def sample_records() -> list[VQARecord]:
         VQARecord("a", "/data/x.png", "Q?", "yes", "CLOSED", None, {"dataset": "d", "history": [{"q": 1}]}),
         VQARecord("b", png_bytes(3), "Which?", "B", None, ["A", "B"], {"image_name": "b.png"}),
         VQARecord("c", None, "Text only?", "sure", "open", [], {}),
+        VQARecord("d", "/data/y.png", "And now?", "smaller", None, None, {},
+                  history=[("What is shown?", "A mass.")], image_position="after_question"),
     ]
 
 
 def test_records_dataset_round_trip() -> None:
     records = sample_records()
     ds = records_to_dataset(records)
-    assert ds.column_names == ["id", "image", "question", "answer", "answer_type", "choices", "meta"]
+    assert ds.column_names == ["id", "image", "question", "answer", "answer_type", "choices", "meta", "history",
+                               "image_position"]
     assert str(ds.data.schema.field("image").type) == "struct<bytes: binary, path: string>"
     assert str(ds.data.schema.field("meta").type) == "string"
     assert dataset_to_records(ds) == records
@@ -459,11 +471,18 @@ def _bad_json_shape(root: Path) -> tuple[Path, dict]:
     ],
     ids=["slake", "vqa_rad", "pmc_vqa", "llava", "report", "generic", "pathvqa", "json_shape"],
 )
-def test_malformed_input_names_file_item_and_field(tmp_path: Path, make, message: str) -> None:
+def test_malformed_input_names_file_item_and_field(tmp_path: Path, make, message: str, caplog) -> None:
     path, spec = make(tmp_path / "ds")
     with pytest.raises(DataError, match=message) as err:
-        load_records(spec)
+        load_records({**spec, "on_bad_record": "stop"})
     assert str(path) in str(err.value)
+    try:  # by default a bad item is skipped, named in the log and listed; file-level errors still raise
+        records = load_records(spec)
+    except DataError as again:
+        assert re.search(message, str(again))
+        return
+    assert len(records.skipped) == 1 and re.search(message, f"{records.skipped[0].where}: {records.skipped[0].reason}")
+    assert records.skipped[0].where in caplog.text and records
 
 
 def test_missing_images_reported_by_name_or_deferred(tmp_path: Path) -> None:
@@ -482,7 +501,8 @@ def test_spec_errors(tmp_path: Path) -> None:
         load_records({"format": "vqa-rad", "path": tmp_path})
     with pytest.raises(DataError, match="exactly one of 'path' or 'hub'"):
         load_records({"format": "generic"})
-    assert set(READERS) == {"vqa_rad", "slake", "pathvqa", "pmc_vqa", "llava", "report", "generic"}
+    assert set(READERS) == {"vqa_rad", "slake", "pathvqa", "pmc_vqa", "llava", "llava_med_eval", "report", "iu_xray",
+                            "generic"}
 
 
 def test_generic_folder_reads_split_parquet_beside_metadata_json(tmp_path: Path) -> None:

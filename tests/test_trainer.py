@@ -194,11 +194,17 @@ def test_nan_guard_keeps_last_good_checkpoint(work):
 
     trainer_mod.Trainer.save_last = save_and_snapshot
     try:
-        result = train(model, colour_records(8), None,
-                       TrainConfig(output_dir=str(work / "nan"), epochs=3, batch_size=2, save_every_steps=1, **FAST))
+        with pytest.raises(trainer_mod.TrainingDiverged) as caught:
+            train(model, colour_records(8), None,
+                  TrainConfig(output_dir=str(work / "nan"), epochs=3, batch_size=2, save_every_steps=1, **FAST))
     finally:
         trainer_mod.Trainer.save_last = original
+    result = caught.value.result
     assert result.stopped_reason == "non-finite loss" and result.global_step == 3
+    batch = epoch_batches(colour_records(8), 2, seed=0, epoch=0, group_by_length=False)[3]  # the 4th forward
+    message = str(caught.value)
+    assert "optimizer step 4" in message and str(work / "nan" / "last") in message and "(step 3)" in message
+    assert all(f"synthetic-vqa-0-{i}" in message for i in batch)
     saved = adapter_tensors(work / "nan" / "last")
     for k, v in snapshots[3].items():
         assert torch.equal(saved[f"mapper/mapper.{k}"], v)

@@ -9,7 +9,9 @@ windowed, multi-frame or volumetric. This module makes that conversion explicit 
 * the format is detected from magic bytes (``DICM`` at offset 128, NIfTI header magic, gzip, PIL), with the file
   suffix only as a fallback (``.dcm`` without preamble, ``.nii``/``.nii.gz``).
 
-Every failure raises `ImageLoadError` naming the file and the reason.
+Every failure raises `ImageLoadError` naming the file and the reason. Every kind obeys one pixel limit, PIL's
+decompression-bomb threshold (``2 * PIL.Image.MAX_IMAGE_PIXELS``), checked from the header before any pixel is
+decoded: a small compressed file cannot expand into gigabytes.
 """
 
 from __future__ import annotations
@@ -53,6 +55,22 @@ class ImageLoadError(DataError):
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
+def pixel_limit() -> int | None:
+    """Largest image (pixels) any loader decodes: PIL's own error threshold, so PNG and DICOM/NIfTI agree.
+    Follows ``PIL.Image.MAX_IMAGE_PIXELS`` at call time (None: no limit, for trusted large slides)."""
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
+
+
+def _check_pixels(label: str, kind: str, shape: tuple[int, ...], what: str = "image") -> None:
+    limit = pixel_limit()
+    count = int(np.prod([int(d) for d in shape], dtype=np.float64))
+    if limit is not None and count > limit:
+        size = " x ".join(str(int(d)) for d in shape)
+        raise ImageLoadError(f"{label}: {kind} {what} of {size} = {count} pixels exceeds the limit of {limit} "
+                             f"(2 x PIL.Image.MAX_IMAGE_PIXELS, as for PNG); raise PIL.Image.MAX_IMAGE_PIXELS (or set "
+                             f"it to None) for trusted large images")
+
+
 def _to_unit(arr: np.ndarray) -> np.ndarray:
     """Float copy with NaN/inf replaced by the finite minimum, so min/max and windows stay defined."""
     out = np.asarray(arr, dtype=np.float32 if arr.dtype.itemsize <= 2 else np.float64)
@@ -312,6 +330,11 @@ def _load_dicom(fp: IO[bytes], label: str, frame: int | None, window: tuple[floa
     if not -n_frames <= index < n_frames:
         raise ImageLoadError(f"{label}: frame {frame} out of range (DICOM has {n_frames} frame(s))")
     index %= n_frames
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    except (TypeError, ValueError) as err:
+        raise ImageLoadError(f"{label}: malformed DICOM header (Rows/Columns): {err}") from err
+    _check_pixels(label, "DICOM", (rows, cols))
     syntax = ds.file_meta.TransferSyntaxUID
     try:
         if tools["v3"]:  # decodes only the chosen frame; YBR_FULL(_422) -> RGB
@@ -382,8 +405,13 @@ def _load_nifti(
     window: tuple[float, float] | None,
 ) -> Image.Image:
     nibabel = _import_optional("nibabel", label, "NIfTI")
+    streamed = data is None and _has_suffix(str(ref), (".nii.gz", ".hdr.gz") if gzipped else (".nii", ".hdr"))
+    shape = _nifti_header_shape(nibabel, ref, data, gzipped, label)
+    _check_pixels(label, "NIfTI", shape[:2], "slice")
+    if not streamed:  # parsed in memory: the whole volume is decompressed, so it obeys the limit too
+        _check_pixels(label, "NIfTI", shape, "volume")
     try:
-        if data is None and _has_suffix(str(ref), (".nii.gz", ".hdr.gz") if gzipped else (".nii", ".hdr")):
+        if streamed:
             img = nibabel.load(os.fspath(ref))  # memory-mapped / streamed: only the slice is read
         else:  # bytes, or a name nibabel would misjudge: parse in memory
             raw = data if data is not None else Path(ref).read_bytes()
@@ -397,6 +425,23 @@ def _load_nifti(
         raise ImageLoadError(f"{label}: corrupt or truncated NIfTI file: {type(err).__name__}: {err}") from err
     # voxel (i, j) -> display rows/cols: rotate so axis 1 runs bottom-to-top (the usual quick radiological view)
     return _rgb_image(_to_uint8(np.rot90(np.asarray(slab)), window))
+
+
+def _nifti_header_shape(nibabel: Any, ref: Any, data: bytes | None, gzipped: bool, label: str) -> tuple[int, ...]:
+    """The data shape from the (at most 540-byte) header alone: nothing of the volume is decompressed."""
+    try:
+        if data is not None:
+            fh: IO[bytes] = gzip.GzipFile(fileobj=io.BytesIO(data)) if gzipped else io.BytesIO(data)
+        else:
+            fh = gzip.open(ref, "rb") if gzipped else open(ref, "rb")
+        with fh:
+            head = fh.read(540)
+        cls = nibabel.Nifti2Header if head[4:8] == b"n+2\x00" or head[:4] in (b"\x1c\x02\x00\x00",
+                                                                               b"\x00\x00\x02\x1c") \
+            else nibabel.Nifti1Header
+        return tuple(int(d) for d in cls.from_fileobj(io.BytesIO(head), check=False).get_data_shape())
+    except Exception as err:
+        raise ImageLoadError(f"{label}: corrupt or truncated NIfTI header: {type(err).__name__}: {err}") from err
 
 
 # --------------------------------------------------------------------------------------------------------- public API

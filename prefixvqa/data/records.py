@@ -10,22 +10,29 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ..config import IMAGE_POSITIONS
 
 if TYPE_CHECKING:  # `datasets` is heavy to import; only the conversion functions need it
     import datasets
 
 __all__ = [
     "DataError",
+    "Records",
+    "SkippedRecord",
+    "Turn",
     "VQARecord",
     "normalize_answer_type",
     "records_to_dataset",
     "dataset_to_records",
     "content_hash",
+    "skipped_of",
     "RECORD_COLUMNS",
 ]
 
-RECORD_COLUMNS = ("id", "image", "question", "answer", "answer_type", "choices", "meta")
+RECORD_COLUMNS = ("id", "image", "question", "answer", "answer_type", "choices", "meta", "history",
+                  "image_position")
 
 _CLOSED = {"closed", "close", "yes/no", "yesno", "binary", "closed-ended", "closed_ended"}
 _OPEN = {"open", "open-ended", "open_ended", "other", "number", "free", "freeform"}
@@ -35,15 +42,27 @@ class DataError(ValueError):
     """A dataset file or record is malformed; the message names the file, the item index and the field."""
 
 
+class Turn(NamedTuple):
+    """One exchange of a conversation: the user's question and the assistant's answer."""
+
+    question: str
+    answer: str
+
+
 @dataclass
 class VQARecord:
-    """One question about (usually) one image.
+    """One question about (usually) one image, or a whole conversation about it.
 
-    `image` is an absolute file path, encoded image bytes (parquet releases) or None (text-only turns).
+    `image` is an absolute file path, encoded image bytes (parquet releases) or None (text-only items).
     `answer` is None only for unlabeled records read for prediction (readers' `require_answer=False`).
-    `meta` holds everything dataset-specific (dataset, split, organ, modality, question type, turn index, history,
-    extra images, report sections, the image name as written in the source under `image_name`, ...); it must stay
-    JSON-serialisable because it is stored as a JSON string column.
+    `question`/`answer` are the last exchange; `history` holds the earlier exchanges of a conversation (LLaVA-style
+    multi-turn data), oldest first. Training supervises every answer of the conversation; evaluation asks the last
+    question with the earlier exchanges as context. The image belongs to the first exchange (LLaVA's convention).
+    `image_position` ("before_question" / "after_question") is where the source put the image in that exchange
+    (LLaVA's `<image>` token); None leaves it to the template.
+    `meta` holds everything dataset-specific (dataset, split, organ, modality, question type, extra images, report
+    sections, the image name as written in the source under `image_name`, ...); it must stay JSON-serialisable
+    because it is stored as a JSON string column.
     """
 
     id: str
@@ -53,9 +72,54 @@ class VQARecord:
     answer_type: str | None = None
     choices: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    history: list[Turn] = field(default_factory=list)
+    image_position: str | None = None
 
     def __post_init__(self) -> None:
         self.answer_type = normalize_answer_type(self.answer_type)
+        self.history = [Turn(*turn) if not isinstance(turn, dict) else Turn(turn["question"], turn["answer"])
+                        for turn in self.history or ()]
+        if self.image_position not in (None, *IMAGE_POSITIONS):
+            raise DataError(f"record {self.id!r}: image_position={self.image_position!r} is not one of "
+                            f"{list(IMAGE_POSITIONS)}")
+
+    @property
+    def turns(self) -> list[Turn]:
+        """Every exchange, the last one being (question, answer)."""
+        return [*self.history, Turn(self.question, self.answer)]
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """An item a reader left out under `on_bad_record="skip"`: where it was, its id when it had one, and why."""
+
+    where: str
+    id: str | None
+    reason: str
+
+
+class Records(list):
+    """The records of a read, plus the items that were skipped as bad (`skipped`), so a run can report them.
+
+    A plain list in every other respect; slicing or copying gives a plain list without `skipped`.
+    """
+
+    def __init__(self, records: Iterable[VQARecord] = (), skipped: Iterable[SkippedRecord] = ()):
+        super().__init__(records)
+        self.skipped: list[SkippedRecord] = list(skipped)
+
+    @classmethod
+    def concat(cls, parts: Iterable[Sequence[VQARecord]]) -> "Records":
+        out = cls()
+        for part in parts:
+            out.extend(part)
+            out.skipped.extend(getattr(part, "skipped", ()))
+        return out
+
+
+def skipped_of(records: Any) -> list[SkippedRecord]:
+    """The skipped items of a read (empty for plain lists)."""
+    return list(getattr(records, "skipped", None) or ())
 
 
 def normalize_answer_type(value: str | None) -> str | None:
@@ -87,6 +151,8 @@ def _features() -> datasets.Features:
             "answer_type": datasets.Value("string"),
             "choices": list_type(datasets.Value("string")),
             "meta": datasets.Value("string"),
+            "history": list_type({"question": datasets.Value("string"), "answer": datasets.Value("string")}),
+            "image_position": datasets.Value("string"),
         }
     )
 
@@ -116,6 +182,8 @@ def records_to_dataset(records: Iterable[VQARecord]) -> datasets.Dataset:
         columns["answer_type"].append(record.answer_type)
         columns["choices"].append(None if record.choices is None else list(record.choices))
         columns["meta"].append(meta)
+        columns["history"].append([turn._asdict() for turn in record.history])
+        columns["image_position"].append(record.image_position)
     return datasets.Dataset.from_dict(columns, features=_features())
 
 
@@ -153,6 +221,8 @@ def dataset_to_records(ds: datasets.Dataset) -> list[VQARecord]:
                 answer_type=row.get("answer_type"),
                 choices=row.get("choices"),
                 meta=meta,
+                history=row.get("history") or [],
+                image_position=row.get("image_position"),
             )
         )
     return records
@@ -169,13 +239,16 @@ def _image_key(record: VQARecord) -> str:
 
 
 def content_hash(records: Sequence[VQARecord] | Iterable[VQARecord]) -> str:
-    """sha256 over (id, question, answer, image ref) of each record, in order: the fingerprint of a split manifest.
+    """sha256 over (id, question, answer, image ref[, history]) of each record, in order: the fingerprint of a split.
 
     Embedded image bytes are hashed by content; paths through meta["image_name"] (the name as written in the source)
     when present, so the same split gives the same hash on machines whose image roots differ.
     """
     digest = hashlib.sha256()
     for record in records:
-        line = json.dumps([record.id, record.question, record.answer, _image_key(record)], ensure_ascii=False)
+        fields = [record.id, record.question, record.answer, _image_key(record)]
+        if record.history:  # single-turn records keep the hash they always had
+            fields.append([list(turn) for turn in record.history])
+        line = json.dumps(fields, ensure_ascii=False)
         digest.update(line.encode("utf-8") + b"\n")
     return digest.hexdigest()

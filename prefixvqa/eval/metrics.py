@@ -5,8 +5,8 @@ Every function states its exact definition, because published numbers in this fi
 * ``llava_med`` protocol: :func:`normalize_answer`, :func:`closed_accuracy` (``"substring"`` reproduces the upstream
   test, ``"strict"`` is the corrected one), :func:`open_recall`.
 * ``prefix_vqa`` (van Sonsbeek et al.): :func:`exact_match`, word-level :func:`sentence_bleu` with ``n=1`` (upstream
-  computed BLEU-1 on *characters*; :func:`char_bleu1` reproduces that for reference only), :func:`bert_similarity`,
-  :func:`token_f1`.
+  computed BLEU-1 on *characters*; :func:`char_bleu1_upstream` reproduces that for reference only),
+  :func:`bert_similarity`, :func:`token_f1`.
 * ``med_flamingo``: :func:`exact_match`, :func:`bert_similarity` F1.
 * ``pmc_vqa``: :func:`multiple_choice_accuracy` over choice indices picked by likelihood.
 * ``report``: corpus :func:`bleu` (1 and 4), :func:`rouge_l`, with :func:`bootstrap_ci`.
@@ -41,7 +41,9 @@ __all__ = [
     "bleu",
     "sentence_bleu",
     "bleu_signature",
-    "char_bleu1",
+    "char_bleu1_upstream",
+    "exact_match_upstream",
+    "token_f1_ids",
     "rouge_l",
     "bert_similarity",
     "default_similarity_model_path",
@@ -245,7 +247,10 @@ def token_f1(pred: str, gold: str) -> float:
     ``overlap = sum(min(count_pred(t), count_gold(t)))``, ``P = overlap/len(pred)``, ``R = overlap/len(gold)``,
     ``F1 = 2PR/(P+R)`` (0.0 without overlap); if either side is empty, 1.0 when both are, else 0.0.
     """
-    p, g = _answer_tokens(pred), _answer_tokens(gold)
+    return _f1(_answer_tokens(pred), _answer_tokens(gold))
+
+
+def _f1(p: list[Any], g: list[Any]) -> float:
     if not p or not g:
         return float(p == g)
     overlap = sum((Counter(p) & Counter(g)).values())
@@ -350,8 +355,8 @@ def sentence_bleu(preds: Sequence[str], refs: Sequence[str | Sequence[str]], n: 
     """Per-item BLEU-n: the :func:`bleu` definition applied to each (prediction, references) pair alone.
 
     Average the list for the "mean sentence BLEU" that VQA papers report (van Sonsbeek: BLEU-1, i.e. ``n=1``, on
-    *words* here; their code passed raw strings to nltk and so scored characters, see :func:`char_bleu1`). Without
-    smoothing, short answers get BLEU-n = 0 for n above their length (sacrebleu's sentence-level default is
+    *words* here; their code passed raw strings to nltk and so scored characters, see :func:`char_bleu1_upstream`).
+    Without smoothing, short answers get BLEU-n = 0 for n above their length (sacrebleu's sentence-level default is
     ``effective_order=True``; ours stays False unless asked, so a number means the same as in :func:`bleu`). Equals
     sacrebleu's ``sentence_score`` (/100) with the same settings, and nltk's ``sentence_bleu`` (method1 = "floor",
     method3 = "exp") when every prediction has at least n tokens.
@@ -384,14 +389,29 @@ def bleu_signature(*, smoothing: Smoothing = "none", smooth_value: float | None 
     return signature
 
 
-def char_bleu1(pred: str, ref: str) -> float:
-    """Reference only: BLEU-1 over the *characters* (spaces included) of the raw strings, no normalisation.
+def char_bleu1_upstream(pred: str, gold: str) -> float:
+    """Reference only: van Sonsbeek et al.'s BLEU-1, their exact nltk call ``sentence_bleu(gold, pred,
+    weights=(1, 0, 0, 0))`` on two plain strings.
 
-    This is what van Sonsbeek et al.'s released evaluation computed (nltk ``sentence_bleu`` given strings instead of
-    token lists). It rewards shared letters, not words; prefixvqa reports word BLEU-1 (:func:`sentence_bleu`, n=1).
+    Given strings, nltk treats every *character of the gold* as a separate one-character reference and the
+    prediction's characters as the hypothesis, so the score is the share of predicted characters that occur anywhere
+    in the gold, with no brevity penalty: "no" against gold "normal" and "left" against "left lung" both score 1.0.
+    prefixvqa's corrected BLEU-1 is on words (:func:`sentence_bleu`, n=1).
     """
-    # every character, spaces included, becomes one whitespace-free token (its code point) for sacrebleu
-    return sentence_bleu([pred], [ref], n=1, tokenize=lambda text: [f"{ord(c):x}" for c in text])[0]
+    bleu_score = _require("nltk.translate.bleu_score", "nltk")
+    if not pred:
+        return 0.0
+    return float(bleu_score.sentence_bleu(gold, pred, weights=(1, 0, 0, 0)))
+
+
+def exact_match_upstream(pred: str, gold: str) -> float:
+    """van Sonsbeek et al.'s accuracy: the strings equal after lower-casing only (no stripping, no punctuation)."""
+    return float(pred.lower() == gold.lower())
+
+
+def token_f1_ids(pred_ids: Sequence[int], gold_ids: Sequence[int]) -> float:
+    """SQuAD-style F1 on token ids (van Sonsbeek et al. scored the decoder's BPE ids, not words)."""
+    return _f1(list(pred_ids), list(gold_ids))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ Registered protocols (see ``../shared/DESIGN.md``, "Evaluation protocols"):
 
 * ``llava_med``: closed accuracy twice, labelled: ``closed_accuracy_substring`` (LLaVA-Med's upstream test, where gold
   "no" matches "normal") and ``closed_accuracy_strict`` (the corrected one); ``open_recall`` on open questions.
-* ``prefix_vqa`` (van Sonsbeek et al.): ``exact_match`` accuracy, word-level ``bleu1`` (upstream scored characters;
-  ``char_bleu1_upstream`` reproduces that when ``upstream_char_bleu=True``), ``bert_f1``, ``token_f1``.
+* ``prefix_vqa`` (van Sonsbeek et al.): ``exact_match`` accuracy, word-level ``bleu1``, ``bert_f1``, ``token_f1``;
+  with ``upstream_metrics=True`` also their own variants by name: ``exact_match_upstream`` (lower-cased strings),
+  ``char_bleu1_upstream`` (their nltk call on strings, which scores characters) and ``token_f1_upstream`` (F1 on the
+  decoder's token ids).
 * ``med_flamingo``: ``exact_match`` and ``bert_f1``.
 * ``pmc_vqa``: ``mc_accuracy``, the choice with the highest likelihood (``model.score_choices``) against the gold
   choice; never a letter string match.
@@ -37,6 +39,8 @@ __all__ = [
     "list_protocols",
     "answer_type_of",
     "candidates_for",
+    "listed_options",
+    "is_yes_no_question",
     "gold_choice_index",
     "item_scores",
     "compute_metrics",
@@ -56,7 +60,9 @@ METRIC_LABELS: dict[str, str] = {
     "exact_match": "accuracy (exact match)",
     "bleu1": "BLEU-1 (words)",
     "bleu4": "BLEU-4 (words)",
-    "char_bleu1_upstream": "BLEU-1 on characters (upstream, reference only)",
+    "char_bleu1_upstream": "BLEU-1, upstream nltk call on strings (characters; reference only)",
+    "exact_match_upstream": "accuracy, upstream (lower-cased strings equal; reference only)",
+    "token_f1_upstream": "token F1, upstream (decoder token ids; reference only)",
     "token_f1": "token F1",
     "bert_f1": "BERTScore-style F1",
     "mc_accuracy": "multiple-choice accuracy (likelihood)",
@@ -84,15 +90,44 @@ def answer_type_of(record: Any) -> str:
     return "open"
 
 
-_ALTERNATIVE = re.compile(r"\b\w+\s+or\s+\w+", re.IGNORECASE)
+_WORD = r"[\w'/-]+"
+#: "X or Y", "X, Y, or Z", "X vs. Y": the last alternatives clause of a question (articles after "or" skipped)
+_ALTERNATIVES = re.compile(rf"((?:{_WORD},\s*)*{_WORD}),?\s+(?:or|vs\.?)\s+(?:(?:a|an|the)\s+)?({_WORD})", re.I)
+#: words that open a yes/no question ("Is ...", "Does ...", elliptical "Any ...")
+_POLAR = frozenset("is are was were do does did can could has have had will would should may might must shall any "
+                   "anything".split())
+#: openings after which "or" joins things asked about, not alternatives ("Is there X or Y?" is answered yes/no)
+_EXISTENTIAL = re.compile(r"^\s*(is there|are there|is there any|are there any|any|anything|evidence)\b", re.I)
+
+
+def listed_options(question: str) -> list[str] | None:
+    """The options a closed question lists ("axial, sagittal, or coronal?" -> those three), else None.
+
+    One word per option, as VQA-RAD and SLAKE golds mostly are ("left", "hypodense"); existential questions ("Is there
+    X or Y?", "Any X or Y?") ask yes/no and list nothing.
+    """
+    if _EXISTENTIAL.match(question):
+        return None
+    match = _ALTERNATIVES.search(question.strip().rstrip("?.! "))
+    if not match:
+        return None
+    options = [w.strip() for w in match.group(1).split(",") if w.strip()] + [match.group(2)]
+    return list(dict.fromkeys(options)) if len(set(map(str.lower, options))) > 1 else None
+
+
+def is_yes_no_question(question: str) -> bool:
+    """Opens like a yes/no question and lists no options (the gold answer is never consulted)."""
+    words = question.strip().split(maxsplit=1)
+    return bool(words) and words[0].lower() in _POLAR and listed_options(question) is None
 
 
 def candidates_for(record: Any, policy: Candidates = "auto") -> list[str] | None:
     """Candidates to score for a closed question, or None to generate instead.
 
-    ``"choices"``: the record's own choices (None without them). ``"yes_no"``: always ["yes", "no"]. ``"auto"``: the
-    record's choices when present; otherwise ["yes", "no"], except for "A or B?" questions (e.g. "left or right?"),
-    whose answer is not yes/no and which are therefore generated. The gold answer is never consulted.
+    ``"choices"``: the record's own choices (None without them). ``"yes_no"``: always ["yes", "no"] (the old rule,
+    kept by name). ``"auto"``: the record's choices; else the options the question lists ("left, right, or both?");
+    else ["yes", "no"] for a yes/no question; otherwise None, and the answer is generated. The gold answer is never
+    consulted.
     """
     if policy not in ("auto", "yes_no", "choices"):
         raise ValueError(f"candidates must be 'auto', 'yes_no' or 'choices', got {policy!r}")
@@ -100,9 +135,12 @@ def candidates_for(record: Any, policy: Candidates = "auto") -> list[str] | None
         return list(YES_NO)
     if record.choices:
         return list(record.choices)
-    if policy == "choices" or _ALTERNATIVE.search(record.question):
+    if policy == "choices":
         return None
-    return list(YES_NO)
+    options = listed_options(record.question)
+    if options:
+        return options
+    return list(YES_NO) if is_yes_no_question(record.question) else None
 
 
 _LETTER = re.compile(r"^\(?([A-Za-z])[).:]?$")
@@ -169,7 +207,9 @@ ITEM_FUNCS: dict[str, ItemMetric] = {
     "exact_match": lambda r, p: M.exact_match(p["prediction"], r.answer),
     "token_f1": lambda r, p: M.token_f1(p["prediction"], r.answer),
     "bleu1": lambda r, p: M.sentence_bleu([p["prediction"]], [r.answer], n=1)[0],
-    "char_bleu1_upstream": lambda r, p: M.char_bleu1(p["prediction"], r.answer),
+    "char_bleu1_upstream": lambda r, p: M.char_bleu1_upstream(p["prediction"], r.answer),
+    "exact_match_upstream": lambda r, p: M.exact_match_upstream(p["prediction"], r.answer),
+    "token_f1_upstream": lambda r, p: M.token_f1_ids(*p["token_ids"]) if p.get("token_ids") else None,
     "rouge_l": lambda r, p: M.rouge_l(p["prediction"], r.answer),
     "mc_accuracy": _mc_accuracy,
     "llava_primary": _llava_primary,
@@ -198,7 +238,7 @@ class Protocol:
     n_resamples: int = 1000
     seed: int = 0
     bert_model_path: str | None = None  # None: metrics.default_similarity_model_path()
-    upstream_char_bleu: bool = False  # also report char_bleu1_upstream (prefix_vqa)
+    upstream_metrics: tuple[str, ...] = ()  # the source's own (uncorrected) variants (upstream_metrics=True)
 
     def __post_init__(self) -> None:
         known = set(ITEM_FUNCS) | set(BATCHED_ITEM_METRICS)
@@ -210,14 +250,15 @@ class Protocol:
             raise ValueError(f"protocol {self.name!r}: unknown corpus metric(s) {bad}; use bleu1..bleu4")
         if self.closed_mode not in ("score", "generate"):
             raise ValueError(f"closed_mode must be 'score' or 'generate', got {self.closed_mode!r}")
+        unknown = [m for m in self.upstream_metrics if m not in ITEM_FUNCS]
+        if unknown:
+            raise ValueError(f"protocol {self.name!r}: unknown upstream metric(s) {unknown}")
         if self.candidates not in ("auto", "yes_no", "choices"):
             raise ValueError(f"candidates must be 'auto', 'yes_no' or 'choices', got {self.candidates!r}")
 
     @property
     def all_item_metrics(self) -> tuple[str, ...]:
-        extra = ("char_bleu1_upstream",) if self.upstream_char_bleu and "char_bleu1_upstream" not in self.item_metrics \
-            else ()
-        return tuple(dict.fromkeys((*self.item_metrics, *extra, self.primary)))
+        return tuple(dict.fromkeys((*self.item_metrics, *self.upstream_metrics, self.primary)))
 
     def settings(self) -> dict[str, Any]:
         """JSON-able description, written to manifests so a result names exactly how it was computed."""
@@ -225,6 +266,13 @@ class Protocol:
 
 
 PROTOCOLS: dict[str, Protocol] = {}
+#: each protocol's source metrics as the source computed them, reported beside the corrected ones on request
+UPSTREAM_VARIANTS: dict[str, tuple[str, ...]] = {
+    "prefix_vqa": ("exact_match_upstream", "char_bleu1_upstream", "token_f1_upstream"),
+    "llava_med": ("closed_accuracy_substring",),
+}
+#: item metrics that need the decoder's token ids of prediction and gold (written into the prediction rows)
+TOKEN_ID_METRICS = ("token_f1_upstream",)
 
 
 def register_protocol(protocol: Protocol, *, overwrite: bool = False) -> Protocol:
@@ -241,7 +289,12 @@ def list_protocols() -> list[str]:
 
 def get_protocol(protocol: str | Protocol, **options: Any) -> Protocol:
     """A registered protocol by name (or a Protocol as is), with field overrides such as ``closed_mode="generate"``,
-    ``bert_model_path=...``, ``n_resamples=200`` or ``upstream_char_bleu=True``."""
+    ``bert_model_path=...``, ``n_resamples=200`` or ``upstream_metrics=True`` (the protocol's ``UPSTREAM_VARIANTS``)."""
+    if options.get("upstream_metrics") is True:
+        name = protocol if isinstance(protocol, str) else protocol.name
+        options["upstream_metrics"] = UPSTREAM_VARIANTS.get(name, ())
+    elif options.get("upstream_metrics") is False:
+        options["upstream_metrics"] = ()
     if isinstance(protocol, str):
         if protocol not in PROTOCOLS:
             raise KeyError(f"unknown protocol {protocol!r}; registered: {list_protocols()}")
@@ -250,15 +303,18 @@ def get_protocol(protocol: str | Protocol, **options: Any) -> Protocol:
 
 
 register_protocol(Protocol(
-    "llava_med", "LLaVA-Med: closed accuracy by the upstream substring test and by the strict test; open recall.",
-    item_metrics=("closed_accuracy_strict", "closed_accuracy_substring", "open_recall"), primary="llava_primary"))
+    "llava_med", "LLaVA-Med: every question answered by generation (as upstream); closed accuracy by the upstream "
+                 "substring test and by the strict test; open recall.",
+    item_metrics=("closed_accuracy_strict", "closed_accuracy_substring", "open_recall"), primary="llava_primary",
+    closed_mode="generate"))
 register_protocol(Protocol(
-    "prefix_vqa", "van Sonsbeek et al.: exact-match accuracy, word BLEU-1 (upstream: characters), BERTScore-style F1, "
-                  "token F1.",
-    item_metrics=("exact_match", "bleu1", "bert_f1", "token_f1"), primary="exact_match"))
+    "prefix_vqa", "van Sonsbeek et al.: every question answered by generation (upstream: beam search); exact-match "
+                  "accuracy, word BLEU-1, BERTScore-style F1, token F1; upstream variants by name.",
+    item_metrics=("exact_match", "bleu1", "bert_f1", "token_f1"), primary="exact_match", closed_mode="generate"))
 register_protocol(Protocol(
-    "med_flamingo", "Med-Flamingo: exact match and BERT-sim (BERTScore-style F1).",
-    item_metrics=("exact_match", "bert_f1"), primary="exact_match"))
+    "med_flamingo", "Med-Flamingo: every question answered by generation; exact match and BERT-sim (BERTScore-style "
+                    "F1).",
+    item_metrics=("exact_match", "bert_f1"), primary="exact_match", closed_mode="generate"))
 register_protocol(Protocol(
     "pmc_vqa", "PMC-VQA: multiple-choice accuracy, the choice of highest likelihood (never letter matching).",
     item_metrics=("mc_accuracy",), primary="mc_accuracy", candidates="choices", score_all=True))
@@ -306,7 +362,7 @@ def _aggregate(protocol: Protocol, records: Sequence[Any], predictions: Sequence
         if not values:
             continue
         out[name] = sum(values) / len(values)
-        if name not in protocol.item_metrics and name != "char_bleu1_upstream":
+        if name not in protocol.item_metrics and name not in protocol.upstream_metrics:
             continue
         out[f"n_{name}"] = len(values)
         if protocol.bootstrap:

@@ -20,8 +20,10 @@ folder can be rescored without the model (:func:`rescore`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import functools
 import math
 import os
 from collections import Counter
@@ -31,8 +33,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ..fileio import atomic_write, atomic_write_with
-from .protocols import (METRIC_LABELS, Protocol, answer_type_of, candidates_for, compute_metrics, get_protocol,
-                        item_scores)
+from .protocols import (METRIC_LABELS, TOKEN_ID_METRICS, Protocol, answer_type_of, candidates_for, compute_metrics,
+                        get_protocol, item_scores)
 
 __all__ = ["evaluate", "fit_calibration_on", "plan_items", "write_outputs", "rescore", "compare", "load_predictions",
            "BREAKDOWN_FIELDS",
@@ -147,7 +149,7 @@ def predict(model: Any, records: Sequence[Any], plan: Sequence[list[str] | None]
                     continue
                 tensors = to_device(data, model.device)
                 if is_scored:
-                    pairs = [[proc.tokenize(records[i].question, c, record_id=records[i].id) for c in plan[i]]
+                    pairs = [[proc.tokenize_record(records[i], c) for c in plan[i]]
                              for i in good]
                     for i, loglik in zip(good, model.score(tensors, pairs)):
                         rows[i] = scored_row(plan[i], loglik, calibration)
@@ -295,6 +297,8 @@ def _report(protocol: Protocol, metrics: Mapping[str, Any], manifest: Mapping[st
     parts = [f"# Evaluation: protocol `{protocol.name}`", "", protocol.description, "",
              f"Dataset: {manifest['dataset'] or '-'}, split: {manifest['split'] or '-'}, {manifest['num_items']} items,"
              f" content hash `{manifest['content_hash'][:16]}`. Adapter: {manifest['adapter']['path'] or '-'}.", "",
+             *([f"Bad items the reader left out (on_bad_record='skip'): {metrics['skipped_records']}, listed "
+                "in manifest.json.", ""] if metrics.get("skipped_records") else []),
              "Items answered by: " + ", ".join(
                  f"{k} ({v})" for k, v in sorted(metrics.get("answered_by", {}).items())) + ".", "",
              "## Overall", "",
@@ -450,7 +454,8 @@ def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Seque
         confidence["correct_if"] = f"per-item {protocol.primary} >= 0.5"
     metrics = _round({"protocol": protocol.name, "overall": overall,
                       "breakdown": _breakdowns(protocol, records, rows),
-                      "answered_by": dict(Counter(p["mode"] for p in predictions)), "confidence": confidence})
+                      "answered_by": dict(Counter(p["mode"] for p in predictions)), "confidence": confidence,
+                      "skipped_records": len(manifest.get("skipped_records") or [])})
     atomic_write(out / "predictions.jsonl",
                  "".join(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n" for p in predictions))
     atomic_write(out / "metrics.json", _dump(metrics))
@@ -499,7 +504,8 @@ def _answer_records(model: Any, records: Sequence[Any], protocol: Protocol, *, b
 
 
 def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_dir: str | os.PathLike, *,
-             batch_size: int = 8, closed_mode: str | None = None, max_new_tokens: int = 32, num_beams: int = 1,
+             batch_size: int = 8, closed_mode: str | None = None, max_new_tokens: int | None = None,
+             num_beams: int | None = None,
              do_sample: bool = False, generation_kwargs: Mapping[str, Any] | None = None, data_spec: Any = None,
              adapter_path: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
              plots: bool = True, shots: int = 0, shot_pool: Sequence[Any] | None = None,
@@ -514,27 +520,45 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
     calibrated with ``calibration`` (default: the adapter's own, if it has one); the report shows ECE before and
     after, a reliability diagram and accuracy against coverage.
     """
+    from ..data.records import skipped_of
+
     protocol = get_protocol(protocol)
+    skipped = skipped_of(records)  # items the reader left out as bad: reported beside the metrics
     records = list(records)
     if not records:
         raise ValueError("no records to evaluate")
-    generation = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": do_sample,
-                  **(generation_kwargs or {})}
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    generation = _generation(model, max_new_tokens, num_beams, do_sample, generation_kwargs)
     predictions, run = _answer_records(model, records, protocol, batch_size=batch_size, closed_mode=closed_mode,
                                        generation=generation, seed=seed, progress=progress, shots=shots,
                                        shot_pool=shot_pool, feature_cache=feature_cache)
+    if any(m in protocol.all_item_metrics for m in TOKEN_ID_METRICS):  # stored, so rescoring needs no model
+        encode = functools.partial(model.tokenizer.encode, add_special_tokens=False)
+        for row in predictions:
+            row["token_ids"] = [encode(row["prediction"]), encode(row["gold"])]
     calibration = calibration if calibration is not None else getattr(model, "calibration", None)
-    manifest = _manifest(model, records, protocol, run, data_spec, adapter_path)
+    manifest = {**_manifest(model, records, protocol, run, data_spec, adapter_path),
+                "skipped_records": [dataclasses.asdict(item) for item in skipped]}
     return write_outputs(out_dir, protocol, records, predictions, manifest, plots=plots,
                          calibration=calibration)["overall"]
 
 
+def _generation(model: Any, max_new_tokens: int | None, num_beams: int | None, do_sample: bool,
+                generation_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Generation settings: the given ones, else the adapter's own decoding (its source paper's)."""
+    defaults = model.config.generation
+    return {"max_new_tokens": defaults.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            "num_beams": defaults.num_beams if num_beams is None else num_beams, "do_sample": do_sample,
+            **(generation_kwargs or {})}
+
+
 def fit_calibration_on(model: Any, records: Sequence[Any], protocol: str | Protocol, *, batch_size: int = 8,
-                       closed_mode: str | None = None, max_new_tokens: int = 32, seed: int = 0, progress: bool = True,
-                       shots: int = 0, shot_pool: Sequence[Any] | None = None,
+                       closed_mode: str | None = None, max_new_tokens: int | None = None, seed: int = 0,
+                       progress: bool = True, shots: int = 0, shot_pool: Sequence[Any] | None = None,
                        feature_cache: str | os.PathLike | None = None, threshold: float | None = None) -> Any:
     """Temperature scaling fitted on validation ``records``, answered exactly as `evaluate` would answer them
-    (same protocol, closed mode and shots); correctness is the protocol's primary per-item score."""
+    (same protocol, closed mode and shots, greedy); correctness is the protocol's primary per-item score."""
     from ..calibration import fit_calibration, is_correct
     from ..data.records import content_hash
 
@@ -542,7 +566,7 @@ def fit_calibration_on(model: Any, records: Sequence[Any], protocol: str | Proto
     records = list(records)
     if not records:
         raise ValueError("no validation records to calibrate on")
-    generation = {"max_new_tokens": max_new_tokens, "num_beams": 1, "do_sample": False}
+    generation = _generation(model, max_new_tokens, 1, False, None)
     predictions, _ = _answer_records(model, records, protocol, batch_size=batch_size, closed_mode=closed_mode,
                                      generation=generation, seed=seed, progress=progress, shots=shots,
                                      shot_pool=shot_pool, feature_cache=feature_cache)
@@ -567,6 +591,19 @@ def rescore(result_dir: str | os.PathLike, protocol: str | Protocol, records: Se
     return compute_metrics(get_protocol(protocol), list(records), load_predictions(result_dir))
 
 
+def _metrics_file(file: Path) -> dict[str, Any]:
+    """A metrics.json as a dict; anything else is refused naming the file."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not a metrics JSON file (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file} is not a metrics JSON file: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} is not a metrics JSON file: expected an object, got {type(data).__name__}")
+    return data
+
+
 def compare(paths: Sequence[str | os.PathLike], metrics: Sequence[str] | None = None) -> str:
     """Markdown table of overall metrics side by side, one column per metrics.json (or result folder).
 
@@ -576,7 +613,7 @@ def compare(paths: Sequence[str | os.PathLike], metrics: Sequence[str] | None = 
     files = [Path(p) / "metrics.json" if Path(p).is_dir() else Path(p) for p in paths]
     if not files:
         raise ValueError("nothing to compare")
-    raw = [json.loads(file.read_text(encoding="utf-8")) for file in files]
+    raw = [_metrics_file(file) for file in files]
     loaded = [data.get("overall", data) for data in raw]
     names = [f.parent.name or str(f) for f in files]
     depth = 1

@@ -32,14 +32,18 @@ lesion task of prefixvqa.data.synthetic.lesion_records instead ({n, seed, image_
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import yaml
 
-from ..config import AdapterConfig, ConfigError, apply_override
+from ..config import AdapterConfig, ConfigError, apply_override, coerce
+from .checkpoint import run_lock
 from .trainer import TrainConfig, TrainResult, train
 
 if TYPE_CHECKING:
@@ -49,6 +53,8 @@ if TYPE_CHECKING:
 __all__ = ["Recipe", "load_recipe", "run_recipe", "apply_sets", "load_split", "build_model"]
 
 STAGE_KEYS = ("name", "data", "template", "tuning", "start_from")  # the rest are TrainConfig fields (trainable too)
+TOP_KEYS = ("model", "data", "train", "stages", "smoke", "description", "name")
+DATA_KEYS = ("train", "eval", "test")
 
 
 @dataclass
@@ -67,11 +73,12 @@ class Recipe:
         unknown = sorted(set(self.model) - {"preset", "config", "adapter", "overrides", "tiny"})
         if unknown:
             raise ConfigError(f"recipe model: unknown key(s) {unknown}")
+        _check_data_keys(self.data, "recipe data")
         TrainConfig.from_dict(self.train)  # fail at load time, not after the model is built
         for i, stage in enumerate(self.stages or []):
             if not isinstance(stage, dict) or not stage.get("name"):
                 raise ConfigError(f"recipe stages[{i}]: each stage needs a name")
-            TrainConfig.from_dict({**self.train, **_stage_train(stage)})
+            _check_stage(stage, self.train, i)
         names = [s["name"] for s in self.stages or []]
         if len(set(names)) != len(names):
             raise ConfigError(f"recipe stages: duplicate stage names {names}")
@@ -84,15 +91,80 @@ class Recipe:
 
     def with_sets(self, sets: dict[str, Any] | list[str]) -> Recipe:
         """A copy with --set style overrides ("a.b=value" strings or a {"a.b": value} dict) applied."""
-        data = apply_sets(self.to_dict(), sets)
-        return Recipe(**data, path=self.path)
+        return _from_dict(apply_sets(self.to_dict(), sets), self.path, " after overrides")
+
+
+def _check_data_keys(data: Any, where: str) -> None:
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of {list(DATA_KEYS)} to data specs, got {data!r}")
+    unknown = sorted(set(data) - set(DATA_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {list(DATA_KEYS)}")
+
+
+def _check_stage(stage: dict[str, Any], train: dict[str, Any], index: int) -> None:
+    """Everything about a curriculum stage that can be checked without data or models, at recipe load."""
+    where = f"recipe stages[{index}] ({stage['name']!r})"
+    if stage.get("start_from", "best") not in ("best", "last"):
+        raise ConfigError(f"{where}: start_from must be 'best' or 'last', got {stage.get('start_from')!r}")
+    _check_data_keys(stage.get("data"), f"{where} data")
+    for section in ("template", "tuning"):
+        if stage.get(section) is not None:
+            if not isinstance(stage[section], dict):
+                raise ConfigError(f"{where}: {section} must be a mapping of {section} fields")
+            try:
+                AdapterConfig().replace(**{section: stage[section]})
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+    try:
+        TrainConfig.from_dict({**train, **_stage_train(stage)})
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _declared_type(key: str) -> Any:
+    """The TrainConfig type a dotted --set key refers to ("train.epochs", "stages.1.lr.mapper"), or None."""
+    parts = key.split(".")
+    if parts[0] == "train" and len(parts) >= 2:
+        name, rest = parts[1], parts[2:]
+    elif parts[0] == "stages" and len(parts) >= 3 and parts[2] not in STAGE_KEYS:
+        name, rest = parts[2], parts[3:]
+    else:
+        return None
+    hint = typing.get_type_hints(TrainConfig).get(name)
+    if hint is None or not rest:
+        return hint
+    args = typing.get_args(hint)
+    return args[1] if typing.get_origin(hint) is dict and len(rest) == 1 and len(args) == 2 else None
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
+    """KEY=VALUE -> (key, value): YAML, except that a training field is read as its declared type (so
+    `train.mixed_precision=no` is the string "no", and `train.epochs=abc` is refused naming the key)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.epochs=3)")
-    key, value = item.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    key, text = (part.strip() for part in item.split("=", 1))
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: {text!r} is not a valid YAML value ({_yaml_problem(exc)})") from None
+    hint = _declared_type(key)
+    if hint is None:
+        return key, value
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return key, None
+    if str in options and not isinstance(value, (dict, list)) and not (bool in options and isinstance(value, bool)):
+        return key, text
+    return key, coerce(value, hint, f"--set {key}")
+
+
+def _yaml_problem(exc: Exception) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def apply_sets(data: dict[str, Any], sets: dict[str, Any] | list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -129,17 +201,34 @@ def _index(node: list, part: str, key: str) -> int:
 
 
 def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a YAML recipe and apply `--set a.b=value` overrides (values are YAML-parsed)."""
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    """Read a YAML recipe (safe loader: no Python tags) and apply `--set a.b=value` overrides."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a folder; give a YAML file (e.g. recipes/demo.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path}: {_yaml_problem(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {path}: not a text file ({exc.reason} at byte {exc.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: top level must be a mapping")
-    unknown = sorted(set(data) - {"model", "data", "train", "stages", "smoke", "description", "name"})
+    _from_dict(data, str(path), "")
+    return _from_dict(apply_sets(data, list(sets)), str(path), " after --set")
+
+
+def _from_dict(data: dict[str, Any], path: str | None, where: str) -> Recipe:
+    unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
-        raise ConfigError(f"recipe {path}: unknown top-level key(s) {unknown}")
-    data = apply_sets(data, list(sets))
-    data.pop("description", None), data.pop("name", None)
-    return Recipe(**data, path=str(path))
+        raise ConfigError(f"recipe {path or ''}{where}: unknown top-level key(s) {unknown}; expected some of "
+                          f"{list(TOP_KEYS)}")
+    for key in ("model", "data", "train", "smoke"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"recipe {path or ''}{where}: '{key}' must be a mapping, got {data[key]!r}")
+    if data.get("stages") is not None and not isinstance(data["stages"], list):
+        raise ConfigError(f"recipe {path or ''}{where}: 'stages' must be a list of stages")
+    kept = {k: v for k, v in data.items() if k not in ("description", "name") and v is not None}
+    return Recipe(**kept, path=path)
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -150,10 +239,15 @@ def load_split(spec: Any) -> list[VQARecord]:
     if isinstance(spec, dict) and spec.get("format") == "synthetic":
         from ..data.synthetic import synthetic_split
 
-        return synthetic_split(**{k: v for k, v in spec.items() if k != "format"})
+        try:
+            return synthetic_split(**{k: v for k, v in spec.items() if k != "format"})
+        except TypeError as exc:  # an unknown or misspelt key
+            from ..data.records import DataError
+
+            raise DataError(f"synthetic data spec {spec}: {exc}") from None
     from ..data.readers import load_records
 
-    return list(load_records(spec))
+    return load_records(spec)  # Records: keeps the list of bad items skipped, which the run reports
 
 
 # -------------------------------------------------------------------------------------------------------- model
@@ -199,6 +293,10 @@ def _apply_tiny(cfg: AdapterConfig, tiny: dict[str, Any]) -> AdapterConfig:
     return AdapterConfig.from_dict(data)
 
 
+def _retune_allowed(old: Any, new: Any) -> bool:
+    return old == new or old.mode == "frozen" or (old.mode == "lora" and new.mode == "full")
+
+
 def retune(model: MedVQAAdapter, tuning: dict[str, Any]) -> None:
     """Switch the decoder's tuning between stages without losing trained weights an adapter folder must keep."""
     from ..decoder import apply_tuning
@@ -207,7 +305,7 @@ def retune(model: MedVQAAdapter, tuning: dict[str, Any]) -> None:
     old, new = model.config.tuning, new_cfg.tuning
     if old == new:
         return
-    if old.mode == "frozen" or (old.mode == "lora" and new.mode == "full"):
+    if _retune_allowed(old, new):
         base = model.decoder.merge_and_unload() if old.mode == "lora" else model.decoder
         model.decoder = apply_tuning(base, new, quantized=bool(model.config.decoder.quantization),
                                      checkpointing=model.config.decoder.gradient_checkpointing)
@@ -235,9 +333,7 @@ def prepare_stage(recipe: Recipe, stage: dict[str, Any], model: MedVQAAdapter | 
                   base_template: dict[str, Any], out: Path) -> tuple[MedVQAAdapter, TrainConfig, dict[str, Any]]:
     """One curriculum stage's model (from the previous stage's adapter), TrainConfig and data specs."""
     name = stage["name"]
-    start = stage.get("start_from", "best")
-    if start not in ("best", "last"):
-        raise ConfigError(f"stage {name!r}: start_from must be 'best' or 'last', got {start!r}")
+    start = stage.get("start_from", "best")  # checked at recipe load
     if previous is not None:
         from ..model import MedVQAAdapter
 
@@ -255,28 +351,69 @@ def prepare_stage(recipe: Recipe, stage: dict[str, Any], model: MedVQAAdapter | 
     return model, cfg, {**recipe.data, **(stage.get("data") or {})}
 
 
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed the initialisation of what a recipe builds (mapper, fresh LoRA), leaving the caller's RNG untouched:
+    same recipe and seed -> the same adapter."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _stage_seed(recipe: Recipe, stage: dict[str, Any]) -> int:
+    return int({**recipe.train, **_stage_train(stage)}.get("seed", 0))
+
+
+def load_stage_data(recipe: Recipe) -> list[tuple[list[VQARecord], list[VQARecord]]]:
+    """Each stage's (train, eval) records (one entry for a single-stage recipe), all read before anything trains:
+    a missing file or a misspelt spec key of the last stage fails before the first one starts."""
+    specs = [{**recipe.data, **(stage.get("data") or {})} for stage in recipe.stages] if recipe.stages \
+        else [recipe.data]
+    return [(load_split(spec.get("train")), load_split(spec.get("eval"))) for spec in specs]
+
+
+def check_curriculum(recipe: Recipe, model: MedVQAAdapter) -> None:
+    """Before the first stage trains: each stage's tuning switch is allowed from the one before (settings, templates
+    and data are checked at load)."""
+    tuning = model.config.tuning
+    for i, stage in enumerate(recipe.stages or []):
+        if stage.get("tuning"):
+            new = model.config.replace(tuning=stage["tuning"]).tuning
+            if not _retune_allowed(tuning, new):
+                raise ConfigError(f"recipe stages[{i}] ({stage['name']!r}): switching tuning from {tuning.mode!r} to "
+                                  f"{new.mode!r} would drop trained decoder weights; allowed: same tuning, from "
+                                  "'frozen' to any mode, or 'lora' -> 'full'")
+            tuning = new
+
+
 def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
-    """Run a single-stage or curriculum recipe; `smoke=True` first applies the recipe's `smoke:` overrides."""
+    """Run a single-stage or curriculum recipe; `smoke=True` first applies the recipe's `smoke:` overrides.
+
+    The recipe's output folder is locked for the whole run; every stage is checked (settings, tuning switches,
+    data) before the first one trains.
+    """
     if smoke:
         if not recipe.smoke:
             raise ConfigError(f"recipe {recipe.path or ''}: no smoke section")
         recipe = recipe.with_sets(recipe.smoke)
-    out = Path(TrainConfig.from_dict(recipe.train).output_dir)
-    model = build_model(recipe.model, out)
-    if not recipe.stages:
-        train_recs, eval_recs = load_split(recipe.data.get("train")), load_split(recipe.data.get("eval"))
-        result = train(model, train_recs, eval_recs, TrainConfig.from_dict(recipe.train))
-        return RecipeResult({"train": result}, result.best_dir or result.last_dir, model)
-    results: dict[str, TrainResult] = {}
-    previous: TrainResult | None = None
-    base_template = model.config.to_dict()["template"]
-    for stage in recipe.stages:
-        model, cfg, data = prepare_stage(recipe, stage, model, previous, base_template, out)
-        result = train(model, load_split(data.get("train")), load_split(data.get("eval")), cfg)
-        results[stage["name"]] = result
-        if result.stopped_reason == "non-finite loss":
-            raise RuntimeError(f"curriculum stage {stage['name']!r} stopped on a non-finite loss; last good "
-                               f"checkpoint in {result.last_dir}")
-        previous = result
+    top = TrainConfig.from_dict(recipe.train)
+    out = Path(top.output_dir)
+    with run_lock(out):
+        stage_data = load_stage_data(recipe)
+        with _seeded(top.seed):
+            model = build_model(recipe.model, out)
+        if not recipe.stages:
+            result = train(model, *stage_data[0], top)
+            return RecipeResult({"train": result}, result.best_dir or result.last_dir, model)
+        check_curriculum(recipe, model)
+        results: dict[str, TrainResult] = {}
+        previous: TrainResult | None = None
+        base_template = model.config.to_dict()["template"]
+        for stage, (train_recs, eval_recs) in zip(recipe.stages, stage_data):
+            with _seeded(_stage_seed(recipe, stage)):
+                model, cfg, _ = prepare_stage(recipe, stage, model, previous, base_template, out)
+            results[stage["name"]] = previous = train(model, train_recs, eval_recs, cfg)
     final = previous.best_dir or previous.last_dir if previous is not None else None
     return RecipeResult(results, final, model, base_template)

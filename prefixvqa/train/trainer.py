@@ -5,7 +5,10 @@ Design points:
 * checkpoints are whole folders written next to their target and renamed into place (never half-written):
   `last/` (adapter + `trainer_state/` with optimizer tensors as safetensors and everything else as JSON) and
   `best/` (adapter + metrics);
-* a non-finite loss stops training before the optimizer step, so `last/` keeps the last good weights.
+* a non-finite loss (or gradient, or weight) stops training before the optimizer step: `last/` keeps the last finite
+  weights, nothing is published as best or final, and `train()` raises `TrainingDiverged` naming the step and records;
+* the output folder is locked for the run, interrupted checkpoint swaps are recovered, and a resume whose settings
+  differ from the checkpoint's is refused (see `checkpoint.py`).
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, check_types
 from ..data.cache import FeatureCache
 from ..data.images import ImageLoadError
 from ..data.loader import BatchList, RecordDataset, make_loader, to_device
+from ..data.records import skipped_of
 from ..processor import record_label
+from .checkpoint import (STATE_DIR, CheckpointError, check_same_recipe, checkpoint_problem, run_lock,
+                         recover_checkpoint, run_signature)
 
 if TYPE_CHECKING:
     from ..data.records import VQARecord
@@ -43,7 +49,6 @@ DEFAULT_LR = {"mapper": 1e-3, "lora": 2e-4, "decoder": 2e-5, "encoder": 1e-5}
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 METRICS = ("loss", "accuracy")
-STATE_DIR = "trainer_state"
 
 
 @dataclass
@@ -70,6 +75,7 @@ class TrainConfig:
     metric: str = "loss"  # "loss" (lower is better) or "accuracy" (exact match / closed-choice accuracy)
     seed: int = 0
     on_bad_image: str = "skip"
+    min_usable_share: float = 0.5  # fail (publish nothing) when fewer training records than this have a usable image
     max_steps: int | None = None
     log_every: int = 10
     save_every_steps: int | None = None  # also write last/ every k optimizer steps (mid-epoch resume points)
@@ -77,6 +83,7 @@ class TrainConfig:
     num_workers: int | None = None  # DataLoader workers decoding images; None: a few on GPU, none on CPU
     trainable: list[str] | None = None  # parameter groups to train; None keeps the model's current choice
     resume: bool | str = False  # True: continue from output_dir/last when it holds a trainer state; or a folder
+    resume_with_changes: bool = False  # resume although result-changing settings differ from the checkpoint's
     max_new_tokens: int = 16  # generation length for the accuracy metric
     tensorboard: bool = True
     plot: bool = True
@@ -87,14 +94,16 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"train.{msg}")
 
+        if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false; "no" is the only false value
+            self.mixed_precision = "no"
+        check_types(self, "train")
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
         check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         unknown = sorted(set(self.lr) - set(DEFAULT_LR))
         check(not unknown, f"lr: unknown group(s) {unknown}; expected some of {sorted(DEFAULT_LR)}")
-        check(all(float(v) >= 0 for v in self.lr.values()), f"lr values must be >= 0, got {self.lr}")
-        self.lr = {k: float(v) for k, v in self.lr.items()}
+        check(all(v >= 0 for v in self.lr.values()), f"lr values must be >= 0, got {self.lr}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         check(self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer()),
               f"warmup must be a ratio in [0, 1) or a whole number of steps, got {self.warmup}")
@@ -105,6 +114,7 @@ class TrainConfig:
         check(self.patience is None or self.patience >= 1, f"patience must be >= 1 or null, got {self.patience}")
         check(self.metric in METRICS, f"metric={self.metric!r} is not one of {list(METRICS)}")
         check(self.on_bad_image in ("skip", "stop"), f"on_bad_image={self.on_bad_image!r} must be 'skip' or 'stop'")
+        check(0.0 <= self.min_usable_share <= 1.0, f"min_usable_share must be in [0, 1], got {self.min_usable_share}")
         check(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1 or null")
         check(self.log_every >= 1, "log_every must be >= 1")
         check(self.save_every_steps is None or self.save_every_steps >= 1, "save_every_steps must be >= 1 or null")
@@ -140,11 +150,24 @@ class TrainResult:
     global_step: int = 0
     skipped_images: list[str] = field(default_factory=list)
     best_metric: float | None = None
+    skipped_records: list[dict[str, Any]] = field(default_factory=list)  # bad items the readers left out
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, a gradient or a weight became non-finite: the run stopped and published nothing.
+
+    The message names the step, the records of the bad batch and the last finite checkpoint; ``result`` is the
+    run's TrainResult (its ``last_dir`` is that checkpoint, or None).
+    """
+
+    def __init__(self, message: str, result: TrainResult | None = None):
+        super().__init__(message)
+        self.result = result
 
 
 # ------------------------------------------------------------------------------------------------------ batching
 def _length(record: VQARecord) -> int:
-    return len(record.question) + len(record.answer)
+    return sum(len(turn.question) + len(turn.answer) for turn in record.turns)
 
 
 def epoch_batches(records: Sequence[VQARecord], batch_size: int, seed: int, epoch: int,
@@ -224,13 +247,15 @@ def _scheduler_json(state: dict[str, Any]) -> dict[str, Any]:
 
 def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str, Any] | None,
                      optimizer_state: dict[str, Any] | None = None, card: dict[str, Any] | None = None) -> Path:
-    """Adapter (+ trainer_state/) into a temporary sibling, then renamed over `folder`: all or nothing."""
+    """Adapter (+ trainer_state/) into a temporary sibling, then renamed over `folder`: all or nothing. The manifest
+    is rewritten last to cover trainer_state/ too, so a complete checkpoint is one whose manifest verifies."""
     from safetensors.torch import save_file
 
-    from ..fileio import atomic_dir
+    from ..adapter_io import write_adapter_files
+    from ..fileio import atomic_dir, write_manifest
 
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, card=card)
+        write_adapter_files(model, tmp, card)
         if trainer_state is not None:
             state_dir = tmp / STATE_DIR
             state_dir.mkdir()
@@ -240,18 +265,27 @@ def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str
                 save_file(tensors, str(state_dir / "optimizer.safetensors"))
             payload = {**trainer_state, "optimizer": rest}
             (state_dir / "state.json").write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+            write_manifest(tmp)
     return folder
 
 
 def read_trainer_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(state.json contents, optimizer state_dict or None) of a checkpoint folder."""
+    """(state.json contents, optimizer state_dict or None) of a checkpoint folder; a damaged file is named."""
     from safetensors.torch import load_file
 
     state_dir = Path(folder) / STATE_DIR
-    state = json.loads((state_dir / "state.json").read_text())
+    try:
+        state = json.loads((state_dir / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{state_dir / 'state.json'} cannot be read: {exc}") from None
     opt_file = state_dir / "optimizer.safetensors"
-    optimizer = optimizer_from_tensors(load_file(str(opt_file)), state["optimizer"]) if opt_file.is_file() else None
-    return state, optimizer
+    if not opt_file.is_file():
+        return state, None
+    try:
+        tensors = load_file(str(opt_file))
+    except Exception as exc:  # safetensors raises its own error type for damaged headers and truncation
+        raise CheckpointError(f"{opt_file} is damaged or truncated: {exc}") from None
+    return state, optimizer_from_tensors(tensors, state["optimizer"])
 
 
 def load_weights_into(model: MedVQAAdapter, folder: Path) -> None:
@@ -361,6 +395,8 @@ class Trainer:
                  eval_records: Sequence[VQARecord] | None, cfg: TrainConfig):
         if not train_records:
             raise ConfigError("train: no training records")
+        self.skipped_records = [{"split": split, **asdict(item)} for split, records in
+                                (("train", train_records), ("eval", eval_records)) for item in skipped_of(records)]
         self.cfg, self.train_records, self.eval_records = cfg, list(train_records), list(eval_records or [])
         self.out = Path(cfg.output_dir)
         self.acc = _make_accelerator(cfg)
@@ -394,8 +430,11 @@ class Trainer:
                                        num_training_steps=self.total_steps)
         self.step = self.epoch = self.position = 0
         self.skipped: list[str] = []
+        self.bad_train: set[str] = set()  # ids of training records whose image could not be used
+        self.usable_items = 0  # training items that reached the loss (this rank), over the whole run
+        self.signature = run_signature(cfg, model, self.train_records, self.eval_records)
         self.train_sampler, self.eval_sampler = BatchList(), BatchList()
-        self.train_loader = make_loader(self._dataset(self.train_records), self.train_sampler,
+        self.train_loader = make_loader(self._dataset(self.train_records, train=True), self.train_sampler,
                                         num_workers=cfg.num_workers)
         self.eval_loader = make_loader(self._dataset(self.eval_records), self.eval_sampler,
                                        num_workers=cfg.num_workers) if self.eval_records else None
@@ -410,26 +449,72 @@ class Trainer:
         batches = batches[:max(world, len(batches) // world * world)] if len(batches) >= world else batches * world
         return batches[rank::world][:self.batches_per_epoch]
 
-    def _dataset(self, records: list[VQARecord]) -> RecordDataset:
+    def _dataset(self, records: list[VQARecord], train: bool = False) -> RecordDataset:
         """Records through the model's processor; with the feature cache, every image is encoded once up front
         (bad ones go through the run's policy) and workers read the cached arrays."""
         if self.cache is None or not records:
             return RecordDataset(records, self.raw.processor)
-        keys = self.cache.fill(self.raw, records, on_error=lambda r, err: self._bad_image(r.id, record_label(r), err))
+        keys = self.cache.fill(self.raw, records,
+                               on_error=lambda r, err: self._bad_image(r.id, record_label(r), err, train))
         return RecordDataset(records, self.raw.processor, cache=self.cache, cache_keys=keys)
 
-    def _bad_image(self, record_id: str, name: str, err: Any) -> None:
+    def _bad_image(self, record_id: str, name: str, err: Any, train: bool = False) -> None:
         if self.cfg.on_bad_image == "stop":
             raise ImageLoadError(f"record {record_id!r}: {err} (train.on_bad_image='stop')")
+        if train:
+            self.bad_train.add(record_id)
         if name not in self.skipped:
             self.skipped.append(name)
             log.warning("skipping record %s: bad image %s: %s", record_id, name, err)
 
-    def _check(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+    def _check(self, batch: dict[str, Any], train: bool = False) -> dict[str, Any] | None:
         """A collated batch's tensors on the device, after applying the bad-image policy to its failed items."""
         for record_id, name, err in batch["errors"]:
-            self._bad_image(record_id, name, err)
+            self._bad_image(record_id, name, err, train)
         return to_device(batch, self.acc.device) if batch["ids"] else None
+
+    def _check_usable(self, trained: bool = True) -> None:
+        """Fail (before anything is saved) when too few training records had a usable image: a run that trained
+        on nothing, or on a small remainder, must not publish an adapter. ``trained``: batches have been seen."""
+        from accelerate.utils import gather_object
+
+        bad, usable = self.bad_train, self.usable_items
+        if self.acc.num_processes > 1:
+            bad = {i for part in gather_object([sorted(bad)]) for i in part}
+            usable = int(self.acc.reduce(torch.tensor([usable], device=self.acc.device), reduction="sum").item())
+        n, share = len(self.train_records), self.cfg.min_usable_share
+        if len(bad) < n and len(bad) <= (1.0 - share) * n and (usable > 0 or not trained):
+            return
+        raise ImageLoadError(f"train: {n - len(bad)} of {n} training records have a usable image "
+                             f"({usable} used so far; train.min_usable_share={share}); bad images include "
+                             f"{self.skipped[:3]}; stopped without publishing an adapter")
+
+    def _all_finite(self) -> bool:
+        """Every trained weight finite (one device sync, not one per tensor)."""
+        flags = [torch.isfinite(p.detach()).all() for g in self.optimizer.param_groups for p in g["params"]]
+        return bool(torch.stack(flags).all()) if flags else True
+
+    def _diverged(self, logger: _Logger, what: str, ids: list[str], index: int) -> TrainingDiverged:
+        """The failure of a run whose `what` became non-finite: names the step, the records and what was kept."""
+        from accelerate.utils import gather_object
+
+        if self.acc.num_processes > 1:
+            ids = [i for part in gather_object([list(ids)]) for i in part]
+        self.history.append({"kind": "stop", "step": self.step, "epoch": self.epoch, "reason": f"non-finite {what}",
+                             "records": ids})
+        logger(self.history[-1])
+        last = self.out / "last"
+        kept = "no checkpoint was written before it"
+        if checkpoint_problem(last) is None:
+            step = json.loads((last / STATE_DIR / "state.json").read_text())["step"]
+            kept = f"the last finite checkpoint is {last} (step {step}), kept for inspection or resume"
+        shown = ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+        where = (f"at optimizer step {self.step + 1} (epoch {self.epoch}, batch {index}); records of the batch: "
+                 f"{shown}" if ids else f"after optimizer step {self.step} (end of epoch {self.epoch})")
+        message = (f"non-finite {what} {where}; {kept}; nothing was published as best or final (lower the learning "
+                   f"rate, or check the records named)")
+        log.error(message)
+        return TrainingDiverged(message)
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -440,9 +525,12 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "position": self.position, "best_metric": self.best,
                 "bad_epochs": self.bad_epochs, "rng": rngs, "world_size": self.acc.num_processes,
                 "scheduler": _scheduler_json(self.scheduler.state_dict()), "scaler": scaler,
-                "skipped_images": self.skipped, "groups": self.group_names, "config": self.cfg.to_dict()}
+                "skipped_images": self.skipped, "groups": self.group_names, "config": self.cfg.to_dict(),
+                "signature": self.signature, "bad_train_records": sorted(self.bad_train),
+                "usable_items": self.usable_items}
 
     def save_last(self) -> None:
+        self._check_usable()
         state = self._state()  # every rank joins the gather
         if self.main:
             write_checkpoint(self.raw, self.out / "last", state, self.optimizer.state_dict())
@@ -458,10 +546,19 @@ class Trainer:
         if state.get("groups") != self.group_names:
             raise ConfigError(f"resume from {folder}: trained groups {state.get('groups')} but this run trains "
                               f"{self.group_names}")
+        check_same_recipe(folder, state.get("signature"), self.signature, self.cfg.resume_with_changes)
         load_weights_into(self.raw, folder)
         if opt is not None:
             self.optimizer.load_state_dict(opt)
         self.scheduler.load_state_dict({**self.scheduler.state_dict(), **state["scheduler"]})
+        if self.cfg.resume_with_changes:  # the new learning rates take effect at the restored schedule position
+            sched = self.scheduler
+            sched.base_lrs = [self.cfg.group_lr(g["name"]) for g in self.optimizer.param_groups]
+            for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["initial_lr"], group["lr"] = base, base * factor(sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.bad_train = set(state.get("bad_train_records", []))
+        self.usable_items = int(state.get("usable_items", 0))
         if state.get("scaler") and getattr(self.acc, "scaler", None) is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
@@ -524,8 +621,17 @@ class Trainer:
     # --- main loop --------------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.cfg
-        if self.main:
+        if self.main:  # put back what an interrupted swap left, and delete leftovers (we hold the lock)
             self.out.mkdir(parents=True, exist_ok=True)
+            recover_checkpoint(self.out / "best", trainer_state=False)
+            try:
+                recover_checkpoint(self.out / "last")
+            except CheckpointError:
+                if cfg.resume is True or cfg.resume == "auto":
+                    raise
+                log.warning("%s: leftovers of an interrupted checkpoint swap are kept (train.resume is false)",
+                            self.out)
+        self.acc.wait_for_everyone()
         resume_dir = self._resume_dir()
         if resume_dir is not None:
             self.resume(resume_dir)
@@ -533,8 +639,11 @@ class Trainer:
             from accelerate.utils import set_seed
 
             set_seed(cfg.seed)
+        self._check_usable(trained=False)  # the feature cache has already tried every image
         logger = _Logger(self.out, self.acc, cfg)
-        reason = "completed"
+        logger({"kind": "data", "train_records": len(self.train_records), "eval_records": len(self.eval_records),
+                "skipped_records": len(self.skipped_records)})
+        reason, failure = "completed", None
         progress = None
         if cfg.progress and self.main:
             from tqdm.auto import tqdm
@@ -543,8 +652,11 @@ class Trainer:
         self.model.train()
         try:
             reason = self._loop(logger, progress)
-            if reason != "non-finite loss" and not (cfg.eval_every_epoch and self.eval_records):
+            if not (cfg.eval_every_epoch and self.eval_records):
+                self._check_usable()
                 self.save_best({"epoch": self.epoch, "step": self.step})  # no metric: the final weights are best
+        except TrainingDiverged as exc:
+            reason, failure = "non-finite loss", exc
         finally:
             if progress is not None:
                 progress.close()
@@ -553,46 +665,60 @@ class Trainer:
             plot_history(self.history, self.out / "loss.png")
         best = self.out / "best"
         last = self.out / "last"
-        return TrainResult(best if best.is_dir() else None, last if last.is_dir() else None, self.history, reason,
-                           self.step, list(self.skipped), self.best)
+        result = TrainResult(best if best.is_dir() else None, last if last.is_dir() else None, self.history, reason,
+                             self.step, list(self.skipped), self.best, list(self.skipped_records))
+        if failure is not None:
+            failure.result = result
+            raise failure
+        return result
 
     def _resume_dir(self) -> Path | None:
-        resume = self.cfg.resume
+        """The checkpoint to continue from, after putting back one an interrupted swap left; never a silent fresh
+        start while a checkpoint exists that cannot be used."""
+        resume, last = self.cfg.resume, self.out / "last"
         if not resume:
+            if self.main and (last.exists() or (self.out / "best").exists()):
+                log.warning("%s holds checkpoints of an earlier run; train.resume is false, so this run starts "
+                            "afresh and replaces them", self.out)
             return None
-        folder = self.out / "last" if resume is True or resume == "auto" else Path(resume)
-        if (folder / STATE_DIR / "state.json").is_file():
-            return folder
-        if resume is True or resume == "auto":
-            return None  # nothing to resume: a fresh run
-        raise ConfigError(f"train.resume={resume!r}: no {STATE_DIR}/state.json in that folder")
+        auto = resume is True or resume == "auto"
+        folder = last if auto else Path(resume)
+        if not folder.is_dir():
+            if not auto:
+                raise ConfigError(f"train.resume={resume!r}: no such checkpoint folder")
+            if (self.out / "best").is_dir():
+                log.warning("%s has no last/ checkpoint (best/ holds no trainer state): starting afresh", self.out)
+            return None
+        problem = checkpoint_problem(folder)
+        if problem is not None:
+            raise CheckpointError(f"train.resume: {folder} cannot be resumed: {problem}. Move it away to start afresh "
+                                  f"or set train.resume=false")
+        return folder
 
     def _loop(self, logger: _Logger, progress: Any) -> str:
         cfg, acc = self.cfg, self.acc
         running, n_running, t0 = 0.0, 0, time.perf_counter()
         while self.epoch < cfg.epochs:
             micro = 0
+            window: list[str] = []  # record ids of the micro-batches of the current optimizer step
             batches = self._rank_batches(self.epoch)
             self.train_sampler.set(batches, self.position)
             for index, batch in enumerate(self.train_loader, start=self.position):
                 sync = (micro + 1) % cfg.grad_accum == 0 or index == len(batches) - 1
-                inputs = self._check(batch)
+                inputs = self._check(batch, train=True)
+                window.extend(batch["ids"])
                 with acc.autocast():
                     loss = self.model(**inputs).loss if inputs is not None else None
                 bad = torch.tensor([0.0 if loss is None or torch.isfinite(loss.detach()) else 1.0], device=acc.device)
                 if acc.num_processes > 1:
                     bad = acc.reduce(bad, reduction="sum")
                 if bad.item() > 0:
-                    self.history.append({"kind": "stop", "step": self.step, "epoch": self.epoch,
-                                         "reason": "non-finite loss"})
-                    logger(self.history[-1])
-                    log.error("non-finite loss at step %d (epoch %d, batch %d); last good checkpoint kept in %s",
-                              self.step, self.epoch, index, self.out / "last")
-                    return "non-finite loss"
+                    raise self._diverged(logger, "loss", batch["ids"], index)
                 if loss is None:  # every image of this batch was bad: keep ranks in step with a zero loss
                     loss = sum(p.sum() * 0.0 for p in self.raw.parameters() if p.requires_grad)
                 else:
                     running, n_running = running + float(loss.detach()), n_running + 1
+                    self.usable_items += len(batch["ids"])
                 ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
                 with ctx:
                     acc.backward(loss / cfg.grad_accum)
@@ -605,10 +731,11 @@ class Trainer:
                     grad_norm = float(acc.clip_grad_norm_([p for g in self.optimizer.param_groups
                                                            for p in g["params"]], cfg.max_grad_norm))
                     if not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16":
-                        self.history.append({"kind": "stop", "step": self.step, "reason": "non-finite loss"})
-                        logger(self.history[-1])
-                        return "non-finite loss"
+                        raise self._diverged(logger, "gradient", window, index)
                 self.optimizer.step()
+                if not self._all_finite():  # overflow in the update itself: never save these weights
+                    raise self._diverged(logger, "weights", window, index)
+                window = []
                 if not self.optimizer.step_was_skipped:
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -635,6 +762,8 @@ class Trainer:
             if cfg.eval_every_epoch and self.eval_records:
                 metrics = self.evaluate()
                 value = metrics[cfg.metric]
+                if cfg.metric == "loss" and metrics["count"] and not math.isfinite(value):
+                    raise self._diverged(logger, "evaluation loss", [], len(batches))  # before saving these weights
                 improved = self._improved(value)
                 if improved:
                     self.best, self.bad_epochs = value, 0
@@ -670,5 +799,11 @@ def check_trainable(model: MedVQAAdapter, groups: Sequence[str]) -> None:
 
 def train(model: MedVQAAdapter, train_records: Sequence[VQARecord], eval_records: Sequence[VQARecord] | None,
           cfg: TrainConfig) -> TrainResult:
-    """Train `model` in place; checkpoints go to cfg.output_dir/{last,best}. See TrainConfig for the knobs."""
-    return Trainer(model, train_records, eval_records, cfg).run()
+    """Train `model` in place; checkpoints go to cfg.output_dir/{last,best}. See TrainConfig for the knobs.
+
+    The output folder is locked for the call (by the main process of a multi-process launch). Raises
+    `TrainingDiverged` on a non-finite loss, `ImageLoadError` when too few training images are usable, and
+    `CheckpointError` when a resume would be unsafe.
+    """
+    with run_lock(cfg.output_dir):
+        return Trainer(model, train_records, eval_records, cfg).run()
