@@ -19,6 +19,7 @@ Hugging Face Hub: `push_to_hf` uploads an adapter folder with a model card built
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -28,7 +29,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .fileio import MANIFEST_NAME, IntegrityError, atomic_dir, atomic_write, verify_manifest, write_manifest
 
@@ -136,6 +137,23 @@ class Hub:
         self.fs.pipe_file(tmp, text.encode())
         self.fs.mv(tmp, self._path(INDEX_NAME))
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Pushes to a local hub take turns (an exclusive flock on ``.index.lock``), so two pushes never pick the
+        same version or lose each other's index entry. Remote hubs have no lock: push to them from one place."""
+        if not self.local:
+            yield
+            return
+        import fcntl
+
+        os.makedirs(self.root, exist_ok=True)
+        with open(os.path.join(self.root, ".index.lock"), "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
     def entry(self, ref: str) -> tuple[str, str, dict[str, Any]]:
         """(name, version, index entry) of "name" (its latest version) or "name@version"."""
         name, version = parse_ref(ref)
@@ -163,12 +181,17 @@ class Hub:
 
         The folder must check out against its own manifest (a damaged adapter is never shared). The version
         defaults to one more than the highest numeric version of that name."""
-        from . import __version__
-
         src = Path(folder)
         files = self._checked_source(src)
         cfg = json.loads((src / "prefixvqa_config.json").read_text())
         name = check_name(name or cfg.get("name") or src.name)
+        with self._locked():
+            return self._push(src, files, cfg, name, version, task, overwrite)
+
+    def _push(self, src: Path, files: dict[str, Any], cfg: dict[str, Any], name: str, version: str | None,
+              task: str | None, overwrite: bool) -> str:
+        from . import __version__
+
         index = self.index()
         versions = index["adapters"].setdefault(name, {})
         if version is None:

@@ -91,6 +91,16 @@ def test_local_hub_round_trip(adapters, tmp_path, capsys, monkeypatch):
     assert main(["hub", "pull", "alpha@9"]) == 2 and "no version '9'" in capsys.readouterr().err
 
 
+def test_concurrent_pushes_get_distinct_versions(adapters, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    hub = Hub(tmp_path / "hub")
+    with ThreadPoolExecutor(4) as pool:
+        refs = list(pool.map(lambda _: hub.push(adapters["alpha"], name="alpha"), range(4)))
+    assert sorted(refs) == [f"alpha@{v}" for v in range(1, 5)]
+    assert sorted(hub.index()["adapters"]["alpha"]) == ["1", "2", "3", "4"] and hub.verify() == []
+
+
 def test_fsspec_hub_round_trip(adapters, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFIXVQA_CACHE", str(tmp_path / "cache"))
     hub = Hub(f"memory://prefixvqa-test-{os.getpid()}")
