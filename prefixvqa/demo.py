@@ -110,7 +110,8 @@ def run_demo(out_dir: str | Path = "checkpoints/demo", n_train: int = 360, n_tes
                                            progress=progress)
     fitted = model.calibration.fitted_on
     print(f"calibration on {len(val_records)} validation questions: ECE {fitted['ece_before']:.3f} -> "
-          f"{fitted['ece_after']:.3f} (temperature {model.calibration.temperature_score:.2f} for ranked answers)")
+          f"{fitted['ece_after']:.3f} (temperature {model.calibration.temperature_generate:.2f} for generated and "
+          f"{model.calibration.temperature_score:.2f} for ranked answers)")
     metrics = evaluate(model, test_records, "llava_med", out_dir / "eval", batch_size=32, progress=progress)
     by_type = _accuracy_by_type(out_dir / "eval" / "predictions.jsonl")
     model.save_pretrained(out_dir / "adapter", card={"metrics": {**metrics, **{f"accuracy_{k}": v for k, v in
