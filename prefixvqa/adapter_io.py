@@ -5,6 +5,7 @@
     adapter_config.json        peft's own files for the LoRA / soft-prompt part, so
     adapter_model.safetensors  `peft.PeftModel.from_pretrained(base_lm, folder)` loads it without prefixvqa
     README.md                  model card
+    calibration.json           optional: confidence temperatures fitted on validation data (prefixvqa.calibration)
     manifest.sha256.json       sha256 and size of every file above, verified on load
 
 Saving writes a temporary sibling folder and renames it into place, so an interrupted save never leaves a
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .calibration import CALIBRATION_NAME, Calibration
 from .config import AdapterConfig, ConfigError
 from .fileio import MANIFEST_NAME, IntegrityError, atomic_dir, verify_manifest, write_manifest
 from .processor import PROCESSOR_NAME, MedVQAProcessor
@@ -95,15 +97,43 @@ def write_adapter_files(model: "MedVQAAdapter", folder: Path, card: dict[str, An
     (folder / "README.md").write_text(model_card(cfg, card or {}))
     if card and card.get("metrics"):
         (folder / "metrics.json").write_text(json.dumps(card["metrics"], indent=2, sort_keys=True) + "\n")
+    if getattr(model, "calibration", None) is not None:
+        model.calibration.save(folder)
     write_manifest(folder)
 
 
+def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
+    """Put `calibration.json` into a saved adapter: the folder is checked, copied with the new file and a new
+    manifest into a temporary sibling, and swapped in whole (readers never see a half-updated adapter)."""
+    import shutil
+
+    folder = Path(folder)
+    check_integrity(folder)
+    with atomic_dir(folder) as tmp:
+        for item in folder.iterdir():
+            if item.name not in (CALIBRATION_NAME, MANIFEST_NAME) and not item.name.startswith("."):
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        calibration.save(tmp)
+        write_manifest(tmp)
+    return folder / CALIBRATION_NAME
+
+
 def resolve_adapter(path: str | Path) -> Path:
-    """A local folder, or a hub repo id fetched (or found in the cache) with huggingface_hub."""
+    """A local folder; a name in the local adapter hub ("name" or "name@version", checked against the hub index);
+    or a Hugging Face Hub repo id fetched (or found in the cache) with huggingface_hub."""
     local = Path(path).expanduser()
     if local.is_dir():
         return local
     name = str(path)
+    if "/" not in name and not local.exists():
+        from .hub import Hub, HubError
+
+        try:
+            hub = Hub()
+            if name in hub:
+                return hub.resolve(name)
+        except HubError as exc:
+            raise AdapterLoadError(str(exc)) from None
     if local.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise AdapterLoadError(f"adapter folder not found: {path}")
     from huggingface_hub import snapshot_download
@@ -152,6 +182,10 @@ def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: 
             raise AdapterLoadError(f"{folder / PROCESSOR_NAME} is damaged: {exc.__class__.__name__}: {exc}") from None
         except ValueError as exc:
             raise AdapterLoadError(str(exc)) from None
+    try:
+        model.calibration = Calibration.load(folder)
+    except ValueError as exc:
+        raise AdapterLoadError(str(exc)) from None
     return model
 
 

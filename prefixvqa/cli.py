@@ -27,6 +27,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    """A whole number >= 0 (0 shots: zero-shot)."""
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
 def _train_sizes(text: str) -> list[int | str]:
     sizes: list[int | str] = []
     for part in (p.strip() for p in text.split(",")):
@@ -92,17 +97,37 @@ def cmd_answer(args: argparse.Namespace) -> int:
     from .model import MedVQAAdapter
 
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
+    threshold = _threshold(args, model)
     if args.choices:
         options = [c.strip() for c in args.choices.split(",")]
         probs = model.score_choices([args.image], [args.question], [options])[0]
         for option, p in sorted(zip(options, probs), key=lambda x: -x[1]):
             print(f"{p:.3f}  {option}")
+        if threshold is not None and max(probs) < threshold:
+            print(f"uncertain (best choice below the confidence threshold {threshold:.2f})")
         return 0
     answer = model.answer([args.image], [args.question], max_new_tokens=args.max_new_tokens,
-                          num_beams=args.num_beams)[0]
+                          num_beams=args.num_beams, abstain_below=threshold)[0]
     print(answer.text)
-    print(f"(log-probability {answer.score:.3f} over {answer.num_tokens} tokens)", file=sys.stderr)
+    guess = f"best guess {answer.guess!r}, " if answer.abstained else ""
+    print(f"({guess}confidence {answer.confidence:.3f}{'' if model.calibration else ' uncalibrated'}; "
+          f"log-probability {answer.score:.3f} over {answer.num_tokens} tokens)", file=sys.stderr)
+    if args.explain is not None:
+        from .explain import explain
+
+        out = Path(args.explain or Path(str(args.image)).stem + "_explain.png")
+        explain(model, args.image, args.question, out, method=args.method)
+        print(f"grounding heatmap ({args.method}): {out}", file=sys.stderr)
     return 0
+
+
+def _threshold(args: argparse.Namespace, model: Any) -> float | None:
+    """--abstain-below, else the adapter calibration's threshold, else none."""
+    if getattr(args, "abstain_below", None) is not None:
+        if not 0.0 <= args.abstain_below <= 1.0:
+            raise ValueError(f"--abstain-below must be a confidence in [0, 1], got {args.abstain_below}")
+        return args.abstain_below
+    return model.calibration.threshold if model.calibration is not None else None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -117,14 +142,116 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     records = _records(args)  # a bad --data fails before a model is loaded
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
+    pool = None
+    if args.shots:
+        pool = (_records(argparse.Namespace(**{**vars(args), "split": "train"})) if args.shot_pool == "train"
+                else _records(argparse.Namespace(data=args.shot_pool, format=None, split=None)))
+    if pool is not None:
+        shared = {r.id for r in pool} & {r.id for r in records}
+        if shared:  # e.g. a single-file dataset has no separate train split: its "train" is the test data itself
+            raise ValueError(f"the shot pool shares {len(shared)} record(s) with the evaluated data (e.g. "
+                             f"{sorted(shared)[0]!r}); its answers would leak into the prompts: pass --shot-pool DATA")
+    shot_args = {"shots": args.shots, "shot_pool": pool, "feature_cache": args.feature_cache}
+    calibration = None
+    if args.calibrate_on or args.calibrate_split:
+        from .eval.runner import fit_calibration_on
+
+        val = _records(argparse.Namespace(**{**vars(args), "data": args.calibrate_on or args.data,
+                                             "split": args.calibrate_split}))
+        calibration = fit_calibration_on(model, val, args.protocol, batch_size=args.batch_size,
+                                         closed_mode=args.closed_mode, threshold=args.abstain_below, **shot_args)
+        print(f"calibration on {len(val)} validation items: ECE {calibration.fitted_on['ece_before']:.4f} -> "
+              f"{calibration.fitted_on['ece_after']:.4f} (T generate {calibration.temperature_generate:.3f}, "
+              f"T score {calibration.temperature_score:.3f})")
+        if args.save_calibration:
+            from .adapter_io import save_calibration
+
+            print(f"saved: {save_calibration(args.adapter, calibration)}")
+    elif args.abstain_below is not None:
+        from .calibration import Calibration
+
+        base = model.calibration or Calibration()
+        calibration = Calibration(base.temperature_generate, base.temperature_score, args.abstain_below,
+                                  base.fitted_on)
     from .eval.protocols import get_protocol
 
     protocol = get_protocol(args.protocol, upstream_metrics=True) if args.upstream_metrics else args.protocol
     metrics = evaluate(model, records, protocol, args.out, batch_size=args.batch_size,
                        closed_mode=args.closed_mode, data_spec=_data_spec(args.data, args.format, args.split),
-                       adapter_path=args.adapter)
+                       adapter_path=args.adapter, calibration=calibration, **shot_args)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .model import MedVQAAdapter
+    from .predict import load_unlabeled, predict_records, write_predictions
+
+    model = MedVQAAdapter.from_pretrained(args.adapter).eval()
+    records = load_unlabeled(_data_spec(args.data, args.format, None), args.split)
+    if not records:
+        raise ValueError(f"no records in {args.data}")
+    rows = predict_records(model, records, protocol=args.protocol, closed_mode=args.closed_mode,
+                           batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, abstain_below=_threshold(args, model))
+    write_predictions(rows, args.out)
+    uncertain = sum(r["abstained"] for r in rows)
+    print(f"{len(rows)} answers ({uncertain} uncertain) written to {args.out}")
+    return 0
+
+
+def cmd_hub(args: argparse.Namespace) -> int:
+    from .hub import Hub, default_hub, pull_from_hf, push_to_hf
+
+    args.hub = args.hub or default_hub()
+    if args.hub_command == "push":
+        if args.hf:
+            result = push_to_hf(args.folder, args.hf, private=not args.public)
+            print(f"pushed {args.folder} to the Hugging Face Hub repo {args.hf}: {result}")
+            return 0
+        print(f"pushed {Hub(args.hub).push(args.folder, args.name, args.version, task=args.task)} to {args.hub}")
+        return 0
+    if args.hub_command == "pull":
+        if args.hf:
+            repo, _, revision = args.ref.partition("@")
+            path = pull_from_hf(repo, revision or None)
+            if args.to:
+                import shutil
+
+                shutil.copytree(path, args.to, dirs_exist_ok=False)
+                path = Path(args.to)
+        else:
+            path = Hub(args.hub).pull(args.ref, args.to)
+        print(path)
+        return 0
+    hub = Hub(args.hub)
+    if args.hub_command == "list":
+        rows = hub.list()
+        if args.json:
+            print(json.dumps(rows, indent=2, sort_keys=True))
+            return 0
+        if not rows:
+            print(f"no adapters in {args.hub}")
+        for r in rows:
+            metrics = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in list(r["metrics"].items())[:4])
+            here = "yes" if r["available"] else f"no ({r['missing'][:80]})"
+            print(f"{r['ref']:<28} encoder {r['encoder']}; decoder {r['decoder']}; task: {r['task']}; "
+                  f"{metrics or 'no metrics'}; base models here: {here}")
+        return 0
+    problems = hub.verify(args.ref)
+    for p in problems:
+        print(p)
+    print(f"{args.hub}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    serve(args.adapter, hub=args.hub, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+          abstain_below=args.abstain_below, keep_uploads=args.keep_uploads, explain_method=args.method)
     return 0
 
 
@@ -187,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="prefixvqa", description="Vision-language prefix adapters for medical VQA.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def abstain_arg(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--abstain-below", type=float, metavar="P",
+                       help="answer 'uncertain' below this confidence (default: the adapter calibration's threshold)")
+
     def data_args(s: argparse.ArgumentParser, required: bool = False) -> None:
         s.add_argument("--data", required=required, help="dataset path or JSON spec, e.g. '{\"format\": \"slake\", "
                                                       "\"path\": \"Slake1.0\"}'")
@@ -219,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="default: the adapter's generation settings")
     s.add_argument("--num-beams", type=_positive_int, default=None, help="default: the adapter's generation settings")
+    abstain_arg(s)
+    s.add_argument("--explain", nargs="?", const="", metavar="PNG",
+                   help="write a grounding heatmap overlay (default: <image>_explain.png)")
+    s.add_argument("--method", choices=["occlusion", "grad_x_input"], default="occlusion",
+                   help="grounding attribution (default occlusion)")
     s.set_defaults(func=cmd_answer)
 
     s = sub.add_parser("eval", help="evaluate an adapter under a named protocol, or compare results")
@@ -232,7 +368,61 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--upstream-metrics", action="store_true",
                    help="also report the source's own metric variants (prefix_vqa: van Sonsbeek's nltk BLEU etc.)")
     s.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print a side-by-side table")
+    s.add_argument("--shots", type=_count, default=0, help="k shots per query in the template's few-shot format")
+    s.add_argument("--shot-pool", default="train", metavar="train|DATA",
+                   help="where shots are retrieved from: the same dataset's train split, or a dataset path/spec")
+    s.add_argument("--feature-cache", help="feature cache folder for retrieval (default ~/.cache/prefixvqa/features)")
+    s.add_argument("--calibrate-on", metavar="DATA", help="fit temperature scaling on this dataset first")
+    s.add_argument("--calibrate-split", help="fit temperature scaling on this split (of --calibrate-on or --data)")
+    s.add_argument("--save-calibration", action="store_true", help="store the fitted calibration in the adapter")
+    abstain_arg(s)
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("predict", help="answer every record of a dataset without answers; JSONL with confidences")
+    s.add_argument("--adapter", required=True, help="adapter folder or hub name[@version]")
+    data_args(s)
+    s.add_argument("--out", default="predictions.jsonl")
+    s.add_argument("--protocol", default="llava_med", help="how questions are answered (see eval)")
+    s.add_argument("--closed-mode", choices=["score", "generate"], help="rank a closed question's candidates "
+                                                                        "(score) or generate (the protocol's default)")
+    s.add_argument("--batch-size", type=_positive_int, default=8)
+    s.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="default: the adapter's generation settings")
+    abstain_arg(s)
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("hub", help="the adapter hub: push, pull, list, verify (local folder, fsspec URL, HF Hub)")
+    hub_sub = s.add_subparsers(dest="hub_command", required=True)
+    h = hub_sub.add_parser("push", help="copy an adapter folder into the hub")
+    h.add_argument("folder")
+    h.add_argument("--name")
+    h.add_argument("--version")
+    h.add_argument("--task", help="what the adapter does (default: from its metrics, else VQA)")
+    h.add_argument("--hf", metavar="REPO_ID", help="push to this Hugging Face Hub model repo instead")
+    h.add_argument("--public", action="store_true", help="with --hf: create the repo public (default private)")
+    h = hub_sub.add_parser("pull", help="copy NAME[@VERSION] out of the hub, checking every file")
+    h.add_argument("ref", metavar="NAME[@VERSION]")
+    h.add_argument("--to", help="destination folder (default: the prefixvqa cache)")
+    h.add_argument("--hf", action="store_true", help="NAME is a Hugging Face Hub repo id[@revision]")
+    h = hub_sub.add_parser("list", help="adapters with base models, task, metrics")
+    h.add_argument("--json", action="store_true")
+    h = hub_sub.add_parser("verify", help="check every file of the hub (or of NAME[@VERSION]) against the index")
+    h.add_argument("ref", nargs="?", metavar="NAME[@VERSION]")
+    for h in hub_sub.choices.values():
+        h.add_argument("--hub", default=None, help="hub root: folder or fsspec URL (default checkpoints/ or "
+                                                   "$PREFIXVQA_HUB)")
+    s.set_defaults(func=cmd_hub)
+
+    s = sub.add_parser("serve", help="local web app: upload an image, ask, see answer, confidence and heatmap")
+    s.add_argument("--adapter", required=True, help="adapter folder or hub name[@version]")
+    s.add_argument("--hub", default=None, help="also offer the hub's adapters on the same base (default checkpoints/)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--max-upload-mb", type=float, default=20.0)
+    s.add_argument("--keep-uploads", metavar="DIR", help="keep uploaded images here (default: nothing is kept)")
+    s.add_argument("--method", choices=["occlusion", "grad_x_input"], default="occlusion")
+    abstain_arg(s)
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("sweep", help="few-shot learning curve: train and evaluate at several training-set sizes")
     s.add_argument("recipe")
@@ -288,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .adapter_io import AdapterLoadError
     from .config import ConfigError
+    from .hub import HubError
     from .data.records import DataError
     from .train.checkpoint import RunLockedError
     from .train.trainer import TrainingDiverged
@@ -302,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as exc:  # not a usage error: the run itself failed
         say(exc)
         return 1
-    except (ConfigError, DataError, ModelNotAvailableError, AdapterLoadError, RunLockedError, ImportError,
+    except (ConfigError, DataError, ModelNotAvailableError, AdapterLoadError, HubError, RunLockedError, ImportError,
             ValueError, OSError) as exc:  # OSError: missing files, a recipe folder, a full disk (the path is named)
         say(exc)
         return 2

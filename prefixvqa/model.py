@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibration import UNCERTAIN, Calibration
 from .config import AdapterConfig, ConfigError
 from .decoder import apply_tuning, check_decoder_available, decoder_fingerprint, fingerprint, load_decoder
 from .mappers import build_mapper
@@ -27,9 +28,12 @@ PROMPT_MODES = ("prompt_tuning", "prefix_tuning")
 
 @dataclass
 class Answer:
-    text: str
+    text: str  # the answer, or "uncertain" when it abstained (the guess is then in `guess`)
     score: float  # log-probability of the answer's tokens (sum), up to and including EOS or the stop string
     num_tokens: int
+    confidence: float | None = None  # exp(mean token log-prob), temperature-scaled when the adapter is calibrated
+    abstained: bool = False
+    guess: str | None = None  # the model's answer when it abstained
 
 
 @dataclass
@@ -38,6 +42,13 @@ class AdapterOutput:
     logits: torch.Tensor  # (K, V) at the K supervised positions when labels are given, else (B, T, V)
     labels: torch.Tensor | None  # (B, T), IGNORE outside answers
     attention_mask: torch.Tensor  # (B, T)
+
+
+def abstain(answer: Answer, below: float | None) -> Answer:
+    """The answer, or "uncertain" (with the guess kept) when its confidence is below the threshold."""
+    if below is None or answer.confidence is None or answer.confidence >= below:
+        return answer
+    return Answer(UNCERTAIN, answer.score, answer.num_tokens, answer.confidence, True, answer.text)
 
 
 def check_available(config: AdapterConfig, encoder: bool = True, decoder: bool = True) -> None:
@@ -87,6 +98,7 @@ class MedVQAAdapter(nn.Module):
         self.decoder = apply_tuning(decoder, config.tuning, quantized=bool(config.decoder.quantization),
                                     checkpointing=config.decoder.gradient_checkpointing)
         self.processor = MedVQAProcessor(tokenizer, self.config.template, encoder.preprocess, prefix_length)
+        self.calibration: Calibration | None = None  # temperatures fitted on validation data (calibration.json)
         self.freeze_encoder(config.encoder.freeze)
 
     @property
@@ -237,12 +249,14 @@ class MedVQAAdapter(nn.Module):
     @torch.no_grad()
     def answer(self, images: Sequence[Any] | None, questions: Sequence[str], *, features: torch.Tensor | None = None,
                shots: Sequence[Sequence[tuple[str, str]]] | None = None, views: Sequence[dict] | None = None,
-               **generation: Any) -> list[Answer]:
+               abstain_below: float | None = None, **generation: Any) -> list[Answer]:
         """Answer questions about images (paths, bytes, PIL; the same object for several questions is encoded once
-        and its prefix KV shared). Generation settings: see `generate`."""
+        and its prefix KV shared). Few-shot: per question a list of images (shots' then the query's) and `shots`
+        [(question, answer), ...]. Answers whose confidence is below `abstain_below` come back as "uncertain" with
+        the guess kept. Generation settings: see `generate`."""
         batch = self.processor(None if features is not None else images, questions, shots=shots, views=views,
                                padding_side="left")
-        return self.generate(**batch, features=features, **generation)
+        return [abstain(a, abstain_below) for a in self.generate(**batch, features=features, **generation)]
 
     @torch.no_grad()
     def score_choices(self, images: Sequence[Any] | None, questions: Sequence[str], choices: Sequence[Sequence[str]],
@@ -250,18 +264,17 @@ class MedVQAAdapter(nn.Module):
                       views: Sequence[dict] | None = None, return_loglik: bool = False) -> list[list[float]]:
         """Rank candidate answers by length-normalised log-likelihood (answer tokens + EOS). Each question's prompt
         runs once; its KV cache serves its K candidates. Returns per-question probabilities (softmax over the
-        normalised log-likelihoods), or those log-likelihoods with `return_loglik=True`."""
+        normalised log-likelihoods, divided by the calibrated temperature when the adapter has one), or those
+        log-likelihoods with `return_loglik=True`."""
         shots = shots if shots is not None else [()] * len(questions)
         batch = self.processor(None if features is not None else images, questions, shots=shots, views=views,
                                choices=choices)  # templates that list the options show them (MedVInT)
         pairs = [[self.processor.tokenize(q, c, s, choices=opts) for c in opts]
                  for q, opts, s in zip(questions, choices, shots, strict=True)]
         mean_lp = self.score(batch, pairs, features=features)
-        out = []
-        for scores in mean_lp:
-            scores = torch.tensor(scores)
-            out.append((scores if return_loglik else scores.softmax(0)).tolist())
-        return out
+        if return_loglik:
+            return mean_lp
+        return [(self.calibration or Calibration()).scored(scores) for scores in mean_lp]
 
     # --- inference: tensors ---------------------------------------------------------------------------------------
     def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor, image_mask: torch.Tensor,
@@ -403,7 +416,8 @@ class MedVQAAdapter(nn.Module):
                      if any(s in self.tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stop))
             text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
             text = min((text.split(s)[0] for s in stop), key=len)
-        return Answer(text.strip(), float(sum(steps[:n])), n)
+        score = float(sum(steps[:n]))
+        return Answer(text.strip(), score, n, (self.calibration or Calibration()).generated(score, n))
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor], pairs: Sequence[Sequence[Sample]],

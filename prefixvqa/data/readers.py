@@ -360,8 +360,10 @@ def _image_qa_records(
     stem: str,
     columns: dict[str, str] | None = None,
     derive_answer_type: bool = False,
+    require_answer: bool = True,
 ) -> list[VQARecord]:
-    """Rows with image, question, answer[, answer_type, choices, id]: generic tables, PathVQA, HF VQA-RAD."""
+    """Rows with image, question, answer[, answer_type, choices, id]: generic tables, PathVQA, HF VQA-RAD.
+    With `require_answer=False` (prediction on unlabeled images) a missing or empty answer gives answer None."""
     col = {name: name for name in ("id", "image", "question", "answer", "answer_type", "choices")}
     col.update(columns or {})
 
@@ -370,13 +372,13 @@ def _image_qa_records(
             raise DataError(f"{rows.where(index)}: missing field '{col['image']}'")
         image, image_meta = rows.images(row[col["image"]], index, col["image"])
         question = rows.text(row, index, col["question"])
-        answer = rows.text(row, index, col["answer"])
+        answer = rows.text(row, index, col["answer"], required=require_answer) or None
         choices = _parse_choices(row.get(col["choices"]), rows, index)
-        if choices is not None and answer not in choices:
+        if choices is not None and answer is not None and answer not in choices:
             raise DataError(f"{rows.where(index)}: field '{col['answer']}' {answer!r} is not one of the choices")
         answer_type = rows.answer_type(row.get(col["answer_type"]), index, col["answer_type"])
         meta = {"dataset": dataset, "split": split, **image_meta}
-        if answer_type is None and derive_answer_type:
+        if answer_type is None and derive_answer_type and answer is not None:
             answer_type, meta["answer_type_source"] = _derived_answer_type(answer), "derived: yes/no answers"
         meta.update(_extras(row, col.values()))
         question, offsets = strip_image_tokens(question)
@@ -445,6 +447,7 @@ def read_generic(
     dataset: str = "generic",
     on_bad_record: str = "skip",
     label: str | None = None,
+    require_answer: bool = True,
 ) -> Records:
     """JSONL/JSON/CSV/TSV/parquet (or a Dataset) with image, question, answer[, answer_type, choices, id].
 
@@ -452,10 +455,12 @@ def read_generic(
     columns, e.g. {"image": "img_path"}. Choices in CSV cells are a JSON list or '|'-separated. Unknown columns go
     to meta. Without an id column, ids are "<file stem>/<index>". A LLaVA-style `<image>` token in a question is
     removed and its place kept in `image_position`. JSON Lines content in a .json file is recognised and read.
+    `require_answer=False` accepts rows without an answer (answer None), for prediction on unlabeled images.
     """
 
     def parse(table: Iterable[Any], rows: _Rows, part: str | None, stem: str) -> list[VQARecord]:
-        return _image_qa_records(table, rows, dataset=dataset, split=part, stem=stem, columns=columns)
+        return _image_qa_records(table, rows, dataset=dataset, split=part, stem=stem, columns=columns,
+                                 require_answer=require_answer)
 
     return _read_tables(source, split, suffixes=TABLE_SUFFIXES, image_root=image_root, check_images=check_images,
                         label=label, parse=parse, on_bad_record=on_bad_record)

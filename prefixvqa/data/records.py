@@ -54,6 +54,7 @@ class VQARecord:
     """One question about (usually) one image, or a whole conversation about it.
 
     `image` is an absolute file path, encoded image bytes (parquet releases) or None (text-only items).
+    `answer` is None only for unlabeled records read for prediction (readers' `require_answer=False`).
     `question`/`answer` are the last exchange; `history` holds the earlier exchanges of a conversation (LLaVA-style
     multi-turn data), oldest first. Training supervises every answer of the conversation; evaluation asks the last
     question with the earlier exchanges as context. The image belongs to the first exchange (LLaVA's convention).
@@ -67,7 +68,7 @@ class VQARecord:
     id: str
     image: str | bytes | None
     question: str
-    answer: str
+    answer: str | None
     answer_type: str | None = None
     choices: list[str] | None = None
     meta: dict = field(default_factory=dict)

@@ -85,7 +85,7 @@ def answer_type_of(record: Any) -> str:
     """
     if record.answer_type in ("closed", "open"):
         return record.answer_type
-    if record.choices or M.normalize_answer(record.answer) in YES_NO:
+    if record.choices or (record.answer is not None and M.normalize_answer(record.answer) in YES_NO):
         return "closed"
     return "open"
 

@@ -8,7 +8,9 @@
     metrics.json        overall metrics plus per-group breakdowns; sorted keys, floats rounded to 6 decimals and no
                         timestamps, so the same predictions give a byte-identical file
     report.md           overall table, breakdown tables (answer type, question/content type, modality, organ), plots
-    *.png               per_type_accuracy.png, confusion_closed.png (closed questions), confidence_hist.png
+    *.png               per_type_accuracy.png, confusion_closed.png (closed questions), confidence_hist.png,
+                        reliability.png (calibration before/after temperature scaling), coverage.png (accuracy
+                        against coverage when abstaining below a confidence threshold)
     manifest.json       dataset, split, item ids, content hash, data spec, adapter path and fingerprints, protocol,
                         prefixvqa version
 
@@ -34,7 +36,8 @@ from ..fileio import atomic_write, atomic_write_with
 from .protocols import (METRIC_LABELS, TOKEN_ID_METRICS, Protocol, answer_type_of, candidates_for, compute_metrics,
                         get_protocol, item_scores)
 
-__all__ = ["evaluate", "plan_items", "write_outputs", "rescore", "compare", "load_predictions", "BREAKDOWN_FIELDS",
+__all__ = ["evaluate", "fit_calibration_on", "plan_items", "write_outputs", "rescore", "compare", "load_predictions",
+           "BREAKDOWN_FIELDS",
            "DECIMALS"]
 
 DECIMALS = 6  # every float written to metrics.json / predictions.jsonl is rounded to this many decimals
@@ -43,7 +46,7 @@ BREAKDOWN_FIELDS: tuple[tuple[str, str], ...] = (
     ("answer_type", "answer type"), ("question_type", "question type"), ("content_type", "content type"),
     ("modality", "modality"), ("organ", "organ"), ("location", "location"),
 )
-PLOTS = ("per_type_accuracy.png", "confusion_closed.png", "confidence_hist.png")
+PLOTS = ("per_type_accuracy.png", "confusion_closed.png", "confidence_hist.png", "reliability.png", "coverage.png")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -123,6 +126,7 @@ def predict(model: Any, records: Sequence[Any], plan: Sequence[list[str] | None]
     from ..data.loader import BatchList, RecordDataset, make_loader, to_device
 
     proc = model.processor
+    calibration = getattr(model, "calibration", None)
     scored = [i for i, c in enumerate(plan) if c is not None]
     generated = sorted((i for i, c in enumerate(plan) if c is None), key=lambda i: _image_key(records[i]))
     batches = [(True, b) for b in _batches(scored, batch_size)] + [(False, b) for b in _batches(generated, batch_size)]
@@ -148,20 +152,33 @@ def predict(model: Any, records: Sequence[Any], plan: Sequence[list[str] | None]
                     pairs = [[proc.tokenize_record(records[i], c) for c in plan[i]]
                              for i in good]
                     for i, loglik in zip(good, model.score(tensors, pairs)):
-                        p = [float(x) for x in torch.tensor(loglik).softmax(0)]
-                        best = max(range(len(p)), key=lambda k: (p[k], -k))  # ties -> first candidate
-                        rows[i] = {"mode": "score", "prediction": plan[i][best], "choice_index": best,
-                                   "candidates": list(plan[i]), "choice_probs": p, "confidence": p[best],
-                                   "score": math.log(max(p[best], 1e-45)), "num_tokens": None}
+                        rows[i] = scored_row(plan[i], loglik, calibration)
                 else:
                     for i, a in zip(good, model.generate(**tensors, **generation)):
-                        per_token = a.score / a.num_tokens if a.num_tokens else 0.0
-                        rows[i] = {"mode": "generate", "prediction": a.text, "choice_index": None,
-                                   "candidates": None, "choice_probs": None, "confidence": math.exp(per_token),
-                                   "score": a.score, "num_tokens": a.num_tokens}
+                        rows[i] = generated_row(a)
     finally:
         model.train(was_training)
     return rows
+
+
+def scored_row(candidates: Sequence[str], loglik: Sequence[float], calibration: Any = None) -> dict[str, Any]:
+    """A predictions.jsonl row for an answer chosen among candidates by length-normalised log-likelihood.
+    ``confidence`` is calibrated when the model has a calibration, ``confidence_raw`` never is."""
+    from ..calibration import Calibration
+
+    p = Calibration().scored(loglik)
+    best = max(range(len(p)), key=lambda k: (p[k], -k))  # ties -> first candidate
+    return {"mode": "score", "prediction": candidates[best], "choice_index": best, "candidates": list(candidates),
+            "choice_probs": p, "confidence_raw": p[best], "confidence": (calibration or Calibration()).scored(
+                loglik)[best], "score": math.log(max(p[best], 1e-45)), "num_tokens": None}
+
+
+def generated_row(answer: Any) -> dict[str, Any]:
+    """A predictions.jsonl row for a generated answer (its confidence already calibrated by the model)."""
+    per_token = answer.score / answer.num_tokens if answer.num_tokens else 0.0
+    return {"mode": "generate", "prediction": answer.guess if answer.abstained else answer.text,
+            "choice_index": None, "candidates": None, "choice_probs": None, "confidence_raw": math.exp(per_token),
+            "confidence": answer.confidence, "score": answer.score, "num_tokens": answer.num_tokens}
 
 
 def _image_key(record: Any) -> str:
@@ -169,8 +186,14 @@ def _image_key(record: Any) -> str:
 
 
 def _predict(model: Any, records: Sequence[Any], plan: Sequence[list[str] | None], batch_size: int,
-             generation: Mapping[str, Any], progress: bool) -> list[dict[str, Any]]:
-    rows = predict(model, records, plan, batch_size, generation, progress)
+             generation: Mapping[str, Any], progress: bool, retriever: Any = None, shots: int = 0
+             ) -> list[dict[str, Any]]:
+    if shots:
+        from ..fewshot import predict_with_shots
+
+        rows = predict_with_shots(model, records, plan, retriever, shots, batch_size, generation, progress)
+    else:
+        rows = predict(model, records, plan, batch_size, generation, progress)
     return [{"id": record.id, "question": record.question, "gold": record.answer,
              "answer_type": answer_type_of(record), "choices": record.choices, "meta": record.meta, **row}
             for record, row in zip(records, rows)]
@@ -290,9 +313,36 @@ def _report(protocol: Protocol, metrics: Mapping[str, Any], manifest: Mapping[st
         parts += ["", f"## By {title}", "",
                   _md_table([title, "n", *names], [[v, cell["n"], *(cell.get(n) for n in names)]
                                                    for v, cell in table.items()])]
+    parts += _confidence_section(metrics.get("confidence") or {})
     if plots:
         parts += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(parts) + "\n"
+
+
+def _confidence_section(conf: Mapping[str, Any]) -> list[str]:
+    """Calibration (ECE before/after temperature scaling) and accuracy against coverage when abstaining."""
+    if not conf:
+        return []
+    parts = ["", "## Confidence", "",
+             f"Correct means {conf.get('correct_if', 'the primary per-item score >= 0.5')}; ECE: expected calibration "
+             "error over 10 equal-width bins.", ""]
+    rows = [["ECE, raw confidence", conf.get("ece_raw")]]
+    if "ece_calibrated" in conf:
+        rows += [["ECE, temperature-scaled", conf["ece_calibrated"]],
+                 ["temperature (generated answers)", conf["temperature_generate"]],
+                 ["temperature (scored answers)", conf["temperature_score"]]]
+    else:
+        rows.append(["ECE, temperature-scaled", "no calibration (fit one with --calibrate-on)"])
+    if conf.get("abstain_below") is not None:
+        rows += [["abstain below", conf["abstain_below"]],
+                 ["coverage at that threshold", conf["coverage_at_threshold"]],
+                 ["accuracy on answered items there", conf["accuracy_answered_at_threshold"]]]
+    parts += [_md_table(["", "value"], rows), "", "Accuracy against coverage (answer only the most confident items, "
+              "\"uncertain\" for the rest):", ""]
+    table = [[f"{float(level):.0%}", cell["threshold"], cell["coverage"], cell["accuracy"]]
+             for level, cell in conf.get("accuracy_at_coverage", {}).items()]
+    parts.append(_md_table(["target coverage", "confidence threshold", "coverage", "accuracy on answered"], table))
+    return parts
 
 
 def _save_png(fig: Any, path: Path) -> None:
@@ -353,7 +403,9 @@ def _plots(out: Path, protocol: Protocol, predictions: Sequence[Mapping[str, Any
         ax.set_title("closed questions", fontsize=9)
         save(fig, "confusion_closed.png")
 
-    conf = [(p["confidence"], row.get(protocol.primary, 0.0) >= 0.5) for p, row in zip(predictions, rows)
+    from ..calibration import is_correct
+
+    conf = [(p["confidence"], is_correct(row.get(protocol.primary))) for p, row in zip(predictions, rows)
             if p.get("confidence") is not None]
     if conf:
         fig = Figure(figsize=(5, 3.5))
@@ -374,30 +426,81 @@ def _plots(out: Path, protocol: Protocol, predictions: Sequence[Mapping[str, Any
 
 
 def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Sequence[Any],
-                  predictions: Sequence[dict[str, Any]], manifest: Mapping[str, Any], *, plots: bool = True
-                  ) -> dict[str, Any]:
+                  predictions: Sequence[dict[str, Any]], manifest: Mapping[str, Any], *, plots: bool = True,
+                  calibration: Any = None) -> dict[str, Any]:
     """Score ``predictions`` and write predictions.jsonl, metrics.json, plots, report.md and manifest.json.
 
     Each file is written atomically (temporary sibling, then renamed), so a reader or a crash never sees half a file.
+    Every row's ``confidence`` is recomputed from its raw scores under ``calibration`` (raw without one), so the
+    written confidences and the calibration figures always agree.
     """
+    from ..calibration import confidence_summary, is_correct, row_confidence
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    predictions = [dict(p) for p in predictions]
+    for p in predictions:
+        if row_confidence(p, None) is not None:
+            p["confidence_raw"], p["confidence"] = row_confidence(p, None), row_confidence(p, calibration)
     predictions = [_round(p) for p in predictions]  # metrics see exactly what is written
     rows = item_scores(protocol, records, predictions)
     overall = compute_metrics(protocol, records, predictions, rows=rows)
     for p, row in zip(predictions, rows):
         p["scores"] = _round(row)
+    rated = [(p["confidence_raw"], p["confidence"], is_correct(row.get(protocol.primary)))
+             for p, row in zip(predictions, rows) if p.get("confidence_raw") is not None]
+    confidence = confidence_summary([r[0] for r in rated], [r[1] for r in rated], [r[2] for r in rated], calibration)
+    if confidence:
+        confidence["correct_if"] = f"per-item {protocol.primary} >= 0.5"
     metrics = _round({"protocol": protocol.name, "overall": overall,
                       "breakdown": _breakdowns(protocol, records, rows),
-                      "answered_by": dict(Counter(p["mode"] for p in predictions)),
+                      "answered_by": dict(Counter(p["mode"] for p in predictions)), "confidence": confidence,
                       "skipped_records": len(manifest.get("skipped_records") or [])})
     atomic_write(out / "predictions.jsonl",
                  "".join(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n" for p in predictions))
     atomic_write(out / "metrics.json", _dump(metrics))
     atomic_write(out / "manifest.json", _dump(manifest))
     written = _plots(out, protocol, predictions, rows, metrics["breakdown"]) if plots else []
+    if plots and rated:
+        from ..calibration import plot_coverage, plot_reliability
+
+        series = {"raw": ([r[0] for r in rated], [r[2] for r in rated])}
+        if calibration is not None:
+            series["calibrated"] = ([r[1] for r in rated], [r[2] for r in rated])
+        plot_reliability(out / "reliability.png", series, _save_png)
+        plot_coverage(out / "coverage.png", [r[1] for r in rated], [r[2] for r in rated], _save_png)
+        written += ["reliability.png", "coverage.png"]
     atomic_write(out / "report.md", _report(protocol, metrics, manifest, written))
     return metrics
+
+
+def _answer_records(model: Any, records: Sequence[Any], protocol: Protocol, *, batch_size: int,
+                    closed_mode: str | None, generation: Mapping[str, Any], seed: int, progress: bool, shots: int,
+                    shot_pool: Sequence[Any] | None, feature_cache: str | os.PathLike | None
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Predictions for ``records`` (zero-shot, or after ``shots`` shots retrieved from ``shot_pool``) and the run
+    settings that produced them."""
+    from ..rng import seeded
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    plan = plan_items(records, protocol, closed_mode)
+    retriever = None
+    run: dict[str, Any] = {"closed_mode": closed_mode or protocol.closed_mode, "batch_size": batch_size,
+                           "generation": dict(generation), "seed": seed}
+    if shots:
+        from ..data.records import content_hash
+        from ..fewshot import ShotRetriever
+
+        if shot_pool is None:
+            raise ValueError("shots > 0 needs a shot_pool (e.g. the training split): shots come with their answers")
+        pool = list(shot_pool)
+        retriever = ShotRetriever(model, pool, cache_dir=feature_cache)
+        run["shots"] = {"k": shots, "retrieval": "cosine of mean-pooled encoder features, query image excluded",
+                        "pool_items": len(retriever.pool), "pool_content_hash": content_hash(retriever.pool)}
+    with seeded(seed):
+        predictions = _predict(model, records, plan, batch_size, generation, progress, retriever, shots)
+    return predictions, run
 
 
 def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_dir: str | os.PathLike, *,
@@ -405,16 +508,18 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
              num_beams: int | None = None,
              do_sample: bool = False, generation_kwargs: Mapping[str, Any] | None = None, data_spec: Any = None,
              adapter_path: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
-             plots: bool = True) -> dict[str, float]:
+             plots: bool = True, shots: int = 0, shot_pool: Sequence[Any] | None = None,
+             feature_cache: str | os.PathLike | None = None, calibration: Any = None) -> dict[str, float]:
     """Answer ``records`` with ``model`` under ``protocol``, write the result folder, return the overall metrics.
 
     ``closed_mode`` overrides the protocol's way of answering closed questions ("score": rank candidates with
     ``model.score_choices``; "generate": free generation). Generation settings are recorded in the manifest; answering
     runs under torch seed ``seed`` (so a rerun with ``do_sample`` reproduces it), and the caller's torch random state
-    is restored afterwards.
+    is restored afterwards. ``shots=k`` answers each query after k shots retrieved from ``shot_pool`` (never the query
+    or its image) in the template's few-shot format. Confidences are
+    calibrated with ``calibration`` (default: the adapter's own, if it has one); the report shows ECE before and
+    after, a reliability diagram and accuracy against coverage.
     """
-    from ..rng import seeded
-
     from ..data.records import skipped_of
 
     protocol = get_protocol(protocol)
@@ -424,22 +529,53 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
         raise ValueError("no records to evaluate")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    defaults = model.config.generation  # unset settings: the adapter's own decoding (its source paper's)
-    generation = {"max_new_tokens": defaults.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                  "num_beams": defaults.num_beams if num_beams is None else num_beams, "do_sample": do_sample,
-                  **(generation_kwargs or {})}
-    plan = plan_items(records, protocol, closed_mode)
-    with seeded(seed):
-        predictions = _predict(model, records, plan, batch_size, generation, progress)
+    generation = _generation(model, max_new_tokens, num_beams, do_sample, generation_kwargs)
+    predictions, run = _answer_records(model, records, protocol, batch_size=batch_size, closed_mode=closed_mode,
+                                       generation=generation, seed=seed, progress=progress, shots=shots,
+                                       shot_pool=shot_pool, feature_cache=feature_cache)
     if any(m in protocol.all_item_metrics for m in TOKEN_ID_METRICS):  # stored, so rescoring needs no model
         encode = functools.partial(model.tokenizer.encode, add_special_tokens=False)
         for row in predictions:
             row["token_ids"] = [encode(row["prediction"]), encode(row["gold"])]
-    run = {"closed_mode": closed_mode or protocol.closed_mode, "batch_size": batch_size, "generation": generation,
-           "seed": seed}
+    calibration = calibration if calibration is not None else getattr(model, "calibration", None)
     manifest = {**_manifest(model, records, protocol, run, data_spec, adapter_path),
                 "skipped_records": [dataclasses.asdict(item) for item in skipped]}
-    return write_outputs(out_dir, protocol, records, predictions, manifest, plots=plots)["overall"]
+    return write_outputs(out_dir, protocol, records, predictions, manifest, plots=plots,
+                         calibration=calibration)["overall"]
+
+
+def _generation(model: Any, max_new_tokens: int | None, num_beams: int | None, do_sample: bool,
+                generation_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Generation settings: the given ones, else the adapter's own decoding (its source paper's)."""
+    defaults = model.config.generation
+    return {"max_new_tokens": defaults.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            "num_beams": defaults.num_beams if num_beams is None else num_beams, "do_sample": do_sample,
+            **(generation_kwargs or {})}
+
+
+def fit_calibration_on(model: Any, records: Sequence[Any], protocol: str | Protocol, *, batch_size: int = 8,
+                       closed_mode: str | None = None, max_new_tokens: int | None = None, seed: int = 0,
+                       progress: bool = True, shots: int = 0, shot_pool: Sequence[Any] | None = None,
+                       feature_cache: str | os.PathLike | None = None, threshold: float | None = None) -> Any:
+    """Temperature scaling fitted on validation ``records``, answered exactly as `evaluate` would answer them
+    (same protocol, closed mode and shots, greedy); correctness is the protocol's primary per-item score."""
+    from ..calibration import fit_calibration, is_correct
+    from ..data.records import content_hash
+
+    protocol = get_protocol(protocol)
+    records = list(records)
+    if not records:
+        raise ValueError("no validation records to calibrate on")
+    generation = _generation(model, max_new_tokens, 1, False, None)
+    predictions, _ = _answer_records(model, records, protocol, batch_size=batch_size, closed_mode=closed_mode,
+                                     generation=generation, seed=seed, progress=progress, shots=shots,
+                                     shot_pool=shot_pool, feature_cache=feature_cache)
+    predictions = [_round(p) for p in predictions]
+    rows = item_scores(protocol, records, predictions)
+    correct = [is_correct(row.get(protocol.primary)) for row in rows]
+    return fit_calibration(predictions, correct, threshold=threshold,
+                           provenance={"protocol": protocol.name, "content_hash": content_hash(records),
+                                       "shots": shots})
 
 
 def load_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -1,0 +1,167 @@
+"""Several adapters on one loaded base model, one active per request (the app serves a whole hub this way).
+
+The decoder is loaded once; each LoRA adapter is added to it as a peft *named adapter* (``PeftModel.load_adapter``)
+and switched with ``set_adapter``. The small parts that differ per adapter are kept per adapter and swapped in by
+reference: the mapper, the processor (template, prefix length), the calibration, and the image tower when the adapter
+trained it (a frozen one shares the base tower). Switching therefore moves no weights and reads no files.
+
+Only adapters trained on the same base models (encoder and decoder fingerprints) with LoRA can join; anything else is
+refused with the reason before any weights are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from .adapter_io import CONFIG_NAME, TENSORS_NAME, AdapterLoadError, check_integrity, resolve_adapter
+from .calibration import Calibration
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import AdapterConfig
+    from .model import Answer, MedVQAAdapter
+    from .processor import MedVQAProcessor
+    from .vision import VisionEncoder
+
+__all__ = ["AdapterSet"]
+
+
+@dataclass
+class _Slot:
+    peft_name: str
+    mapper: "nn.Module"
+    encoder: "VisionEncoder"
+    processor: "MedVQAProcessor"
+    config: "AdapterConfig"
+    calibration: Calibration | None
+    folder: Path | None
+
+
+class AdapterSet:
+    """Adapters sharing one base model. ``with adapters.using(name) as model:`` runs requests on one of them; calls
+    are serialised by a lock, so concurrent requests (a web app's worker threads) never see a half-switched model."""
+
+    def __init__(self, model: "MedVQAAdapter", name: str = "default", folder: str | Path | None = None):
+        if model.config.tuning.mode != "lora":
+            raise AdapterLoadError(f"adapter {name!r}: tuning.mode={model.config.tuning.mode!r}; only LoRA adapters "
+                                   f"can share one base model as peft named adapters")
+        self.model = model.eval()
+        self._lock = threading.RLock()
+        self._base_encoder = model.encoder if model.config.encoder.freeze else None
+        first = _Slot(model.decoder.active_adapter, model.mapper, model.encoder, model.processor, model.config,
+                      model.calibration, Path(folder) if folder else None)
+        self.slots: dict[str, _Slot] = {name: first}
+        self.active = name
+
+    @classmethod
+    def load(cls, ref: str | Path, name: str | None = None) -> "AdapterSet":
+        from .model import MedVQAAdapter
+
+        folder = resolve_adapter(ref)
+        return cls(MedVQAAdapter.from_pretrained(folder), name or str(ref), folder)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.slots)
+
+    # --- adding -------------------------------------------------------------------------------------------------
+    def _base(self) -> "VisionEncoder":
+        """The base image tower (untrained by any adapter), built once if the first adapter trained its own."""
+        if self._base_encoder is None:
+            from .decoder import fingerprint
+            from .vision import VisionEncoder
+
+            enc = VisionEncoder.from_config(self.model.config.encoder).to(self.model.device).eval()
+            got = fingerprint(enc.visual, {"name": self.model.config.encoder.name})
+            if got != self.model.base_fingerprints["encoder"]:
+                raise AdapterLoadError(f"rebuilt base encoder has fingerprint {got}, expected "
+                                       f"{self.model.base_fingerprints['encoder']}")
+            self._base_encoder = enc
+        return self._base_encoder
+
+    def add(self, ref: str | Path, name: str | None = None) -> str:
+        """Add an adapter (folder, hub name or Hugging Face repo) on the loaded base; returns its name here."""
+        from safetensors.torch import load_file
+
+        from .config import AdapterConfig
+        from .mappers import build_mapper
+        from .processor import MedVQAProcessor
+        from .vision import VisionEncoder
+
+        name = name or str(ref)
+        if name in self.slots:
+            raise AdapterLoadError(f"an adapter named {name!r} is already loaded")
+        folder = resolve_adapter(ref)
+        check_integrity(folder)
+        cfg = AdapterConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        self._check_compatible(folder, cfg)
+        state = load_file(str(folder / TENSORS_NAME))
+        if any(k.startswith("decoder.") for k in state):
+            raise AdapterLoadError(f"{folder}: it trained decoder weights (tuning.mode='full'); it cannot share a base")
+        device = self.model.device
+        mapper = build_mapper(cfg.mapper)
+        mapper.load_state_dict({k[len("mapper."):]: v for k, v in state.items() if k.startswith("mapper.")},
+                               strict=True)
+        mapper = mapper.to(device).eval()
+        base = self._base()
+        enc_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        if enc_state:  # this adapter trained the image tower: its own copy of it
+            visual = copy.deepcopy(base.visual)
+            visual.load_state_dict(enc_state, strict=True)
+        else:
+            visual = base.visual
+        encoder = VisionEncoder(visual, base.preprocess, cfg.encoder).eval()
+        processor = MedVQAProcessor.from_pretrained(folder, encoder.preprocess, cfg.template)
+        if processor.tokenizer.get_vocab() != self.model.tokenizer.get_vocab():
+            raise AdapterLoadError(f"{folder}: its tokenizer differs from the loaded base's")
+        peft_name = f"adapter_{len(self.slots)}"
+        with self._lock:
+            self.model.decoder.load_adapter(str(folder), adapter_name=peft_name)
+            self.model.decoder.set_adapter(self.slots[self.active].peft_name)  # loading does not switch
+        self.slots[name] = _Slot(peft_name, mapper, encoder, processor, cfg, Calibration.load(folder), folder)
+        return name
+
+    def _check_compatible(self, folder: Path, cfg: "AdapterConfig") -> None:
+        if cfg.tuning.mode != "lora":
+            raise AdapterLoadError(f"{folder}: tuning.mode={cfg.tuning.mode!r}; only LoRA adapters can share a base")
+        base = self.model.base_fingerprints
+        for part in ("encoder", "decoder"):
+            if cfg.fingerprints.get(part) != base[part]:
+                raise AdapterLoadError(f"{folder}: trained on another {part} (fingerprint {cfg.fingerprints.get(part)}"
+                                       f", loaded base has {base[part]}: {getattr(cfg, part).name})")
+        if cfg.mapper.out_dim != self.model.config.mapper.out_dim:
+            raise AdapterLoadError(f"{folder}: mapper.out_dim={cfg.mapper.out_dim} but the decoder takes "
+                                   f"{self.model.config.mapper.out_dim}")
+
+    # --- switching ----------------------------------------------------------------------------------------------
+    def _activate(self, name: str) -> None:
+        if name not in self.slots:
+            raise KeyError(f"no adapter named {name!r} is loaded; loaded: {self.names}")
+        slot, m = self.slots[name], self.model
+        m.decoder.set_adapter(slot.peft_name)
+        m.mapper, m.encoder, m.processor, m.config, m.calibration = (slot.mapper, slot.encoder, slot.processor,
+                                                                     slot.config, slot.calibration)
+        self.active = name
+
+    @contextlib.contextmanager
+    def using(self, name: str) -> Iterator["MedVQAAdapter"]:
+        """The model with adapter ``name`` active, held under the lock for the block."""
+        with self._lock:
+            self._activate(name)
+            yield self.model
+
+    def answer(self, name: str, images: Sequence[Any], questions: Sequence[str], **kwargs: Any) -> list["Answer"]:
+        with self.using(name) as model:
+            return model.answer(images, questions, **kwargs)
+
+    def score_choices(self, name: str, images: Sequence[Any], questions: Sequence[str],
+                      choices: Sequence[Sequence[str]], **kwargs: Any) -> list[list[float]]:
+        with self.using(name) as model:
+            return model.score_choices(images, questions, choices, **kwargs)

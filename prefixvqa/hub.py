@@ -1,0 +1,443 @@
+"""The adapter hub: a folder (or any fsspec URL) holding adapter folders and an index of what they are.
+
+Layout of a hub root (default ``checkpoints/``, or ``$PREFIXVQA_HUB``)::
+
+    index.json                  every adapter version: its files with sha256 and size, its config (so base models
+                                can be checked before anything is fetched), base-model names and fingerprints, task,
+                                metrics, description
+    <name>/<version>/...        the adapter folder as saved (weights, peft files, tokenizer, manifest, card)
+
+Why an index beside the per-folder manifest: the manifest travels with the folder (a copied adapter checks itself),
+while the index is the hub's own record, so a folder whose files *and* manifest were replaced is still caught.
+`pull` and `resolve` check every file against both and refuse a tampered or truncated file by name. Names and
+versions are single path components (letters, digits, ``.``, ``_``, ``-``), and every path read from an index is
+checked to stay inside the hub root.
+
+Hugging Face Hub: `push_to_hf` uploads an adapter folder with a model card built by ``huggingface_hub.ModelCard``;
+`pull_from_hf` downloads with ``snapshot_download`` and checks the folder's manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Iterator
+
+from .fileio import MANIFEST_NAME, IntegrityError, atomic_dir, atomic_write, verify_manifest, write_manifest
+
+__all__ = ["HubError", "Hub", "default_hub", "parse_ref", "push_to_hf", "pull_from_hf", "hf_model_card",
+           "INDEX_NAME", "DEFAULT_HUB"]
+
+INDEX_NAME = "index.json"
+DEFAULT_HUB = "checkpoints"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class HubError(ValueError):
+    """A hub operation cannot go ahead; the message names the adapter, version and file."""
+
+
+def default_hub() -> str:
+    return os.environ.get("PREFIXVQA_HUB", DEFAULT_HUB)
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """A name or version is one path component: it can never point outside the hub root."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value.endswith("."):
+        raise HubError(f"adapter {what} {value!r} is not allowed: use letters, digits, '.', '_' and '-' "
+                       f"(at most 100, starting with a letter or digit); no '/', no '..'")
+    return value
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """"name" or "name@version" -> (name, version or None), both checked."""
+    name, _, version = str(ref).partition("@")
+    return check_name(name), (check_name(version, "version") if version else None)
+
+
+def _safe_file(name: str, where: str) -> str:
+    """A file name from an index or manifest: relative, inside the folder."""
+    path = PurePosixPath(name)
+    if not name or "\\" in name or path.is_absolute() or any(p in ("", ".", "..") for p in name.split("/")):
+        raise HubError(f"{where} lists the file {name!r}, which would be outside the adapter folder")
+    return name
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _version_key(v: str) -> tuple:
+    return (0, int(v), "") if v.isdigit() else (1, 0, v)
+
+
+def _flat_metrics(data: Any) -> dict[str, Any]:
+    """Scalar metrics of a metrics.json (its "overall" part when it is an evaluation result)."""
+    if isinstance(data, dict) and isinstance(data.get("overall"), dict):
+        data = data["overall"]
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): v for k, v in data.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+
+
+class Hub:
+    """One hub root: a local folder, or any fsspec URL (``memory://``, ``s3://``, ``file://`` ...)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.url = str(root if root is not None else default_hub())
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.root = self.root.rstrip("/") or "/"
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Hub({self.url!r})"
+
+    # --- paths --------------------------------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        path = "/".join([self.root, *parts])
+        if self.local:  # symlinks included: a folder linked to elsewhere is outside the hub too
+            real, root = os.path.realpath(path), os.path.realpath(self.root)
+            if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+                raise HubError(f"{'/'.join(parts)} resolves to {real}, outside the hub root {root}")
+        return path
+
+    def folder(self, name: str, version: str) -> str:
+        return self._path(check_name(name), check_name(version, "version"))
+
+    # --- index --------------------------------------------------------------------------------------------------
+    def index(self) -> dict[str, Any]:
+        path = self._path(INDEX_NAME)
+        if not self.fs.exists(path):
+            return {"format": "prefixvqa-hub", "version": 1, "adapters": {}}
+        try:
+            data = json.loads(self.fs.cat_file(path))
+            if not isinstance(data.get("adapters"), dict):
+                raise ValueError("no 'adapters' object")
+        except ValueError as exc:
+            raise HubError(f"{self.url}/{INDEX_NAME} is not a hub index: {exc}") from None
+        return data
+
+    def _write_index(self, data: dict[str, Any]) -> None:
+        text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+        if self.local:
+            atomic_write(self._path(INDEX_NAME), text)
+            return
+        tmp = self._path(f".{INDEX_NAME}.{uuid.uuid4().hex[:8]}.tmp")
+        self.fs.pipe_file(tmp, text.encode())
+        self.fs.mv(tmp, self._path(INDEX_NAME))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Pushes to a local hub take turns (an exclusive flock on ``.index.lock``), so two pushes never pick the
+        same version or lose each other's index entry. Remote hubs have no lock: push to them from one place."""
+        if not self.local:
+            yield
+            return
+        import fcntl
+
+        os.makedirs(self.root, exist_ok=True)
+        with open(os.path.join(self.root, ".index.lock"), "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def entry(self, ref: str) -> tuple[str, str, dict[str, Any]]:
+        """(name, version, index entry) of "name" (its latest version) or "name@version"."""
+        name, version = parse_ref(ref)
+        versions = self.index()["adapters"].get(name)
+        if not versions:
+            raise HubError(f"no adapter named {name!r} in the hub {self.url}")
+        if version is None:
+            version = max(versions, key=_version_key)
+        if version not in versions:
+            raise HubError(f"{name} has no version {version!r} in the hub {self.url}; it has "
+                           f"{sorted(versions, key=_version_key)}")
+        return name, version, versions[version]
+
+    def __contains__(self, ref: str) -> bool:
+        try:
+            self.entry(ref)
+            return True
+        except HubError:
+            return False
+
+    # --- push ---------------------------------------------------------------------------------------------------
+    def push(self, folder: str | os.PathLike, name: str | None = None, version: str | None = None, *,
+             task: str | None = None, overwrite: bool = False) -> str:
+        """Copy a saved adapter folder into the hub and record it in the index; returns "name@version".
+
+        The folder must check out against its own manifest (a damaged adapter is never shared). The version
+        defaults to one more than the highest numeric version of that name."""
+        src = Path(folder)
+        files = self._checked_source(src)
+        cfg = json.loads((src / "prefixvqa_config.json").read_text())
+        name = check_name(name or cfg.get("name") or src.name)
+        with self._locked():
+            return self._push(src, files, cfg, name, version, task, overwrite)
+
+    def _push(self, src: Path, files: dict[str, Any], cfg: dict[str, Any], name: str, version: str | None,
+              task: str | None, overwrite: bool) -> str:
+        from . import __version__
+
+        index = self.index()
+        versions = index["adapters"].setdefault(name, {})
+        if version is None:
+            numeric = [int(v) for v in versions if v.isdigit()]
+            version = str(max(numeric, default=0) + 1)
+        check_name(version, "version")
+        if version in versions and not overwrite:
+            raise HubError(f"{name}@{version} is already in the hub {self.url} (pass overwrite to replace it)")
+        metrics = _flat_metrics(json.loads((src / "metrics.json").read_text())) if "metrics.json" in files else {}
+        dest = self.folder(name, version)
+        self._upload(src, files, dest)
+        versions[version] = {
+            "path": f"{name}/{version}",
+            "files": files,
+            "config": cfg,
+            "base_models": {
+                "encoder": {"name": cfg["encoder"]["name"], "pretrained": cfg["encoder"].get("pretrained"),
+                            "fingerprint": cfg.get("fingerprints", {}).get("encoder")},
+                "decoder": {"name": cfg["decoder"]["name"], "revision": cfg["decoder"].get("revision"),
+                            "gguf_file": cfg["decoder"].get("gguf_file"),
+                            "fingerprint": cfg.get("fingerprints", {}).get("decoder")}},
+            "task": task or metrics.get("task") or metrics.get("protocol") or "visual question answering",
+            "metrics": {k: v for k, v in metrics.items() if k not in ("task", "protocol")},
+            "description": cfg.get("description") or "",
+            "prefixvqa_version": __version__,
+            "pushed": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self._write_index(index)
+        return f"{name}@{version}"
+
+    @staticmethod
+    def _checked_source(src: Path) -> dict[str, dict[str, Any]]:
+        if not (src / "prefixvqa_config.json").is_file():
+            raise HubError(f"{src} is not a prefixvqa adapter folder (no prefixvqa_config.json)")
+        if not (src / MANIFEST_NAME).is_file():
+            raise HubError(f"{src} has no {MANIFEST_NAME}; load and save the adapter again to write one")
+        try:
+            verify_manifest(src)
+        except IntegrityError as exc:
+            raise HubError(f"refusing to push a damaged adapter: {exc}") from None
+        names = sorted(json.loads((src / MANIFEST_NAME).read_text())["files"]) + [MANIFEST_NAME]
+        return {n: {"sha256": hashlib.sha256((src / n).read_bytes()).hexdigest(), "size": (src / n).stat().st_size}
+                for n in names}
+
+    def _upload(self, src: Path, files: dict[str, Any], dest: str) -> None:
+        """All files into a hidden sibling, then one rename: a reader never finds half an adapter."""
+        if self.local:
+            with atomic_dir(dest) as tmp:
+                for n in files:
+                    (tmp / n).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src / n, tmp / n)
+            return
+        parent, leaf = dest.rsplit("/", 1)
+        tmp = f"{parent}/.{leaf}.{uuid.uuid4().hex[:8]}.tmp"
+        for n in files:
+            self.fs.put_file(str(src / n), f"{tmp}/{n}")
+        if self.fs.exists(dest):
+            self.fs.rm(dest, recursive=True)
+        self.fs.mv(tmp, dest, recursive=True)
+
+    # --- read ---------------------------------------------------------------------------------------------------
+    def list(self) -> list[dict[str, Any]]:
+        """One row per adapter version: name, version, base models, task, metrics, and whether the base models are
+        available on this machine (``available``; ``missing`` says what is not)."""
+        rows = []
+        for name, versions in sorted(self.index()["adapters"].items()):
+            for version, entry in sorted(versions.items(), key=lambda kv: _version_key(kv[0])):
+                missing = self.missing_bases(entry)
+                rows.append({"name": name, "version": version, "ref": f"{name}@{version}",
+                             "encoder": entry["base_models"]["encoder"]["name"],
+                             "decoder": entry["base_models"]["decoder"]["name"], "task": entry.get("task", ""),
+                             "metrics": entry.get("metrics", {}), "available": not missing, "missing": missing,
+                             "description": entry.get("description", "")})
+        return rows
+
+    @staticmethod
+    def missing_bases(entry: dict[str, Any]) -> str:
+        """Empty if the entry's encoder and decoder can be built here, else what is missing (no download tried)."""
+        from .config import AdapterConfig, ConfigError
+        from .model import check_available
+        from .vision import ModelNotAvailableError
+
+        try:
+            check_available(AdapterConfig.from_dict(entry["config"]))
+        except (ModelNotAvailableError, ConfigError) as exc:
+            return str(exc).replace("\n", "; ")
+        return ""
+
+    def _entry_files(self, name: str, version: str, entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        where = f"{self.url}/{INDEX_NAME} entry {name}@{version}"
+        files = entry.get("files")
+        if not isinstance(files, dict) or MANIFEST_NAME not in files:
+            raise HubError(f"{where} has no file list with {MANIFEST_NAME}")
+        return {_safe_file(n, where): meta for n, meta in files.items()}
+
+    def _check_bytes(self, ref: str, file: str, data: bytes, meta: dict[str, Any]) -> None:
+        if len(data) != int(meta["size"]):
+            raise HubError(f"{ref}: {file} has {len(data)} bytes, the hub index says {meta['size']}: truncated or "
+                           f"replaced; refusing to use it")
+        if _sha256(data) != meta["sha256"]:
+            raise HubError(f"{ref}: {file} does not match its sha256 in the hub index: the file was changed after "
+                           f"it was pushed; refusing to use it")
+
+    def verify(self, ref: str | None = None) -> list[str]:
+        """Problems found (empty: all good): every file of every (or one) adapter version against the index, extra
+        files the index does not list, and each folder's own manifest."""
+        refs = [ref] if ref else [f"{n}@{v}" for n, vs in self.index()["adapters"].items() for v in vs]
+        problems = []
+        for r in refs:
+            try:
+                name, version, entry = self.entry(r)
+                folder = self.folder(name, version)
+                files = self._entry_files(name, version, entry)
+                for file, meta in sorted(files.items()):
+                    path = self._path(name, version, file)
+                    if not self.fs.isfile(path):
+                        problems.append(f"{name}@{version}: {file} is missing")
+                        continue
+                    try:
+                        self._check_bytes(f"{name}@{version}", file, self.fs.cat_file(path), meta)
+                    except HubError as exc:
+                        problems.append(str(exc))
+                present = {p[len(folder) + 1:] for p in self.fs.find(folder)}
+                extra = sorted(p for p in present - set(files) if not p.rsplit("/", 1)[-1].startswith("."))
+                if extra:
+                    problems.append(f"{name}@{version}: files not in the hub index: {extra[:5]}")
+            except HubError as exc:
+                problems.append(str(exc))
+        return problems
+
+    def pull(self, ref: str, dest: str | os.PathLike | None = None) -> Path:
+        """Copy an adapter version to a local folder (default: the prefixvqa cache), checking every file against
+        the index as it arrives and the folder against its manifest; nothing is left at ``dest`` on failure."""
+        from .decoder import cache_dir
+
+        name, version, entry = self.entry(ref)
+        files = self._entry_files(name, version, entry)
+        if dest is None:
+            hub_id = hashlib.sha256(self.url.encode()).hexdigest()[:12]
+            dest = cache_dir() / "hub" / hub_id / name / version
+        dest = Path(dest)
+        with atomic_dir(dest) as tmp:
+            for file, meta in sorted(files.items()):
+                path = self._path(name, version, file)
+                if not self.fs.isfile(path):
+                    raise HubError(f"{name}@{version}: {file} is missing from the hub {self.url}")
+                data = self.fs.cat_file(path)
+                self._check_bytes(f"{name}@{version}", file, data, meta)
+                (tmp / file).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / file).write_bytes(data)
+            try:
+                verify_manifest(tmp, extra_ok=False)
+            except IntegrityError as exc:
+                raise HubError(f"{name}@{version}: {exc}") from None
+        return dest
+
+    def resolve(self, ref: str) -> Path:
+        """A local folder to load ``ref`` from: checked in place on a local hub, pulled into the cache otherwise.
+        Base models are checked first, so an adapter for a base this machine lacks fails before any transfer."""
+        name, version, entry = self.entry(ref)
+        missing = self.missing_bases(entry)
+        if missing:
+            raise HubError(f"{name}@{version} needs base models that are not available here: {missing}")
+        if not self.local:
+            return self.pull(f"{name}@{version}")
+        files = self._entry_files(name, version, entry)
+        for file, meta in sorted(files.items()):
+            path = Path(self._path(name, version, file))
+            if not path.is_file():
+                raise HubError(f"{name}@{version}: {file} is missing from the hub {self.url}")
+            self._check_bytes(f"{name}@{version}", file, path.read_bytes(), meta)
+        return Path(self.folder(name, version))
+
+
+# ----------------------------------------------------------------------------------------------- Hugging Face Hub
+def _hub_model_id(name: str) -> str | None:
+    """A decoder name that is a Hugging Face model id (not a local path or a package file)."""
+    if name.startswith(("pkg:", ".", "/", "~")) or os.path.exists(name):
+        return None
+    return name if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) else None
+
+
+def hf_model_card(folder: str | os.PathLike) -> Any:
+    """A ``huggingface_hub.ModelCard`` for an adapter folder: the folder's own card text, with metadata (library,
+    tags, pipeline, base model when it is a hub id, metric names) set through ``ModelCardData``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "prefixvqa_config.json").read_text())
+    text = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
+    body = text.split("---", 2)[2].lstrip("\n") if text.startswith("---") and text.count("---") >= 2 else text
+    metrics = _flat_metrics(json.loads((folder / "metrics.json").read_text())) if (folder / "metrics.json").is_file() \
+        else {}
+    data = ModelCardData(library_name="prefixvqa", pipeline_tag="visual-question-answering",
+                         tags=["prefixvqa", "medical", "medical-vqa", "peft", cfg["tuning"]["mode"],
+                               f"mapper-{cfg['mapper']['kind']}"],
+                         base_model=_hub_model_id(cfg["decoder"]["name"]),
+                         metrics=sorted(k for k, v in metrics.items() if isinstance(v, (int, float))) or None)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def push_to_hf(folder: str | os.PathLike, repo_id: str, *, api: Any = None, token: str | None = None,
+               private: bool = True, revision: str | None = None, commit_message: str | None = None) -> Any:
+    """Upload an adapter folder to a Hugging Face Hub model repo with a ``ModelCard``; returns upload_folder's
+    result. The folder is checked against its manifest first; the card replaces README.md in a staged copy whose
+    manifest is rewritten, so the uploaded folder checks out on the other side. ``api`` defaults to ``HfApi``."""
+    src = Path(folder)
+    Hub._checked_source(src)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="prefixvqa-hf-") as stage_dir:
+        stage = Path(stage_dir) / "adapter"
+        names = json.loads((src / MANIFEST_NAME).read_text())["files"]
+        for n in names:
+            (stage / n).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / n, stage / n)
+        hf_model_card(src).save(stage / "README.md")
+        write_manifest(stage)
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        return api.upload_folder(folder_path=str(stage), repo_id=repo_id, repo_type="model", revision=revision,
+                                 commit_message=commit_message or f"prefixvqa adapter {src.name}")
+
+
+def pull_from_hf(repo_id: str, revision: str | None = None, *, cache_dir: str | os.PathLike | None = None,
+                 local_files_only: bool | None = None, token: str | None = None) -> Path:
+    """Download (or find in the cache) an adapter repo with ``snapshot_download`` and check it against its manifest;
+    a tampered or truncated file is refused by name."""
+    from huggingface_hub import snapshot_download
+
+    from .vision import hub_offline
+
+    path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
+                                  local_files_only=hub_offline() if local_files_only is None else local_files_only))
+    try:
+        verify_manifest(path, required=True)
+    except IntegrityError as exc:
+        raise HubError(f"{repo_id}: {exc}") from None
+    return path
+
+
+def iter_compatible(hub: Hub, fingerprints: dict[str, str]) -> Iterable[str]:
+    """Refs of hub adapters trained on exactly these base models (encoder and decoder fingerprints)."""
+    for name, versions in sorted(hub.index()["adapters"].items()):
+        for version, entry in sorted(versions.items(), key=lambda kv: _version_key(kv[0])):
+            base = entry.get("base_models", {})
+            if all(base.get(part, {}).get("fingerprint") == fingerprints.get(part) for part in ("encoder", "decoder")):
+                yield f"{name}@{version}"
