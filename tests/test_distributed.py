@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent("""
         save_file(held, str(Path(out) / f"rank{os.environ.get('RANK', '0')}.safetensors"))
         print("SHARDED", sum(hasattr(p, "full_tensor") for p in model.parameters()), "of",
               len(list(model.parameters())))
-        print("RESULT", result.stopped_reason, result.global_step)
+        print(f"RESULT {result.stopped_reason} {result.global_step}", flush=True)  # one write: ranks interleave
         return result
 
     if __name__ == "__main__":

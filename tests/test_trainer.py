@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent("""
         cfg = TrainConfig(output_dir=str(out), epochs=2, batch_size=3, grad_accum=2, save_every_steps=1, seed=3,
                           warmup=0.2, schedule="cosine", progress=False, tensorboard=False, plot=False, **extra)
         result = train(model, colour_records(14), colour_records(4, seed=1), cfg)
-        print("RESULT", result.stopped_reason, result.global_step)
+        print(f"RESULT {result.stopped_reason} {result.global_step}", flush=True)  # one write: ranks interleave
         return result
 
     if __name__ == "__main__":
