@@ -33,7 +33,7 @@ TENSORS_NAME = "mapper.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_MODES = ("lora", "prompt_tuning", "prefix_tuning")
-INSIDE = "./"  # a decoder.name starting with this is a folder inside the adapter folder (a merged export)
+INSIDE = "adapter:"  # decoder.name scheme: a folder inside the adapter folder (a merged export), like "pkg:"
 
 
 class AdapterLoadError(ValueError):
@@ -131,7 +131,9 @@ def resolve_adapter(path: str | Path) -> Path:
         try:
             hub = Hub()
             if name in hub:
-                return hub.resolve(name)
+                folder = hub.resolve(name)
+                check_integrity(folder, required=True)
+                return folder
         except HubError as exc:
             raise AdapterLoadError(str(exc)) from None
     if local.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
@@ -141,10 +143,12 @@ def resolve_adapter(path: str | Path) -> Path:
     from .vision import hub_offline
 
     try:
-        return Path(snapshot_download(name, local_files_only=hub_offline()))
+        folder = Path(snapshot_download(name, local_files_only=hub_offline()))
     except Exception as exc:  # huggingface_hub raises several unrelated types for "not there"
         raise AdapterLoadError(f"adapter {name!r} is neither a local folder nor a reachable/cached hub repo: "
                                f"{exc.__class__.__name__}: {exc}") from None
+    check_integrity(folder, required=True)  # downloaded: it must carry the manifest it was pushed with
+    return folder
 
 
 def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: Any) -> "MedVQAAdapter":
@@ -248,15 +252,17 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
                                f"{exc.__class__.__name__}: {exc}") from None
 
 
-def check_integrity(folder: Path) -> None:
-    """Refuse a folder whose files differ from its manifest; a folder saved before manifests existed only warns."""
-    if not (folder / MANIFEST_NAME).is_file():
+def check_integrity(folder: Path, *, required: bool = False) -> None:
+    """Refuse a folder whose files differ from its manifest, or that holds files the manifest does not list (a
+    tokenizer reads whatever it finds). A local folder saved before manifests existed only warns; a folder from a hub
+    (`required`) must have one."""
+    if not (folder / MANIFEST_NAME).is_file() and not required:
         import warnings
 
         warnings.warn(f"{folder} has no {MANIFEST_NAME}: its files cannot be checked for damage", stacklevel=3)
         return
     try:
-        verify_manifest(folder)
+        verify_manifest(folder, extra_ok=False)
     except IntegrityError as exc:
         raise AdapterLoadError(str(exc)) from None
 

@@ -106,9 +106,12 @@ class AdapterSet:
         if any(k.startswith("decoder.") for k in state):
             raise AdapterLoadError(f"{folder}: it trained decoder weights (tuning.mode='full'); it cannot share a base")
         device = self.model.device
-        mapper = build_mapper(cfg.mapper)
-        mapper.load_state_dict({k[len("mapper."):]: v for k, v in state.items() if k.startswith("mapper.")},
-                               strict=True)
+        mapper = build_mapper(cfg.mapper, cfg.template.image_start_end)
+        try:
+            mapper.load_state_dict({k[len("mapper."):]: v for k, v in state.items() if k.startswith("mapper.")},
+                                   strict=True)
+        except RuntimeError as exc:
+            raise AdapterLoadError(f"{folder / TENSORS_NAME}: {str(exc).splitlines()[0]}") from None
         mapper = mapper.to(device).eval()
         base = self._base()
         enc_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}

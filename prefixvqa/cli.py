@@ -130,6 +130,15 @@ def _threshold(args: argparse.Namespace, model: Any) -> float | None:
     return model.calibration.threshold if model.calibration is not None else None
 
 
+def _refuse_overlap(what: str, extra: Sequence[Any], evaluated: Sequence[Any], why: str) -> None:
+    """Shots and calibration must come from other records than the ones evaluated (a single-file dataset has no
+    separate split: its "train" is the test data itself)."""
+    shared = {r.id for r in extra} & {r.id for r in evaluated}
+    if shared:
+        raise ValueError(f"{what} shares {len(shared)} record(s) with the evaluated data (e.g. {sorted(shared)[0]!r});"
+                         f" {why}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.runner import compare, evaluate
 
@@ -147,10 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pool = (_records(argparse.Namespace(**{**vars(args), "split": "train"})) if args.shot_pool == "train"
                 else _records(argparse.Namespace(data=args.shot_pool, format=None, split=None)))
     if pool is not None:
-        shared = {r.id for r in pool} & {r.id for r in records}
-        if shared:  # e.g. a single-file dataset has no separate train split: its "train" is the test data itself
-            raise ValueError(f"the shot pool shares {len(shared)} record(s) with the evaluated data (e.g. "
-                             f"{sorted(shared)[0]!r}); its answers would leak into the prompts: pass --shot-pool DATA")
+        _refuse_overlap("the shot pool", pool, records, "its answers would leak into the prompts: pass --shot-pool DATA")
     shot_args = {"shots": args.shots, "shot_pool": pool, "feature_cache": args.feature_cache}
     calibration = None
     if args.calibrate_on or args.calibrate_split:
@@ -158,6 +164,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         val = _records(argparse.Namespace(**{**vars(args), "data": args.calibrate_on or args.data,
                                              "split": args.calibrate_split}))
+        _refuse_overlap("the calibration set", val, records,
+                        "a temperature fitted on the test items flatters the reported calibration: pass "
+                        "--calibrate-on DATA or --calibrate-split with a split of its own")
         calibration = fit_calibration_on(model, val, args.protocol, batch_size=args.batch_size,
                                          closed_mode=args.closed_mode, threshold=args.abstain_below, **shot_args)
         print(f"calibration on {len(val)} validation items: ECE {calibration.fitted_on['ece_before']:.4f} -> "

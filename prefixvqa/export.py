@@ -2,7 +2,7 @@
 
     DIR/decoder/                 a plain transformers model (config.json, model.safetensors, tokenizer): the base
                                  weights with every LoRA delta added, in full precision
-    DIR/prefixvqa_config.json    tuning.mode "frozen", decoder.name "./decoder" (resolved against DIR on load)
+    DIR/prefixvqa_config.json    tuning.mode "frozen", decoder.name "adapter:decoder" (resolved against DIR on load)
     DIR/mapper.safetensors, processor files, README.md, manifest.sha256.json
 
 Merging works in the linear orientation (out, in) for every layer kind: a bitsandbytes 4-bit/8-bit weight is
@@ -15,6 +15,8 @@ the merged model again would round the (small) LoRA delta away along with it.
 """
 
 from __future__ import annotations
+
+import json
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,6 +130,22 @@ def merged_decoder(model: "MedVQAAdapter", dtype: torch.dtype) -> nn.Module:
     return target.eval()
 
 
+def _check_target(out: Path) -> None:
+    """Replace only an empty folder or an earlier export: `--out` pointed at a project or the adapter itself would
+    otherwise be swapped out and deleted."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    from .adapter_io import INSIDE
+
+    config = out / "prefixvqa_config.json"
+    try:
+        earlier = json.loads(config.read_text())["decoder"]["name"].startswith(INSIDE)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        earlier = False
+    if not earlier:
+        raise ConfigError(f"--out {out} exists and is not an earlier merged export; give a new or empty folder")
+
+
 def export_merged(model: "MedVQAAdapter", out: str | Path, dtype: str | None = None) -> tuple[Path, str | None]:
     """Write the merged export of `model` into `out` (atomically); returns (folder, precision caveat or None)."""
     from . import __version__
@@ -154,6 +172,7 @@ def export_merged(model: "MedVQAAdapter", out: str | Path, dtype: str | None = N
     exported.processor = model.processor
     card: dict[str, Any] = {"description": cfg.description}
     out = Path(out)
+    _check_target(out)
     with atomic_dir(out) as tmp:
         merged.save_pretrained(str(tmp / DECODER_DIR))
         model.tokenizer.save_pretrained(str(tmp / DECODER_DIR))

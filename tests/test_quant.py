@@ -150,6 +150,13 @@ def test_merge_of_a_full_precision_lora_is_exact_for_conv1d_and_linear(tmp_path,
         torch.testing.assert_close(supervised_logits(merged, records), supervised_logits(model, records),
                                    rtol=1e-4, atol=1e-4)
         assert (folder / "decoder" / "model.safetensors").is_file() and (folder / "decoder" / "config.json").is_file()
+        assert export_merged(model, folder)[0] == folder  # an earlier export is replaced
+    project = tmp_path / "project"
+    (project / "notes.txt").parent.mkdir()
+    (project / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not an earlier merged export"):
+        export_merged(model, project)
+    assert (project / "notes.txt").read_text() == "keep me"
 
 
 def test_export_cli(tmp_path, folders, capsys):
@@ -165,7 +172,7 @@ def test_export_cli(tmp_path, folders, capsys):
     captured = capsys.readouterr()
     assert "merged export" in captured.out and "precision" in captured.err and "dequantis" in captured.err
     cfg = json.loads((tmp_path / "m" / "prefixvqa_config.json").read_text())
-    assert cfg["decoder"]["name"] == "./decoder" and cfg["decoder"]["dtype"] == "bfloat16"
+    assert cfg["decoder"]["name"] == "adapter:decoder" and cfg["decoder"]["dtype"] == "bfloat16"
     assert "dequantis" in (tmp_path / "m" / "README.md").read_text()
     prompt = MedVQAAdapter(config(folders["llama"], None).replace(tuning={"mode": "prompt_tuning"}))
     prompt.save_pretrained(tmp_path / "prompt")

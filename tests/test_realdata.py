@@ -321,3 +321,12 @@ def test_skipped_records_are_counted_in_training_and_evaluation_results(tiny_dec
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["skipped_records"] == 1
     listed = json.loads((tmp_path / "eval" / "manifest.json").read_text())["skipped_records"]
     assert listed[0]["reason"] == "field 'answer' is empty"
+
+
+def test_a_slake_file_is_never_relabelled_as_another_split():
+    from prefixvqa.data.readers import read_slake
+
+    path = REAL / "slake" / "Slake1.0" / "validate.json"
+    with pytest.raises(DataError, match="holds the 'validation' split"):
+        read_slake(path, "test", check_images=False)
+    assert len(read_slake(path, "validate", check_images=False)) == 1053

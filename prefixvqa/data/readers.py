@@ -658,6 +658,10 @@ def read_slake(
             read_slake(Path(source) / SLAKE_SPLITS[part], part, q_lang=q_lang, image_root=image_root,
                        check_images=check_images, on_bad_record=on_bad_record, label=label)
             for part in wanted)
+    if _is_path(source) and split is not None:  # a released file names its split: never relabel it silently
+        named = _file_split(Path(source))
+        if named is not None and named != _canonical_split(split):
+            raise DataError(f"{source}: this file holds the {named!r} split (from its name), not {split!r}")
     return _read_tables(source, split, suffixes=(".json",), image_root=image_root, check_images=check_images,
                         label=label, default_root=lambda f: f.parent / "imgs", on_bad_record=on_bad_record,
                         parse=lambda table, rows, part, stem: _slake(table, rows, _canonical_split(part or stem),
