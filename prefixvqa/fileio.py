@@ -124,7 +124,8 @@ def recover_dir(dst: PathLike, is_complete: Callable[[Path], bool],
     new folder, complete or half-written) and ``.NAME.old-*`` (the previous folder, moved aside between the two
     renames). When ``dst`` is missing, the first complete one (new before old, then newest first) takes its place;
     with ``newer`` (a sort key, e.g. a checkpoint's step) the complete candidate with the largest key wins, and also
-    replaces an existing ``dst`` with a smaller one (killed after the new folder was complete, before its swap).
+    replaces an existing ``dst`` with a smaller one (killed after the new folder was complete, before its swap); an
+    existing ``dst`` that is not complete is replaced by the best complete candidate.
     Afterwards every leftover is removed. If ``dst`` is missing and a previous folder exists but none passes
     ``is_complete``, :class:`IntegrityError` is raised and nothing is deleted (a damaged checkpoint is evidence, not
     garbage). Only call it while no other process writes ``dst`` (hold the run's lock). Returns ``dst`` if it exists.
@@ -146,8 +147,8 @@ def recover_dir(dst: PathLike, is_complete: Callable[[Path], bool],
                                  f"({', '.join(p.name for p in olds)}) are incomplete or damaged")
         if complete:
             complete[0].rename(dst)
-    elif newer is not None and complete and is_complete(dst) and newer(complete[0]) > newer(dst):
-        replace_dir(complete[0], dst)
+    elif complete and (not is_complete(dst) or (newer is not None and newer(complete[0]) > newer(dst))):
+        replace_dir(complete[0], dst)  # a damaged dst never wins over a complete leftover
     for leftover in (*tmps, *olds):
         shutil.rmtree(leftover, ignore_errors=True)
     return dst if dst.exists() else None

@@ -137,3 +137,7 @@ def test_recover_dir_puts_back_the_newest_complete_folder_and_removes_leftovers(
     with pytest.raises(IntegrityError, match=r"ckpt is missing .*\.ckpt\.old-6"):
         recover_dir(tmp_path / "ckpt", complete)
     assert os.listdir(tmp_path) == [".ckpt.old-6"]  # a damaged only copy is kept as evidence
+    (tmp_path / ".ckpt.old-6" / "done").write_text("previous")
+    make("ckpt", None)  # a damaged current folder next to a complete leftover: the leftover takes its place
+    assert recover_dir(tmp_path / "ckpt", complete) and (tmp_path / "ckpt" / "done").read_text() == "previous"
+    assert os.listdir(tmp_path) == ["ckpt"]

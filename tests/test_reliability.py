@@ -454,3 +454,14 @@ def test_sigkill_at_random_moments_and_between_swap_renames_always_resumes_to_th
     assert a["step"] == b["step"] == 15 and a["scheduler"] == b["scheduler"] and a["rng"] == b["rng"]
     assert a["best_metric"] == b["best_metric"]
     assert not leftovers(cut) and not (cut / LOCK_NAME).exists()
+
+
+def test_a_half_written_best_leftover_is_never_promoted(tmp_path):
+    """A kill while the first best/ was written leaves .best.tmp-* without a manifest: it is removed, not used."""
+    from prefixvqa.train.checkpoint import recover_checkpoint
+
+    half = tmp_path / ".best.tmp-1"
+    half.mkdir()
+    (half / "prefixvqa_config.json").write_text("{}")
+    assert recover_checkpoint(tmp_path / "best", trainer_state=False) is None
+    assert not any(tmp_path.iterdir())

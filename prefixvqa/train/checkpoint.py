@@ -199,8 +199,9 @@ def recover_checkpoint(folder: Path, trainer_state: bool = True) -> Path | None:
         return int(json.loads((candidate / STATE_FILE).read_text()).get("step", 0))
 
     try:
-        return recover_dir(folder, lambda c: checkpoint_problem(c, trainer_state) is None,
-                           newer=step if trainer_state else None)
+        # a leftover counts only with a verifying manifest: a half-written best/ has none yet
+        return recover_dir(folder, lambda c: (c / MANIFEST_NAME).is_file() and checkpoint_problem(c, trainer_state)
+                           is None, newer=step if trainer_state else None)
     except IntegrityError as exc:
         raise CheckpointError(f"cannot resume: {exc}; move them away to start afresh") from None
 

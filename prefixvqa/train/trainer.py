@@ -552,7 +552,7 @@ class Trainer:
                 "usable_items": self.usable_items}
 
     def save_last(self) -> None:
-        self._check_usable()
+        self._check_usable(trained=False)  # mid-run: the first batches may all have been bad; best/ demands more
         state = self._state()  # every rank joins the gathers: random states, sharded tensors, optimizer state
         weights = self.dist.gathered_state(self.acc, self.model, self.raw)
         optimizer = self.dist.optimizer_state(self.model, self.optimizer)
@@ -561,6 +561,7 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def save_best(self, metrics: dict[str, Any]) -> None:
+        self._check_usable()  # never publish an adapter that trained on nothing
         weights = self.dist.gathered_state(self.acc, self.model, self.raw)
         if self.main:
             write_checkpoint(self.raw, self.out / "best", None, card={"metrics": metrics}, state_dict=weights)
@@ -670,7 +671,6 @@ class Trainer:
         try:
             reason = self._loop(logger, progress)
             if not (cfg.eval_every_epoch and self.eval_records):
-                self._check_usable()
                 self.save_best({"epoch": self.epoch, "step": self.step})  # no metric: the final weights are best
         except TrainingDiverged as exc:
             reason, failure = "non-finite loss", exc
