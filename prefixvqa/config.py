@@ -232,6 +232,7 @@ class GenerationConfig:
     length_penalty: float = 1.0  # beam search only
 
     def __post_init__(self) -> None:
+        check_types(self, "generation")
         _check(self.num_beams >= 1, f"generation.num_beams must be >= 1, got {self.num_beams}")
         _check(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
