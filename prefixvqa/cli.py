@@ -116,7 +116,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
         from .explain import explain
 
         out = Path(args.explain or Path(str(args.image)).stem + "_explain.png")
-        explain(model, args.image, args.question, out, method=args.method)
+        explain(model, args.image, args.question, out, method=args.method, answer=answer)  # the printed answer
         print(f"grounding heatmap ({args.method}): {out}", file=sys.stderr)
     return 0
 
@@ -175,6 +175,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.save_calibration:
             from .adapter_io import save_calibration
 
+            from .hub import default_hub
+
+            if not Path(args.adapter).is_dir() or Path(args.adapter).resolve().is_relative_to(
+                    Path(default_hub()).resolve()):
+                raise ValueError(f"--save-calibration writes into the adapter folder: {args.adapter} is a hub or "
+                                 f"downloaded adapter; pull it to a folder of your own (hub pull --to DIR) first")
             print(f"saved: {save_calibration(args.adapter, calibration)}")
     elif args.abstain_below is not None:
         from .calibration import Calibration
@@ -228,7 +234,12 @@ def cmd_hub(args: argparse.Namespace) -> int:
             if args.to:
                 import shutil
 
-                shutil.copytree(path, args.to, dirs_exist_ok=False)
+                from .fileio import atomic_dir
+
+                if Path(args.to).exists():
+                    raise ValueError(f"--to {args.to} exists; give a new folder")
+                with atomic_dir(args.to) as tmp:  # all or nothing, like every adapter folder
+                    shutil.copytree(path, tmp, dirs_exist_ok=True)
                 path = Path(args.to)
         else:
             path = Hub(args.hub).pull(args.ref, args.to)

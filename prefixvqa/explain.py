@@ -65,10 +65,11 @@ def _feature_grid(n: int, keep_cls: bool) -> tuple[int, int]:
     return start, side
 
 
-def grounding_map(model: "MedVQAAdapter", image: Any, question: str, answer: str | None = None, *,
+def grounding_map(model: "MedVQAAdapter", image: Any, question: str, answer: "Answer | str | None" = None, *,
                   method: str = "occlusion", grid: int = 8, view: dict | None = None,
                   max_new_tokens: int | None = None) -> Grounding:
-    """Heatmap of how much the answer (generated if not given) depended on each image region."""
+    """Heatmap of how much the answer depended on each image region: the `answer` already given (so the map explains
+    what was printed, beams and all), else one generated here."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     proc = model.processor
@@ -79,9 +80,10 @@ def grounding_map(model: "MedVQAAdapter", image: Any, question: str, answer: str
     try:
         with torch.no_grad():
             features = model.encode_pixels(pixels)  # (1, N, D)
-            given = model.generate(**proc(None, [question], padding_side="left"), features=features,
-                                   max_new_tokens=max_new_tokens)[0]
-        target = answer if answer is not None else given.text
+            given = answer if answer is not None and not isinstance(answer, str) else model.generate(
+                **proc(None, [question], padding_side="left"), features=features, max_new_tokens=max_new_tokens)[0]
+        # a given text is explained as is; an abstained answer by the guess it withheld
+        target = answer if isinstance(answer, str) else (given.guess or given.text)
         if method == "occlusion":
             heat = _occlusion(model, pixels, question, target, grid)
         else:

@@ -31,7 +31,8 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
-from .fileio import MANIFEST_NAME, IntegrityError, atomic_dir, atomic_write, verify_manifest, write_manifest
+from .fileio import (MANIFEST_NAME, IntegrityError, atomic_dir, atomic_write, sha256_file, verify_manifest,
+                     write_manifest)
 
 __all__ = ["HubError", "Hub", "default_hub", "parse_ref", "push_to_hf", "pull_from_hf", "hf_model_card",
            "INDEX_NAME", "DEFAULT_HUB"]
@@ -69,10 +70,6 @@ def _safe_file(name: str, where: str) -> str:
     if not name or "\\" in name or path.is_absolute() or any(p in ("", ".", "..") for p in name.split("/")):
         raise HubError(f"{where} lists the file {name!r}, which would be outside the adapter folder")
     return name
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _version_key(v: str) -> tuple:
@@ -232,9 +229,11 @@ class Hub:
             verify_manifest(src)
         except IntegrityError as exc:
             raise HubError(f"refusing to push a damaged adapter: {exc}") from None
-        names = sorted(json.loads((src / MANIFEST_NAME).read_text())["files"]) + [MANIFEST_NAME]
-        return {n: {"sha256": hashlib.sha256((src / n).read_bytes()).hexdigest(), "size": (src / n).stat().st_size}
-                for n in names}
+        listed = json.loads((src / MANIFEST_NAME).read_text())["files"]  # just verified: its digests are the files'
+        files = {n: {"sha256": meta["sha256"], "size": int(meta["size"])} for n, meta in sorted(listed.items())}
+        manifest = src / MANIFEST_NAME
+        files[MANIFEST_NAME] = {"sha256": sha256_file(manifest), "size": manifest.stat().st_size}
+        return files
 
     def _upload(self, src: Path, files: dict[str, Any], dest: str) -> None:
         """All files into a hidden sibling, then one rename: a reader never finds half an adapter."""
@@ -287,11 +286,14 @@ class Hub:
             raise HubError(f"{where} has no file list with {MANIFEST_NAME}")
         return {_safe_file(n, where): meta for n, meta in files.items()}
 
-    def _check_bytes(self, ref: str, file: str, data: bytes, meta: dict[str, Any]) -> None:
-        if len(data) != int(meta["size"]):
-            raise HubError(f"{ref}: {file} has {len(data)} bytes, the hub index says {meta['size']}: truncated or "
+    def _check_bytes(self, ref: str, file: str, data: bytes | Path, meta: dict[str, Any]) -> None:
+        """A file's bytes (remote) or local path against the index entry: size first, then sha256 (streamed)."""
+        size = data.stat().st_size if isinstance(data, Path) else len(data)
+        if size != int(meta["size"]):
+            raise HubError(f"{ref}: {file} has {size} bytes, the hub index says {meta['size']}: truncated or "
                            f"replaced; refusing to use it")
-        if _sha256(data) != meta["sha256"]:
+        digest = sha256_file(data) if isinstance(data, Path) else hashlib.sha256(data).hexdigest()
+        if digest != meta["sha256"]:
             raise HubError(f"{ref}: {file} does not match its sha256 in the hub index: the file was changed after "
                            f"it was pushed; refusing to use it")
 
@@ -362,7 +364,7 @@ class Hub:
             path = Path(self._path(name, version, file))
             if not path.is_file():
                 raise HubError(f"{name}@{version}: {file} is missing from the hub {self.url}")
-            self._check_bytes(f"{name}@{version}", file, path.read_bytes(), meta)
+            self._check_bytes(f"{name}@{version}", file, path, meta)
         return Path(self.folder(name, version))
 
 
