@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import unquote
 
 from .fileio import atomic_write
@@ -126,19 +126,26 @@ def check_upload(data: bytes, filename: str) -> Any:
         raise UploadError(f"The image could not be read: {exc}") from None
 
 
+#: content types a page on another site can POST without asking (no CORS preflight): never an image upload here
+FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+
+
 def _data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def create_app(adapters: "AdapterSet", *, max_upload_bytes: int = 20 << 20, abstain_below: float | None = None,
                keep_uploads: str | os.PathLike | None = None, explain_method: str = "occlusion",
-               max_new_tokens: int | None = None) -> Any:
-    """The FastAPI app serving ``adapters``."""
+               max_new_tokens: int | None = None, allowed_hosts: Sequence[str] = ()) -> Any:
+    """The FastAPI app serving ``adapters``. Requests must name a loopback host (or one of ``allowed_hosts``), which
+    stops DNS-rebinding pages from reaching it; uploads must not be a type a cross-site form could send."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="prefixvqa", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", *allowed_hosts])
     keep = Path(keep_uploads) if keep_uploads else None
 
     @app.middleware("http")
@@ -205,10 +212,15 @@ def create_app(adapters: "AdapterSet", *, max_upload_bytes: int = 20 << 20, abst
             if len(body) > max_upload_bytes:
                 return error(too_big, 413)
         filename = Path(unquote(request.headers.get("x-filename", ""))).name[:200]
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() in FORM_TYPES:
+            return error(f"{filename or 'the upload'} is not a {ACCEPTED} image.", 415)  # nor a cross-site form post
         try:
             return await run_in_threadpool(run, bytes(body), filename, question, name)
         except UploadError as exc:
             return error(str(exc), exc.status)
+        except Exception as exc:  # the page shows the message; a bare 500 would read as a broken page
+            log.exception("answering failed")
+            return error(f"Answering failed: {exc.__class__.__name__}: {exc}", 500)
 
     return app
 
@@ -255,7 +267,8 @@ def serve(adapter: str, *, hub: str | None = None, host: str = "127.0.0.1", port
 
     _check_host(host)
     app = create_app(load_adapters(adapter, hub), max_upload_bytes=int(max_upload_mb * (1 << 20)),
-                     abstain_below=abstain_below, keep_uploads=keep_uploads, explain_method=explain_method)
+                     abstain_below=abstain_below, keep_uploads=keep_uploads, explain_method=explain_method,
+                     allowed_hosts=[host] if host not in ("0.0.0.0", "::") else ["*"])
     print(f"prefixvqa app on http://{host}:{port}/ (Ctrl-C to stop)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

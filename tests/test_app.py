@@ -48,11 +48,12 @@ def server(tmp_path_factory, tiny_decoders):
     thread.join(timeout=10)
 
 
-def post(url: str, data: bytes, question: str = "is there a lesion?", filename: str = "x.png") -> tuple[int, dict]:
+def post(url: str, data: bytes, question: str = "is there a lesion?", filename: str = "x.png",
+         content_type: str = "application/octet-stream") -> tuple[int, dict]:
     from urllib.parse import quote
 
     req = urllib.request.Request(f"{url}/api/answer?question={quote(question)}", data=data, method="POST",
-                                 headers={"Content-Type": "application/octet-stream", "X-Filename": filename})
+                                 headers={"Content-Type": content_type, "X-Filename": filename})
     try:
         with urllib.request.urlopen(req, timeout=60) as res:
             return res.status, json.loads(res.read())
@@ -79,6 +80,11 @@ def test_server_limits_and_rejections(server):
     for path in ("/docs", "/openapi.json"):  # FastAPI's docs load assets from a CDN: switched off
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(url + path, timeout=10)
+    # a page elsewhere can send a simple cross-site POST (text/plain) or rebind its own name to 127.0.0.1: refused
+    assert post(url, (root / "scan.png").read_bytes(), filename="scan.png", content_type="text/plain")[0] == 415
+    rebound = urllib.request.Request(url, headers={"Host": "attacker.example"})
+    with pytest.raises(urllib.error.HTTPError, match="400"):
+        urllib.request.urlopen(rebound, timeout=10)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/install.sh installs it)")
