@@ -96,29 +96,45 @@ _ALTERNATIVES = re.compile(rf"((?:{_WORD},\s*)*{_WORD}),?\s+(?:or|vs\.?)\s+(?:(?
 #: words that open a yes/no question ("Is ...", "Does ...", elliptical "Any ...")
 _POLAR = frozenset("is are was were do does did can could has have had will would should may might must shall any "
                    "anything".split())
+#: words that may follow the last listed option without making it a longer phrase ("left or right of the ...",
+#: "axial or coronal image?": golds name the option alone)
+_FUNCTION_WORDS = frozenset("of in on at to than for from with within compared relative image images scan view plane "
+                            "film slice section".split())
 #: openings after which "or" joins things asked about, not alternatives ("Is there X or Y?" is answered yes/no)
 _EXISTENTIAL = re.compile(r"^\s*(is there|are there|is there any|are there any|any|anything|evidence)\b", re.I)
+
+
+def _alternatives(question: str) -> tuple[bool, list[str] | None]:
+    """(asks to choose, the one-word options when they are certain). Options are certain when the last one ends the
+    question or is followed by a function word: in "hyper dense or hypo dense?" or "left or right kidney?" the
+    options are phrases whose extent one-word parsing cannot know, so such questions are generated instead."""
+    if _EXISTENTIAL.match(question):
+        return False, None
+    text = question.strip().rstrip("?.! ")
+    match = _ALTERNATIVES.search(text)
+    if not match:
+        return False, None
+    options = [w.strip() for w in match.group(1).split(",") if w.strip()] + [match.group(2)]
+    if len(set(map(str.lower, options))) < 2:
+        return False, None
+    after = text[match.end():].split()
+    certain = not after or after[0].lower() in _FUNCTION_WORDS
+    return True, (list(dict.fromkeys(options)) if certain else None)
 
 
 def listed_options(question: str) -> list[str] | None:
     """The options a closed question lists ("axial, sagittal, or coronal?" -> those three), else None.
 
     One word per option, as VQA-RAD and SLAKE golds mostly are ("left", "hypodense"); existential questions ("Is there
-    X or Y?", "Any X or Y?") ask yes/no and list nothing.
+    X or Y?", "Any X or Y?") ask yes/no and list nothing; phrase options of uncertain extent give None too.
     """
-    if _EXISTENTIAL.match(question):
-        return None
-    match = _ALTERNATIVES.search(question.strip().rstrip("?.! "))
-    if not match:
-        return None
-    options = [w.strip() for w in match.group(1).split(",") if w.strip()] + [match.group(2)]
-    return list(dict.fromkeys(options)) if len(set(map(str.lower, options))) > 1 else None
+    return _alternatives(question)[1]
 
 
 def is_yes_no_question(question: str) -> bool:
-    """Opens like a yes/no question and lists no options (the gold answer is never consulted)."""
+    """Opens like a yes/no question and asks to choose between nothing (the gold answer is never consulted)."""
     words = question.strip().split(maxsplit=1)
-    return bool(words) and words[0].lower() in _POLAR and listed_options(question) is None
+    return bool(words) and words[0].lower() in _POLAR and not _alternatives(question)[0]
 
 
 def candidates_for(record: Any, policy: Candidates = "auto") -> list[str] | None:
