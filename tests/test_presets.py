@@ -54,6 +54,40 @@ def test_every_published_preset_names_its_source():
     assert {"clipcap_gpt2_mlp", "van_sonsbeek_biogpt", "medvint_td_7b", "med_flamingo_resampler_7b"} <= set(SOURCED)
 
 
+#: parameter counts of each source's mapper, from the issue and the upstream code (not from the preset files)
+PUBLISHED_PARAMS = {"van_sonsbeek_gpt2xl": 249.1e6, "van_sonsbeek_biogpt": 102.8e6, "van_sonsbeek_biomedlm": 634.4e6,
+                    "medvint_td_7b": 131.3e6, "med_flamingo_resampler_7b": 63.0e6, "clipcap_gpt2": 53.6e6,
+                    "clipcap_gpt2_mlp": 31.5e6, "llava_med_7b": 4.2e6, "llava_rad_7b": 19.9e6}
+#: each source's format, written out from its code (LLaVA-Med train.py v0, LLaVA-Rad conv_vicuna_v1, Med-Flamingo
+#: demo.py, van Sonsbeek vqaloader.py, MedVInT PMC_QA_Dataset.py); <image> marks the visual prefix
+SOURCE_FORMATS = {
+    "llava_med_v1": ("Q?", "A", (), "A chat between a curious human and an artificial intelligence assistant. The "
+                     "assistant gives helpful, detailed, and polite answers to the human's questions.\n\n### Human: "
+                     "<image>\nQ?\n### Assistant: A\n###"),
+    "vicuna_v1": ("Q?", "A", (), "A chat between a curious user and an artificial intelligence assistant. The assistant "
+                  "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nQ? ASSISTANT: A"),
+    "med_flamingo": ("Q2?", "a2", (("Q1?", "a1"),), "You are a helpful medical assistant. You are being provided with "
+                     "images, a question about the image and an answer. Follow the examples and answer the last "
+                     "question. <image>Question: Q1? Answer: a1.<|endofchunk|><image>Question: Q2? Answer: "
+                     "a2.<|endofchunk|>"),
+    "prefix_vqa": ("Q?", "A", (), "question: Q? context:<image>answer A"),
+}
+
+
+def test_published_parameter_counts_are_the_sources():
+    assert set(PUBLISHED_PARAMS) == set(SOURCED)
+    for name, count in PUBLISHED_PARAMS.items():
+        assert abs(preset_info(name)["source"]["mapper_params"] - count) <= 0.005 * count, name  # pins: 3-4 digits
+
+
+@pytest.mark.parametrize("template", sorted(SOURCE_FORMATS))
+def test_template_is_its_source_format(template):
+    question, answer, shots, expected = SOURCE_FORMATS[template]
+    position = "after_question" if template == "prefix_vqa" else "before_question"
+    text = prompts.render(template, question, answer=answer, shots=shots, position=position)
+    assert text.replace(prompts.IMAGE, "<image>") == expected
+
+
 @pytest.mark.parametrize("name", SOURCED)
 def test_full_size_mapper_has_the_published_parameter_count(name):
     """Built alone at the real encoder/decoder widths (on the meta device: no memory), the mapper has its source's
