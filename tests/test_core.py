@@ -365,3 +365,23 @@ def test_image_start_end_vectors_wrap_every_prefix_and_are_saved(tiny_decoders, 
         model.mapper.delimiters.add_(1.0)
     loaded = MedVQAAdapter.from_pretrained(model.save_pretrained(tmp_path / "a"))
     assert torch.equal(loaded.mapper.delimiters, model.mapper.delimiters)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_stop_string_ends_score_and_token_count_batched_as_alone(tiny_decoders, num_beams):
+    """#8.2: a row that stops on a stop string is scored over its tokens up to the stop, batched as alone (padding
+    steps after it count for nothing)."""
+    torch.manual_seed(0)
+    model = MedVQAAdapter(make_config(tiny_decoders["gpt2"], "linear", template={"name": "prefix_vqa"})).eval()
+    free = model.answer(IMAGES, QUESTIONS, max_new_tokens=6, num_beams=num_beams, stop=[])
+    ids = model.tokenizer(free[0].text, add_special_tokens=False)["input_ids"]
+    stop = next((model.tokenizer.decode(ids[k:k + 1]) for k in range(1, len(ids))
+                 if model.tokenizer.decode(ids[k:k + 1]).strip()), None)
+    if stop is None:
+        pytest.skip("the tiny model's answer has no second token to stop on")
+    batched = model.answer(IMAGES, QUESTIONS, max_new_tokens=6, num_beams=num_beams, stop=[stop])
+    alone = [model.answer([im], [q], max_new_tokens=6, num_beams=num_beams, stop=[stop])[0]
+             for im, q in zip(IMAGES, QUESTIONS)]
+    assert batched[0].num_tokens < free[0].num_tokens and stop not in batched[0].text
+    for b, a in zip(batched, alone):
+        assert b.text == a.text and b.num_tokens == a.num_tokens and abs(b.score - a.score) < 1e-4
