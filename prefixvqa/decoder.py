@@ -21,6 +21,14 @@ from .vision import ModelNotAvailableError, require_hub_file
 
 log = logging.getLogger(__name__)
 
+PEFT_PARAM_MARKERS = ("lora_", "prompt_encoder", "modules_to_save")  # in the names of the tensors peft adds
+
+
+def is_peft_param(name: str) -> bool:
+    """Whether a decoder parameter belongs to the peft part (LoRA, soft prompts, modules peft trains and saves)."""
+    return any(marker in name for marker in PEFT_PARAM_MARKERS)
+
+
 FAN_IN_FAN_OUT = {"gpt2"}  # model types whose attention uses transformers' Conv1D (weights stored transposed)
 _VOLATILE_KEYS = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transformers_version",
                   "quantization_config", "architectures", "use_cache", "_attn_implementation_autoset", "pad_token_id",

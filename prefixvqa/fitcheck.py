@@ -434,15 +434,18 @@ def _all_params(parts: FakeParts) -> list[nn.Parameter]:
 
 def _set_groups(parts: FakeParts, groups: Sequence[str]) -> None:
     """The trainer's `set_trainable`: exactly these groups train (same grouping as MedVQAAdapter.parameter_groups)."""
+    from .decoder import is_peft_param
+
     parts.encoder.requires_grad_("encoder" in groups)
     parts.mapper.requires_grad_("mapper" in groups)
     for name, p in parts.decoder.named_parameters():
-        peft_part = any(k in name for k in ("lora_", "prompt_encoder", "modules_to_save"))
-        p.requires_grad_(("lora" if peft_part else "decoder") in groups and p.dtype.is_floating_point)
+        p.requires_grad_(("lora" if is_peft_param(name) else "decoder") in groups and p.dtype.is_floating_point)
 
 
 def weight_breakdown(parts: FakeParts, cfg: AdapterConfig) -> dict[str, int]:
     """Bytes of every weight by part; quantised layers by `quantized_linear_bytes`."""
+    from .decoder import is_peft_param
+
     quant_weights = {f"{n}.weight": shape for n, shape in parts.quantized.items()}
     out = {"encoder": sum(p.numel() * p.element_size() for p in parts.encoder.parameters()),
            "mapper": sum(p.numel() * p.element_size() for p in parts.mapper.parameters()),
@@ -454,7 +457,7 @@ def weight_breakdown(parts: FakeParts, cfg: AdapterConfig) -> dict[str, int]:
             continue
         seen.add(id(p))
         name = name.replace(".base_layer", "")
-        if any(k in name for k in ("lora_", "prompt_encoder", "modules_to_save")):
+        if is_peft_param(name):
             out["peft (LoRA / soft prompts)"] += p.numel() * p.element_size()
         elif name in quant_weights:
             out["decoder (quantised layers)"] += quantized_linear_bytes(*quant_weights[name],

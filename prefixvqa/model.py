@@ -17,7 +17,8 @@ from torch import nn
 
 from .calibration import UNCERTAIN, Calibration
 from .config import AdapterConfig, ConfigError
-from .decoder import apply_tuning, check_decoder_available, decoder_fingerprint, fingerprint, load_decoder
+from .decoder import (apply_tuning, check_decoder_available, decoder_fingerprint, fingerprint, is_peft_param,
+                      load_decoder)
 from .mappers import build_mapper
 from .processor import IGNORE, MedVQAProcessor, Sample
 from .vision import ModelNotAvailableError, VisionEncoder, check_encoder_available
@@ -480,8 +481,7 @@ class MedVQAAdapter(nn.Module):
         groups["encoder"] = list(self.encoder.named_parameters())
         groups["mapper"] = list(self.mapper.named_parameters())
         for name, p in self.decoder.named_parameters():
-            peft_part = any(k in name for k in ("lora_", "prompt_encoder", "modules_to_save"))
-            groups["lora" if peft_part else "decoder"].append((name, p))
+            groups["lora" if is_peft_param(name) else "decoder"].append((name, p))
         return groups
 
     def set_trainable(self, *groups: str) -> None:
