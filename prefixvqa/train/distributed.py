@@ -209,6 +209,7 @@ class Distributed:
         if not self.fsdp:
             return None
         from ..adapter_io import PART_PREFIX, stored_parts
+        from ..decoder import is_peft_param
 
         prefixes = tuple(PART_PREFIX[p] for p in stored_parts(model))
         peft = model.config.tuning.mode == "lora"
@@ -216,7 +217,7 @@ class Distributed:
         out = {}
         for name, value in model.state_dict().items():  # the same order on every rank
             wanted = name.startswith(prefixes) or (peft and name.startswith("decoder.") and
-                                                   ("lora_" in name or (bias and name.endswith(".bias"))))
+                                                   (is_peft_param(name) or (bias and name.endswith(".bias"))))
             if wanted:
                 full = _full(value)
                 if acc.is_main_process:
