@@ -156,7 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pool = (_records(argparse.Namespace(**{**vars(args), "split": "train"})) if args.shot_pool == "train"
                 else _records(argparse.Namespace(data=args.shot_pool, format=None, split=None)))
     if pool is not None:
-        _refuse_overlap("the shot pool", pool, records, "its answers would leak into the prompts: pass --shot-pool DATA")
+        _refuse_overlap("the shot pool", pool, records,
+                        "its answers would leak into the prompts: pass --shot-pool DATA")
     shot_args = {"shots": args.shots, "shot_pool": pool, "feature_cache": args.feature_cache}
     calibration = None
     if args.calibrate_on or args.calibrate_split:

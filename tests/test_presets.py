@@ -64,8 +64,9 @@ SOURCE_FORMATS = {
     "llava_med_v1": ("Q?", "A", (), "A chat between a curious human and an artificial intelligence assistant. The "
                      "assistant gives helpful, detailed, and polite answers to the human's questions.\n\n### Human: "
                      "<image>\nQ?\n### Assistant: A\n###"),
-    "vicuna_v1": ("Q?", "A", (), "A chat between a curious user and an artificial intelligence assistant. The assistant "
-                  "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nQ? ASSISTANT: A"),
+    "vicuna_v1": ("Q?", "A", (), "A chat between a curious user and an artificial intelligence assistant. The "
+                  "assistant gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nQ? "
+                  "ASSISTANT: A"),
     "med_flamingo": ("Q2?", "a2", (("Q1?", "a1"),), "You are a helpful medical assistant. You are being provided with "
                      "images, a question about the image and an answer. Follow the examples and answer the last "
                      "question. <image>Question: Q1? Answer: a1.<|endofchunk|><image>Question: Q2? Answer: "
