@@ -541,15 +541,18 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         from accelerate.utils import gather_object
 
-        rngs = gather_object([rng_state()]) if self.acc.num_processes > 1 else [rng_state()]
+        many = self.acc.num_processes > 1
+        rngs = gather_object([rng_state()]) if many else [rng_state()]
+        # per rank, like the random states: each rank resumes its own share of the bookkeeping
+        bad = gather_object([sorted(self.bad_train)]) if many else [sorted(self.bad_train)]
+        usable = gather_object([self.usable_items]) if many else [self.usable_items]
         scaler = self.acc.scaler.state_dict() if getattr(self.acc, "scaler", None) is not None else None
         return {"step": self.step, "epoch": self.epoch, "position": self.position, "best_metric": self.best,
                 "bad_epochs": self.bad_epochs, "rng": rngs, "world_size": self.acc.num_processes,
                 "strategy": "fsdp" if self.dist.fsdp else self.dist.strategy,
                 "scheduler": _scheduler_json(self.scheduler.state_dict()), "scaler": scaler,
                 "skipped_images": self.skipped, "groups": self.group_names, "config": self.cfg.to_dict(),
-                "signature": self.signature, "bad_train_records": sorted(self.bad_train),
-                "usable_items": self.usable_items}
+                "signature": self.signature, "bad_train_records": bad, "usable_items": usable}
 
     def save_last(self) -> None:
         self._check_usable(trained=False)  # mid-run: the first batches may all have been bad; best/ demands more
@@ -589,8 +592,10 @@ class Trainer:
             for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                 group["initial_lr"], group["lr"] = base, base * factor(sched.last_epoch)
             sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        self.bad_train = set(state.get("bad_train_records", []))
-        self.usable_items = int(state.get("usable_items", 0))
+        rank = self.acc.process_index
+        bad, usable = state.get("bad_train_records", []), state.get("usable_items", 0)
+        self.bad_train = set(bad[rank] if bad and isinstance(bad[0], list) else bad)  # per rank (older: one list)
+        self.usable_items = int(usable[rank] if isinstance(usable, list) else usable)
         if state.get("scaler") and getattr(self.acc, "scaler", None) is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
