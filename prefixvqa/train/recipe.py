@@ -277,8 +277,11 @@ def recipe_config(spec: dict[str, Any], workdir: Path) -> AdapterConfig:
         if not (folder / "config.json").is_file():
             import torch
 
-            with torch.random.fork_rng(devices=[]):  # building must not shift the caller's seeded RNG stream
-                build_decoder(folder, str(spec["tiny"]))
+            from ..fileio import atomic_dir
+
+            # every rank may build it: each writes its own temporary folder, the first complete one is kept
+            with torch.random.fork_rng(devices=[]), atomic_dir(folder, overwrite=False) as tmp:
+                build_decoder(tmp, str(spec["tiny"]))  # (fork_rng: must not shift the caller's seeded RNG stream)
         tiny = tiny_overrides(folder)
     if spec.get("adapter"):
         import json
