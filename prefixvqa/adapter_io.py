@@ -131,9 +131,7 @@ def resolve_adapter(path: str | Path) -> Path:
         try:
             hub = Hub()
             if name in hub:
-                folder = hub.resolve(name)
-                check_integrity(folder, required=True)
-                return folder
+                return _with_manifest(hub.resolve(name))  # resolve checked every file against the hub index
         except HubError as exc:
             raise AdapterLoadError(str(exc)) from None
     if local.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
@@ -147,8 +145,7 @@ def resolve_adapter(path: str | Path) -> Path:
     except Exception as exc:  # huggingface_hub raises several unrelated types for "not there"
         raise AdapterLoadError(f"adapter {name!r} is neither a local folder nor a reachable/cached hub repo: "
                                f"{exc.__class__.__name__}: {exc}") from None
-    check_integrity(folder, required=True)  # downloaded: it must carry the manifest it was pushed with
-    return folder
+    return _with_manifest(folder)  # downloaded: it must carry the manifest it was pushed with
 
 
 def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: Any) -> "MedVQAAdapter":
@@ -252,11 +249,18 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
                                f"{exc.__class__.__name__}: {exc}") from None
 
 
-def check_integrity(folder: Path, *, required: bool = False) -> None:
+def _with_manifest(folder: Path) -> Path:
+    """A hub or downloaded folder must carry its manifest; loading then verifies it (once, in `check_integrity`)."""
+    if not (folder / MANIFEST_NAME).is_file():
+        raise AdapterLoadError(f"{folder / MANIFEST_NAME} is missing: an adapter from a hub must carry its manifest")
+    return folder
+
+
+def check_integrity(folder: Path) -> None:
     """Refuse a folder whose files differ from its manifest, or that holds files the manifest does not list (a
-    tokenizer reads whatever it finds). A local folder saved before manifests existed only warns; a folder from a hub
-    (`required`) must have one."""
-    if not (folder / MANIFEST_NAME).is_file() and not required:
+    tokenizer reads whatever it finds). A local folder saved before manifests existed only warns (a folder from a hub
+    cannot get here without one: `resolve_adapter`)."""
+    if not (folder / MANIFEST_NAME).is_file():
         import warnings
 
         warnings.warn(f"{folder} has no {MANIFEST_NAME}: its files cannot be checked for damage", stacklevel=3)

@@ -683,7 +683,7 @@ def plan_tokens(plan: StepPlan, arch: Architecture) -> StepPlan:
 
     with fake_mode():
         n, _ = VisionEncoder(vision_tower(arch), None, plan.config.encoder).output_shape()
-    plan.text_len += prefix_length(plan.config.mapper, n)
+    plan.text_len += prefix_length(plan.config.mapper, n, plan.config.template.image_start_end)
     return plan
 
 

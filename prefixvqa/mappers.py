@@ -193,6 +193,6 @@ def build_mapper(cfg: MapperConfig, image_start_end: bool = False) -> nn.Module:
     return WithImageDelimiters(mapper, cfg.out_dim) if image_start_end else mapper
 
 
-def prefix_length(cfg: MapperConfig, num_tokens: int) -> int:
-    """Prefix vectors produced for `num_tokens` input feature tokens."""
-    return num_tokens if cfg.kind in ("linear", "mlp2x_gelu") else cfg.prefix_length
+def prefix_length(cfg: MapperConfig, num_tokens: int, image_start_end: bool = False) -> int:
+    """Prefix vectors produced for `num_tokens` input feature tokens (+2 with learned image start/end vectors)."""
+    return (num_tokens if cfg.kind in ("linear", "mlp2x_gelu") else cfg.prefix_length) + 2 * image_start_end

@@ -94,7 +94,12 @@ def format_choices(template_name: str, choices: Sequence[str]) -> str:
     """The options as the template lists them: " A:text B:text ..." (a letter already on an option is not doubled)."""
     t = TEMPLATES.get(template_name)
     fmt = t.choice if t else " {letter}:{text}"
-    return "".join(fmt.format(letter=chr(ord("A") + i), text=_LETTERED.sub("", c)) for i, c in enumerate(choices))
+    return "".join(fmt.format(letter=chr(ord("A") + i), text=strip_choice_letter(c)) for i, c in enumerate(choices))
+
+
+def strip_choice_letter(choice: str) -> str:
+    """An option without the letter it may carry ("A:text", "(b) text", "C. text" -> "text")."""
+    return _LETTERED.sub("", choice)
 
 
 def _position(template: Template, position: str | None) -> str:

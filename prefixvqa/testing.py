@@ -118,3 +118,31 @@ def plain_transformers_batch(model: Any, prefix: Any, questions: list[str], answ
     for i, (r, lb) in enumerate(zip(rows, labels)):
         embeds[i, :len(r)], mask[i, :len(r)], lab[i, :len(r)] = r, 1, lb
     return embeds, mask, lab
+
+
+def adapter_tensors(folder: str | Path) -> dict[str, Any]:
+    """The trained tensors of an adapter folder, "mapper/..." and "lora/...": what resume and multi-process tests
+    compare between runs."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    out = {f"mapper/{k}": v for k, v in load_file(str(folder / "mapper.safetensors")).items()}
+    out.update({f"lora/{k}": v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()})
+    return out
+
+
+def kill_after_save(step: int) -> None:
+    """Make this training process SIGKILL itself right after it saved the checkpoint of `step` (fault tests)."""
+    import os
+    import signal
+
+    from .train import trainer
+
+    original = trainer.Trainer.save_last
+
+    def save_then_die(self: Any) -> None:
+        original(self)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer.Trainer.save_last = save_then_die

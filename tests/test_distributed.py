@@ -21,6 +21,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 
 from prefixvqa.config import ConfigError  # noqa: E402
+from prefixvqa.testing import adapter_tensors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -31,13 +32,13 @@ pytestmark = pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.i
 # process sees with grad_accum=2, so the weights must match. No dropout anywhere (tiny Llama, LoRA and mapper dropout
 # 0): ranks would draw different random masks than one process.
 SCRIPT = textwrap.dedent("""
-    import os, signal, sys, json
+    import os, sys, json
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     from pathlib import Path
     from safetensors.torch import save_file
     from prefixvqa.train import TrainConfig, train
-    from prefixvqa.train import trainer as T
+    from prefixvqa.testing import kill_after_save
     from prefixvqa.data.synthetic import colour_records
     from prefixvqa.train.recipe import build_model
 
@@ -45,12 +46,7 @@ SCRIPT = textwrap.dedent("""
 
     def run(work, out, kill_at, extra):
         if kill_at:
-            original = T.Trainer.save_last
-            def save_then_die(self):
-                original(self)
-                if self.step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            T.Trainer.save_last = save_then_die
+            kill_after_save(kill_at)
         torch.manual_seed(0)
         model = build_model(MODEL, work)
         cfg = TrainConfig(output_dir=str(out), epochs=2, batch_size=3, seed=3, warmup=0.2, schedule="cosine",
@@ -93,12 +89,6 @@ def tensors(file: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(file))
-
-
-def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {f"mapper/{k}": v for k, v in tensors(folder / "mapper.safetensors").items()}
-    out.update({f"lora/{k}": v for k, v in tensors(folder / "adapter_model.safetensors").items()})
-    return out
 
 
 def assert_close(a: dict, b: dict, atol: float) -> None:

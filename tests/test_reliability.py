@@ -27,6 +27,7 @@ from prefixvqa.cli import main  # noqa: E402
 from prefixvqa.data.images import ImageLoadError  # noqa: E402
 from prefixvqa.data.synthetic import colour_records  # noqa: E402
 from prefixvqa.fileio import MANIFEST_NAME  # noqa: E402
+from prefixvqa.testing import adapter_tensors  # noqa: E402
 from prefixvqa.train import TrainConfig, train  # noqa: E402
 from prefixvqa.train import trainer as trainer_mod  # noqa: E402
 from prefixvqa.train.checkpoint import LOCK_NAME, CheckpointError, RunLockedError, output_lock  # noqa: E402
@@ -49,16 +50,8 @@ def fresh_model(work: Path):
     return build_model(MODEL, work)
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {f"mapper/{k}": v for k, v in load_file(str(folder / "mapper.safetensors")).items()}
-    out.update({f"lora/{k}": v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()})
-    return out
-
-
 def assert_same_tensors(a: Path, b: Path, atol: float = 0.0) -> None:
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
     assert ta.keys() == tb.keys()
     for key in ta:
         assert torch.allclose(ta[key], tb[key], atol=atol, rtol=0), key
@@ -285,7 +278,7 @@ def test_exploding_learning_rate_fails_and_publishes_nothing(tmp_path, capsys):
     assert "final adapter" not in err.out and not (out / "best").exists()
     if (out / "last").exists():
         assert str(out / "last") in line
-        assert all(torch.isfinite(v).all() for v in tensors(out / "last").values())
+        assert all(torch.isfinite(v).all() for v in adapter_tensors(out / "last").values())
     rows = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["kind"] == "stop" and rows[-1]["reason"].startswith("non-finite")
 

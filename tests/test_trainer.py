@@ -21,6 +21,7 @@ from prefixvqa.train import TrainConfig, epoch_batches, train  # noqa: E402
 from prefixvqa.train import trainer as trainer_mod  # noqa: E402
 from prefixvqa.data.synthetic import colour_records  # noqa: E402
 from prefixvqa.train.recipe import build_model  # noqa: E402
+from prefixvqa.testing import adapter_tensors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"progress": False, "tensorboard": False, "plot": False}
@@ -28,23 +29,18 @@ MODEL = {"tiny": "gpt2", "config": {"mapper": {"prefix_length": 2}}}
 
 # One training run, used in-process and in subprocesses (resume, torchrun): same seed -> same initial weights.
 SCRIPT = textwrap.dedent("""
-    import os, signal, sys, json
+    import os, sys, json
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     from pathlib import Path
     from prefixvqa.train import TrainConfig, train
-    from prefixvqa.train import trainer as T
+    from prefixvqa.testing import kill_after_save
     from prefixvqa.data.synthetic import colour_records
     from prefixvqa.train.recipe import build_model
 
     def run(work, out, kill_at, extra):
         if kill_at:
-            original = T.Trainer.save_last
-            def save_then_die(self):
-                original(self)
-                if self.step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            T.Trainer.save_last = save_then_die
+            kill_after_save(kill_at)
         torch.manual_seed(0)
         model = build_model({"tiny": "gpt2", "config": {"mapper": {"prefix_length": 2, "dropout": 0.1}}}, work)
         cfg = TrainConfig(output_dir=str(out), epochs=2, batch_size=3, grad_accum=2, save_every_steps=1, seed=3,
@@ -71,14 +67,6 @@ def run_in_process(work: Path, out: Path, extra: dict | None = None):
     namespace: dict = {"__name__": "train_script"}
     exec(SCRIPT, namespace)
     return namespace["run"](work, out, 0, extra or {})
-
-
-def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {f"mapper/{k}": v for k, v in load_file(str(folder / "mapper.safetensors")).items()}
-    out.update({f"lora/{k}": v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()})
-    return out
 
 
 @pytest.fixture(scope="module")

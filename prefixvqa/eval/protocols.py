@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Sequence
 
+from ..prompts import strip_choice_letter
 from . import metrics as M
 
 __all__ = [
@@ -160,7 +161,6 @@ def candidates_for(record: Any, policy: Candidates = "auto") -> list[str] | None
 
 
 _LETTER = re.compile(r"^\(?([A-Za-z])[).:]?$")
-_CHOICE_LETTER = re.compile(r"^\s*\(?[A-Za-z][).:]\s+")
 
 
 def gold_choice_index(record: Any) -> int | None:
@@ -174,7 +174,7 @@ def gold_choice_index(record: Any) -> int | None:
     normalised = [M.normalize_answer(c) for c in record.choices]
     if gold in normalised:
         return normalised.index(gold)
-    unlettered = [M.normalize_answer(_CHOICE_LETTER.sub("", c)) for c in record.choices]  # "A: text", "(b) text"
+    unlettered = [M.normalize_answer(strip_choice_letter(c)) for c in record.choices]  # "A: text", "(b) text"
     if gold in unlettered:
         return unlettered.index(gold)
     letter = _LETTER.match(record.answer.strip())
