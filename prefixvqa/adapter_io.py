@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import PrefixVQAError
 from .calibration import CALIBRATION_NAME, Calibration
 from .config import AdapterConfig, ConfigError
 from .fileio import MANIFEST_NAME, IntegrityError, atomic_dir, verify_manifest, write_manifest
@@ -36,7 +37,7 @@ PEFT_MODES = ("lora", "prompt_tuning", "prefix_tuning")
 INSIDE = "adapter:"  # decoder.name scheme: a folder inside the adapter folder (a merged export), like "pkg:"
 
 
-class AdapterLoadError(ValueError):
+class AdapterLoadError(PrefixVQAError, ValueError):
     """An adapter folder does not match what it claims or what it is loaded onto; the message says what differs."""
 
 
@@ -82,7 +83,7 @@ def write_adapter_files(model: "MedVQAAdapter", folder: Path, card: dict[str, An
     a temporary folder of their own (a training checkpoint adds its trainer state before its one rename)."""
     from safetensors.torch import save_file
 
-    from . import __version__
+    from ._version import __version__
 
     cfg = model.config.replace(fingerprints=dict(model.base_fingerprints), version=__version__)
     if model.config.tuning.mode in PEFT_MODES:  # peft's adapter_config.json + adapter_model.safetensors
@@ -210,7 +211,7 @@ def compatible_config(data: dict[str, Any], where: str) -> dict[str, Any]:
     import warnings
     from dataclasses import fields as dc_fields
 
-    from . import __version__
+    from ._version import __version__
     from .config import _SECTIONS
 
     written = str(data.get("version") or "")

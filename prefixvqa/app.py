@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import unquote
 
+from .errors import PrefixVQAError
 from .fileio import atomic_write
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ $("ask").addEventListener("click", async () => {{
 """
 
 
-class UploadError(ValueError):
+class UploadError(PrefixVQAError, ValueError):
     """An upload the app refuses; the message is shown to the user."""
 
     def __init__(self, message: str, status: int = 400):

@@ -11,29 +11,16 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+from .errors import ConfigError, PrefixVQAError  # noqa: F401 (ConfigError re-exported)
+from .tuning import DEFAULT_LORA_TARGETS, TUNING_MODES, TuningMode, get_tuning_mode  # noqa: F401 (re-exported)
 
 FEATURE_KINDS = ("pooled", "patches")
 MAPPER_KINDS = ("linear", "mlp", "mlp2x_gelu", "transformer", "resampler", "query_decoder")
 ACTIVATIONS = ("tanh", "gelu", "relu", "silu")
-TUNING_MODES = ("frozen", "lora", "full", "prompt_tuning", "prefix_tuning")
 QUANTIZATIONS = (None, "8bit", "4bit")
 DTYPES = ("float32", "bfloat16", "float16")
 IMAGE_POSITIONS = ("before_question", "after_question")
 
-# Default LoRA targets per transformers `model_type` (a config field, never a model-name substring).
-DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
-    "gpt2": ["c_attn"],
-    "biogpt": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gpt_neox": ["query_key_value"],
-    "phi3": ["qkv_proj", "o_proj"],
-}
-
-
-class ConfigError(ValueError):
-    """A configuration value or combination is invalid; the message names the field."""
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -181,8 +168,8 @@ class DecoderConfig:
 
 @dataclass
 class TuningConfig:
-    """What trains in the decoder. `frozen`: mapper only; `lora`: peft LoRA; `full`: every decoder weight;
-    `prompt_tuning`/`prefix_tuning`: peft's learned soft prompts / per-layer key-value prefixes (not the visual prefix).
+    """What trains in the decoder: `mode` names a registered `tuning.TuningMode` (frozen, lora, dora, full,
+    prompt_tuning, prefix_tuning; see prefixvqa/tuning.py); the other fields are its settings. Code asks `method`.
     """
 
     mode: str = "lora"
@@ -195,11 +182,16 @@ class TuningConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "tuning")
-        _choice("tuning", "mode", self.mode, TUNING_MODES)
+        _choice("tuning", "mode", self.mode, tuple(TUNING_MODES))
         _choice("tuning", "bias", self.bias, ("none", "all", "lora_only"))
         _check(self.r >= 1 and self.alpha > 0,
                f"tuning.r and tuning.alpha must be positive, got {self.r}, {self.alpha}")
         _check(self.num_virtual_tokens >= 1, "tuning.num_virtual_tokens must be >= 1")
+
+    @property
+    def method(self) -> TuningMode:
+        """The registered mode object: its capabilities and behaviour (never compare `mode` strings)."""
+        return get_tuning_mode(self.mode)
 
 
 @dataclass
@@ -260,10 +252,10 @@ class AdapterConfig:
 
         _check(self.template.name in prompts.TEMPLATES or self.template.name == "chat",
                f"template.name={self.template.name!r} is not one of {sorted(prompts.TEMPLATES) + ['chat']}")
-        _check(not (self.tuning.mode in ("prompt_tuning", "prefix_tuning") and self.decoder.quantization),
-               f"tuning.mode={self.tuning.mode!r} is not supported with a quantized decoder; use 'lora' (QLoRA)")
-        _check(not (self.tuning.mode == "full" and self.decoder.quantization),
-               "tuning.mode='full' cannot train a quantized decoder; use 'lora' or drop decoder.quantization")
+        quantisable = [name for name, m in TUNING_MODES.items() if m.quantisable]
+        _check(self.tuning.method.quantisable or not self.decoder.quantization,
+               f"tuning.mode={self.tuning.mode!r} cannot run on a quantized decoder (decoder.quantization="
+               f"{self.decoder.quantization!r}); use one of {quantisable} or drop decoder.quantization")
         _check(not (self.mapper.input_tokens and self.encoder.features != "pooled"),
                "mapper.input_tokens expands one pooled vector (ClipCap): set encoder.features='pooled'")
         pooled_only = self.mapper.kind == "mlp"

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DEFAULT_LORA_TARGETS, ConfigError, DecoderConfig, TuningConfig
+from .config import DecoderConfig, TuningConfig
 from .fileio import atomic_dir, package_file
 from .rng import seeded
 from .vision import ModelNotAvailableError, require_hub_file
@@ -29,7 +29,6 @@ def is_peft_param(name: str) -> bool:
     return any(marker in name for marker in PEFT_PARAM_MARKERS)
 
 
-FAN_IN_FAN_OUT = {"gpt2"}  # model types whose attention uses transformers' Conv1D (weights stored transposed)
 _VOLATILE_KEYS = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "transformers_version",
                   "quantization_config", "architectures", "use_cache", "_attn_implementation_autoset", "pad_token_id",
                   "tie_word_embeddings"}
@@ -147,31 +146,6 @@ def _bnb_config(cfg: DecoderConfig) -> Any:
                               bnb_4bit_compute_dtype=compute)
 
 
-def lora_targets(model: nn.Module, tuning: TuningConfig) -> list[str]:
-    if tuning.target_modules:
-        return list(tuning.target_modules)
-    model_type = model.config.model_type
-    if model_type not in DEFAULT_LORA_TARGETS:
-        raise ConfigError(f"no default LoRA target modules for model_type {model_type!r}; set tuning.target_modules "
-                          f"(known defaults: {sorted(DEFAULT_LORA_TARGETS)})")
-    return DEFAULT_LORA_TARGETS[model_type]
-
-
-def peft_config(model: nn.Module, tuning: TuningConfig) -> Any:
-    """The peft config for a tuning mode (None for `frozen` and `full`)."""
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
-
-    if tuning.mode == "lora":
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=tuning.r, lora_alpha=tuning.alpha,
-                          lora_dropout=tuning.dropout, target_modules=lora_targets(model, tuning), bias=tuning.bias,
-                          fan_in_fan_out=model.config.model_type in FAN_IN_FAN_OUT)
-    if tuning.mode == "prompt_tuning":
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tuning.num_virtual_tokens)
-    if tuning.mode == "prefix_tuning":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tuning.num_virtual_tokens)
-    return None
-
-
 def apply_tuning(model: nn.Module, tuning: TuningConfig, quantized: bool = False,
                  checkpointing: bool = False) -> nn.Module:
     """Wrap or (un)freeze the decoder for the tuning mode; returns the module the adapter calls.
@@ -179,19 +153,14 @@ def apply_tuning(model: nn.Module, tuning: TuningConfig, quantized: bool = False
     A quantised base goes through peft's k-bit preparation (QLoRA): norms and embeddings upcast to float32, input
     gradients enabled so checkpointed layers pass gradients back to the visual prefix. peft is imported only for
     the modes that need it, so a `frozen` or `full` adapter (e.g. a merged export) loads without peft installed.
+    What the mode does is the mode object's business (prefixvqa/tuning.py).
     """
     if quantized:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    for p in model.parameters():
-        p.requires_grad_(tuning.mode == "full")
-    if tuning.mode in ("frozen", "full"):
-        return model
-    from peft import get_peft_model
-
-    return get_peft_model(model, peft_config(model, tuning))
+    return tuning.method.wrap(model, tuning)
 
 
 def fingerprint(module: nn.Module, extra: dict[str, Any] | None = None, samples: int = 4096) -> str:

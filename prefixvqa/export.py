@@ -148,7 +148,7 @@ def _check_target(out: Path) -> None:
 
 def export_merged(model: "MedVQAAdapter", out: str | Path, dtype: str | None = None) -> tuple[Path, str | None]:
     """Write the merged export of `model` into `out` (atomically); returns (folder, precision caveat or None)."""
-    from . import __version__
+    from ._version import __version__
     from .adapter_io import INSIDE, write_adapter_files
     from .fileio import atomic_dir
     from .model import MedVQAAdapter

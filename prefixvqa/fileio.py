@@ -19,6 +19,7 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from .errors import PrefixVQAError
 
 __all__ = ["atomic_write", "atomic_write_with", "atomic_dir", "replace_dir", "recover_dir", "package_file",
            "MANIFEST_NAME", "IntegrityError", "sha256_file", "write_manifest", "verify_manifest"]
@@ -198,7 +199,7 @@ def package_file(package: str, relative: str = "", install_hint: str | None = No
     return folders[0] / relative
 
 
-class IntegrityError(ValueError):
+class IntegrityError(PrefixVQAError, ValueError):
     """A file of a folder does not match the sha256 manifest written when the folder was saved."""
 
 

@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
+from .errors import PrefixVQAError
 from .fileio import (MANIFEST_NAME, IntegrityError, atomic_dir, atomic_write, sha256_file, verify_manifest,
                      write_manifest)
 
@@ -42,7 +43,7 @@ DEFAULT_HUB = "checkpoints"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-class HubError(ValueError):
+class HubError(PrefixVQAError, ValueError):
     """A hub operation cannot go ahead; the message names the adapter, version and file."""
 
 
@@ -187,7 +188,7 @@ class Hub:
 
     def _push(self, src: Path, files: dict[str, Any], cfg: dict[str, Any], name: str, version: str | None,
               task: str | None, overwrite: bool) -> str:
-        from . import __version__
+        from ._version import __version__
 
         index = self.index()
         versions = index["adapters"].setdefault(name, {})

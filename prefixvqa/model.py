@@ -24,7 +24,6 @@ from .processor import IGNORE, MedVQAProcessor, Sample
 from .vision import ModelNotAvailableError, VisionEncoder, check_encoder_available
 
 GROUPS = ("encoder", "mapper", "lora", "decoder")  # "lora" holds every peft tensor (LoRA or soft prompts)
-PROMPT_MODES = ("prompt_tuning", "prefix_tuning")
 
 
 @dataclass
@@ -182,21 +181,9 @@ class MedVQAAdapter(nn.Module):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
                                   "logits_to_keep": keep}
-        mode = self.config.tuning.mode
-        if mode not in PROMPT_MODES:
-            return self.decoder, kwargs
-        B, V = embeds.shape[0], self.config.tuning.num_virtual_tokens
-        kwargs["attention_mask"] = torch.cat([mask.new_ones(B, V), mask], 1)
-        kwargs["position_ids"] = positions + V
-        if mode == "prompt_tuning":
-            prompt = self.decoder.get_prompt(batch_size=B).to(embeds.dtype)  # (B, V, E)
-            kwargs["inputs_embeds"] = torch.cat([prompt, embeds], 1)
-            kwargs["position_ids"] = torch.cat([torch.arange(V, device=self.device).expand(B, V), positions + V], 1)
-            if isinstance(keep, torch.Tensor):
-                kwargs["logits_to_keep"] = F.pad(keep, (V, 0))
-        else:
-            kwargs["past_key_values"] = self.decoder.get_prompt(B)
-        return self._lm(), kwargs
+        method = self.config.tuning.method
+        return method.language_model(self.decoder), method.place_virtual_tokens(self.decoder, self.config.tuning,
+                                                                                kwargs, positions)
 
     @contextlib.contextmanager
     def _lora_merged(self):
@@ -204,7 +191,8 @@ class MedVQAAdapter(nn.Module):
         instead of three. The original weight tensors are put back untouched on exit (no merge/unmerge rounding).
         Skipped for quantised bases (merging would requantise) and whenever gradients are on."""
         layers = []
-        if self.config.tuning.mode == "lora" and not self.config.decoder.quantization and not torch.is_grad_enabled():
+        if (self.config.tuning.method.folds_for_inference and not self.config.decoder.quantization
+                and not torch.is_grad_enabled()):
             from peft.tuners.lora import LoraLayer
 
             layers = [m for m in self.decoder.modules() if isinstance(m, LoraLayer) and not m.merged
@@ -222,7 +210,7 @@ class MedVQAAdapter(nn.Module):
                 weight.data, m.merged_adapters = data, []
 
     def _lm(self) -> nn.Module:
-        return self.decoder.get_base_model() if self.config.tuning.mode in PROMPT_MODES else self.decoder
+        return self.config.tuning.method.language_model(self.decoder)
 
     # --- images -------------------------------------------------------------------------------------------------
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -314,7 +302,7 @@ class MedVQAAdapter(nn.Module):
                      image_index: torch.Tensor | None) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """(head length H, a row per distinct image, each row's image) when every row has one image slot with the
         same tokens before it and some rows share an image; None otherwise (then the plain prefill is as fast)."""
-        if image_index is None or input_ids is None or self.config.tuning.mode in PROMPT_MODES:
+        if image_index is None or input_ids is None or self.config.tuning.method.soft_prompt:
             return None
         B, T = mask.shape
         if len(image_index) != B or int(image_mask.sum()) != B * self.processor.image_seq_length:
@@ -357,9 +345,10 @@ class MedVQAAdapter(nn.Module):
                 ids, steps = self._greedy(embeds, mask, image_mask.to(self.device), image_index, input_ids,
                                           max_new_tokens, stop)
             else:
-                if self.config.tuning.mode == "prefix_tuning":
-                    raise ValueError("tuning.mode='prefix_tuning' generates greedily only (peft's key/value prefixes "
-                                     "cannot be combined with transformers' generate on inputs_embeds)")
+                if not self.config.tuning.method.transformers_generate:
+                    raise ConfigError(f"tuning.mode={self.config.tuning.mode!r} generates greedily only (peft's "
+                                      "key/value prefixes cannot be combined with transformers' generate on "
+                                      "inputs_embeds)")
                 lm, kwargs = self._lm_inputs(embeds, mask)
                 sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
                 criteria = [self.processor.stop_criteria(stop)] if stop else []

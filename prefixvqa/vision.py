@@ -16,12 +16,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .errors import PrefixVQAError
 from .config import EncoderConfig
 
 log = logging.getLogger(__name__)
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(PrefixVQAError, RuntimeError):
     """Weights or a config are not reachable (offline, or a wrong path); the message names what is needed."""
 
 

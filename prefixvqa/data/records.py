@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..errors import PrefixVQAError
 from ..config import IMAGE_POSITIONS
 
 if TYPE_CHECKING:  # `datasets` is heavy to import; only the conversion functions need it
@@ -38,7 +39,7 @@ _CLOSED = {"closed", "close", "yes/no", "yesno", "binary", "closed-ended", "clos
 _OPEN = {"open", "open-ended", "open_ended", "other", "number", "free", "freeform"}
 
 
-class DataError(ValueError):
+class DataError(PrefixVQAError, ValueError):
     """A dataset file or record is malformed; the message names the file, the item index and the field."""
 
 

@@ -241,7 +241,7 @@ def _unique(values: Iterable[Any]) -> Any:
 
 def _manifest(model: Any, records: Sequence[Any], protocol: Protocol, run: Mapping[str, Any], data_spec: Any,
               adapter_path: str | os.PathLike | None) -> dict[str, Any]:
-    from .. import __version__
+    from .._version import __version__
     from ..data.records import content_hash
 
     config = getattr(model, "config", None)

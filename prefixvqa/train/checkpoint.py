@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import PrefixVQAError
 from ..fileio import MANIFEST_NAME, IntegrityError, recover_dir, verify_manifest
 
 if TYPE_CHECKING:
@@ -44,11 +45,11 @@ NON_RESULT_FIELDS = frozenset({"output_dir", "resume", "resume_with_changes", "p
                                "log_every", "num_workers", "save_every_steps", "feature_cache", "eval_batch_size"})
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(PrefixVQAError, RuntimeError):
     """Another training run holds the output folder."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PrefixVQAError, ValueError):
     """A checkpoint cannot be resumed from: incomplete, damaged, or written by a different recipe."""
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..errors import PrefixVQAError
 from ..config import ConfigError, check_types
 from ..data.cache import FeatureCache
 from ..data.images import ImageLoadError
@@ -158,7 +159,7 @@ class TrainResult:
     skipped_records: list[dict[str, Any]] = field(default_factory=list)  # bad items the readers left out
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(PrefixVQAError, RuntimeError):
     """The loss, a gradient or a weight became non-finite: the run stopped and published nothing.
 
     The message names the step, the records of the bad batch and the last finite checkpoint; ``result`` is the
