@@ -13,9 +13,9 @@ __all__ = ["MedVQAAdapter", "MedVQAProcessor", "AdapterConfig", "Answer", "__ver
 if TYPE_CHECKING:
     from .config import AdapterConfig
     from .model import Answer, MedVQAAdapter
-    from .processor import MedVQAProcessor
+    from .data.processor import MedVQAProcessor
 
-_LAZY = {"MedVQAAdapter": "model", "Answer": "model", "AdapterConfig": "config", "MedVQAProcessor": "processor"}
+_LAZY = {"MedVQAAdapter": "model", "Answer": "model", "AdapterConfig": "config", "MedVQAProcessor": "data.processor"}
 
 
 def __getattr__(name: str) -> Any:

@@ -24,7 +24,7 @@ from .errors import PrefixVQAError
 from .calibration import CALIBRATION_NAME, Calibration
 from .config import AdapterConfig, ConfigError
 from .fileio import MANIFEST_NAME, IntegrityError, atomic_dir, verify_manifest, write_manifest
-from .processor import PROCESSOR_NAME, MedVQAProcessor
+from .data.processor import PROCESSOR_NAME, MedVQAProcessor
 
 if TYPE_CHECKING:
     from .model import MedVQAAdapter

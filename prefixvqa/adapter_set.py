@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from .config import AdapterConfig
     from .model import Answer, MedVQAAdapter
-    from .processor import MedVQAProcessor
+    from .data.processor import MedVQAProcessor
     from .vision import VisionEncoder
 
 __all__ = ["AdapterSet"]
@@ -92,7 +92,7 @@ class AdapterSet:
 
         from .config import AdapterConfig
         from .mappers import build_mapper
-        from .processor import MedVQAProcessor
+        from .data.processor import MedVQAProcessor
         from .vision import VisionEncoder
 
         name = name or str(ref)

@@ -114,7 +114,7 @@ class UploadError(PrefixVQAError, ValueError):
 def check_upload(data: bytes, filename: str) -> Any:
     """Decoded image (PIL) of an uploaded PNG, JPEG or DICOM file, or UploadError saying why not."""
     from .data.images import ImageLoadError, _pil_format, detect_image_kind
-    from .processor import MedVQAProcessor
+    from .data.processor import MedVQAProcessor
 
     if not data:
         raise UploadError("The upload is empty.")

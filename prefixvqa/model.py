@@ -20,7 +20,7 @@ from .config import AdapterConfig, ConfigError
 from .decoder import (apply_tuning, check_decoder_available, decoder_fingerprint, fingerprint, is_peft_param,
                       load_decoder)
 from .mappers import build_mapper
-from .processor import IGNORE, MedVQAProcessor, Sample
+from .data.processor import IGNORE, MedVQAProcessor, Sample
 from .vision import ModelNotAvailableError, VisionEncoder, check_encoder_available
 
 GROUPS = ("encoder", "mapper", "lora", "decoder")  # "lora" holds every peft tensor (LoRA or soft prompts)

@@ -1,5 +1,8 @@
 """Prompt templates as data, and their rendering into text segments around visual-prefix slots.
 
+`TEMPLATES` is the one registry of template names (config validation and the CLI read it): the named text layouts,
+and "chat", the tokenizer's own chat template (`ChatTemplate`).
+
 A rendered prompt is plain text holding `IMAGE` sentinels; the model splits on them and places one visual prefix per
 sentinel, so few-shot prompts with several images (Med-Flamingo style) use the same path as single-image VQA.
 A conversation (LLaVA-style multi-turn record) renders as alternating prompt and answer texts (`segments`): the image
@@ -10,7 +13,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
+
+from .errors import ConfigError
 
 IMAGE = "<|prefixvqa_image|>"
 
@@ -32,9 +37,62 @@ class Template:
     choice: str = " {letter}:{text}"
     image_before_start: bool = False  # a leading image goes before the start tokens (BOS), as MedVInT built it
     text_turn: str | None = None  # a user turn without an image (a conversation's later questions); None: derived
+    #: True where the layout comes from the tokenizer (`ChatTemplate`), so rendering needs a tokenizer with one
+    uses_tokenizer_template: ClassVar[bool] = False
+
+    def segments(self, question: str, *, position: str | None = None, system: str | None = None,
+                 shots: Sequence[tuple[str, str]] = (), history: Sequence[tuple[str, str]] = (),
+                 tokenizer: Any = None, choices: Sequence[str] = ()) -> list[str]:
+        """The prompt as [prompt, answer, ..., prompt] for this layout: see the module function `segments`."""
+        turn = getattr(self, position or self.default_position)
+        parts = [system if system is not None else self.system]
+        for q, a in shots:
+            parts.append(turn.format(image=IMAGE, question=q, choices="") + self.answer_text(a) + self.shot_separator)
+        out, text = [], "".join(parts)
+        joiner = "" if self.eos else self.shot_separator
+        for k, (q, a) in enumerate([*history, (question, None)]):
+            listed = self.format_choices(choices) if a is None else ""
+            text += (joiner if k else "") + (turn if k == 0 else text_turn(self)).format(image=IMAGE, question=q,
+                                                                                        choices=listed)
+            if a is None:
+                break
+            out += [text, self.answer_text(a)]
+            text = ""
+        return out + [text]
+
+    def answer_text(self, answer: str) -> str:
+        """The target text the loss is computed on: the answer in the template's answer format."""
+        return self.answer.format(answer=answer)
+
+    def format_choices(self, choices: Sequence[str]) -> str:
+        """The options as this template lists them (" A:text B:text ..."; a letter already on one is not doubled)."""
+        return "".join(self.choice.format(letter=chr(ord("A") + i), text=strip_choice_letter(c))
+                       for i, c in enumerate(choices))
+
+
+@dataclass(frozen=True)
+class ChatTemplate(Template):
+    """The tokenizer's own chat template ("chat"): the user message holds the image sentinel before or after the
+    question (`before_question` / `after_question` give that layout); the answer is taken verbatim and closed by the
+    tokenizer's EOS. Rendering needs a tokenizer with a `chat_template`, and no few-shot separator applies."""
+
+    before_question: str = "{image}\n{question}"
+    after_question: str = "{question}\n{image}"
+    answer: str = "{answer}"
+    stop: tuple[str, ...] = ()
+    text_turn: str | None = "{question}"
+    uses_tokenizer_template: ClassVar[bool] = True
+
+    def segments(self, question: str, *, position: str | None = None, system: str | None = None,
+                 shots: Sequence[tuple[str, str]] = (), history: Sequence[tuple[str, str]] = (),
+                 tokenizer: Any = None, choices: Sequence[str] = ()) -> list[str]:
+        """`segments` through the tokenizer's chat template (choices are not listed: the template has no place)."""
+        return _chat_segments(self, tokenizer, question, position=position, system=system, shots=shots,
+                              history=history)
 
 
 TEMPLATES: dict[str, Template] = {
+    # The tokenizer's own chat template (SmolLM2, Qwen, Llama-3 instruct ...): sentinel beside the question.
     # Minimal QA layout, used by the demo.
     "plain": Template(before_question="{image}Question: {question} Answer:",
                       after_question="Question: {question} {image} Answer:"),
@@ -76,6 +134,8 @@ TEMPLATES: dict[str, Template] = {
     "mistral_instruct": Template(before_question="[INST] {image}\n{question} [/INST]",
                                  after_question="[INST] {question}\n{image} [/INST]",
                                  stop=("[INST]",), shot_separator=" "),
+    # The tokenizer's own chat template (SmolLM2, Qwen, Llama-3 instruct ...): the sentinel beside the question.
+    "chat": ChatTemplate(),
 }
 
 #: LLaVA-Rad's report prompt (llava/utils.py), with and without the study's indication.
@@ -90,20 +150,22 @@ def report_question(indication: str | None) -> str:
     return REPORT_PROMPT.format(indication) if indication else REPORT_PROMPT_NO_INDICATION
 
 
+def get_template(name: str) -> Template:
+    """The registered template of that name; an unknown name is a ConfigError listing the registry."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ConfigError(f"template.name={name!r} is not one of {sorted(TEMPLATES)}") from None
+
+
 def format_choices(template_name: str, choices: Sequence[str]) -> str:
     """The options as the template lists them: " A:text B:text ..." (a letter already on an option is not doubled)."""
-    t = TEMPLATES.get(template_name)
-    fmt = t.choice if t else " {letter}:{text}"
-    return "".join(fmt.format(letter=chr(ord("A") + i), text=strip_choice_letter(c)) for i, c in enumerate(choices))
+    return get_template(template_name).format_choices(choices)
 
 
 def strip_choice_letter(choice: str) -> str:
     """An option without the letter it may carry ("A:text", "(b) text", "C. text" -> "text")."""
     return _LETTERED.sub("", choice)
-
-
-def _position(template: Template, position: str | None) -> str:
-    return position or template.default_position
 
 
 def text_turn(template: Template) -> str:
@@ -122,49 +184,21 @@ def segments(template_name: str, question: str, *, position: str | None = None, 
     where the template ends answers with it (`ends_with_eos`; the processor adds it). An exchange follows an EOS-ended
     answer directly (Vicuna's "</s>USER:"), else after the template's shot separator (LLaVA-Med's "\n### Human:").
     IMAGE sentinels: one per shot and one in the conversation's first question; `choices` go to the query."""
-    if template_name == "chat":
-        return _chat_segments(tokenizer, question, position=position, system=system, shots=shots, history=history)
-    t = TEMPLATES[template_name]
-    turn = getattr(t, _position(t, position))
-    parts = [system if system is not None else t.system]
-    for q, a in shots:
-        parts.append(turn.format(image=IMAGE, question=q, choices="") + t.answer.format(answer=a) + t.shot_separator)
-    out, text = [], "".join(parts)
-    joiner = "" if t.eos else t.shot_separator
-    for k, (q, a) in enumerate([*history, (question, None)]):
-        listed = format_choices(template_name, choices) if a is None else ""
-        text += (joiner if k else "") + (turn if k == 0 else text_turn(t)).format(image=IMAGE, question=q,
-                                                                                 choices=listed)
-        if a is None:
-            break
-        out += [text, answer_text(template_name, a)]
-        text = ""
-    return out + [text]
+    return get_template(template_name).segments(question, position=position, system=system, shots=shots,
+                                                history=history, tokenizer=tokenizer, choices=choices)
 
 
-def render(template_name: str, question: str, *, answer: str | None = None, position: str | None = None,
-           system: str | None = None, shots: Sequence[tuple[str, str]] = (), tokenizer: Any = None,
-           choices: Sequence[str] = (), history: Sequence[tuple[str, str]] = ()) -> str:
-    """Render the prompt text with one IMAGE sentinel per image: each shot (question, answer), then the query (after
-    its conversation's earlier exchanges, `history`; their EOS tokens are the processor's and not in the text).
-
-    With `answer`, the answer text is appended (training); without, the text ends where generation starts.
-    `choices` fill the template's `{choices}` (templates without it do not show them).
-    """
-    text = "".join(segments(template_name, question, position=position, system=system, shots=shots, history=history,
-                            tokenizer=tokenizer, choices=choices))
-    return text if answer is None else text + answer_text(template_name, answer)
-
-
-def _chat_segments(tokenizer: Any, question: str, *, position: str | None, system: str | None,
-                   shots: Sequence[tuple[str, str]], history: Sequence[tuple[str, str]]) -> list[str]:
+def _chat_segments(template: ChatTemplate, tokenizer: Any, question: str, *, position: str | None,
+                   system: str | None, shots: Sequence[tuple[str, str]], history: Sequence[tuple[str, str]]
+                   ) -> list[str]:
     """`segments` through the tokenizer's own chat template; the image sentinel goes before or after the question
     text. Each answer's closing EOS text is left to the processor's EOS token (so the ids are the template's)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("template.name='chat' needs a tokenizer with a chat_template")
+        raise ConfigError("template.name='chat' needs a tokenizer with a chat_template")
+    layout = getattr(template, position or template.default_position)
 
     def user(q: str, image: bool = True) -> dict[str, str]:
-        content = q if not image else f"{IMAGE}\n{q}" if position in (None, "before_question") else f"{q}\n{IMAGE}"
+        content = (layout if image else text_turn(template)).format(image=IMAGE, question=q)
         return {"role": "user", "content": content}
 
     def apply(messages: list[dict[str, str]], generation: bool) -> str:
@@ -173,9 +207,9 @@ def _chat_segments(tokenizer: Any, question: str, *, position: str | None, syste
     messages = [{"role": "system", "content": system}] if system else []
     for q, a in shots:
         messages += [user(q), {"role": "assistant", "content": a}]
-    unstable = ValueError("the tokenizer's chat template renders an earlier turn differently once a later one is "
-                          "added, so a conversation cannot be split into turns; use a named template for multi-turn "
-                          "records")
+    unstable = ConfigError("the tokenizer's chat template renders an earlier turn differently once a later one is "
+                           "added, so a conversation cannot be split into turns; use a named template for multi-turn "
+                           "records")
     out, done = [], ""
     for k, (q, a) in enumerate([*history, (question, None)]):
         messages.append(user(q, image=k == 0))
@@ -197,7 +231,9 @@ def _chat_segments(tokenizer: Any, question: str, *, position: str | None, syste
 
 
 def stop_strings(template_name: str) -> list[str]:
-    return list(TEMPLATES[template_name].stop) if template_name in TEMPLATES else []
+    """Texts that end a generated answer under the template (its turn marker, e.g. "###"); none for "chat", whose
+    answers end with the tokenizer's EOS."""
+    return list(get_template(template_name).stop)
 
 
 def split_on_images(text: str) -> list[str]:
@@ -206,14 +242,15 @@ def split_on_images(text: str) -> list[str]:
 
 
 def image_before_start(template_name: str) -> bool:
-    return TEMPLATES[template_name].image_before_start if template_name in TEMPLATES else False
+    """Whether a leading image goes before the start tokens (BOS), as MedVInT built its input; others put BOS first."""
+    return get_template(template_name).image_before_start
 
 
 def ends_with_eos(template_name: str) -> bool:
     """Whether the tokenizer's EOS closes the target (chat templates: yes)."""
-    return TEMPLATES[template_name].eos if template_name in TEMPLATES else True
+    return get_template(template_name).eos
 
 
 def answer_text(template_name: str, answer: str) -> str:
     """The target text the loss is computed on (the template's answer format; chat templates take it verbatim)."""
-    return TEMPLATES[template_name].answer.format(answer=answer) if template_name in TEMPLATES else answer
+    return get_template(template_name).answer_text(answer)

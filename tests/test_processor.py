@@ -8,17 +8,20 @@ from PIL import Image
 
 from prefixvqa import MedVQAAdapter, prompts
 from prefixvqa.data.records import VQARecord
-from prefixvqa.processor import IGNORE, MedVQAProcessor, view_args
+from prefixvqa.data.processor import IGNORE, MedVQAProcessor, view_args
+from prompt_reference import render
 from test_core import IMAGES, make_config
 
-TEMPLATES = [(name, pos) for name in prompts.TEMPLATES for pos in (None, "before_question", "after_question")]
+# the named text layouts ("chat" needs a tokenizer with a chat template: test_realdata covers it)
+TEMPLATES = [(name, pos) for name, t in prompts.TEMPLATES.items() if not t.uses_tokenizer_template
+             for pos in (None, "before_question", "after_question")]
 
 
 def reference_layout(model, question, answer, L):
     """The layout MedVQAAdapter built by hand before the processor existed: pieces tokenised one by one, BOS first,
     the answer tokenised on its own + EOS, L prefix vectors per image slot, labels on the answer only."""
     t, tok = model.config.template, model.tokenizer
-    text = prompts.render(t.name, question, position=t.image_position, system=t.system, tokenizer=tok)
+    text = render(t.name, question, position=t.image_position, system=t.system, tokenizer=tok)
     pieces = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts.split_on_images(text)]
     first = next((k for k, p in enumerate(pieces) if p), 0) if prompts.image_before_start(t.name) else 0
     pieces[first] = model.processor.start_ids + pieces[first]  # the opening tokens: see test_start_tokens

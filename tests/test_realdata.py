@@ -16,7 +16,7 @@ import torch
 
 from prefixvqa import MedVQAAdapter
 from prefixvqa.data import DataError, Records, load_records
-from prefixvqa.processor import IGNORE
+from prefixvqa.data.processor import IGNORE
 from test_core import make_config
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
@@ -200,7 +200,7 @@ def test_conversation_label_mask_supervises_every_answer_and_nothing_else(tiny_d
 
 
 def test_long_conversation_drops_middle_exchanges_never_an_answer(llava_model, caplog):
-    from prefixvqa.processor import MedVQAProcessor
+    from prefixvqa.data.processor import MedVQAProcessor
 
     record = max(load_records({"format": "llava", "path": RETINA, **NO_IMAGES}), key=lambda r: len(r.turns))
     full = llava_model.processor.tokenize_record(record, record.answer)
@@ -237,7 +237,7 @@ def test_chat_template_conversation_is_the_tokenizers_own_rendering(llava_model)
     """With template "chat", a conversation's ids are those of the tokenizer's own rendering (ChatML here), the image
     slot where the first question's image goes, and the supervised spans are the answers with their closing EOS."""
     from prefixvqa import prompts
-    from prefixvqa.processor import MedVQAProcessor
+    from prefixvqa.data.processor import MedVQAProcessor
 
     tok = type(llava_model.tokenizer).from_pretrained(llava_model.tokenizer.name_or_path)
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}" + tok.eos_token

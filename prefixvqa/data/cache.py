@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..fileio import atomic_write
-from ..processor import record_label, view_args
+from .processor import record_label, view_args
 from .images import ImageLoadError, image_bytes_hash
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 if TYPE_CHECKING:
-    from ..processor import MedVQAProcessor
+    from .processor import MedVQAProcessor
     from .cache import FeatureCache
     from .records import VQARecord
 

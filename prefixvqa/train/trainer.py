@@ -35,7 +35,7 @@ from ..data.cache import FeatureCache
 from ..data.images import ImageLoadError
 from ..data.loader import BatchList, RecordDataset, make_loader, to_device
 from ..data.records import skipped_of
-from ..processor import record_label
+from ..data.processor import record_label
 from .checkpoint import (STATE_DIR, CheckpointError, check_same_recipe, checkpoint_problem, run_lock,
                          recover_checkpoint, run_signature)
 from .distributed import Distributed

@@ -21,7 +21,6 @@ A batch is a dict of tensors::
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import json
 import logging
@@ -32,17 +31,24 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import torch
 
-from . import prompts
-from .config import TemplateConfig
+from .. import prompts
+from ..config import TemplateConfig
+from ..errors import PrefixVQAError
+from .images import ImageLoadError, image_bytes_hash, load_image
 
 if TYPE_CHECKING:
-    from .data.records import VQARecord
+    from .records import VQARecord
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100
 PROCESSOR_NAME = "processor_config.json"
 VIEW_KEYS = ("frame", "slice_index", "window")  # load_image arguments that change the pixels of one file
+
+
+class ProcessorError(PrefixVQAError, ValueError):
+    """Inputs the processor cannot lay out (image count vs. slots, a template longer than max_length) or a saved
+    processor that does not match the encoder; the message names the record, question or file."""
 
 
 class Sample(NamedTuple):
@@ -60,6 +66,23 @@ def view_args(record: VQARecord) -> dict[str, Any]:
     """The image view a record asks for through its meta (DICOM frame, NIfTI slice, window): one rule everywhere."""
     meta = record.meta or {}
     return {k: (tuple(meta[k]) if k == "window" else meta[k]) for k in VIEW_KEYS if meta.get(k) is not None}
+
+
+def image_key(image: Any, view: dict[str, Any] | None = None) -> str:
+    """When two image slots hold "the same image" (loaded, transformed and encoded once): the same file path, the
+    same encoded bytes (by digest), or, for anything else (a PIL image), the same object; always with the same view.
+
+    The one rule for `MedVQAProcessor.__call__` and for batches collated from `encode_record` items. An object key is
+    only meaningful while the object lives, so it is compared within one call or one collated batch, never stored."""
+    if isinstance(image, dict):  # a {bytes, path} cell: its bytes when it has them (what load_image decodes)
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (str, os.PathLike)):
+        ref = "path:" + os.fspath(image)
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        ref = "sha256:" + image_bytes_hash(image)
+    else:
+        ref = f"object:{id(image)}"
+    return json.dumps([ref, view or {}], sort_keys=True, default=str)
 
 
 def record_label(record: VQARecord) -> str:
@@ -82,18 +105,18 @@ class MedVQAProcessor:
     @staticmethod
     def load_image(image: Any, view: dict[str, Any] | None = None, name: str | None = None) -> Any:
         """Path, bytes, {bytes, path} cell or PIL image -> 8-bit RGB PIL image, with the record's view applied."""
-        from .data.images import load_image
-
         return load_image(image, **(view or {}), name=name)
 
     def load_record_image(self, record: VQARecord) -> Any:
+        """The record's image with its own view (DICOM frame, NIfTI slice, window), named by path or id in errors:
+        what training, evaluation and the feature cache all decode."""
         return self.load_image(record.image, view_args(record), record_label(record))
 
-    def pixel_values(self, images: Sequence[Any], views: Sequence[dict[str, Any] | None] | None = None
+    def pixel_values(self, pictures: Sequence[Any], views: Sequence[dict[str, Any] | None] | None = None
                      ) -> torch.Tensor:
         """open_clip's eval transform on each image -> (I, 3, H, W)."""
-        views = views if views is not None else [None] * len(images)
-        return torch.stack([self.transform(self.load_image(im, v)) for im, v in zip(images, views, strict=True)])
+        views = views if views is not None else [None] * len(pictures)
+        return torch.stack([self.transform(self.load_image(im, v)) for im, v in zip(pictures, views, strict=True)])
 
     def transform_fingerprint(self) -> str:
         """Identifies the preprocessing, so a cache or an adapter built with another transform is never reused."""
@@ -102,6 +125,8 @@ class MedVQAProcessor:
     # --- text ---------------------------------------------------------------------------------------------------
     @property
     def pad_id(self) -> int:
+        """The id written into padding and image slots (never read: masked or replaced): the tokenizer's pad token,
+        else its EOS, else 0, so tokenizers without a pad token (GPT-2, Llama) still batch."""
         tok = self.tokenizer
         for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
             if candidate is not None:
@@ -112,6 +137,7 @@ class MedVQAProcessor:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def stop_strings(self) -> list[str]:
+        """Texts that end a generated answer under this template (e.g. LLaVA-Med's "###"), for generation."""
         return prompts.stop_strings(self.template.name)
 
     def _split(self, prompt: str, target: str | None) -> tuple[list[int], list[int]]:
@@ -203,7 +229,7 @@ class MedVQAProcessor:
             sample = self._pieces(self.tokenizer.decode(q_ids), answer, shots, choices, history, position)
             excess = self._excess(sample)
         if excess > 0:
-            raise ValueError(f"record {record_id or question[:40]!r}: the template and answers alone take "
+            raise ProcessorError(f"record {record_id or question[:40]!r}: the template and answers alone take "
                              f"{self.template.max_length + excess} tokens, over template.max_length="
                              f"{self.template.max_length}; raise it")
         what = f"{dropped} earlier exchange(s) of the conversation dropped" if dropped else ""
@@ -275,26 +301,26 @@ class MedVQAProcessor:
         batch = self.pad(samples, padding_side, labels=answers is not None)
         if images is not None:
             if len(images) != n:
-                raise ValueError(f"{len(images)} image entries for {n} questions: give one per question (a list of "
-                                 "images for a few-shot question)")
+                raise ProcessorError(f"{len(images)} image entries for {n} questions: give one per question (a list "
+                                     "of images for a few-shot question)")
             per_item = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
             for k, (item, sample, item_shots) in enumerate(zip(per_item, samples, shots, strict=True)):
                 slots = len(sample.pieces) - 1
                 if len(item) != slots:
-                    raise ValueError(
+                    raise ProcessorError(
                         f"question {k}: its prompt has {slots} image slot(s) ({len(item_shots)} shot(s) + the "
                         f"question) but {len(item)} image(s) were given; give a list per question: one image per "
                         f"shot, in shot order, then the question's image")
-            per_view = [[v] * len(p) for v, p in zip(views, per_item, strict=True)] if views else None
-            unique: dict[tuple[int, str], int] = {}
+            item_views = views if views else [None] * n
+            unique: dict[str, int] = {}
             flat, flat_views, index = [], [], []
-            for k, item in enumerate(per_item):
-                for j, im in enumerate(item):
-                    key = (id(im), json.dumps(per_view[k][j] if per_view else None, sort_keys=True, default=str))
+            for item, view in zip(per_item, item_views, strict=True):
+                for im in item:
+                    key = image_key(im, view)
                     if key not in unique:
                         unique[key] = len(flat)
                         flat.append(im)
-                        flat_views.append(per_view[k][j] if per_view else None)
+                        flat_views.append(view)
                     index.append(unique[key])
             batch["pixel_values"] = self.pixel_values(flat, flat_views)
             if len(flat) < len(index):
@@ -305,11 +331,9 @@ class MedVQAProcessor:
     def encode_record(self, record: VQARecord, *, pixels: bool = True, answer: bool = True) -> dict[str, Any]:
         """One record -> a collatable item (runs in DataLoader workers): sample, pixels, and its id. A bad image
         gives {"error": message} instead of raising, so the main process applies the run's policy."""
-        from .data.images import ImageLoadError
-
         item: dict[str, Any] = {"id": record.id, "label": record_label(record)}
-        if isinstance(record.image, (str, os.PathLike)):  # questions on one file + view share one image slot
-            item["image_key"] = json.dumps([str(record.image), view_args(record)], sort_keys=True, default=str)
+        if record.image is not None:  # questions on one image + view share one image slot (see `image_key`)
+            item["image_key"] = image_key(record.image, view_args(record))
         try:
             if pixels and record.image is not None:
                 item["pixel_values"] = self.transform(self.load_record_image(record))
@@ -350,10 +374,13 @@ class MedVQAProcessor:
 
     # --- save / load ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """What `processor_config.json` holds: the template, L, and the transform with its fingerprint (checked by
+        `from_pretrained` against the encoder's transform)."""
         return {"template": asdict(self.template), "image_seq_length": self.image_seq_length,
                 "transform": repr(self.transform), "transform_fingerprint": self.transform_fingerprint()}
 
     def save_pretrained(self, folder: str | Path) -> None:
+        """Tokenizer files + `processor_config.json` into `folder`, so the adapter reloads the same tokenisation."""
         folder = Path(folder)
         self.tokenizer.save_pretrained(str(folder))
         (folder / PROCESSOR_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -371,6 +398,6 @@ class MedVQAProcessor:
         proc = cls(AutoTokenizer.from_pretrained(str(folder)), template or TemplateConfig(**data["template"]),
                    transform, int(data["image_seq_length"]))
         if data.get("transform_fingerprint") not in (None, proc.transform_fingerprint()):
-            raise ValueError(f"{folder / PROCESSOR_NAME}: image transform differs from the encoder's\n"
+            raise ProcessorError(f"{folder / PROCESSOR_NAME}: image transform differs from the encoder's\n"
                              f"  saved: {data.get('transform')}\n  built: {proc.transform!r}")
         return proc
