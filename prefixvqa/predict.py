@@ -26,13 +26,10 @@ __all__ = ["predict_records", "write_predictions", "load_unlabeled"]
 def load_unlabeled(spec: Any, split: str | None = None) -> list["VQARecord"]:
     """Records of a dataset spec whose answers may be missing (generic tables and the parquet releases); other
     formats are read as they are (their answers are ignored)."""
-    import inspect
-
     from .data.readers import READERS, load_records
 
     fmt = spec.get("format", "generic") if isinstance(spec, dict) else "generic"
-    reader = READERS.get(fmt)
-    optional = reader is not None and "require_answer" in inspect.signature(reader).parameters
+    optional = fmt in READERS and READERS[fmt].reads_unlabeled
     return load_records(spec, split, **({"require_answer": False} if optional else {}))
 
 
