@@ -24,8 +24,8 @@ __all__ = ["predict_records", "write_predictions", "load_unlabeled"]
 
 
 def load_unlabeled(spec: Any, split: str | None = None) -> list["VQARecord"]:
-    """Records of a dataset spec whose answers may be missing (generic tables and the parquet releases); other
-    formats are read as they are (their answers are ignored)."""
+    """Records of a dataset spec whose answers may be missing (formats whose reader `reads_unlabeled`: generic tables);
+    other formats are read as they are (their answers are ignored)."""
     from .data.readers import READERS, load_records
 
     fmt = spec.get("format", "generic") if isinstance(spec, dict) else "generic"

@@ -53,6 +53,8 @@ class BatchList(Sampler):
         self.start = 0
 
     def set(self, batches: Sequence[Sequence[int]], start: int = 0) -> "BatchList":
+        """Replace the batches and the position to start from (the epoch's order, and a resumed run's next batch);
+        the DataLoader keeps this sampler, so persistent workers survive across epochs."""
         self.batches, self.start = [list(b) for b in batches], start
         return self
 
@@ -72,6 +74,8 @@ def default_workers() -> int:
 
 def make_loader(dataset: RecordDataset, sampler: BatchList, *, num_workers: int | None = None,
                 padding_side: str = "right", prefetch_factor: int = 2) -> DataLoader:
+    """The one DataLoader of training and evaluation: items from `dataset` (decoded in workers), batches in the
+    sampler's order, collated by the processor; its own seeded generator leaves the global RNG untouched."""
     workers = default_workers() if num_workers is None else num_workers
     cuda = torch.cuda.is_available()
     collate: Callable = partial(dataset.processor.collate, padding_side=padding_side)

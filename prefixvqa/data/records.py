@@ -111,6 +111,7 @@ class Records(list):
 
     @classmethod
     def concat(cls, parts: Iterable[Sequence[VQARecord]]) -> "Records":
+        """Join reads (several split files, hub splits) keeping every part's skipped items, so none goes unreported."""
         out = cls()
         for part in parts:
             out.extend(part)
