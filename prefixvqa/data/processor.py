@@ -34,7 +34,8 @@ import torch
 from .. import prompts
 from ..config import TemplateConfig
 from ..errors import PrefixVQAError
-from .images import ImageLoadError, image_bytes_hash, load_image
+from . import images as image_files  # looked up at call time: one patchable image path
+from .images import ImageLoadError, image_bytes_hash
 
 if TYPE_CHECKING:
     from .records import VQARecord
@@ -105,7 +106,7 @@ class MedVQAProcessor:
     @staticmethod
     def load_image(image: Any, view: dict[str, Any] | None = None, name: str | None = None) -> Any:
         """Path, bytes, {bytes, path} cell or PIL image -> 8-bit RGB PIL image, with the record's view applied."""
-        return load_image(image, **(view or {}), name=name)
+        return image_files.load_image(image, **(view or {}), name=name)
 
     def load_record_image(self, record: VQARecord) -> Any:
         """The record's image with its own view (DICOM frame, NIfTI slice, window), named by path or id in errors:
