@@ -152,3 +152,28 @@ def test_start_tokens(tiny_decoders, family, start):
     assert processor.start_ids == expected
     sample = processor.tokenize("is there a lesion?", "yes")
     assert sample.pieces[0][:len(expected)] == expected and (expected or sample.pieces[0][:1] != [bos])
+
+
+def test_one_rule_for_the_same_image_in_calls_and_collated_batches(tiny_decoders, tmp_path):
+    """Equal paths or equal encoded bytes (with the same view) are one image, whether given to the processor call or
+    collated from records; another view of the same file is another image."""
+    import io
+
+    from prefixvqa.data.processor import image_key
+
+    model = MedVQAAdapter(make_config(tiny_decoders["gpt2"], "linear"))
+    buf = io.BytesIO()
+    IMAGES[0].save(buf, format="PNG")
+    path = tmp_path / "a.png"
+    path.write_bytes(buf.getvalue())
+    by_path = [str(path), "".join(str(path))]  # equal strings, not one object
+    by_bytes = [buf.getvalue(), bytes(bytearray(buf.getvalue()))]
+    for pair in (by_path, by_bytes):
+        assert pair[0] is not pair[1] and image_key(pair[0]) == image_key(pair[1])
+        batch = model.processor(pair + [IMAGES[1]], ["which side?"] * 3)
+        assert batch["pixel_values"].shape[0] == 2 and batch["image_index"].tolist() == [0, 0, 1]
+        records = [VQARecord(f"r{k}", im, "which side?", "left") for k, im in enumerate(pair)]
+        collated = model.processor.collate([model.processor.encode_record(r) for r in records])
+        assert collated["pixel_values"].shape[0] == 1 and collated["image_index"].tolist() == [0, 0]
+    assert image_key(str(path), {"frame": 1}) != image_key(str(path))
+    assert image_key(IMAGES[0]) == image_key(IMAGES[0]) != image_key(IMAGES[1])  # other objects: identity

@@ -511,3 +511,34 @@ def test_generic_folder_reads_split_parquet_beside_metadata_json(tmp_path: Path)
     records = load_records({"format": "generic", "path": root, "split": "test"})
     assert [r.id for r in records] == ["test-00000-of-00001/0", "test-00000-of-00001/1"]
     assert records[0].answer_type is None  # generic tables do not derive answer types
+
+
+# -------------------------------------------------------------------------------------------------------- registry
+def test_registry_entries_say_what_each_format_takes(tmp_path: Path) -> None:
+    """Callers ask the registry (options, unlabeled reading) instead of inspecting reader signatures."""
+    from prefixvqa.data.readers import ReaderOptions
+
+    common = {"image_root", "check_images", "on_bad_record"}
+    assert all(common <= reader.accepts and {"split", "label"}.isdisjoint(reader.accepts)
+               for reader in READERS.values())
+    assert READERS["slake"].accepts == common | {"q_lang"}
+    assert READERS["vqa_rad"].accepts == common | {"frame_questions"}
+    assert {"view", "projections", "target"} <= READERS["iu_xray"].accepts and \
+        "image_field" not in READERS["iu_xray"].accepts
+    assert "image_field" in READERS["report"].accepts and "view" not in READERS["report"].accepts
+    assert [name for name, reader in READERS.items() if reader.reads_unlabeled] == ["generic"]
+    assert all(isinstance(reader.options(), ReaderOptions) and reader.name == name for name, reader in READERS.items())
+    root = make_slake(tmp_path / "s")  # the entry reads when called, with the same options a spec gives
+    assert [r.id for r in READERS["slake"](root, "train", q_lang="zh")] == ["1"]
+    with pytest.raises(DataError, match=r"dataset spec for format 'slake': unknown key\(s\) \['langs'\]"):
+        READERS["slake"](root, "train", langs="zh")
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"format": "slake", "on_bad_record": "ignore"}, r"on_bad_record must be one of \['skip', 'stop'\], got 'ignore'"),
+    ({"format": "report", "target": "summary"}, r"target must be one of \['findings', 'impression', 'both'\]"),
+    ({"format": "iu_xray", "view": "oblique"}, r"view must be one of \['frontal', 'lateral'\], got 'oblique'"),
+])
+def test_option_values_are_checked_before_reading(tmp_path: Path, spec: dict, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        load_records({**spec, "path": tmp_path / "never-read"})
