@@ -9,7 +9,6 @@ import os
 import re
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import datasets  # noqa: E402
