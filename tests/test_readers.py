@@ -1,4 +1,4 @@
-"""Readers: every dataset layout of DESIGN.md ("Dataset formats"), round trips, errors, hub path — all offline."""
+"""Readers: every dataset layout of the README's "Datasets" table, round trips, errors, hub path — all offline."""
 
 from __future__ import annotations
 
