@@ -457,7 +457,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_export(sub: Any) -> None:
     s = sub.add_parser("export", help="write a merged full-precision decoder + mapper + processor (no peft needed)")
     s.add_argument("adapter")
-    s.add_argument("--merge", action="store_true", help="fold LoRA into the decoder (dequantising a 4/8-bit base)")
+    s.add_argument("--merge", action="store_true", help="fold the trained adapter into the decoder (dequantising a 4/8-bit base)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--dtype", type=opt.DTYPES, choices=opt.DTYPES, metavar="DTYPE",
                    help="merged weights' dtype: %(choices)s (default: the adapter's decoder.dtype)")
@@ -492,7 +492,7 @@ def _add_fit_check(sub: Any) -> None:
     s.add_argument("--answer-len", type=opt.positive_int, default=32,
                    help="supervised tokens per sample (default %(default)s)")
     s.add_argument("--num-processes", type=opt.positive_int,
-                   help="processes sharing the model under fsdp/deepspeed")
+                   help="processes sharing the model when train.distributed shards it")
     s.add_argument("--decoder-config", help="a transformers config.json when the decoder's is not available")
     s.add_argument("--encoder-config", help="an open_clip model config JSON when the encoder's is not available")
     s.add_argument("--reserve", default="0.75GB", help="CUDA context + allocator slack added before comparing")
