@@ -306,8 +306,7 @@ def _add_hub(sub: Any) -> None:
     h.add_argument("ref", nargs="?", metavar="NAME[@VERSION]")
     h.set_defaults(func=cmd_hub_verify)
     for h in hub_sub.choices.values():
-        h.add_argument("--hub", default=None, help="hub root: folder or fsspec URL (default: $PREFIXVQA_HUB, else "
-                                                   "checkpoints/)")
+        h.add_argument("--hub", help="hub root, a folder or fsspec URL (default $PREFIXVQA_HUB or checkpoints/)")
 
 
 def _hub_root(args: argparse.Namespace) -> str:
@@ -457,7 +456,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_export(sub: Any) -> None:
     s = sub.add_parser("export", help="write a merged full-precision decoder + mapper + processor (no peft needed)")
     s.add_argument("adapter")
-    s.add_argument("--merge", action="store_true", help="fold the trained adapter into the decoder (dequantising a 4/8-bit base)")
+    s.add_argument("--merge", action="store_true",
+                   help="fold the trained adapter into the decoder (dequantising a 4/8-bit base)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--dtype", type=opt.DTYPES, choices=opt.DTYPES, metavar="DTYPE",
                    help="merged weights' dtype: %(choices)s (default: the adapter's decoder.dtype)")
