@@ -593,7 +593,7 @@ def _machine_error(exc: BaseException) -> bool:
     import is a bug and keeps its traceback."""
     if isinstance(exc, OSError):
         return True
-    return isinstance(exc, ImportError) and not (exc.name or "").partition(".")[0] == "prefixvqa"
+    return isinstance(exc, ImportError) and (exc.name or "").partition(".")[0] != "prefixvqa"
 
 
 if __name__ == "__main__":
