@@ -1,5 +1,12 @@
-"""The `prefixvqa` command line. Errors a user can fix are printed as one line (exit 2), not a traceback; a training
-run that diverged exits 1 with one line naming the step and records."""
+"""The `prefixvqa` command line (also `python -m prefixvqa`): one `_add_<command>` function per subcommand declares
+its options beside the `cmd_<command>` handler that runs it; the shared options, value types and registry-read
+choices are in `cli_options`.
+
+A `PrefixVQAError` (bad input, missing file, refused operation) prints one line `prefixvqa <command>: error: ...`
+and exits 2 (1 for a training run that diverged: the run failed, not its input); so do the machine's own errors (an
+`OSError` naming its path, a missing optional package). Anything else is a bug and keeps its traceback; `--debug`
+shows the traceback of every error.
+"""
 
 from __future__ import annotations
 
@@ -9,56 +16,19 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with its usage errors on one line (and exit 2, as argparse does)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    """A whole number >= 0 (0 shots: zero-shot)."""
-    return 0 if text.strip() == "0" else _positive_int(text)
-
-
-def _train_sizes(text: str) -> list[int | str]:
-    sizes: list[int | str] = []
-    for part in (p.strip() for p in text.split(",")):
-        if part == "all":
-            sizes.append(part)
-            continue
-        try:
-            sizes.append(_positive_int(part))
-        except argparse.ArgumentTypeError as exc:
-            raise argparse.ArgumentTypeError(f"{part!r} in {text!r}: {exc}; give sizes like 16,64,256,all") from None
-    return sizes
-
-
-def _protocol(name: str) -> str:
-    from .eval.protocols import list_protocols
-
-    if name not in list_protocols():
-        raise argparse.ArgumentTypeError(f"unknown protocol {name!r}; choose from {list_protocols()}")
-    return name
+from . import cli_options as opt
+from ._version import __version__
+from .errors import ConfigError, PrefixVQAError
 
 
 def _data_spec(text: str, fmt: str | None, split: str | None) -> Any:
     """A path, or a JSON spec such as '{"format": "slake", "path": "Slake1.0"}'."""
+    from .data.records import DataError
+
     try:
         spec: Any = json.loads(text) if text.lstrip().startswith("{") else text
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--data is neither a path nor valid JSON: {exc.msg} at column {exc.colno} of {text!r}") \
+        raise DataError(f"--data is neither a path nor valid JSON: {exc.msg} at column {exc.colno} of {text!r}") \
             from None
     if fmt:
         spec = {"format": fmt, "path": text} if isinstance(spec, str) else {**spec, "format": fmt}
@@ -73,7 +43,19 @@ def _records(args: argparse.Namespace) -> list:
     return load_records(_data_spec(args.data, args.format, None), split=args.split)
 
 
+# ------------------------------------------------------------------------------------------------------ train
+def _add_train(sub: Any) -> None:
+    s = sub.add_parser("train", help="train from a YAML recipe (single stage or curriculum)")
+    s.add_argument("recipe")
+    opt.set_arg(s)
+    s.add_argument("--smoke", action="store_true", help="apply the recipe's tiny offline smoke override")
+    s.add_argument("--resume-with-changes", action="store_true",
+                   help="resume although settings that change the result differ from the checkpoint's")
+    s.set_defaults(func=cmd_train)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    """`prefixvqa train`: run a recipe (every curriculum stage) and name the final adapter folder."""
     from .train.recipe import load_recipe, run_recipe
 
     sets = [*args.set, *(["train.resume_with_changes=true"] if args.resume_with_changes else [])]
@@ -82,7 +64,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ cache-features
+def _add_cache(sub: Any) -> None:
+    s = sub.add_parser("cache-features", help="encode images once into the memory-mapped feature cache")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--adapter", help="adapter folder or hub name[@version] whose encoder encodes")
+    g.add_argument("--preset", type=opt.PRESETS, choices=opt.PRESETS, metavar="NAME",
+                   help="a named preset's encoder: %(choices)s")
+    opt.data_args(s, required=True)
+    s.add_argument("--out", required=True, help="cache folder")
+    opt.batch_size_arg(s, 32, "images per encoder batch (default %(default)s)")
+    s.set_defaults(func=cmd_cache)
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
+    """`prefixvqa cache-features`: encode a dataset's images once so training and retrieval skip the encoder."""
     from .data.cache import cache_features
     from .model import MedVQAAdapter
 
@@ -93,7 +89,25 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------- answer
+def _add_answer(sub: Any) -> None:
+    s = sub.add_parser("answer", help="answer one question about one image")
+    s.add_argument("--adapter", required=True, help="adapter folder or hub name[@version]")
+    s.add_argument("--image", required=True, help="PNG/JPEG/TIFF/DICOM/NIfTI file")
+    s.add_argument("question")
+    s.add_argument("--choices", help="comma-separated candidates to rank instead of generating")
+    opt.max_new_tokens_arg(s)
+    s.add_argument("--num-beams", type=opt.positive_int, default=None,
+                   help="default: the adapter's generation settings")
+    opt.abstain_arg(s)
+    s.add_argument("--explain", nargs="?", const="", metavar="PNG",
+                   help="write a grounding heatmap overlay (default: <image>_explain.png)")
+    opt.method_arg(s)
+    s.set_defaults(func=cmd_answer)
+
+
 def cmd_answer(args: argparse.Namespace) -> int:
+    """`prefixvqa answer`: one answer (or ranked choices) with its confidence, optionally a grounding heatmap."""
     from .model import MedVQAAdapter
 
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
@@ -122,31 +136,57 @@ def cmd_answer(args: argparse.Namespace) -> int:
 
 
 def _threshold(args: argparse.Namespace, model: Any) -> float | None:
-    """--abstain-below, else the adapter calibration's threshold, else none."""
+    """--abstain-below (checked to lie in [0, 1] by the parser), else the adapter calibration's threshold, else none."""
     if getattr(args, "abstain_below", None) is not None:
-        if not 0.0 <= args.abstain_below <= 1.0:
-            raise ValueError(f"--abstain-below must be a confidence in [0, 1], got {args.abstain_below}")
         return args.abstain_below
     return model.calibration.threshold if model.calibration is not None else None
+
+
+# ------------------------------------------------------------------------------------------------------------ eval
+def _add_eval(sub: Any) -> None:
+    s = sub.add_parser("eval", help="evaluate an adapter under a named protocol, or compare results")
+    s.add_argument("--adapter", help="adapter folder or hub name[@version]")
+    opt.data_args(s)
+    opt.protocol_arg(s, "evaluation protocol")
+    s.add_argument("--out", default="runs/eval", help="results folder (default %(default)s)")
+    opt.batch_size_arg(s, 8)
+    opt.closed_mode_arg(s)
+    s.add_argument("--upstream-metrics", action="store_true",
+                   help="also report the source's own (uncorrected) metric variants by name, where the protocol "
+                        "defines them")
+    s.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print a side-by-side table")
+    s.add_argument("--shots", type=opt.count, default=0, help="k shots per query in the template's few-shot format")
+    s.add_argument("--shot-pool", default="train", metavar="train|DATA",
+                   help="where shots are retrieved from: the same dataset's train split, or a dataset path/spec")
+    s.add_argument("--feature-cache", help="feature cache folder for retrieval (default ~/.cache/prefixvqa/features)")
+    s.add_argument("--calibrate-on", metavar="DATA", help="fit temperature scaling on this dataset first")
+    s.add_argument("--calibrate-split", help="fit temperature scaling on this split (of --calibrate-on or --data)")
+    s.add_argument("--save-calibration", action="store_true", help="store the fitted calibration in the adapter")
+    opt.abstain_arg(s)
+    s.set_defaults(func=cmd_eval)
 
 
 def _refuse_overlap(what: str, extra: Sequence[Any], evaluated: Sequence[Any], why: str) -> None:
     """Shots and calibration must come from other records than the ones evaluated (a single-file dataset has no
     separate split: its "train" is the test data itself)."""
+    from .data.records import DataError
+
     shared = {r.id for r in extra} & {r.id for r in evaluated}
     if shared:
-        raise ValueError(f"{what} shares {len(shared)} record(s) with the evaluated data (e.g. {sorted(shared)[0]!r});"
-                         f" {why}")
+        raise DataError(f"{what} shares {len(shared)} record(s) with the evaluated data (e.g. {sorted(shared)[0]!r});"
+                        f" {why}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """`prefixvqa eval`: metrics and a report for an adapter on a dataset (few-shot and calibration optional), or
+    `--compare` to tabulate earlier results."""
     from .eval.runner import compare, evaluate
 
     if args.compare:
         print(compare(args.compare))
         return 0
     if not (args.adapter and args.data):
-        raise ValueError("prefixvqa eval needs --adapter and --data (or --compare A B ...)")
+        raise ConfigError("prefixvqa eval needs --adapter and --data (or --compare A B ...)")
     from .model import MedVQAAdapter
 
     records = _records(args)  # a bad --data fails before a model is loaded
@@ -159,7 +199,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _refuse_overlap("the shot pool", pool, records,
                         "its answers would leak into the prompts: pass --shot-pool DATA")
     shot_args = {"shots": args.shots, "shot_pool": pool, "feature_cache": args.feature_cache}
-    calibration = None
+    calibration = _eval_calibration(args, model, records, shot_args)
+    from .eval.protocols import get_protocol
+
+    protocol = get_protocol(args.protocol, upstream_metrics=True) if args.upstream_metrics else args.protocol
+    metrics = evaluate(model, records, protocol, args.out, batch_size=args.batch_size,
+                       closed_mode=args.closed_mode, data_spec=_data_spec(args.data, args.format, args.split),
+                       adapter_path=args.adapter, calibration=calibration, **shot_args)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _eval_calibration(args: argparse.Namespace, model: Any, records: Sequence[Any], shot_args: dict) -> Any:
+    """The calibration `eval` applies: fitted on held-out data (and saved into the adapter on request), or the
+    adapter's own with `--abstain-below` as its threshold, or None (the adapter's as is)."""
     if args.calibrate_on or args.calibrate_split:
         from .eval.runner import fit_calibration_on
 
@@ -174,40 +228,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{calibration.fitted_on['ece_after']:.4f} (T generate {calibration.temperature_generate:.3f}, "
               f"T score {calibration.temperature_score:.3f})")
         if args.save_calibration:
-            from .adapter_io import save_calibration
-
-            from .hub import default_hub
-
-            if not Path(args.adapter).is_dir() or Path(args.adapter).resolve().is_relative_to(
-                    Path(default_hub()).resolve()):
-                raise ValueError(f"--save-calibration writes into the adapter folder: {args.adapter} is a hub or "
-                                 f"downloaded adapter; pull it to a folder of your own (hub pull --to DIR) first")
-            print(f"saved: {save_calibration(args.adapter, calibration)}")
-    elif args.abstain_below is not None:
+            _save_calibration(args.adapter, calibration)
+        return calibration
+    if args.abstain_below is not None:
         from .calibration import Calibration
 
         base = model.calibration or Calibration()
-        calibration = Calibration(base.temperature_generate, base.temperature_score, args.abstain_below,
-                                  base.fitted_on)
-    from .eval.protocols import get_protocol
+        return Calibration(base.temperature_generate, base.temperature_score, args.abstain_below, base.fitted_on)
+    return None
 
-    protocol = get_protocol(args.protocol, upstream_metrics=True) if args.upstream_metrics else args.protocol
-    metrics = evaluate(model, records, protocol, args.out, batch_size=args.batch_size,
-                       closed_mode=args.closed_mode, data_spec=_data_spec(args.data, args.format, args.split),
-                       adapter_path=args.adapter, calibration=calibration, **shot_args)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    print(f"report: {Path(args.out) / 'report.md'}")
-    return 0
+
+def _save_calibration(adapter: str, calibration: Any) -> None:
+    """Write the calibration into the adapter folder: only into a folder of the user's own, never a hub copy."""
+    from .adapter_io import save_calibration
+    from .hub import default_hub
+
+    if not Path(adapter).is_dir() or Path(adapter).resolve().is_relative_to(Path(default_hub()).resolve()):
+        raise ConfigError(f"--save-calibration writes into the adapter folder: {adapter} is a hub or downloaded "
+                          f"adapter; pull it to a folder of your own (hub pull --to DIR) first")
+    print(f"saved: {save_calibration(adapter, calibration)}")
+
+
+# --------------------------------------------------------------------------------------------------------- predict
+def _add_predict(sub: Any) -> None:
+    s = sub.add_parser("predict", help="answer every record of a dataset without answers; JSONL with confidences")
+    s.add_argument("--adapter", required=True, help="adapter folder or hub name[@version]")
+    opt.data_args(s)
+    s.add_argument("--out", default="predictions.jsonl", help="JSONL file (default %(default)s)")
+    opt.protocol_arg(s, "how questions are answered")
+    opt.closed_mode_arg(s)
+    opt.batch_size_arg(s, 8)
+    opt.max_new_tokens_arg(s)
+    opt.abstain_arg(s)
+    s.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """`prefixvqa predict`: answers with confidences for unlabeled data, written as JSON lines."""
+    from .data.records import DataError
     from .model import MedVQAAdapter
     from .predict import load_unlabeled, predict_records, write_predictions
 
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
     records = load_unlabeled(_data_spec(args.data, args.format, None), args.split)
     if not records:
-        raise ValueError(f"no records in {args.data}")
+        raise DataError(f"no records in {args.data}")
     rows = predict_records(model, records, protocol=args.protocol, closed_mode=args.closed_mode,
                            batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, abstain_below=_threshold(args, model))
@@ -217,58 +282,123 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_hub(args: argparse.Namespace) -> int:
-    from .hub import Hub, default_hub, pull_from_hf, push_to_hf
+# ------------------------------------------------------------------------------------------------------------- hub
+def _add_hub(sub: Any) -> None:
+    s = sub.add_parser("hub", help="the adapter hub: push, pull, list, verify (local folder, fsspec URL, HF Hub)")
+    hub_sub = s.add_subparsers(dest="hub_command", required=True)
+    h = hub_sub.add_parser("push", help="copy an adapter folder into the hub")
+    h.add_argument("folder")
+    h.add_argument("--name", help="name in the hub (default: the folder's)")
+    h.add_argument("--version", help="version in the hub (default: the next one)")
+    h.add_argument("--task", help="what the adapter does (default: from its metrics, else VQA)")
+    h.add_argument("--hf", metavar="REPO_ID", help="push to this Hugging Face Hub model repo instead")
+    h.add_argument("--public", action="store_true", help="with --hf: create the repo public (default private)")
+    h.set_defaults(func=cmd_hub_push)
+    h = hub_sub.add_parser("pull", help="copy NAME[@VERSION] out of the hub, checking every file")
+    h.add_argument("ref", metavar="NAME[@VERSION]")
+    h.add_argument("--to", help="destination folder (default: the prefixvqa cache)")
+    h.add_argument("--hf", action="store_true", help="NAME is a Hugging Face Hub repo id[@revision]")
+    h.set_defaults(func=cmd_hub_pull)
+    h = hub_sub.add_parser("list", help="adapters with base models, task, metrics")
+    h.add_argument("--json", action="store_true", help="print the rows as JSON")
+    h.set_defaults(func=cmd_hub_list)
+    h = hub_sub.add_parser("verify", help="check every file of the hub (or of NAME[@VERSION]) against the index")
+    h.add_argument("ref", nargs="?", metavar="NAME[@VERSION]")
+    h.set_defaults(func=cmd_hub_verify)
+    for h in hub_sub.choices.values():
+        h.add_argument("--hub", help="hub root, a folder or fsspec URL (default $PREFIXVQA_HUB or checkpoints/)")
 
-    args.hub = args.hub or default_hub()
-    if args.hub_command == "push":
-        if args.hf:
-            result = push_to_hf(args.folder, args.hf, private=not args.public)
-            print(f"pushed {args.folder} to the Hugging Face Hub repo {args.hf}: {result}")
-            return 0
-        print(f"pushed {Hub(args.hub).push(args.folder, args.name, args.version, task=args.task)} to {args.hub}")
-        return 0
-    if args.hub_command == "pull":
-        if args.hf:
-            repo, _, revision = args.ref.partition("@")
-            path = pull_from_hf(repo, revision or None)
-            if args.to:
-                import shutil
 
-                from .fileio import atomic_dir
+def _hub_root(args: argparse.Namespace) -> str:
+    from .hub import default_hub
 
-                if Path(args.to).exists():
-                    raise ValueError(f"--to {args.to} exists; give a new folder")
-                with atomic_dir(args.to) as tmp:  # all or nothing, like every adapter folder
-                    shutil.copytree(path, tmp, dirs_exist_ok=True)
-                path = Path(args.to)
-        else:
-            path = Hub(args.hub).pull(args.ref, args.to)
-        print(path)
+    return args.hub or default_hub()
+
+
+def cmd_hub_push(args: argparse.Namespace) -> int:
+    """`prefixvqa hub push`: publish an adapter folder in the local/fsspec hub, or to a Hugging Face Hub repo."""
+    from .hub import Hub, push_to_hf
+
+    if args.hf:
+        result = push_to_hf(args.folder, args.hf, private=not args.public)
+        print(f"pushed {args.folder} to the Hugging Face Hub repo {args.hf}: {result}")
         return 0
-    hub = Hub(args.hub)
-    if args.hub_command == "list":
-        rows = hub.list()
-        if args.json:
-            print(json.dumps(rows, indent=2, sort_keys=True))
-            return 0
-        if not rows:
-            print(f"no adapters in {args.hub}")
-        for r in rows:
-            metrics = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in list(r["metrics"].items())[:4])
-            here = "yes" if r["available"] else f"no ({r['missing'][:80]})"
-            print(f"{r['ref']:<28} encoder {r['encoder']}; decoder {r['decoder']}; task: {r['task']}; "
-                  f"{metrics or 'no metrics'}; base models here: {here}")
+    root = _hub_root(args)
+    print(f"pushed {Hub(root).push(args.folder, args.name, args.version, task=args.task)} to {root}")
+    return 0
+
+
+def cmd_hub_pull(args: argparse.Namespace) -> int:
+    """`prefixvqa hub pull`: a verified local copy of a hub adapter; prints its folder."""
+    from .hub import Hub, pull_from_hf
+
+    if not args.hf:
+        print(Hub(_hub_root(args)).pull(args.ref, args.to))
         return 0
-    problems = hub.verify(args.ref)
+    repo, _, revision = args.ref.partition("@")
+    path = pull_from_hf(repo, revision or None)
+    if args.to:
+        import shutil
+
+        from .fileio import atomic_dir
+
+        if Path(args.to).exists():
+            raise ConfigError(f"--to {args.to} exists; give a new folder")
+        with atomic_dir(args.to) as tmp:  # all or nothing, like every adapter folder
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
+        path = Path(args.to)
+    print(path)
+    return 0
+
+
+def cmd_hub_list(args: argparse.Namespace) -> int:
+    """`prefixvqa hub list`: the hub's adapters with their base models, task and headline metrics."""
+    from .hub import Hub
+
+    root = _hub_root(args)
+    rows = Hub(root).list()
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return 0
+    if not rows:
+        print(f"no adapters in {root}")
+    for r in rows:
+        metrics = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in list(r["metrics"].items())[:4])
+        here = "yes" if r["available"] else f"no ({r['missing'][:80]})"
+        print(f"{r['ref']:<28} encoder {r['encoder']}; decoder {r['decoder']}; task: {r['task']}; "
+              f"{metrics or 'no metrics'}; base models here: {here}")
+    return 0
+
+
+def cmd_hub_verify(args: argparse.Namespace) -> int:
+    """`prefixvqa hub verify`: check stored files against the index; exit status 1 when any problem is found."""
+    from .hub import Hub
+
+    root = _hub_root(args)
+    problems = Hub(root).verify(args.ref)
     for p in problems:
         print(p)
-    print(f"{args.hub}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
 
 
+# ----------------------------------------------------------------------------------------------------------- serve
+def _add_serve(sub: Any) -> None:
+    s = sub.add_parser("serve", help="local web app: upload an image, ask, see answer, confidence and heatmap")
+    s.add_argument("--adapter", required=True, help="adapter folder or hub name[@version]")
+    s.add_argument("--hub", default=None, help="also offer the hub's adapters on the same base (default checkpoints/)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s: this machine only)")
+    s.add_argument("--port", type=int, default=7860, help="(default %(default)s)")
+    s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default %(default)s)")
+    s.add_argument("--keep-uploads", metavar="DIR", help="keep uploaded images here (default: nothing is kept)")
+    opt.method_arg(s)
+    opt.abstain_arg(s)
+    s.set_defaults(func=cmd_serve)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """`prefixvqa serve`: the local web app, until interrupted."""
     from .app import serve
 
     serve(args.adapter, hub=args.hub, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
@@ -276,7 +406,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------- sweep
+def _add_sweep(sub: Any) -> None:
+    s = sub.add_parser("sweep", help="few-shot learning curve: train and evaluate at several training-set sizes")
+    s.add_argument("recipe")
+    s.add_argument("--train-sizes", default="16,64,256,all", type=opt.train_sizes,
+                   help="comma-separated training-set sizes; 'all' is the whole set (default %(default)s)")
+    s.add_argument("--seeds", type=opt.positive_int, default=3, help="runs per size (default %(default)s)")
+    opt.protocol_arg(s, "evaluation protocol")
+    s.add_argument("--out", default="runs/sweep", help="results folder (default %(default)s)")
+    opt.set_arg(s)
+    s.add_argument("--smoke", action="store_true", help="apply the recipe's tiny offline smoke override")
+    s.set_defaults(func=cmd_sweep)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """`prefixvqa sweep`: a learning curve (metric against training-set size, over seeds) with its plot."""
     from .eval.sweep import sweep
 
     result = sweep(args.recipe, train_sizes=args.train_sizes, seeds=args.seeds, out_dir=args.out,
@@ -286,7 +431,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------------ demo
+def _add_demo(sub: Any) -> None:
+    s = sub.add_parser("demo", help="offline demo: train and evaluate on real DICOM + generated lesions (SmolLM2)")
+    s.add_argument("--out", default="checkpoints/demo", help="adapter and results folder (default %(default)s)")
+    s.add_argument("--n-train", type=opt.positive_int,
+                   help="generated lesion training questions (default: run_demo's)")
+    s.add_argument("--n-test", type=opt.positive_int, help="generated lesion held-out questions")
+    s.add_argument("--epochs", type=opt.positive_int, help="training epochs (default: run_demo's)")
+    s.add_argument("--seed", type=int, help="seed of data and training (default: run_demo's)")
+    s.set_defaults(func=cmd_demo)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    """`prefixvqa demo`: the offline end-to-end demo; only the options given override `run_demo`'s defaults."""
     from .demo import run_demo
 
     given = {k: getattr(args, k) for k in ("n_train", "n_test", "epochs", "seed") if getattr(args, k) is not None}
@@ -294,13 +452,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------- export
+def _add_export(sub: Any) -> None:
+    s = sub.add_parser("export", help="write a merged full-precision decoder + mapper + processor (no peft needed)")
+    s.add_argument("adapter")
+    s.add_argument("--merge", action="store_true",
+                   help="fold the trained adapter into the decoder (dequantising a 4/8-bit base)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--dtype", type=opt.DTYPES, choices=opt.DTYPES, metavar="DTYPE",
+                   help="merged weights' dtype: %(choices)s (default: the adapter's decoder.dtype)")
+    s.set_defaults(func=cmd_export)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    """`prefixvqa export --merge`: an adapter folder whose decoder has the adapter folded in, loadable without peft."""
     from .export import export_merged
     from .model import MedVQAAdapter
 
     if not args.merge:
-        raise ValueError("prefixvqa export needs --merge: the adapter folder itself is already the shareable unit; "
-                         "--merge writes a merged full-precision decoder + mapper + processor loadable without peft")
+        raise ConfigError("prefixvqa export needs --merge: the adapter folder itself is already the shareable unit; "
+                          "--merge writes a merged full-precision decoder + mapper + processor loadable without peft")
     folder, caveat = export_merged(MedVQAAdapter.from_pretrained(args.adapter), args.out, args.dtype)
     print(f"merged export: {folder} (decoder in {folder / 'decoder'}; load with MedVQAAdapter.from_pretrained)")
     if caveat:
@@ -308,7 +479,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------- fit-check
+def _add_fit_check(sub: Any) -> None:
+    s = sub.add_parser("fit-check", help="predict a recipe's training-step GPU memory before loading anything "
+                                         "(exit status 1 when a stage does not fit)")
+    s.add_argument("recipe")
+    s.add_argument("--gpu-mem", help="GPU memory to fit in, e.g. 11GB (GB = GiB = 2^30 bytes)")
+    opt.set_arg(s)
+    s.add_argument("--stage", help="one curriculum stage (default: every stage)")
+    opt.batch_size_arg(s, None, "per-process batch (default: the recipe's)")
+    s.add_argument("--text-len", type=opt.positive_int, help="text tokens per sample (default: template.max_length)")
+    s.add_argument("--answer-len", type=opt.positive_int, default=32,
+                   help="supervised tokens per sample (default %(default)s)")
+    s.add_argument("--num-processes", type=opt.positive_int,
+                   help="processes sharing the model when train.distributed shards it")
+    s.add_argument("--decoder-config", help="a transformers config.json when the decoder's is not available")
+    s.add_argument("--encoder-config", help="an open_clip model config JSON when the encoder's is not available")
+    s.add_argument("--reserve", default="0.75GB", help="CUDA context + allocator slack added before comparing")
+    s.add_argument("--json", action="store_true", help="print the reports as JSON")
+    s.set_defaults(func=cmd_fit_check)
+
+
 def cmd_fit_check(args: argparse.Namespace) -> int:
+    """`prefixvqa fit-check`: predicted training memory per stage; exit status 1 when a stage does not fit."""
     from .fitcheck import fit_check
     from .train.recipe import load_recipe
 
@@ -323,7 +516,14 @@ def cmd_fit_check(args: argparse.Namespace) -> int:
     return 0 if all(r.fits is not False for r in reports) else 1
 
 
+# --------------------------------------------------------------------------------------------------------- presets
+def _add_presets(sub: Any) -> None:
+    s = sub.add_parser("presets", help="list the named adapter presets")
+    s.set_defaults(func=cmd_presets)
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
+    """`prefixvqa presets`: every preset name with the start of its description."""
     from .presets import list_presets, preset_info
 
     for name in list_presets():
@@ -331,196 +531,69 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------ the parser
+_SUBCOMMANDS = (_add_train, _add_cache, _add_answer, _add_eval, _add_predict, _add_hub, _add_serve, _add_sweep,
+                _add_demo, _add_export, _add_fit_check, _add_presets)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="prefixvqa", description="Vision-language prefix adapters for medical VQA.")
+    """The whole command line (each subcommand's options, `--version`, `--debug`); cheap to build, so `--help` and
+    usage errors answer at once. Tests and wrappers parse with it without running anything."""
+    p = opt.Parser(prog="prefixvqa", description="Vision-language prefix adapters for medical VQA.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.set_defaults(debug=False)
     sub = p.add_subparsers(dest="command", required=True)
-
-    def abstain_arg(s: argparse.ArgumentParser) -> None:
-        s.add_argument("--abstain-below", type=float, metavar="P",
-                       help="answer 'uncertain' below this confidence (default: the adapter calibration's threshold)")
-
-    def data_args(s: argparse.ArgumentParser, required: bool = False) -> None:
-        s.add_argument("--data", required=required, help="dataset path or JSON spec, e.g. '{\"format\": \"slake\", "
-                                                      "\"path\": \"Slake1.0\"}'")
-        s.add_argument("--format", help="reader: vqa_rad, slake, pathvqa, pmc_vqa, llava, llava_med_eval, report, "
-                                                "iu_xray, generic")
-        s.add_argument("--split", help="split to read (train, validate, test, ...)")
-
-    s = sub.add_parser("train", help="train from a YAML recipe (single stage or curriculum)")
-    s.add_argument("recipe")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
-    s.add_argument("--smoke", action="store_true", help="apply the recipe's tiny offline smoke override")
-    s.add_argument("--resume-with-changes", action="store_true",
-                   help="resume although settings that change the result differ from the checkpoint's")
-    s.set_defaults(func=cmd_train)
-
-    s = sub.add_parser("cache-features", help="encode images once into the memory-mapped feature cache")
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--adapter")
-    g.add_argument("--preset")
-    data_args(s, required=True)
-    s.add_argument("--out", required=True, help="cache folder")
-    s.add_argument("--batch-size", type=_positive_int, default=32)
-    s.set_defaults(func=cmd_cache)
-
-    s = sub.add_parser("answer", help="answer one question about one image")
-    s.add_argument("--adapter", required=True)
-    s.add_argument("--image", required=True, help="PNG/JPEG/TIFF/DICOM/NIfTI file")
-    s.add_argument("question")
-    s.add_argument("--choices", help="comma-separated candidates to rank instead of generating")
-    s.add_argument("--max-new-tokens", type=_positive_int, default=None,
-                   help="default: the adapter's generation settings")
-    s.add_argument("--num-beams", type=_positive_int, default=None, help="default: the adapter's generation settings")
-    abstain_arg(s)
-    s.add_argument("--explain", nargs="?", const="", metavar="PNG",
-                   help="write a grounding heatmap overlay (default: <image>_explain.png)")
-    s.add_argument("--method", choices=["occlusion", "grad_x_input"], default="occlusion",
-                   help="grounding attribution (default occlusion)")
-    s.set_defaults(func=cmd_answer)
-
-    s = sub.add_parser("eval", help="evaluate an adapter under a named protocol, or compare results")
-    s.add_argument("--adapter")
-    data_args(s)
-    s.add_argument("--protocol", default="llava_med", type=_protocol,
-                   help="llava_med, prefix_vqa, med_flamingo, pmc_vqa, report")
-    s.add_argument("--out", default="runs/eval")
-    s.add_argument("--batch-size", type=_positive_int, default=8)
-    s.add_argument("--closed-mode", choices=["score", "generate"])
-    s.add_argument("--upstream-metrics", action="store_true",
-                   help="also report the source's own metric variants (prefix_vqa: van Sonsbeek's nltk BLEU etc.)")
-    s.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print a side-by-side table")
-    s.add_argument("--shots", type=_count, default=0, help="k shots per query in the template's few-shot format")
-    s.add_argument("--shot-pool", default="train", metavar="train|DATA",
-                   help="where shots are retrieved from: the same dataset's train split, or a dataset path/spec")
-    s.add_argument("--feature-cache", help="feature cache folder for retrieval (default ~/.cache/prefixvqa/features)")
-    s.add_argument("--calibrate-on", metavar="DATA", help="fit temperature scaling on this dataset first")
-    s.add_argument("--calibrate-split", help="fit temperature scaling on this split (of --calibrate-on or --data)")
-    s.add_argument("--save-calibration", action="store_true", help="store the fitted calibration in the adapter")
-    abstain_arg(s)
-    s.set_defaults(func=cmd_eval)
-
-    s = sub.add_parser("predict", help="answer every record of a dataset without answers; JSONL with confidences")
-    s.add_argument("--adapter", required=True, help="adapter folder or hub name[@version]")
-    data_args(s)
-    s.add_argument("--out", default="predictions.jsonl")
-    s.add_argument("--protocol", default="llava_med", help="how questions are answered (see eval)")
-    s.add_argument("--closed-mode", choices=["score", "generate"], help="rank a closed question's candidates "
-                                                                        "(score) or generate (the protocol's default)")
-    s.add_argument("--batch-size", type=_positive_int, default=8)
-    s.add_argument("--max-new-tokens", type=_positive_int, default=None,
-                   help="default: the adapter's generation settings")
-    abstain_arg(s)
-    s.set_defaults(func=cmd_predict)
-
-    s = sub.add_parser("hub", help="the adapter hub: push, pull, list, verify (local folder, fsspec URL, HF Hub)")
-    hub_sub = s.add_subparsers(dest="hub_command", required=True)
-    h = hub_sub.add_parser("push", help="copy an adapter folder into the hub")
-    h.add_argument("folder")
-    h.add_argument("--name")
-    h.add_argument("--version")
-    h.add_argument("--task", help="what the adapter does (default: from its metrics, else VQA)")
-    h.add_argument("--hf", metavar="REPO_ID", help="push to this Hugging Face Hub model repo instead")
-    h.add_argument("--public", action="store_true", help="with --hf: create the repo public (default private)")
-    h = hub_sub.add_parser("pull", help="copy NAME[@VERSION] out of the hub, checking every file")
-    h.add_argument("ref", metavar="NAME[@VERSION]")
-    h.add_argument("--to", help="destination folder (default: the prefixvqa cache)")
-    h.add_argument("--hf", action="store_true", help="NAME is a Hugging Face Hub repo id[@revision]")
-    h = hub_sub.add_parser("list", help="adapters with base models, task, metrics")
-    h.add_argument("--json", action="store_true")
-    h = hub_sub.add_parser("verify", help="check every file of the hub (or of NAME[@VERSION]) against the index")
-    h.add_argument("ref", nargs="?", metavar="NAME[@VERSION]")
-    for h in hub_sub.choices.values():
-        h.add_argument("--hub", default=None, help="hub root: folder or fsspec URL (default checkpoints/ or "
-                                                   "$PREFIXVQA_HUB)")
-    s.set_defaults(func=cmd_hub)
-
-    s = sub.add_parser("serve", help="local web app: upload an image, ask, see answer, confidence and heatmap")
-    s.add_argument("--adapter", required=True, help="adapter folder or hub name[@version]")
-    s.add_argument("--hub", default=None, help="also offer the hub's adapters on the same base (default checkpoints/)")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=7860)
-    s.add_argument("--max-upload-mb", type=float, default=20.0)
-    s.add_argument("--keep-uploads", metavar="DIR", help="keep uploaded images here (default: nothing is kept)")
-    s.add_argument("--method", choices=["occlusion", "grad_x_input"], default="occlusion")
-    abstain_arg(s)
-    s.set_defaults(func=cmd_serve)
-
-    s = sub.add_parser("sweep", help="few-shot learning curve: train and evaluate at several training-set sizes")
-    s.add_argument("recipe")
-    s.add_argument("--train-sizes", default="16,64,256,all", type=_train_sizes)
-    s.add_argument("--seeds", type=_positive_int, default=3)
-    s.add_argument("--protocol", default="llava_med", type=_protocol)
-    s.add_argument("--out", default="runs/sweep")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--smoke", action="store_true")
-    s.set_defaults(func=cmd_sweep)
-
-    s = sub.add_parser("demo", help="offline demo: train and evaluate on real DICOM + generated lesions (SmolLM2)")
-    s.add_argument("--out", default="checkpoints/demo")
-    s.add_argument("--n-train", type=_positive_int, help="generated lesion training questions (default: run_demo's)")
-    s.add_argument("--n-test", type=_positive_int, help="generated lesion held-out questions")
-    s.add_argument("--epochs", type=_positive_int)
-    s.add_argument("--seed", type=int)
-    s.set_defaults(func=cmd_demo)
-
-    s = sub.add_parser("export", help="write a merged full-precision decoder + mapper + processor (no peft needed)")
-    s.add_argument("adapter")
-    s.add_argument("--merge", action="store_true", help="fold LoRA into the decoder (dequantising a 4/8-bit base)")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="merged weights' dtype (default: the adapter's decoder.dtype)")
-    s.set_defaults(func=cmd_export)
-
-    s = sub.add_parser("fit-check", help="predict a recipe's training-step GPU memory before loading anything "
-                                         "(exit status 1 when a stage does not fit)")
-    s.add_argument("recipe")
-    s.add_argument("--gpu-mem", help="GPU memory to fit in, e.g. 11GB (GB = GiB = 2^30 bytes)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
-    s.add_argument("--stage", help="one curriculum stage (default: every stage)")
-    s.add_argument("--batch-size", type=_positive_int, help="per-process batch (default: the recipe's)")
-    s.add_argument("--text-len", type=_positive_int, help="text tokens per sample (default: template.max_length)")
-    s.add_argument("--answer-len", type=_positive_int, default=32, help="supervised tokens per sample (default 32)")
-    s.add_argument("--num-processes", type=_positive_int, help="processes sharing the model under fsdp/deepspeed")
-    s.add_argument("--decoder-config", help="a transformers config.json when the decoder's is not available")
-    s.add_argument("--encoder-config", help="an open_clip model config JSON when the encoder's is not available")
-    s.add_argument("--reserve", default="0.75GB", help="CUDA context + allocator slack added before comparing")
-    s.add_argument("--json", action="store_true", help="print the reports as JSON")
-    s.set_defaults(func=cmd_fit_check)
-
-    s = sub.add_parser("presets", help="list the named adapter presets")
-    s.set_defaults(func=cmd_presets)
+    for add in _SUBCOMMANDS:
+        add(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status (the `prefixvqa` script and `python -m prefixvqa` exit with it).
+
+    A `PrefixVQAError` and the machine's own errors (see `_machine_error`) print one line and return 2 (1 for a
+    diverged training run); any other exception propagates with its traceback, as does every error under `--debug`.
+    """
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from .adapter_io import AdapterLoadError
-    from .config import ConfigError
-    from .hub import HubError
-    from .data.records import DataError
-    from .train.checkpoint import RunLockedError
-    from .train.trainer import TrainingDiverged
-    from .vision import ModelNotAvailableError
-
-    def say(exc: BaseException) -> None:
-        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or exc.__class__.__name__
-        print(f"prefixvqa {args.command}: error: {text}", file=sys.stderr)
-
+    if args.debug:
+        return args.func(args)
     try:
         return args.func(args)
-    except TrainingDiverged as exc:  # not a usage error: the run itself failed
-        say(exc)
-        return 1
-    except (ConfigError, DataError, ModelNotAvailableError, AdapterLoadError, HubError, RunLockedError, ImportError,
-            ValueError, OSError) as exc:  # OSError: missing files, a recipe folder, a full disk (the path is named)
-        say(exc)
+    except PrefixVQAError as exc:
+        _say(args.command, exc)
+        return _exit_status(exc)
+    except (OSError, ImportError) as exc:
+        if not _machine_error(exc):
+            raise
+        _say(args.command, exc)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _say(command: str, exc: BaseException) -> None:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or exc.__class__.__name__
+    print(f"prefixvqa {command}: error: {text}", file=sys.stderr)
+
+
+def _exit_status(exc: PrefixVQAError) -> int:
+    """1 when a training run diverged (not a usage error: the run itself failed), else 2."""
+    from .train.trainer import TrainingDiverged  # already loaded whenever a training run raised it
+
+    return 1 if isinstance(exc, TrainingDiverged) else 2
+
+
+def _machine_error(exc: BaseException) -> bool:
+    """The machine's state rather than a bug, so one line too: an OSError (a missing or unreadable file, a full disk;
+    its message names the path) and an optional package that is not installed. A prefixvqa module that fails to
+    import is a bug and keeps its traceback."""
+    if isinstance(exc, OSError):
+        return True
+    return isinstance(exc, ImportError) and (exc.name or "").partition(".")[0] != "prefixvqa"
 
 
 if __name__ == "__main__":

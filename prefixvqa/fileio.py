@@ -204,6 +204,8 @@ class IntegrityError(PrefixVQAError, ValueError):
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in `chunk`-byte blocks so multi-GB weights never sit in memory whole: the one
+    digest that manifests, the hub index and their checks compare."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):

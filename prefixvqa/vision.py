@@ -27,6 +27,8 @@ class ModelNotAvailableError(PrefixVQAError, RuntimeError):
 
 
 def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set now. Read at each call (huggingface_hub reads it once, at import), so the checks
+    that fail fast with a message instead of a download attempt follow a variable set after import too."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
@@ -167,6 +169,8 @@ class VisionEncoder(nn.Module):
         return out.shape[1], out.shape[2]
 
     def preprocess_size(self) -> tuple[int, int]:
+        """(height, width) in pixels the tower takes (open_clip's `visual.image_size`, 224 where a tower does not
+        say): the size of the dry run in `output_shape` and of fit-check's pixel batch."""
         size = getattr(self.visual, "image_size", 224)
         return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 

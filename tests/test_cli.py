@@ -197,3 +197,83 @@ def test_newer_minor_version_loads_with_a_warning_naming_versions_and_fields(cli
     (folder / "prefixvqa_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unknown field"):
         MedVQAAdapter.from_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------- entry points, version, error policy
+def test_python_m_prefixvqa_and_version():
+    from prefixvqa._version import __version__
+
+    out = subprocess.run([sys.executable, "-m", "prefixvqa", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"prefixvqa {__version__}"
+    out = subprocess.run([sys.executable, "-m", "prefixvqa", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and all(c in out.stdout for c in ("train", "eval", "fit-check", "presets"))
+    out = subprocess.run([sys.executable, "-m", "prefixvqa", "presets"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo_smollm2" in out.stdout
+
+
+def test_help_starts_without_torch():
+    code = ("import sys\nfrom prefixvqa.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
+
+
+def test_only_prefixvqa_errors_are_one_line_and_debug_shows_every_traceback(monkeypatch, capsys):
+    import prefixvqa.cli as cli
+    from prefixvqa.config import ConfigError
+
+    def refuse(args):
+        raise ConfigError("presets: refused for the test\n(second line)")
+
+    monkeypatch.setattr(cli, "cmd_presets", refuse)
+    assert main(["presets"]) == 2
+    assert capsys.readouterr().err == "prefixvqa presets: error: presets: refused for the test (second line)\n"
+    for argv in (["--debug", "presets"], ["presets", "--debug"]):
+        with pytest.raises(ConfigError, match="refused for the test"):
+            main(argv)
+
+    def bug(args):
+        raise ValueError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "cmd_presets", bug)
+    with pytest.raises(ValueError, match="a bug"):  # a bug keeps its traceback
+        main(["presets"])
+
+    def missing(name):
+        def run(args):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return run
+
+    monkeypatch.setattr(cli, "cmd_presets", missing("fastapi"))  # an optional package not installed: one line
+    assert main(["presets"]) == 2 and "No module named 'fastapi'" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "cmd_presets", missing("prefixvqa.gone"))  # a module of ours that fails: a bug
+    with pytest.raises(ModuleNotFoundError):
+        main(["presets"])
+
+
+def test_choices_and_their_help_come_from_the_registries(monkeypatch, capsys):
+    import typing
+
+    from prefixvqa.cli import build_parser
+    from prefixvqa.config import DTYPES
+    from prefixvqa.data.readers import READERS
+    from prefixvqa.eval.protocols import ClosedMode, list_protocols
+    from prefixvqa.explain import METHODS
+    from prefixvqa.presets import list_presets
+
+    def help_of(*command):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    eval_help, answer_help = help_of("eval"), help_of("answer")
+    assert all(name in eval_help for name in [*list_protocols(), *READERS, *typing.get_args(ClosedMode)])
+    assert all(name in answer_help for name in METHODS)
+    assert all(name in help_of("export") for name in DTYPES)
+    assert all(name in help_of("cache-features") for name in list_presets())
+    monkeypatch.setitem(READERS, "my_layout", READERS["generic"])  # a registered reader is a valid --format at once
+    args = build_parser().parse_args(["predict", "--adapter", "a", "--data", "d", "--format", "my_layout"])
+    assert args.format == "my_layout" and args.protocol in list_protocols()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "a", "--out", "o", "--dtype", "float8"])
+    assert "argument --dtype: unknown dtype 'float8'" in capsys.readouterr().err

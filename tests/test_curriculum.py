@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 
 from prefixvqa.config import ConfigError  # noqa: E402

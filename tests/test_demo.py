@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 
 import pytest
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("data_store") is None,
                                 reason="pip install --no-deps pydicom-data")
 

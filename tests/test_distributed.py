@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 
 from prefixvqa.config import ConfigError  # noqa: E402

@@ -3,13 +3,11 @@ one step, traced with autograd's saved-tensor hooks), the verdict and largest ba
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 
 from prefixvqa.config import AdapterConfig, ConfigError  # noqa: E402

@@ -6,10 +6,8 @@ import gzip
 import hashlib
 import importlib.util
 import io
-import os
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

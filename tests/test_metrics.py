@@ -4,9 +4,6 @@ real chest X-ray report text (IU X-ray, shipped inside the torchxrayvision wheel
 BLEU and ROUGE-L are computed by sacrebleu and rouge-score on our tokens; the nltk cross-checks and the values pinned
 from the former hand-written implementation show that the definitions did not move with the backend."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import functools  # noqa: E402
 import importlib.util  # noqa: E402

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 

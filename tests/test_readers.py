@@ -1,4 +1,4 @@
-"""Readers: every dataset layout of DESIGN.md ("Dataset formats"), round trips, errors, hub path — all offline."""
+"""Readers: every dataset layout of the README's "Datasets" table, round trips, errors, hub path — all offline."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import re
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import datasets  # noqa: E402

@@ -3,12 +3,10 @@ override trains + evaluates offline (tiny models, a handful of generated records
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("torch")
 
 from prefixvqa.train.recipe import load_recipe, run_recipe  # noqa: E402

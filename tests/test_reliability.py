@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 
 from prefixvqa.cli import main  # noqa: E402

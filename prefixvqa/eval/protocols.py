@@ -5,7 +5,7 @@ candidates), which per-item metrics are averaged, which corpus metrics are compu
 are attached. Turning predictions into numbers (:func:`compute_metrics`) is a pure function of (records, predictions),
 so the same predictions always give the same metrics, and a run can be rescored without the model.
 
-Registered protocols (see ``../shared/DESIGN.md``, "Evaluation protocols"):
+Registered protocols (README.md, "Published systems", says how each source answered and scored):
 
 * ``llava_med``: closed accuracy twice, labelled: ``closed_accuracy_substring`` (LLaVA-Med's upstream test, where gold
   "no" matches "normal") and ``closed_accuracy_strict`` (the corrected one); ``open_recall`` on open questions.
