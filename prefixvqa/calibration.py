@@ -57,11 +57,12 @@ def check_threshold(value: float, what: str = "threshold") -> float:
     return float(value)
 
 
-def abstention_threshold(threshold: float | None, calibration: "Calibration | None") -> float | None:
-    """The abstention threshold in force: the caller's (checked), else the calibration's default, else none.
-    The one rule behind ``abstain_below`` in `predict`, the CLI and the web app."""
+def abstention_threshold(threshold: float | None, calibration: "Calibration | None",
+                         what: str = "abstain_below") -> float | None:
+    """The abstention threshold in force: the caller's (checked; ``what`` names it in the error), else the
+    calibration's default, else none. The one rule behind ``abstain_below`` in `predict`, the CLI and the web app."""
     if threshold is not None:
-        return check_threshold(threshold, "abstain_below")
+        return check_threshold(threshold, what)
     return calibration.threshold if calibration is not None else None
 
 

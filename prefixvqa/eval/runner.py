@@ -33,6 +33,10 @@ __all__ = ["evaluate", "fit_calibration_on", "plan_items", "write_outputs", "res
            "refuse_overlap", "BREAKDOWN_FIELDS", "DECIMALS"]
 
 
+_CALIBRATION_LEAK = ("a temperature fitted on the test items flatters the reported calibration: fit it on a "
+                     "validation set of its own (--calibrate-on DATA or --calibrate-split SPLIT)")
+
+
 def refuse_overlap(what: str, ids: Collection[str], evaluated: Sequence["VQARecord"], why: str) -> None:
     """Raise DataOverlapError when any of ``ids`` (of a shot pool, a calibration set) is an evaluated record's id.
     Shots and calibration must come from other records than the ones evaluated."""
@@ -95,9 +99,7 @@ def _check_sources(records: Sequence["VQARecord"], shots: int, shot_pool: Sequen
         refuse_overlap("the shot pool", [r.id for r in shot_pool], records,
                        "its answers would leak into the prompts: draw shots from another split (--shot-pool DATA)")
     if calibration is not None and calibration.fitted_ids:
-        refuse_overlap("the calibration set", calibration.fitted_ids, records,
-                       "a temperature fitted on the test items flatters the reported calibration: fit it on a "
-                       "validation set of its own (--calibrate-on DATA or --calibrate-split SPLIT)")
+        refuse_overlap("the calibration set", calibration.fitted_ids, records, _CALIBRATION_LEAK)
 
 
 def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_dir: str | os.PathLike, *,
@@ -146,10 +148,14 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
 def fit_calibration_on(model: Any, records: Sequence[Any], protocol: str | Protocol, *, batch_size: int = 8,
                        closed_mode: str | None = None, max_new_tokens: int | None = None, seed: int = 0,
                        progress: bool = True, shots: int = 0, shot_pool: Sequence[Any] | None = None,
-                       feature_cache: str | os.PathLike | None = None, threshold: float | None = None) -> Any:
+                       feature_cache: str | os.PathLike | None = None, threshold: float | None = None,
+                       evaluated: Sequence[Any] | None = None) -> Any:
     """Temperature scaling fitted on validation ``records``, answered exactly as `evaluate` would answer them
-    (same protocol, closed mode and shots, greedy); correctness is the protocol's primary per-item score. The
-    calibration remembers the records' ids, so `evaluate` refuses to report it on any of them."""
+    (same protocol, closed mode and shots, greedy); correctness is the protocol's primary per-item score.
+
+    The calibration remembers the records' ids, so `evaluate` refuses to report it on any of them; pass the records
+    it will be ``evaluated`` on to have that (and a shot pool overlapping them) refused before anything is answered.
+    """
     from ..calibration import fit_calibration, is_correct
     from ..data.records import content_hash
 
@@ -157,6 +163,9 @@ def fit_calibration_on(model: Any, records: Sequence[Any], protocol: str | Proto
     records = list(records)
     if not records:
         raise EvaluationError("no validation records to calibrate on")
+    if evaluated is not None:
+        refuse_overlap("the calibration set", [r.id for r in records], evaluated, _CALIBRATION_LEAK)
+        _check_sources(evaluated, shots, shot_pool, None)
     generation = _generation(model, max_new_tokens, 1, False, None)
     predictions, _ = _answer_records(model, records, protocol, batch_size=batch_size, closed_mode=closed_mode,
                                      generation=generation, seed=seed, progress=progress, shots=shots,
