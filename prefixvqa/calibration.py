@@ -16,26 +16,72 @@ calibration error (ECE, 10 equal-width bins) before and after, a reliability dia
 (answer only above a threshold, "uncertain" otherwise) go into evaluation reports.
 
 The fitted temperatures live in the adapter folder as ``calibration.json`` (listed in its sha256 manifest).
+
+Abstention has one home here: :func:`abstention_threshold` says which threshold is in force (the caller's, else the
+calibration's default), :func:`abstains` whether a confidence falls below it, and :func:`abstain` turns an answer
+into "uncertain" keeping the guess. The model, `predict`, the CLI and the web app all ask these.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
+from .errors import PrefixVQAError
 from .fileio import atomic_write
 
-__all__ = ["CALIBRATION_NAME", "UNCERTAIN", "Calibration", "expected_calibration_error", "fit_temperature",
-           "fit_calibration", "coverage_curve", "reliability_bins", "confidence_summary", "row_confidence",
-           "plot_reliability", "plot_coverage", "is_correct", "CORRECT_AT"]
+__all__ = ["CALIBRATION_NAME", "UNCERTAIN", "Calibration", "CalibrationError", "expected_calibration_error",
+           "fit_temperature", "fit_calibration", "coverage_curve", "reliability_bins", "confidence_summary",
+           "row_confidence", "plot_reliability", "plot_coverage", "is_correct", "CORRECT_AT", "check_threshold",
+           "abstention_threshold", "abstains", "abstain"]
 
 CALIBRATION_NAME = "calibration.json"
 UNCERTAIN = "uncertain"  # the answer given instead of a guess below the abstention threshold
 CORRECT_AT = 0.5  # an item counts as answered correctly when its primary per-item score reaches this
 _LOG_T = [-4.0 + 0.1 * i for i in range(81)]  # coarse log-temperature grid: T from 0.018 to 55, refined below
+
+
+class CalibrationError(PrefixVQAError, ValueError):
+    """A calibration file or value (temperature, abstention threshold) is invalid; the message names it."""
+
+
+def check_threshold(value: float, what: str = "threshold") -> float:
+    """``value`` if it is a confidence in [0, 1]; else a CalibrationError naming ``what`` (the caller's name for it,
+    such as ``--abstain-below``), so every entry point refuses the same values with the same words."""
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise CalibrationError(f"{what} must be a confidence in [0, 1], got {value!r}")
+    return float(value)
+
+
+def abstention_threshold(threshold: float | None, calibration: "Calibration | None",
+                         what: str = "abstain_below") -> float | None:
+    """The abstention threshold in force: the caller's (checked; ``what`` names it in the error), else the
+    calibration's default, else none. The one rule behind ``abstain_below`` in `predict`, the CLI and the web app."""
+    if threshold is not None:
+        return check_threshold(threshold, what)
+    return calibration.threshold if calibration is not None else None
+
+
+def abstains(confidence: float | None, threshold: float | None) -> bool:
+    """Whether an answer of this confidence is withheld ("uncertain") under ``threshold``; an answer without a
+    confidence, or no threshold, never abstains."""
+    return threshold is not None and confidence is not None and confidence < threshold
+
+
+_A = TypeVar("_A")
+
+
+def abstain(answer: _A, threshold: float | None) -> _A:
+    """The answer, or a copy saying "uncertain" (its text kept as ``guess``, ``abstained`` set) when its confidence
+    is below ``threshold``. Works on any dataclass with ``text``, ``confidence``, ``abstained`` and ``guess``
+    (`model.Answer`), so this module needs no import of the model."""
+    if not abstains(answer.confidence, threshold):  # type: ignore[attr-defined]
+        return answer
+    return dataclasses.replace(answer, text=UNCERTAIN, abstained=True, guess=answer.text)  # type: ignore
 
 
 def is_correct(primary_score: float | None) -> bool:
@@ -63,14 +109,22 @@ class Calibration:
     temperature_score: float = 1.0
     threshold: float | None = None  # answers below it are "uncertain" unless the caller sets another
     fitted_on: dict[str, Any] = field(default_factory=dict)  # items, content hash, ECE before/after there
+    #: ids of the records it was fitted on, in memory only (never saved, not compared): lets `evaluate` refuse to
+    #: report calibration on the very items the temperatures were fitted to
+    fitted_ids: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("temperature_generate", "temperature_score"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{CALIBRATION_NAME}: {name} must be a positive number, got {value!r}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"{CALIBRATION_NAME}: threshold must be in [0, 1], got {self.threshold!r}")
+                raise CalibrationError(f"{CALIBRATION_NAME}: {name} must be a positive number, got {value!r}")
+        if self.threshold is not None:
+            check_threshold(self.threshold, f"{CALIBRATION_NAME}: threshold")
+
+    def with_threshold(self, threshold: float | None) -> "Calibration":
+        """The same temperatures (and provenance) with another default abstention threshold; unchanged for None.
+        What ``--abstain-below`` applies to an adapter's calibration (or to the identity one)."""
+        return self if threshold is None else dataclasses.replace(self, threshold=check_threshold(threshold))
 
     # --- confidences --------------------------------------------------------------------------------------------
     def generated(self, logprob: float, num_tokens: int) -> float:
@@ -86,12 +140,18 @@ class Calibration:
 
     # --- file ---------------------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
+        """Write ``calibration.json`` into an adapter folder (atomically; the caller re-manifests the folder).
+        The in-memory ``fitted_ids`` stay out: the file carries provenance, not the validation set."""
+        data = asdict(self)
+        data.pop("fitted_ids")
         path = Path(folder) / CALIBRATION_NAME
-        atomic_write(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
     def load(cls, folder: str | Path) -> "Calibration | None":
+        """The folder's calibration, or None when it has none (an uncalibrated adapter is not an error); a file
+        that is not a calibration raises CalibrationError naming it."""
         path = Path(folder) / CALIBRATION_NAME
         if not path.is_file():
             return None
@@ -99,7 +159,7 @@ class Calibration:
             data = json.loads(path.read_text())
             return cls(**data)
         except (json.JSONDecodeError, TypeError) as exc:
-            raise ValueError(f"{path}: not a calibration file: {exc}") from None
+            raise CalibrationError(f"{path}: not a calibration file: {exc}") from None
 
 
 def row_confidence(row: Mapping[str, Any], calibration: Calibration | None) -> float | None:
@@ -118,7 +178,7 @@ def row_confidence(row: Mapping[str, Any], calibration: Calibration | None) -> f
 def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool], bins: int = 10) -> float:
     """ECE: the item-weighted mean |accuracy - mean confidence| over equal-width confidence bins."""
     if len(confidences) != len(correct):
-        raise ValueError("confidences and correct differ in length")
+        raise CalibrationError("confidences and correct differ in length")
     if not confidences:
         return float("nan")
     return sum(abs(b["accuracy"] - b["confidence"]) * b["n"] for b in reliability_bins(confidences, correct, bins)
@@ -161,7 +221,8 @@ def fit_temperature(values: Sequence[Any], correct: Sequence[bool], confidence: 
 
 def fit_calibration(rows: Sequence[Mapping[str, Any]], correct: Sequence[bool], *, threshold: float | None = None,
                     provenance: Mapping[str, Any] | None = None) -> Calibration:
-    """Temperatures from validation predictions (rows of predictions.jsonl) and their correctness, per mode."""
+    """Temperatures from validation predictions (rows of predictions.jsonl) and their correctness, per mode.
+    Rows with an ``id`` are remembered (``fitted_ids``) so evaluation can refuse to report on them."""
     gen = [(float(r["score"]), int(r.get("num_tokens") or 1), ok) for r, ok in zip(rows, correct)
            if r.get("mode") == "generate" and r.get("score") is not None]
     sco = [([math.log(max(float(p), 1e-300)) for p in r["choice_probs"]], ok) for r, ok in zip(rows, correct)
@@ -169,7 +230,8 @@ def fit_calibration(rows: Sequence[Mapping[str, Any]], correct: Sequence[bool], 
     t_gen = fit_temperature([(s, n) for s, n, _ in gen], [ok for *_, ok in gen],
                             lambda v, t: math.exp(v[0] / max(v[1], 1) / t))
     t_sco = fit_temperature([ll for ll, _ in sco], [ok for _, ok in sco], lambda v, t: _softmax_max(v, t))
-    cal = Calibration(temperature_generate=t_gen, temperature_score=t_sco, threshold=threshold)
+    cal = Calibration(temperature_generate=t_gen, temperature_score=t_sco, threshold=threshold,
+                      fitted_ids=frozenset(str(r["id"]) for r in rows if r.get("id") is not None))
     raw = [row_confidence(r, None) for r in rows]
     fitted = [row_confidence(r, cal) for r in rows]
     keep = [i for i, c in enumerate(raw) if c is not None]

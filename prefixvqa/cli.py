@@ -108,6 +108,7 @@ def _add_answer(sub: Any) -> None:
 
 def cmd_answer(args: argparse.Namespace) -> int:
     """`prefixvqa answer`: one answer (or ranked choices) with its confidence, optionally a grounding heatmap."""
+    from .calibration import abstains
     from .model import MedVQAAdapter
 
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
@@ -117,7 +118,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
         probs = model.score_choices([args.image], [args.question], [options])[0]
         for option, p in sorted(zip(options, probs), key=lambda x: -x[1]):
             print(f"{p:.3f}  {option}")
-        if threshold is not None and max(probs) < threshold:
+        if abstains(max(probs), threshold):
             print(f"uncertain (best choice below the confidence threshold {threshold:.2f})")
         return 0
     answer = model.answer([args.image], [args.question], max_new_tokens=args.max_new_tokens,
@@ -137,9 +138,9 @@ def cmd_answer(args: argparse.Namespace) -> int:
 
 def _threshold(args: argparse.Namespace, model: Any) -> float | None:
     """--abstain-below (checked to lie in [0, 1] by the parser), else the adapter calibration's threshold, else none."""
-    if getattr(args, "abstain_below", None) is not None:
-        return args.abstain_below
-    return model.calibration.threshold if model.calibration is not None else None
+    from .calibration import abstention_threshold
+
+    return abstention_threshold(getattr(args, "abstain_below", None), model.calibration, "--abstain-below")
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
@@ -166,17 +167,6 @@ def _add_eval(sub: Any) -> None:
     s.set_defaults(func=cmd_eval)
 
 
-def _refuse_overlap(what: str, extra: Sequence[Any], evaluated: Sequence[Any], why: str) -> None:
-    """Shots and calibration must come from other records than the ones evaluated (a single-file dataset has no
-    separate split: its "train" is the test data itself)."""
-    from .data.records import DataError
-
-    shared = {r.id for r in extra} & {r.id for r in evaluated}
-    if shared:
-        raise DataError(f"{what} shares {len(shared)} record(s) with the evaluated data (e.g. {sorted(shared)[0]!r});"
-                        f" {why}")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     """`prefixvqa eval`: metrics and a report for an adapter on a dataset (few-shot and calibration optional), or
     `--compare` to tabulate earlier results."""
@@ -195,9 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.shots:
         pool = (_records(argparse.Namespace(**{**vars(args), "split": "train"})) if args.shot_pool == "train"
                 else _records(argparse.Namespace(data=args.shot_pool, format=None, split=None)))
-    if pool is not None:
-        _refuse_overlap("the shot pool", pool, records,
-                        "its answers would leak into the prompts: pass --shot-pool DATA")
+    # a pool or calibration set sharing records with the evaluated data: refused by `evaluate` (DataOverlapError)
     shot_args = {"shots": args.shots, "shot_pool": pool, "feature_cache": args.feature_cache}
     calibration = _eval_calibration(args, model, records, shot_args)
     from .eval.protocols import get_protocol
@@ -219,11 +207,9 @@ def _eval_calibration(args: argparse.Namespace, model: Any, records: Sequence[An
 
         val = _records(argparse.Namespace(**{**vars(args), "data": args.calibrate_on or args.data,
                                              "split": args.calibrate_split}))
-        _refuse_overlap("the calibration set", val, records,
-                        "a temperature fitted on the test items flatters the reported calibration: pass "
-                        "--calibrate-on DATA or --calibrate-split with a split of its own")
         calibration = fit_calibration_on(model, val, args.protocol, batch_size=args.batch_size,
-                                         closed_mode=args.closed_mode, threshold=args.abstain_below, **shot_args)
+                                         closed_mode=args.closed_mode, threshold=args.abstain_below,
+                                         evaluated=records, **shot_args)
         print(f"calibration on {len(val)} validation items: ECE {calibration.fitted_on['ece_before']:.4f} -> "
               f"{calibration.fitted_on['ece_after']:.4f} (T generate {calibration.temperature_generate:.3f}, "
               f"T score {calibration.temperature_score:.3f})")
@@ -233,8 +219,7 @@ def _eval_calibration(args: argparse.Namespace, model: Any, records: Sequence[An
     if args.abstain_below is not None:
         from .calibration import Calibration
 
-        base = model.calibration or Calibration()
-        return Calibration(base.temperature_generate, base.temperature_score, args.abstain_below, base.fitted_on)
+        return (model.calibration or Calibration()).with_threshold(args.abstain_below)
     return None
 
 

@@ -4,16 +4,19 @@ Builds a small medical VQA set from real DICOM files (the `pydicom-data` package
 generated lesion set (presence, side, count), trains the `demo_smollm2` adapter (a small open_clip ViT trained from
 scratch, since no pretrained weights are reachable offline, and LoRA on the real SmolLM2-135M), evaluates on held-out
 items (confidences temperature-scaled on a validation set), saves the adapter under `checkpoints/`, and prints sample
-answers.
+answers. Every answer, the evaluation's, the samples' and the shuffled-image control's, comes from the one answering
+loop (`inference.answer_records`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import random
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
 from .data.records import VQARecord
 from .data.synthetic import lesion_records
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 MODALITY_WORDS = {"CT": "ct", "MR": "mri", "US": "ultrasound", "CR": "x-ray", "DX": "x-ray", "NM": "nuclear medicine",
                   "OT": "other", "SC": "other"}
 MODALITY_QUESTION = "What is the imaging modality of this image?"
+SAMPLE_TOKENS = 8  # new tokens for the printed sample answers and the control (the demo's answers are one word)
 
 
 def dicom_records(views: int = 6, size: int = 64, seed: int = 0) -> list[VQARecord]:
@@ -119,10 +123,9 @@ def run_demo(out_dir: str | Path = "checkpoints/demo", n_train: int = 360, n_tes
                                                      "data": "generated lesion questions + pydicom-data modality "
                                                              "questions (prefixvqa demo)"})
     samples = test_records[:6]
-    answers = model.answer([r.image for r in samples], [r.question for r in samples], max_new_tokens=8)
     print("\nsample answers (held-out):")
-    for r, a in zip(samples, answers):
-        print(f"  Q: {r.question:<45} gold: {r.answer:<12} model: {a.text}")
+    for r, text in zip(samples, _generated(model, samples)):
+        print(f"  Q: {r.question:<45} gold: {r.answer:<12} model: {text}")
     control = _shuffled_image_control(model, test_records, seed)
     chance = {r.meta["question_type"]: 1 / len(r.choices) for r in test_records}
     print("\nheld-out accuracy by question type; control: the same questions with the images shuffled among them")
@@ -134,16 +137,21 @@ def run_demo(out_dir: str | Path = "checkpoints/demo", n_train: int = 360, n_tes
     return {"metrics": metrics, "by_type": by_type, "control": control, "seconds": time.time() - t0}
 
 
-def _shuffled_image_control(model, records: list[VQARecord], seed: int) -> dict[str, float]:
+def _generated(model: Any, records: Sequence[VQARecord], batch_size: int = 32) -> list[str]:
+    """Generated answers (at most ``SAMPLE_TOKENS`` new tokens) through the one answering loop."""
+    from .inference import answer_records
+
+    rows = answer_records(model, records, [None] * len(records), batch_size, {"max_new_tokens": SAMPLE_TOKENS},
+                          progress=False)
+    return [row["prediction"] for row in rows]  # type: ignore[index]  (no on_error: a bad image raises)
+
+
+def _shuffled_image_control(model: Any, records: list[VQARecord], seed: int) -> dict[str, float]:
     """Accuracy when each question gets another item's image: near chance if the answers really come from the image."""
     images = [r.image for r in records]
     random.Random(seed).shuffle(images)
-    rows = []
-    for i in range(0, len(records), 32):
-        batch = records[i:i + 32]
-        answers = model.answer(images[i:i + 32], [r.question for r in batch], max_new_tokens=8)
-        rows += [(r.meta["question_type"], a.text, r.answer) for r, a in zip(batch, answers)]
-    return _by_type(rows)
+    swapped = [dataclasses.replace(r, image=image) for r, image in zip(records, images)]
+    return _by_type([(r.meta["question_type"], text, r.answer) for r, text in zip(records, _generated(model, swapped))])
 
 
 def _accuracy_by_type(predictions: Path) -> dict[str, float]:

@@ -17,11 +17,12 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
 
+from .errors import PrefixVQAError
 from .fileio import atomic_write
 
 if TYPE_CHECKING:
@@ -29,13 +30,22 @@ if TYPE_CHECKING:
 
     from .model import Answer, MedVQAAdapter
 
-__all__ = ["Grounding", "grounding_map", "overlay", "explain", "METHODS"]
+__all__ = ["Grounding", "grounding_map", "overlay", "explain", "png_bytes", "METHODS", "ExplainMethod", "ExplainError"]
 
-METHODS = ("occlusion", "grad_x_input")
+#: The attribution methods (module docstring); the one spelling that validation and the CLI's choices read.
+ExplainMethod = Literal["occlusion", "grad_x_input"]
+METHODS: tuple[str, ...] = get_args(ExplainMethod)
+
+
+class ExplainError(PrefixVQAError, ValueError):
+    """A grounding map that cannot be made as asked (unknown method, features without a square patch grid)."""
 
 
 @dataclass
 class Grounding:
+    """A grounding map and what it explains: the heatmap over the image, the answer it attributes, the method, and
+    the image as loaded, so :func:`overlay` can draw it without loading the image again."""
+
     heatmap: np.ndarray  # (g, g) in [0, 1], row-major over the image
     answer: "Answer"
     method: str
@@ -60,18 +70,18 @@ def _feature_grid(n: int, keep_cls: bool) -> tuple[int, int]:
     start = 1 if keep_cls else 0
     side = math.isqrt(n - start)
     if side * side != n - start or side < 2:
-        raise ValueError(f"grad_x_input needs a square grid of patch features; the encoder gives {n} token(s) "
+        raise ExplainError(f"grad_x_input needs a square grid of patch features; the encoder gives {n} token(s) "
                          f"(use method='occlusion')")
     return start, side
 
 
 def grounding_map(model: "MedVQAAdapter", image: Any, question: str, answer: "Answer | str | None" = None, *,
-                  method: str = "occlusion", grid: int = 8, view: dict | None = None,
+                  method: ExplainMethod = "occlusion", grid: int = 8, view: dict | None = None,
                   max_new_tokens: int | None = None) -> Grounding:
     """Heatmap of how much the answer depended on each image region: the `answer` already given (so the map explains
     what was printed, beams and all), else one generated here."""
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ExplainError(f"method must be one of {METHODS}, got {method!r}")
     proc = model.processor
     pil = proc.load_image(image, view)
     pixels = proc.transform(pil).unsqueeze(0)  # (1, 3, H, W)
@@ -134,6 +144,7 @@ def overlay(image: "Image.Image", heatmap: np.ndarray, alpha: float = 0.45) -> "
 
 
 def png_bytes(image: "Image.Image") -> bytes:
+    """An image as PNG bytes in memory: what the web app sends for an overlay, no file written."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()

@@ -11,6 +11,9 @@ reads the same cached features for every slot). Retrieval never returns the quer
 has the same content (hash of bytes and view) as the query's. Among several questions on one pool image, the one
 sharing most words with the query question is used, and each shot image appears once; the most similar shot is
 placed last, next to the query.
+
+Answering after the shots is the one answering loop's job (`inference.answer_records` with ``retriever=`` and
+``shots=``); this module only picks the shots.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+from .errors import PrefixVQAError
 
 if TYPE_CHECKING:
     from .data.cache import FeatureCache
@@ -29,7 +34,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShotRetriever", "feature_cache", "predict_with_shots"]
+__all__ = ["ShotRetriever", "ShotPoolError", "feature_cache"]
+
+
+class ShotPoolError(PrefixVQAError, ValueError):
+    """A shot pool or shot count that cannot give shots (no usable record, a negative count)."""
 
 
 def feature_cache(model: "MedVQAAdapter", root: str | Path | None = None) -> "FeatureCache":
@@ -50,7 +59,9 @@ def _words(text: str) -> set[str]:
 
 
 class ShotRetriever:
-    """Nearest pool records by image-feature cosine, excluding the query and its image."""
+    """Nearest pool records by image-feature cosine, excluding the query and its image. Built once per pool: every
+    pool image is encoded into the feature cache here, so retrieval and the shots' image slots read cached features.
+    A pool image that cannot be loaded is left out with a warning."""
 
     def __init__(self, model: "MedVQAAdapter", pool: Sequence["VQARecord"], *, cache: "FeatureCache | None" = None,
                  cache_dir: str | Path | None = None, batch_size: int = 32):
@@ -58,7 +69,7 @@ class ShotRetriever:
         self.cache = cache if cache is not None else feature_cache(model, cache_dir)
         usable = [r for r in pool if r.image is not None and r.answer is not None]
         if not usable:
-            raise ValueError("the shot pool has no records with an image and an answer")
+            raise ShotPoolError("the shot pool has no records with an image and an answer")
         failed: list[str] = []
         keys = self.cache.fill(model, usable, batch_size, on_error=lambda r, err: failed.append(f"{r.id}: {err}"))
         if failed:
@@ -78,17 +89,19 @@ class ShotRetriever:
 
     def query_keys(self, queries: Sequence["VQARecord"], batch_size: int = 32) -> list[str]:
         """Cache keys of the queries' images (encoding those not cached yet). A bad image raises, naming it."""
+        from .data.images import ImageLoadError
+
         keys = self.cache.fill(self.model, list(queries), batch_size)
         for record, key in zip(queries, keys):
             if key is None:
-                raise ValueError(f"record {record.id!r}: its image could not be loaded")
+                raise ImageLoadError(f"record {record.id!r}: its image could not be loaded")
         return list(keys)
 
     def retrieve(self, queries: Sequence["VQARecord"], k: int, keys: Sequence[str] | None = None
                  ) -> list[list["VQARecord"]]:
         """Per query, k pool records (fewer if the pool has fewer other images), least similar first."""
         if k < 0:
-            raise ValueError(f"shots must be >= 0, got {k}")
+            raise ShotPoolError(f"shots must be >= 0, got {k}")
         if k == 0 or not queries:
             return [[] for _ in queries]
         keys = list(keys) if keys is not None else self.query_keys(queries)
@@ -111,50 +124,3 @@ class ShotRetriever:
                 chosen[pool_key] = j
             out.append([self.pool[j] for j in reversed(list(chosen.values()))])
         return out
-
-
-def predict_with_shots(model: "MedVQAAdapter", records: Sequence["VQARecord"], plan: Sequence[list[str] | None],
-                       retriever: ShotRetriever, k: int, batch_size: int, generation: Mapping[str, Any],
-                       progress: bool = True) -> list[dict[str, Any]]:
-    """Rows like `eval.runner.predict`'s (plus `shot_ids`), each query answered after its k retrieved shots. Every
-    image slot (shots' and query's) is filled from the cached features."""
-    from tqdm.auto import tqdm
-
-    from .eval.runner import generated_row, scored_row
-
-    query_keys = retriever.query_keys(records)
-    shots = retriever.retrieve(records, k, query_keys)
-    key_of = dict(zip((id(r) for r in retriever.pool), retriever.keys))
-    proc = model.processor
-    rows: list[dict[str, Any]] = [{} for _ in records]
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=len(records), desc=f"evaluate ({k}-shot)", unit="item", disable=not progress) as bar:
-            for is_scored in (True, False):
-                todo = [i for i, c in enumerate(plan) if (c is not None) == is_scored]
-                for start in range(0, len(todo), batch_size):
-                    batch = todo[start:start + batch_size]
-                    pairs = [[(s.question, s.answer) for s in shots[i]] for i in batch]
-                    slots = [key for i in batch for key in [key_of[id(s)] for s in shots[i]] + [query_keys[i]]]
-                    features = retriever.features(slots).to(model.device)  # one row per image slot, in order
-
-                    def sample(i: int, p: list, answer: str | None) -> Any:
-                        r = records[i]
-                        return proc.tokenize(r.question, answer, p, r.id, r.choices or (), history=r.history,
-                                             position=r.image_position)
-
-                    tensors = proc.pad([sample(i, p, None) for i, p in zip(batch, pairs)], "left", labels=False)
-                    if is_scored:
-                        samples = [[sample(i, p, c) for c in plan[i]] for i, p in zip(batch, pairs)]
-                        for i, loglik in zip(batch, model.score(tensors, samples, features=features)):
-                            rows[i] = scored_row(plan[i], loglik, model.calibration)
-                    else:
-                        for i, a in zip(batch, model.generate(**tensors, features=features, **generation)):
-                            rows[i] = generated_row(a)
-                    for i in batch:
-                        rows[i]["shot_ids"] = [s.id for s in shots[i]]
-                    bar.update(len(batch))
-    finally:
-        model.train(was_training)
-    return rows

@@ -1,9 +1,9 @@
 """Answers for records without gold answers (new images), written as JSONL with confidences.
 
-Each record is answered as an evaluation under the given protocol would answer it (`eval.runner.plan_items`; with
-``closed_mode="score"`` a closed question's choices, or yes/no, are ranked by likelihood), with the same batching and
-image loading,
-and below an optional threshold the answer is "uncertain" (the guess is kept in ``guess``).
+Each record is answered as an evaluation under the given protocol would answer it (`eval.protocols.plan_items`;
+with ``closed_mode="score"`` a closed question's choices, or yes/no, are ranked by likelihood), through the same
+answering loop (`inference.answer_records`), and below an optional threshold the answer is "uncertain" (the guess is
+kept in ``guess``; the rule is `calibration.abstain`'s).
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .calibration import UNCERTAIN
+from .calibration import UNCERTAIN, abstains, abstention_threshold
 from .fileio import atomic_write
 
 if TYPE_CHECKING:
     from .data.records import VQARecord
+    from .eval.protocols import ClosedMode
     from .model import MedVQAAdapter
 
 __all__ = ["predict_records", "write_predictions", "load_unlabeled"]
@@ -34,22 +35,23 @@ def load_unlabeled(spec: Any, split: str | None = None) -> list["VQARecord"]:
 
 
 def predict_records(model: "MedVQAAdapter", records: Sequence["VQARecord"], *, protocol: str = "llava_med",
-                    closed_mode: str | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
+                    closed_mode: "ClosedMode | None" = None, batch_size: int = 8, max_new_tokens: int | None = None,
                     abstain_below: float | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """One output row per record: id, image, question, answer (or "uncertain"), guess, confidence (calibrated when
-    the adapter is), raw confidence, how it was answered, candidates and their probabilities when ranked."""
-    from .eval.protocols import get_protocol
-    from .eval.runner import plan_items, predict
+    the adapter is), raw confidence, how it was answered, candidates and their probabilities when ranked.
+    ``abstain_below`` defaults to the adapter calibration's threshold (`calibration.abstention_threshold`)."""
+    from .eval.protocols import get_protocol, plan_items
+    from .inference import answer_records
 
-    if abstain_below is None and model.calibration is not None:
-        abstain_below = model.calibration.threshold
+    threshold = abstention_threshold(abstain_below, model.calibration)
     records = list(records)
     plan = plan_items(records, get_protocol(protocol), closed_mode)
-    rows = predict(model, records, plan, batch_size, {"max_new_tokens": max_new_tokens}, progress)
+    rows = answer_records(model, records, plan, batch_size, {"max_new_tokens": max_new_tokens}, progress)
     out = []
     for record, row in zip(records, rows):
+        assert row is not None  # no on_error: a bad image raises
         conf = row["confidence"]
-        abstained = abstain_below is not None and conf < abstain_below
+        abstained = abstains(conf, threshold)
         image = record.meta.get("image_name") or (str(record.image) if isinstance(record.image, (str, os.PathLike))
                                                   else None)
         out.append({"id": record.id, "image": image, "question": record.question,

@@ -254,3 +254,49 @@ def test_eval_cli_calibrates_saves_and_retrieves_shots(calibrated_setup, tmp_pat
     assert main(["eval", "--adapter", str(folder), "--data", str(files["test"]), "--out", str(out),
                  "--shots", "1"]) == 2
     assert "shares 24 record(s) with the evaluated data" in capsys.readouterr().err
+
+
+def test_abstention_has_one_rule():
+    from prefixvqa.calibration import (UNCERTAIN, CalibrationError, abstain, abstains, abstention_threshold,
+                                       check_threshold)
+    from prefixvqa.errors import PrefixVQAError
+    from prefixvqa.model import Answer
+
+    cal = Calibration(threshold=0.6)
+    assert abstention_threshold(None, None) is None and abstention_threshold(None, cal) == 0.6
+    assert abstention_threshold(0.2, cal) == 0.2  # the caller's wins over the calibration's default
+    with pytest.raises(CalibrationError, match="--abstain-below must be a confidence in"):
+        abstention_threshold(1.5, cal, "--abstain-below")
+    assert issubclass(CalibrationError, PrefixVQAError) and issubclass(CalibrationError, ValueError)
+    assert check_threshold(0) == 0.0
+    assert abstains(0.5, 0.6) and not abstains(0.6, 0.6) and not abstains(0.1, None) and not abstains(None, 0.6)
+    answer = Answer("yes", -1.0, 2, 0.4)
+    held = abstain(answer, 0.5)
+    assert (held.text, held.guess, held.abstained, held.confidence) == (UNCERTAIN, "yes", True, 0.4)
+    assert abstain(answer, 0.3) is answer and abstain(answer, None) is answer
+    # --abstain-below on an adapter's calibration: same temperatures, another default threshold
+    fitted = Calibration(2.0, 0.5, None, {"items": 3})
+    assert fitted.with_threshold(0.7) == Calibration(2.0, 0.5, 0.7, {"items": 3})
+    assert fitted.with_threshold(None) is fitted
+
+
+def test_a_calibration_fitted_on_the_evaluated_items_is_refused(calibrated_setup, tmp_path):
+    """The rule lives in the library, so Python callers get it as the CLI does."""
+    from prefixvqa.eval.errors import DataOverlapError
+    from prefixvqa.eval.runner import evaluate, fit_calibration_on
+
+    model, sets, _ = calibrated_setup
+    val, test = sets["val"][:8], sets["test"][:4]
+    cal = fit_calibration_on(model, val, "llava_med", batch_size=8, max_new_tokens=2, progress=False)
+    assert cal.fitted_ids == {r.id for r in val}
+    for calibration in (cal, cal.with_threshold(0.5)):
+        with pytest.raises(DataOverlapError, match="the calibration set shares 2 record"):
+            evaluate(model, val[:2] + test, "llava_med", tmp_path / "x", calibration=calibration, progress=False)
+    assert not (tmp_path / "x").exists()  # refused before anything ran
+    with pytest.raises(DataOverlapError, match="the calibration set shares 3 record"):  # before fitting, on request
+        fit_calibration_on(model, val, "llava_med", evaluated=val[:3] + test, progress=False)
+    # the ids stay in memory: the saved file carries provenance, and a reloaded calibration is not refused
+    saved = json.loads(cal.save(tmp_path).read_text())
+    assert "fitted_ids" not in saved and Calibration.load(tmp_path) == cal
+    evaluate(model, val[:2], "llava_med", tmp_path / "y", calibration=Calibration.load(tmp_path), max_new_tokens=2,
+             progress=False, plots=False)

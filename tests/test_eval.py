@@ -204,7 +204,7 @@ def test_report_protocol_writes_the_bleu_signature(trained, tmp_path):
 
 def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
-    from prefixvqa.eval.runner import _plots
+    from prefixvqa.eval.plots import result_plots as _plots
     from prefixvqa.eval.sweep import plot_learning_curve
     from prefixvqa.train.trainer import plot_history
 
@@ -271,3 +271,22 @@ def test_protocols_answer_as_their_source_did(name, mode):
     protocol = P.get_protocol(name)
     assert protocol.closed_mode == mode
     assert ("generation" in protocol.description) == (mode == "generate")
+
+
+def test_closed_mode_values_are_spelled_once():
+    from prefixvqa.eval.errors import EvaluationError
+    from prefixvqa.eval.protocols import CLOSED_MODES, ClosedMode, plan_items
+    from prefixvqa.eval.runner import plan_items as runner_plan_items
+    from typing import get_args
+
+    assert CLOSED_MODES == get_args(ClosedMode) == ("score", "generate")
+    assert runner_plan_items is plan_items
+    records = [VQARecord("c", None, "is there a lesion?", "yes", "closed"), VQARecord("o", None, "what?", "x", "open")]
+    assert plan_items(records, P.get_protocol("llava_med"), "score") == [["yes", "no"], None]
+    assert plan_items(records, P.get_protocol("llava_med")) == [None, None]
+    with pytest.raises(EvaluationError, match="closed_mode must be one of 'score', 'generate'"):
+        plan_items(records, P.get_protocol("llava_med"), "rank")
+    with pytest.raises(EvaluationError, match="closed_mode"):
+        P.get_protocol("llava_med", closed_mode="rank")
+    with pytest.raises(KeyError, match="unknown protocol"):
+        P.get_protocol("nope")

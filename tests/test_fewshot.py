@@ -126,3 +126,20 @@ def test_k_shot_beats_zero_shot_with_retrieved_shots(tmp_path):
                                                  for s in row["shot_ids"])
     manifest = json.loads((tmp_path / "2shot" / "manifest.json").read_text())
     assert manifest["run"]["shots"]["k"] == 2 and manifest["run"]["shots"]["pool_items"] == 12
+
+
+def test_a_shot_pool_sharing_evaluated_records_is_refused(tiny_decoders, tmp_path):
+    """The rule lives in the library (`evaluate`), so Python callers get it as the CLI does."""
+    from prefixvqa.config import AdapterConfig
+    from prefixvqa.errors import PrefixVQAError
+    from prefixvqa.eval.errors import DataOverlapError
+    from prefixvqa.eval.runner import evaluate
+    from prefixvqa.model import MedVQAAdapter
+    from prefixvqa.testing import tiny_overrides
+
+    model = MedVQAAdapter(AdapterConfig().replace(**tiny_overrides(tiny_decoders["gpt2"]))).eval()
+    records = colour_records(tmp_path / "data", 4, 0, dict(zip(COLOURS, ORGANS)), "r")
+    with pytest.raises(DataOverlapError, match="the shot pool shares 2 record") as caught:
+        evaluate(model, records, "llava_med", tmp_path / "out", shots=1, shot_pool=records[2:], progress=False)
+    assert isinstance(caught.value, PrefixVQAError) and isinstance(caught.value, ValueError)
+    assert not (tmp_path / "out").exists()  # refused before any shot was retrieved or answer written

@@ -137,10 +137,17 @@ def test_multiple_choice_accuracy():
 
 
 def test_registry():
-    assert M.ITEM_METRICS["closed_substring"]("normal", "no") == 1.0
-    assert M.ITEM_METRICS["closed_strict"]("normal", "no") == 0.0
-    assert M.ITEM_METRICS["bleu1"]("left lung", "left lung") == 1.0
-    assert M.CORPUS_METRICS["bleu2"](["a b c"], ["a b c"]) == 1.0
+    # the one metric registry: the protocols' (item metrics take a record and a prediction row)
+    from prefixvqa.data.records import VQARecord
+    from prefixvqa.eval.protocols import CORPUS_FUNCS, ITEM_FUNCS
+
+    def item(name: str, pred: str, gold: str) -> float | None:
+        return ITEM_FUNCS[name](VQARecord("q", None, "is it normal?", gold, "closed"), {"prediction": pred})
+
+    assert item("closed_accuracy_substring", "normal", "no") == 1.0
+    assert item("closed_accuracy_strict", "normal", "no") == 0.0
+    assert item("bleu1", "left lung", "left lung") == 1.0
+    assert CORPUS_FUNCS["bleu2"](["a b c"], ["a b c"]) == 1.0
 
 
 # -------------------------------------------------------------------------------------------------------------- BLEU

@@ -26,9 +26,11 @@ import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, Union
+from typing import Any, Callable, Literal, Sequence, Union, get_args
 
 import numpy as np
+
+from .errors import EvaluationError
 
 __all__ = [
     "normalize_answer",
@@ -49,15 +51,15 @@ __all__ = [
     "default_similarity_model_path",
     "multiple_choice_accuracy",
     "bootstrap_ci",
-    "ITEM_METRICS",
-    "CORPUS_METRICS",
+    "MatchMode",
 ]
 
 _INSTALL_HINT = "pip install 'prefixvqa[eval]'"
 
 Tokenizer = Union[Literal["words", "none"], Callable[[str], Sequence[str]]]
 Smoothing = Literal["none", "floor", "add-k", "exp"]
-ClosedMode = Literal["strict", "substring"]
+#: How a closed answer is matched against its gold (see :func:`closed_match`).
+MatchMode = Literal["strict", "substring"]
 
 
 def _require(module: str, package: str | None = None) -> Any:
@@ -73,9 +75,9 @@ def _require(module: str, package: str | None = None) -> Any:
 def _check_pairs(preds: Sequence[Any], golds: Sequence[Any]) -> None:
     """Corpus metrics need equally long, non-empty inputs."""
     if len(preds) != len(golds):
-        raise ValueError(f"got {len(preds)} predictions but {len(golds)} references")
+        raise EvaluationError(f"got {len(preds)} predictions but {len(golds)} references")
     if len(preds) == 0:
-        raise ValueError("no items to score")
+        raise EvaluationError("no items to score")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -200,7 +202,7 @@ def exact_match(pred: str, gold: str) -> float:
     return float(normalize_answer(pred) == normalize_answer(gold))
 
 
-def closed_match(pred: str, gold: str, mode: ClosedMode = "strict") -> float:
+def closed_match(pred: str, gold: str, mode: MatchMode = "strict") -> float:
     """Per-item closed-question correctness (1.0 / 0.0) on normalised strings ``p``, ``g``.
 
     * ``"strict"`` (default): if ``g`` is "yes" or "no", correct iff the *first token* of ``p`` equals ``g``
@@ -216,13 +218,13 @@ def closed_match(pred: str, gold: str, mode: ClosedMode = "strict") -> float:
     if mode == "substring":
         return float(g in p)
     if mode != "strict":
-        raise ValueError(f"mode must be 'strict' or 'substring', got {mode!r}")
+        raise EvaluationError(f"mode must be one of {get_args(MatchMode)}, got {mode!r}")
     if g in ("yes", "no"):
         return float(p.split(" ", 1)[0] == g)
     return float(p == g)
 
 
-def closed_accuracy(preds: Sequence[str], golds: Sequence[str], mode: ClosedMode = "strict") -> float:
+def closed_accuracy(preds: Sequence[str], golds: Sequence[str], mode: MatchMode = "strict") -> float:
     """Mean of :func:`closed_match` over items (LLaVA-Med "closed accuracy"; see there for both modes)."""
     _check_pairs(preds, golds)
     return sum(closed_match(p, g, mode) for p, g in zip(preds, golds)) / len(golds)
@@ -278,7 +280,7 @@ def _tokenizer(tokenize: Tokenizer) -> Callable[[str], Sequence[str]]:
         return word_tokens
     if tokenize == "none":
         return str.split
-    raise ValueError(f"tokenize must be 'words', 'none' or a callable, got {tokenize!r}")
+    raise EvaluationError(f"tokenize must be 'words', 'none' or a callable, got {tokenize!r}")
 
 
 def _as_ref_list(ref: str | Sequence[str]) -> Sequence[str]:
@@ -300,9 +302,9 @@ def _bleu_scorer(n: int, smoothing: Smoothing, smooth_value: float | None, effec
     ``force`` silences its "forgot to detokenize?" warning, which is about exactly this, on purpose.
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise EvaluationError(f"n must be >= 1, got {n}")
     if smoothing not in ("none", "floor", "add-k", "exp"):
-        raise ValueError(f"unknown smoothing {smoothing!r}")
+        raise EvaluationError(f"unknown smoothing {smoothing!r}")
     sacrebleu = _require("sacrebleu.metrics", "sacrebleu")
     return sacrebleu.BLEU(tokenize="none", max_ngram_order=n, smooth_method=smoothing, smooth_value=smooth_value,
                           effective_order=effective_order, force=True, references=references)
@@ -316,7 +318,7 @@ def _tokenised(preds: Sequence[str], refs: Sequence[str | Sequence[str]],
     ref_lists = [[" ".join(tok(r)) for r in _as_ref_list(rs)] for rs in refs]
     empty = [i for i, rs in enumerate(ref_lists) if not rs]
     if empty:
-        raise ValueError(f"item {empty[0]} has no reference")
+        raise EvaluationError(f"item {empty[0]} has no reference")
     return [" ".join(tok(p)) for p in preds], ref_lists
 
 
@@ -377,7 +379,7 @@ def bleu_signature(*, smoothing: Smoothing = "none", smooth_value: float | None 
     n-gram order is not part of sacrebleu's signature: it is in the metric's name (``bleu1``, ``bleu4``).
     """
     if nrefs < 1:
-        raise ValueError(f"nrefs must be >= 1, got {nrefs}")
+        raise EvaluationError(f"nrefs must be >= 1, got {nrefs}")
     _tokenizer(tokenize)  # validates
     # sacrebleu learns the number of references from references it is given; placeholder text will do
     signature = str(_bleu_scorer(4, smoothing, smooth_value, effective_order, [["x"]] * nrefs).get_signature())
@@ -502,7 +504,7 @@ def bert_similarity(preds: Sequence[str], refs: Sequence[str], model_path: str |
     ``{"precision": [...], "recall": [...], "f1": [...]}``. Values depend on the encoder, so report which one.
     """
     if len(preds) != len(refs):
-        raise ValueError(f"got {len(preds)} predictions but {len(refs)} references")
+        raise EvaluationError(f"got {len(preds)} predictions but {len(refs)} references")
     torch = _require("torch")
     path = Path(model_path) if model_path is not None else default_similarity_model_path()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -564,43 +566,22 @@ def bootstrap_ci(data: Sequence[float] | Sequence[Sequence[Any]], metric: Callab
     resamples. Quantiles use numpy's default (linear) interpolation.
     """
     if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        raise EvaluationError(f"alpha must be in (0, 1), got {alpha}")
     if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+        raise EvaluationError(f"n_resamples must be >= 1, got {n_resamples}")
     if metric is None:
         scores = np.asarray(data, dtype=np.float64)
         if scores.ndim != 1 or scores.size == 0:
-            raise ValueError("per-item scores must be a non-empty 1-D sequence")
+            raise EvaluationError("per-item scores must be a non-empty 1-D sequence")
         point = float(scores.mean())
         stats = np.concatenate([scores[idx].mean(axis=1) for idx in _resample_indices(scores.size, n_resamples, seed)])
     else:
         columns = [list(col) for col in data]
         n = len(columns[0]) if columns else 0
         if n == 0 or any(len(col) != n for col in columns):
-            raise ValueError("columns must be non-empty and equally long")
+            raise EvaluationError("columns must be non-empty and equally long")
         point = float(metric(*columns))
         stats = np.array([metric(*[[col[i] for i in row] for col in columns])
                           for idx in _resample_indices(n, n_resamples, seed) for row in idx], dtype=np.float64)
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return point, float(low), float(high)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------------------------------
-
-#: Per-item metrics ``(prediction, gold) -> float`` (average them, or feed them to :func:`bootstrap_ci`).
-ITEM_METRICS: dict[str, Callable[[str, str], float]] = {
-    "exact_match": exact_match,
-    "closed_strict": functools.partial(closed_match, mode="strict"),
-    "closed_substring": functools.partial(closed_match, mode="substring"),
-    "open_recall": open_recall,
-    "token_f1": token_f1,
-    "rouge_l": rouge_l,
-    "bleu1": lambda pred, gold: sentence_bleu([pred], [gold], n=1)[0],
-}
-
-#: Corpus metrics ``(predictions, references) -> float`` (use with :func:`bootstrap_ci` as ``(preds, refs), fn``).
-CORPUS_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
-    f"bleu{k}": functools.partial(bleu, n=k) for k in range(1, 5)
-}

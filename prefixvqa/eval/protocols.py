@@ -26,14 +26,24 @@ import dataclasses
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence, get_args
 
 from ..prompts import strip_choice_letter
 from . import metrics as M
+from .errors import EvaluationError, UnknownProtocolError
 
 __all__ = [
     "Protocol",
     "PROTOCOLS",
+    "ClosedMode",
+    "CLOSED_MODES",
+    "Candidates",
+    "CANDIDATE_POLICIES",
+    "check_closed_mode",
+    "plan_items",
+    "ITEM_FUNCS",
+    "BATCHED_ITEM_METRICS",
+    "CORPUS_FUNCS",
     "METRIC_LABELS",
     "register_protocol",
     "get_protocol",
@@ -45,10 +55,17 @@ __all__ = [
     "gold_choice_index",
     "item_scores",
     "compute_metrics",
+    "BREAKDOWN_FIELDS",
+    "breakdowns",
 ]
 
+#: How closed questions are answered: "score" ranks candidates by likelihood, "generate" generates freely. The one
+#: spelling of these values: validation, the CLI's ``choices=`` and the docs read ``CLOSED_MODES``.
 ClosedMode = Literal["score", "generate"]
+CLOSED_MODES: tuple[str, ...] = get_args(ClosedMode)
+#: Which candidates a scored closed question ranks (see :func:`candidates_for`).
 Candidates = Literal["auto", "yes_no", "choices"]
+CANDIDATE_POLICIES: tuple[str, ...] = get_args(Candidates)
 Prediction = Mapping[str, Any]  # one row of predictions.jsonl: at least "prediction"; "choice_index" when scored
 
 YES_NO = ("yes", "no")
@@ -146,8 +163,7 @@ def candidates_for(record: Any, policy: Candidates = "auto") -> list[str] | None
     else ["yes", "no"] for a yes/no question; otherwise None, and the answer is generated. The gold answer is never
     consulted.
     """
-    if policy not in ("auto", "yes_no", "choices"):
-        raise ValueError(f"candidates must be 'auto', 'yes_no' or 'choices', got {policy!r}")
+    _check_candidates(policy)
     if policy == "yes_no":
         return list(YES_NO)
     if record.choices:
@@ -158,6 +174,19 @@ def candidates_for(record: Any, policy: Candidates = "auto") -> list[str] | None
     if options:
         return options
     return list(YES_NO) if is_yes_no_question(record.question) else None
+
+
+def check_closed_mode(mode: str) -> ClosedMode:
+    """``mode`` if it is one of ``CLOSED_MODES``; else an EvaluationError listing them."""
+    if mode not in CLOSED_MODES:
+        raise EvaluationError(f"closed_mode must be one of {', '.join(map(repr, CLOSED_MODES))}, got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def _check_candidates(policy: str) -> None:
+    if policy not in CANDIDATE_POLICIES:
+        raise EvaluationError(f"candidates must be one of {', '.join(map(repr, CANDIDATE_POLICIES))}, got "
+                              f"{policy!r}")
 
 
 _LETTER = re.compile(r"^\(?([A-Za-z])[).:]?$")
@@ -192,7 +221,7 @@ def gold_choice_index(record: Any) -> int | None:
 ItemMetric = Callable[[Any, Prediction], "float | None"]
 
 
-def _closed_only(mode: M.ClosedMode) -> ItemMetric:
+def _closed_only(mode: M.MatchMode) -> ItemMetric:
     def fn(record: Any, pred: Prediction) -> float | None:
         return M.closed_match(pred["prediction"], record.answer, mode) if answer_type_of(record) == "closed" else None
     return fn
@@ -216,6 +245,9 @@ def _llava_primary(record: Any, pred: Prediction) -> float | None:
     return M.open_recall(pred["prediction"], record.answer)
 
 
+#: The metric registry. Per-item metrics ``(record, prediction row) -> score or None`` by name (the names protocols
+#: list and metrics.json reports); ``BATCHED_ITEM_METRICS`` are per-item too but need one model pass over all items
+#: (see :func:`item_scores`); ``CORPUS_FUNCS`` ``(predictions, references) -> score`` on the whole set.
 ITEM_FUNCS: dict[str, ItemMetric] = {
     "closed_accuracy_strict": _closed_only("strict"),
     "closed_accuracy_substring": _closed_only("substring"),
@@ -231,6 +263,9 @@ ITEM_FUNCS: dict[str, ItemMetric] = {
     "llava_primary": _llava_primary,
 }
 BATCHED_ITEM_METRICS = ("bert_f1",)  # need one model pass over all items, see item_scores
+CORPUS_FUNCS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
+    f"bleu{k}": functools.partial(M.bleu, n=k) for k in range(1, 5)
+}
 
 
 @dataclass(frozen=True)
@@ -260,20 +295,21 @@ class Protocol:
         known = set(ITEM_FUNCS) | set(BATCHED_ITEM_METRICS)
         unknown = [m for m in (*self.item_metrics, self.primary) if m not in known]
         if unknown:
-            raise ValueError(f"protocol {self.name!r}: unknown item metric(s) {unknown}; known: {sorted(known)}")
-        bad = [m for m in self.corpus_metrics if not re.fullmatch(r"bleu[1-4]", m)]
+            raise EvaluationError(f"protocol {self.name!r}: unknown item metric(s) {unknown}; known: "
+                                  f"{sorted(known)}")
+        bad = [m for m in self.corpus_metrics if m not in CORPUS_FUNCS]
         if bad:
-            raise ValueError(f"protocol {self.name!r}: unknown corpus metric(s) {bad}; use bleu1..bleu4")
-        if self.closed_mode not in ("score", "generate"):
-            raise ValueError(f"closed_mode must be 'score' or 'generate', got {self.closed_mode!r}")
+            raise EvaluationError(f"protocol {self.name!r}: unknown corpus metric(s) {bad}; use bleu1..bleu4")
+        check_closed_mode(self.closed_mode)
         unknown = [m for m in self.upstream_metrics if m not in ITEM_FUNCS]
         if unknown:
-            raise ValueError(f"protocol {self.name!r}: unknown upstream metric(s) {unknown}")
-        if self.candidates not in ("auto", "yes_no", "choices"):
-            raise ValueError(f"candidates must be 'auto', 'yes_no' or 'choices', got {self.candidates!r}")
+            raise EvaluationError(f"protocol {self.name!r}: unknown upstream metric(s) {unknown}")
+        _check_candidates(self.candidates)
 
     @property
     def all_item_metrics(self) -> tuple[str, ...]:
+        """Every per-item metric this protocol computes (listed, upstream variants, primary), each once, in order:
+        the columns of the breakdown tables."""
         return tuple(dict.fromkeys((*self.item_metrics, *self.upstream_metrics, self.primary)))
 
     def settings(self) -> dict[str, Any]:
@@ -294,12 +330,13 @@ TOKEN_ID_METRICS = ("token_f1_upstream",)
 def register_protocol(protocol: Protocol, *, overwrite: bool = False) -> Protocol:
     """Add a protocol to the registry (by name); refuse to replace one silently."""
     if protocol.name in PROTOCOLS and not overwrite:
-        raise ValueError(f"protocol {protocol.name!r} is already registered (pass overwrite=True)")
+        raise EvaluationError(f"protocol {protocol.name!r} is already registered (pass overwrite=True)")
     PROTOCOLS[protocol.name] = protocol
     return protocol
 
 
 def list_protocols() -> list[str]:
+    """Registered protocol names, sorted: what the CLI offers and error messages list."""
     return sorted(PROTOCOLS)
 
 
@@ -313,7 +350,7 @@ def get_protocol(protocol: str | Protocol, **options: Any) -> Protocol:
         options["upstream_metrics"] = ()
     if isinstance(protocol, str):
         if protocol not in PROTOCOLS:
-            raise KeyError(f"unknown protocol {protocol!r}; registered: {list_protocols()}")
+            raise UnknownProtocolError(f"unknown protocol {protocol!r}; registered: {list_protocols()}")
         protocol = PROTOCOLS[protocol]
     return dataclasses.replace(protocol, **options) if options else protocol
 
@@ -340,6 +377,23 @@ register_protocol(Protocol(
     bootstrap=True))
 
 
+def plan_items(records: Sequence[Any], protocol: Protocol, closed_mode: str | None = None) -> list[list[str] | None]:
+    """Per record, the candidates to score, or None to generate: the protocol's answering rule, made explicit (the
+    plan `inference.answer_records` follows). ``closed_mode`` overrides the protocol's."""
+    mode = check_closed_mode(closed_mode or protocol.closed_mode)
+    if protocol.score_all and mode == "generate":
+        raise EvaluationError(f"protocol {protocol.name!r} ranks choices by likelihood; closed_mode='generate' would "
+                              "turn it into string matching")
+    plan: list[list[str] | None] = []
+    for record in records:
+        scored = protocol.score_all or (mode == "score" and answer_type_of(record) == "closed")
+        cands = candidates_for(record, protocol.candidates) if scored else None
+        if protocol.score_all and not cands:
+            raise EvaluationError(f"protocol {protocol.name!r}: record {record.id!r} has no choices to score")
+        plan.append(cands)
+    return plan
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # From predictions to numbers (pure)
 # --------------------------------------------------------------------------------------------------------------------
@@ -349,10 +403,10 @@ def item_scores(protocol: Protocol, records: Sequence[Any],
                 predictions: Sequence[Prediction]) -> list[dict[str, float]]:
     """Per-item scores: one dict per record with the item metrics that apply to it (``primary`` included)."""
     if len(records) != len(predictions):
-        raise ValueError(f"got {len(predictions)} predictions for {len(records)} records")
+        raise EvaluationError(f"got {len(predictions)} predictions for {len(records)} records")
     for record, pred in zip(records, predictions):
         if "id" in pred and str(pred["id"]) != str(record.id):
-            raise ValueError(f"prediction for {pred['id']!r} is aligned with record {record.id!r}")
+            raise EvaluationError(f"prediction for {pred['id']!r} is aligned with record {record.id!r}")
     names = protocol.all_item_metrics
     rows: list[dict[str, float]] = []
     for record, pred in zip(records, predictions):
@@ -368,6 +422,44 @@ def item_scores(protocol: Protocol, records: Sequence[Any],
         for row, value in zip(rows, f1):
             row["bert_f1"] = float(value)
     return rows
+
+
+#: Groupings of the breakdown tables: (field, title). Only those the data has are reported.
+BREAKDOWN_FIELDS: tuple[tuple[str, str], ...] = (
+    ("answer_type", "answer type"), ("question_type", "question type"), ("content_type", "content type"),
+    ("modality", "modality"), ("organ", "organ"), ("location", "location"),
+)
+
+
+def _group_value(record: Any, field: str) -> str | None:
+    value = answer_type_of(record) if field == "answer_type" else record.meta.get(field)
+    if value is None or value == "":
+        return None
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def breakdowns(protocol: Protocol, records: Sequence[Any], rows: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """{field: {value: {metric: mean, "n": count}}} for every breakdown field the data has: the per-group means
+    behind metrics.json's "breakdown", the report's tables and the per-type plot."""
+    out: dict[str, Any] = {}
+    for field, _ in BREAKDOWN_FIELDS:
+        groups: dict[str, list[int]] = {}
+        for i, record in enumerate(records):
+            value = _group_value(record, field)
+            if value is not None:
+                groups.setdefault(value, []).append(i)
+        if not groups:
+            continue
+        table = {}
+        for value, idx in sorted(groups.items()):
+            cell: dict[str, float] = {"n": len(idx)}
+            for name in protocol.all_item_metrics:
+                vals = [rows[i][name] for i in idx if name in rows[i]]
+                if vals:
+                    cell[name] = sum(vals) / len(vals)
+            table[value] = cell
+        out[field] = table
+    return out
 
 
 def _aggregate(protocol: Protocol, records: Sequence[Any], predictions: Sequence[Prediction],
@@ -386,7 +478,7 @@ def _aggregate(protocol: Protocol, records: Sequence[Any], predictions: Sequence
             out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
     preds, golds = [p["prediction"] for p in predictions], [r.answer for r in records]
     for name in protocol.corpus_metrics:
-        fn = functools.partial(M.bleu, n=int(name[-1]))
+        fn = CORPUS_FUNCS[name]
         if protocol.bootstrap:
             out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = M.bootstrap_ci(
                 (preds, golds), fn, n_resamples=protocol.n_resamples, seed=protocol.seed)
@@ -407,6 +499,6 @@ def compute_metrics(protocol: str | Protocol, records: Sequence[Any], prediction
     """
     protocol = get_protocol(protocol)
     if not records:
-        raise ValueError("no records to evaluate")
+        raise EvaluationError("no records to evaluate")
     rows = item_scores(protocol, records, predictions) if rows is None else rows
     return _aggregate(protocol, records, predictions, rows)

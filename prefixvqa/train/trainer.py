@@ -610,7 +610,7 @@ class Trainer:
         """Eval loss (mean over answers' batches), or accuracy: the evaluation's own way of answering (choices
         scored, the rest generated) and its answer normaliser. Records are sharded over ranks and summed."""
         from ..eval.metrics import exact_match
-        from ..eval.runner import predict
+        from ..inference import answer_records
 
         model, cfg = self.raw, self.cfg
         was = model.training
@@ -634,10 +634,10 @@ class Trainer:
                     recs = [self.eval_records[i] for i in idx]
                     keys = [data.cache_keys[i] for i in idx] if data.cache_keys is not None else None
                     with self.acc.autocast():
-                        rows = predict(model, recs, [r.choices or None for r in recs], size,
-                                       {"max_new_tokens": cfg.max_new_tokens}, progress=False,
-                                       num_workers=cfg.num_workers, cache=data.cache, cache_keys=keys,
-                                       on_error=self._bad_image)
+                        rows = answer_records(model, recs, [r.choices or None for r in recs], size,
+                                              {"max_new_tokens": cfg.max_new_tokens}, progress=False,
+                                              num_workers=cfg.num_workers, cache=data.cache, cache_keys=keys,
+                                              on_error=self._bad_image)
                     done = [(row, r) for row, r in zip(rows, recs) if row is not None]
                     total, count = sum(exact_match(row["prediction"], r.answer) for row, r in done), len(done)
         finally:
