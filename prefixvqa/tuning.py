@@ -5,6 +5,7 @@ the base decoder, run on a quantised base, merge into base weights, shard under 
 by default, which earlier curriculum stage it may follow) and its behaviour as methods (the peft config, how it wraps
 the decoder, where its virtual tokens go). Everything else asks the object (`config.tuning.method`); nothing compares
 mode names. The JSON keeps the name (`tuning.mode`), so adapter folders written before this module still load.
+`default_groups(cfg)` is the one rule for which parameter groups a model trains when nothing says otherwise.
 
 Adding a peft method is one subclass plus `@register`. Heavy imports (torch, peft) happen inside the methods, so the
 config layer can read the registry without them.

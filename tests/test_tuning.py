@@ -131,9 +131,11 @@ def test_dora_trains_saves_reloads_loads_in_peft_alone_and_merges(tiny_decoders,
     assert any(not torch.equal(m.lora_magnitude_vector["default"].weight, magnitude[id(m)]) for m in layers)
     model.eval()
 
-    # the inference paths do not fold DoRA into temporary weights (its magnitude is no additive delta)
-    with model._lora_merged():
+    # the inference paths do not fold DoRA into temporary weights (its magnitude is no additive delta); LoRA's are
+    lora = MedVQAAdapter(make_config(tiny_decoders[family], "lora")).eval()
+    with torch.no_grad(), model._lora_merged(), lora._lora_merged():
         assert not any(m.merged_adapters for m in layers)
+        assert all(m.merged_adapters for m in lora.decoder.modules() if isinstance(m, LoraLayer))
 
     # save -> strict reload: identical outputs
     batch = model.processor(IMAGES, QUESTIONS, ANSWERS)
@@ -180,5 +182,5 @@ def test_soft_prompts_are_refused_by_export_through_the_attribute(tiny_decoders,
         if method.mergeable:
             continue
         model = MedVQAAdapter(make_config(tiny_decoders["llama"], name))
-        with pytest.raises(ConfigError, match="soft prompts" if method.soft_prompt else "merge"):
+        with pytest.raises(ConfigError, match="soft prompts" if method.soft_prompt else "plain decoder weights"):
             export_merged(model, tmp_path / name)
