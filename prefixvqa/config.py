@@ -2,6 +2,12 @@
 
 Every field is plain JSON data so an adapter folder's `prefixvqa_config.json` is enough to rebuild the model.
 Validation happens in `__post_init__` so a bad combination fails where it is written, not deep inside a library.
+
+Each closed set of allowed values is spelled once, as a `typing.Literal` type that annotates its field: validation
+(`coerce`) reads it with `typing.get_args`, and the module-level tuples below (`MAPPER_KINDS`, `DTYPES`, ...) are
+what the CLI's `choices=` and the docs read. Open sets live in registries: tuning modes (`tuning.TUNING_MODES`),
+mapper capabilities (`mappers.MAPPERS`, whose names a test keeps equal to `MAPPER_KINDS`), prompt templates.
+This module stays import-light: torch loads only when a config naming a mapper kind is validated.
 """
 
 from __future__ import annotations
@@ -10,17 +16,30 @@ import json
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
+
 from .errors import ConfigError, PrefixVQAError  # noqa: F401 (ConfigError re-exported)
 from .tuning import DEFAULT_LORA_TARGETS, TUNING_MODES, TuningMode, get_tuning_mode  # noqa: F401 (re-exported)
 
-FEATURE_KINDS = ("pooled", "patches")
-MAPPER_KINDS = ("linear", "mlp", "mlp2x_gelu", "transformer", "resampler", "query_decoder")
-ACTIVATIONS = ("tanh", "gelu", "relu", "silu")
-QUANTIZATIONS = (None, "8bit", "4bit")
-DTYPES = ("float32", "bfloat16", "float16")
-IMAGE_POSITIONS = ("before_question", "after_question")
+FeatureKind = Literal["pooled", "patches"]  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)
+MapperKind = Literal["linear", "mlp", "mlp2x_gelu", "transformer", "resampler", "query_decoder"]
+Activation = Literal["tanh", "gelu", "relu", "silu"]
+Quantization = Literal["8bit", "4bit"]  # bitsandbytes LLM.int8 / NF4 (QLoRA); None = full precision
+DType = Literal["float32", "bfloat16", "float16"]
+ImagePosition = Literal["before_question", "after_question"]
+TemplateStart = Literal["tokenizer", "bos", "none"]
+TuningBias = Literal["none", "all", "lora_only"]  # peft LoraConfig.bias
+ParamGroup = Literal["encoder", "mapper", "lora", "decoder"]  # "lora" holds every peft tensor (LoRA or soft prompts)
 
+FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
+MAPPER_KINDS: tuple[str, ...] = get_args(MapperKind)
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+QUANTIZATIONS: tuple[str | None, ...] = (None, *get_args(Quantization))
+DTYPES: tuple[str, ...] = get_args(DType)
+IMAGE_POSITIONS: tuple[str, ...] = get_args(ImagePosition)
+TEMPLATE_STARTS: tuple[str, ...] = get_args(TemplateStart)
+TUNING_BIASES: tuple[str, ...] = get_args(TuningBias)
+PARAM_GROUPS: tuple[str, ...] = get_args(ParamGroup)
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -37,7 +56,20 @@ def _options(hint: Any) -> tuple[Any, ...]:
     return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
 
 
+def allowed_values(hint: Any) -> tuple[Any, ...] | None:
+    """The closed set a `Literal` (optionally `| None`) declares, in declaration order; None for open types."""
+    literals = [option for option in _options(hint) if typing.get_origin(option) is Literal]
+    if not literals:
+        return None
+    values = tuple(v for option in literals for v in get_args(option))
+    return values + ((None,) if type(None) in _options(hint) else ())
+
+
 def describe_type(hint: Any) -> str:
+    """A declared type in words ("an integer or null", "one of ['a', 'b']") for error messages."""
+    allowed = allowed_values(hint)
+    if allowed is not None:
+        return f"one of {list(allowed)}"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
     parts = []
     for option in _options(hint):
@@ -47,11 +79,16 @@ def describe_type(hint: Any) -> str:
     return " or ".join(parts)
 
 
+def _same(value: Any, allowed: Any) -> bool:
+    return value == allowed and type(value) is type(allowed)  # True is not 1, 1 is not 1.0
+
+
 def coerce(value: Any, hint: Any, where: str) -> Any:
     """``value`` as the declared type ``hint``, or a ConfigError naming ``where``.
 
     Only lossless conversions: an int where a float is declared, and a numeric string where a number is declared
-    (YAML 1.1 reads ``1e-3`` without a dot as a string). Booleans are never numbers.
+    (YAML 1.1 reads ``1e-3`` without a dot as a string). Booleans are never numbers. A `Literal` accepts exactly
+    its values (the one place each closed set of allowed values is spelled).
     """
     if hint is Any:
         return value
@@ -59,6 +96,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         origin, args = typing.get_origin(option), typing.get_args(option)
         if option is type(None) and value is None:
             return None
+        if origin is Literal and any(_same(value, a) for a in args):
+            return value
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
@@ -77,9 +116,13 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    if isinstance(value, bool) and str in _options(hint):
+    allowed = allowed_values(hint)
+    words = str in _options(hint) or any(isinstance(v, str) for v in allowed or ())
+    if isinstance(value, bool) and words:
         raise ConfigError(f"{where}={value!r}: expected {describe_type(hint)} (YAML reads an unquoted no/yes/off/on "
                           f"as a boolean: quote it, e.g. '{'yes' if value else 'no'}')")
+    if allowed is not None:
+        raise ConfigError(f"{where}={value!r} is not one of {list(allowed)}")
     raise ConfigError(f"{where}={value!r}: expected {describe_type(hint)}")
 
 
@@ -96,7 +139,7 @@ class EncoderConfig:
 
     name: str = "ViT-B-32"  # open_clip model name or "hf-hub:org/repo"
     pretrained: str | None = None
-    features: str = "pooled"  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)
+    features: FeatureKind = "pooled"  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)
     layer: int = -1  # transformer block whose patch tokens are used (-2 = LLaVA's penultimate layer)
     keep_cls: bool = False  # keep the class token in front of the patch tokens
     image_size: int | None = None  # force a different input resolution
@@ -106,7 +149,6 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "encoder")
-        _choice("encoder", "features", self.features, FEATURE_KINDS)
         _check(bool(self.name), "encoder.name must be an open_clip model name or an 'hf-hub:' id")
 
 
@@ -114,7 +156,7 @@ class EncoderConfig:
 class MapperConfig:
     """Features (B, N, D_v) -> prefix (B, L, E). `in_dim`/`out_dim` are filled from the encoder/decoder at build."""
 
-    kind: str = "mlp"
+    kind: MapperKind = "mlp"
     prefix_length: int = 8  # L for mlp/transformer/resampler/query_decoder; linear/mlp2x_gelu: one per input token
     hidden_dim: int | None = None  # mlp: first hidden width (default L*E/2); attention mappers: their width (E)
     depth: int = 2  # mlp: linear layers; attention mappers: layers
@@ -122,15 +164,13 @@ class MapperConfig:
     head_dim: int | None = None  # attention inner width per head; None -> width / heads (Flamingo's perceiver: 64)
     mlp_ratio: float = 4.0  # attention mappers' feed-forward width / model width (ClipCap 2, MedVInT 1)
     input_tokens: int | None = None  # transformer: tokens one pooled vector is expanded to (ClipCap's clip_length)
-    activation: str = "tanh"
+    activation: Activation = "tanh"
     dropout: float = 0.0
     in_dim: int | None = None
     out_dim: int | None = None
 
     def __post_init__(self) -> None:
         check_types(self, "mapper")
-        _choice("mapper", "kind", self.kind, MAPPER_KINDS)
-        _choice("mapper", "activation", self.activation, ACTIVATIONS)
         _check(self.prefix_length >= 1, f"mapper.prefix_length must be >= 1, got {self.prefix_length}")
         _check(self.depth >= 1, f"mapper.depth must be >= 1, got {self.depth}")
         _check(0.0 <= self.dropout < 1.0, f"mapper.dropout must be in [0, 1), got {self.dropout}")
@@ -151,15 +191,13 @@ class DecoderConfig:
     gguf_file: str | None = None
     model_config: dict[str, Any] | None = None
     tokenizer: str | None = None  # tokenizer source when it differs from `name`
-    dtype: str = "float32"
-    quantization: str | None = None
+    dtype: DType = "float32"
+    quantization: Quantization | None = None
     gradient_checkpointing: bool = False
     init_seed: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, "decoder")
-        _choice("decoder", "dtype", self.dtype, DTYPES)
-        _choice("decoder", "quantization", self.quantization, QUANTIZATIONS)
         _check(self.model_config is None or "model_type" in self.model_config,
                "decoder.model_config needs a 'model_type' key (e.g. 'gpt2', 'llama', 'biogpt')")
         _check(not (self.model_config is not None and self.quantization),
@@ -177,13 +215,12 @@ class TuningConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] | None = None  # None -> DEFAULT_LORA_TARGETS[model_type]
-    bias: str = "none"
+    bias: TuningBias = "none"
     num_virtual_tokens: int = 10  # prompt/prefix tuning
 
     def __post_init__(self) -> None:
         check_types(self, "tuning")
         _choice("tuning", "mode", self.mode, tuple(TUNING_MODES))
-        _choice("tuning", "bias", self.bias, ("none", "all", "lora_only"))
         _check(self.r >= 1 and self.alpha > 0,
                f"tuning.r and tuning.alpha must be positive, got {self.r}, {self.alpha}")
         _check(self.num_virtual_tokens >= 1, "tuning.num_virtual_tokens must be >= 1")
@@ -199,19 +236,17 @@ class TemplateConfig:
     """Prompt layout: a named template (prompts.TEMPLATES, or "chat" for the tokenizer's own chat template)."""
 
     name: str = "plain"
-    image_position: str | None = None  # None -> the template's default
+    image_position: ImagePosition | None = None  # None -> the template's default
     system: str | None = None  # overrides the template's system text
     max_length: int = 512  # prompt + answer tokens, excluding the visual prefix
     # what opens a sequence: "tokenizer" = the tokens the tokenizer itself adds (Llama <s>, BioGPT </s>, GPT-2
     # nothing, as the published code tokenised), "bos" = always the BOS token, "none" = nothing
-    start: str = "tokenizer"
+    start: TemplateStart = "tokenizer"
     # LLaVA's mm_use_im_start_end: a learned start and end vector around every image's prefix (trained with the mapper)
     image_start_end: bool = False
 
     def __post_init__(self) -> None:
         check_types(self, "template")
-        _choice("template", "image_position", self.image_position, (None, *IMAGE_POSITIONS))
-        _choice("template", "start", self.start, ("tokenizer", "bos", "none"))
         _check(self.max_length >= 8, "template.max_length must be >= 8")
 
 
@@ -231,6 +266,12 @@ class GenerationConfig:
 
 @dataclass
 class AdapterConfig:
+    """Everything needed to rebuild an adapter: the parts' settings plus the base-model fingerprints written at save.
+
+    `prefixvqa_config.json` is this object's JSON; presets, recipes and `from_pretrained` overrides all end here, so
+    cross-section rules (a quantised base needs a quantisable tuning mode, a pooled-only mapper needs pooled
+    features) are checked once, at construction."""
+
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     mapper: MapperConfig = field(default_factory=MapperConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -258,24 +299,36 @@ class AdapterConfig:
                f"{self.decoder.quantization!r}); use one of {quantisable} or drop decoder.quantization")
         _check(not (self.mapper.input_tokens and self.encoder.features != "pooled"),
                "mapper.input_tokens expands one pooled vector (ClipCap): set encoder.features='pooled'")
-        pooled_only = self.mapper.kind == "mlp"
-        _check(not (pooled_only and self.encoder.features != "pooled"),
-               "mapper.kind='mlp' maps one pooled vector to L prefix vectors: set encoder.features='pooled' "
-               "(use 'linear', 'mlp2x_gelu', 'transformer' or 'resampler' for patch tokens)")
+        self._check_mapper_input()
+
+    def _check_mapper_input(self) -> None:
+        """A mapper that maps one pooled vector cannot read patch tokens (its capabilities: `mappers.Mapper`)."""
+        if self.encoder.features == "pooled":
+            return
+        from .mappers import MAPPERS  # local: the mapper classes need torch; config stays import-light
+
+        if MAPPERS[self.mapper.kind].pooled_only:
+            readers = [kind for kind, cls in MAPPERS.items() if not cls.pooled_only]
+            raise ConfigError(f"mapper.kind={self.mapper.kind!r} maps one pooled vector to L prefix vectors: set "
+                              f"encoder.features='pooled' (use one of {readers} for patch tokens)")
 
     # --- JSON round trip -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts (JSON data only): what `prefixvqa_config.json` holds and `from_dict` reads back."""
         return asdict(self)
 
     def to_json(self) -> str:
+        """The canonical JSON text (sorted keys), so equal configs write byte-equal files."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        """Build and validate from nested dicts; unknown fields are errors naming the section (no silent typos)."""
         return _build(cls, data, "config")
 
     @classmethod
     def from_json(cls, text: str) -> "AdapterConfig":
+        """`from_dict` of a JSON text (an adapter folder's `prefixvqa_config.json`)."""
         return cls.from_dict(json.loads(text))
 
     def replace(self, **overrides: Any) -> "AdapterConfig":

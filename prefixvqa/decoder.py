@@ -1,5 +1,6 @@
 """The language side: load any transformers causal LM (hub id, local folder, GGUF file, or a config for random
-weights), optionally quantized, and apply the tuning mode (frozen, LoRA, full, peft prompt/prefix tuning).
+weights), optionally quantized, and apply the tuning mode (a registered `tuning.TuningMode`: frozen, full, LoRA,
+DoRA, peft prompt/prefix tuning).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ _VOLATILE_KEYS = {"_name_or_path", "name_or_path", "torch_dtype", "dtype", "tran
 
 
 def cache_dir() -> Path:
+    """Where prefixvqa keeps derived files (dequantised GGUF copies): $PREFIXVQA_CACHE, else ~/.cache/prefixvqa."""
     return Path(os.environ.get("PREFIXVQA_CACHE", Path.home() / ".cache" / "prefixvqa"))
 
 
@@ -178,6 +180,9 @@ def fingerprint(module: nn.Module, extra: dict[str, Any] | None = None, samples:
 
 
 def decoder_fingerprint(model: nn.Module) -> str:
+    """The decoder's base-model fingerprint stored in adapter configs: its config (minus keys that vary between
+    equivalent loads: dtype, paths, versions, quantisation) and a sample of its input embeddings, which LoRA/DoRA
+    and soft prompts never change, so a trained adapter still matches its base."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_KEYS}
     emb = model.get_input_embeddings()
     return fingerprint(emb, {"config": config})

@@ -1,17 +1,19 @@
 """`prefixvqa export ADAPTER --merge --out DIR`: one folder that needs neither peft nor bitsandbytes.
 
     DIR/decoder/                 a plain transformers model (config.json, model.safetensors, tokenizer): the base
-                                 weights with every LoRA delta added, in full precision
+                                 weights with every LoRA (or DoRA) update folded in, in full precision
     DIR/prefixvqa_config.json    tuning.mode "frozen", decoder.name "adapter:decoder" (resolved against DIR on load)
     DIR/mapper.safetensors, processor files, README.md, manifest.sha256.json
 
 Merging works in the linear orientation (out, in) for every layer kind: a bitsandbytes 4-bit/8-bit weight is
 dequantised first, a transformers Conv1D (GPT-2) weight is transposed in and out, and the LoRA delta is
-`B @ A * scaling`. Precision caveat for a quantised (QLoRA / 8-bit) base: the merged weights are the *dequantised*
-base plus the delta, so the export reproduces the adapter as trained (up to the float rounding of the output dtype)
-but its base weights carry the quantisation error, not the original full-precision checkpoint's values; merging
-the delta into the original weights instead would change the function the LoRA was trained against. Quantising
-the merged model again would round the (small) LoRA delta away along with it.
+`B @ A * scaling`; DoRA then rescales each output row to its learned magnitude, exactly as peft's own merge does.
+Which modes can be exported is the mode's `mergeable` attribute (soft prompts cannot). Precision caveat for a
+quantised (QLoRA / 8-bit) base: the merged weights are the *dequantised* base plus the delta, so the export
+reproduces the adapter as trained (up to the float rounding of the output dtype) but its base weights carry the
+quantisation error, not the original full-precision checkpoint's values; merging the delta into the original weights
+instead would change the function the LoRA was trained against. Quantising the merged model again would round the
+(small) LoRA delta away along with it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import DTYPES, ConfigError
 
 if TYPE_CHECKING:
     from .model import MedVQAAdapter
@@ -68,30 +70,26 @@ def _linear_weight(layer: nn.Module) -> torch.Tensor:
     return weight.t() if isinstance(layer, Conv1D) else weight
 
 
-def _lora_delta(module: nn.Module) -> torch.Tensor | None:
-    """Sum of the active LoRA adapters' B @ A * scaling, (out, in); None for other peft layer kinds."""
-    deltas = []
+def _fold_lora(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (float32, (out, in)) with the layer's active LoRA adapters folded in, in the order and by the rule of
+    peft's `LoraLayer.merge`: LoRA adds `B @ A * scaling`; DoRA (Liu et al. 2024) then rescales every output row of
+    `W + B @ A * scaling` to its learned magnitude, `m * V / ||V||` with the norm over the input dimension."""
     for name in module.active_adapters:
         if name not in getattr(module, "lora_A", {}):
             continue
-        if getattr(module, "use_dora", {}).get(name) or name in getattr(module, "lora_magnitude_vector", {}):
-            raise ConfigError("merging DoRA adapters is not supported by prefixvqa export")
         a, b = module.lora_A[name].weight.float(), module.lora_B[name].weight.float()
-        deltas.append(b @ a * module.scaling[name])
-    return sum(deltas) if deltas else None
+        weight = weight + b @ a * module.scaling[name]
+        if getattr(module, "use_dora", {}).get(name):
+            magnitude = module.lora_magnitude_vector[name].weight.float()
+            weight = weight * (magnitude / torch.linalg.norm(weight, dim=1))[:, None]
+    return weight
 
 
-def merged_decoder(model: "MedVQAAdapter", dtype: torch.dtype) -> nn.Module:
-    """A plain transformers causal LM computing what `model.decoder` (+LoRA) computes, in `dtype`."""
+def _plain_model(source: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """An uninitialised plain transformers model of `source`'s architecture (no quantisation settings), in `dtype`."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
-    from transformers.pytorch_utils import Conv1D
 
-    mode = model.config.tuning.mode
-    if mode in ("prompt_tuning", "prefix_tuning"):
-        raise ConfigError(f"tuning.mode={mode!r} learns soft prompts, which have no weights to merge into; share "
-                          "the adapter folder itself (peft loads it)")
-    source = model.decoder.get_base_model() if mode == "lora" else model.decoder
     config = source.config.__class__.from_dict(source.config.to_dict())
     for key in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, key):
@@ -99,9 +97,24 @@ def merged_decoder(model: "MedVQAAdapter", dtype: torch.dtype) -> nn.Module:
     with no_init_weights():
         target = AutoModelForCausalLM.from_config(config, dtype=dtype)
     target.tie_weights()
+    return target
+
+
+def merged_decoder(model: "MedVQAAdapter", dtype: torch.dtype) -> nn.Module:
+    """A plain transformers causal LM computing what `model.decoder` (+LoRA/DoRA) computes, in `dtype`."""
+    from transformers.pytorch_utils import Conv1D
+
+    tuning = model.config.tuning
+    method = tuning.method
+    if not method.mergeable:
+        why = ("learns soft prompts, which have no weights to merge into" if method.soft_prompt else
+               "learns nothing that folds into plain decoder weights")
+        raise ConfigError(f"tuning.mode={tuning.mode!r} {why}; share the adapter folder itself (peft loads it)")
+    source = model.decoder.get_base_model() if method.uses_peft_files else model.decoder
+    target = _plain_model(source, dtype)
     modules = dict(source.named_modules())
     lora = set()
-    if mode == "lora":
+    if method.uses_peft_files:
         from peft.tuners.lora import LoraLayer
 
         lora = {name for name, m in modules.items() if isinstance(m, LoraLayer)}
@@ -117,9 +130,7 @@ def merged_decoder(model: "MedVQAAdapter", dtype: torch.dtype) -> nn.Module:
             for pname, tensor in local.items():
                 if pname == "weight" and (_bnb_kind(layer) or module_name in lora):
                     value = _linear_weight(layer)
-                    delta = _lora_delta(src) if module_name in lora else None
-                    if delta is not None:
-                        value = value + delta
+                    value = _fold_lora(src, value) if module_name in lora else value
                     value = value.t() if isinstance(module, Conv1D) else value
                 else:
                     value = getattr(layer, pname).detach().float()
@@ -155,8 +166,8 @@ def export_merged(model: "MedVQAAdapter", out: str | Path, dtype: str | None = N
 
     quant = model.config.decoder.quantization
     dtype_name = dtype or model.config.decoder.dtype
-    if dtype_name not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype {dtype_name!r} is not one of float32, bfloat16, float16")
+    if dtype_name not in DTYPES:
+        raise ConfigError(f"--dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
     merged = merged_decoder(model, getattr(torch, dtype_name))
     caveat = (PRECISION_CAVEAT.format(quant=quant, how=CAVEAT_HOW[quant].format(dtype=dtype_name))
               if quant else None)

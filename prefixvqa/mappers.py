@@ -3,16 +3,23 @@
 One registry, one constructor per published shape: per-token linear/MLP projections (LLaVA-Med, LLaVA-Rad), the
 pooled MLP (ClipCap's, van Sonsbeek et al.'s), ClipCap's transformer mapper, Flamingo's perceiver resampler and
 MedVInT-TD's query decoder. Each preset's parameter count is tested against its source's.
+
+What a kind accepts and produces is a class attribute of its class (`Mapper`): config validation, the processor's
+prefix length and `build_mapper` ask the class instead of comparing kind names. The registry's names equal
+`config.MAPPER_KINDS` (the `Literal` the CLI and docs read); a test keeps the two equal.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import nn
 
-from .config import ConfigError, MapperConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import MapperConfig
 
 _ACT: dict[str, Callable[[], nn.Module]] = {"tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -27,8 +34,40 @@ def _mlp(sizes: list[int], activation: str, dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class TokenMLP(nn.Module):
+class Mapper(nn.Module):
+    """Base of the registered mappers: (B, N, D_v) features -> (B, L, E) prefix, plus the capabilities that config
+    validation and the processor read without building one."""
+
+    kind: ClassVar[str]  # the `mapper.kind` name it is registered under
+    pooled_only: ClassVar[bool] = False  # maps one pooled vector: needs encoder.features='pooled'
+    per_token: ClassVar[bool] = False  # one prefix vector per input feature token (mapper.prefix_length unused)
+    expands_pooled: ClassVar[bool] = False  # reads mapper.input_tokens: one pooled vector expanded to that many tokens
+    attention: ClassVar[bool] = False  # attention layers: mapper.heads must divide the width unless head_dim is set
+
+    @classmethod
+    def width(cls, cfg: MapperConfig) -> int:
+        """The width its attention layers run at (hidden_dim, else the feature width)."""
+        return cfg.hidden_dim or cfg.in_dim
+
+    @classmethod
+    def num_prefix(cls, cfg: MapperConfig, num_tokens: int) -> int:
+        """Prefix vectors it produces for `num_tokens` input feature tokens."""
+        return num_tokens if cls.per_token else cfg.prefix_length
+
+
+MAPPERS: dict[str, type[Mapper]] = {}
+
+
+def register_mapper(cls: type[Mapper]) -> type[Mapper]:
+    """Class decorator: make a mapper available as `mapper.kind` (its name must be in `config.MAPPER_KINDS`)."""
+    MAPPERS[cls.kind] = cls
+    return cls
+
+
+class TokenMLP(Mapper):
     """Per-token projection, one prefix vector per feature token: `linear` (depth 1) and `mlp2x_gelu` (depth 2)."""
+
+    per_token = True
 
     def __init__(self, cfg: MapperConfig, depth: int, activation: str):
         super().__init__()
@@ -39,9 +78,33 @@ class TokenMLP(nn.Module):
         return self.net(x)
 
 
-class PooledMLP(nn.Module):
+@register_mapper
+class Linear(TokenMLP):
+    """LLaVA's `linear` projector: one Linear per token (`mapper.activation` unused at depth 1)."""
+
+    kind = "linear"
+
+    def __init__(self, cfg: MapperConfig):
+        super().__init__(cfg, depth=1, activation=cfg.activation)
+
+
+@register_mapper
+class MLP2xGELU(TokenMLP):
+    """LLaVA-1.5 / LLaVA-Med's `mlp2x_gelu` projector: Linear-GELU-Linear per token."""
+
+    kind = "mlp2x_gelu"
+
+    def __init__(self, cfg: MapperConfig):
+        super().__init__(cfg, depth=2, activation="gelu")
+
+
+@register_mapper
+class PooledMLP(Mapper):
     """One pooled vector -> L prefix vectors: D -> L*E/2 -> L*E [-> L*E ...] (ClipCap's MLP at depth 2, van Sonsbeek
     et al.'s at depth 3 with Dropout(0.5) before each Tanh), reshaped to (L, E)."""
+
+    kind = "mlp"
+    pooled_only = True
 
     def __init__(self, cfg: MapperConfig):
         super().__init__()
@@ -78,14 +141,24 @@ def _feed_forward(width: int, cfg: MapperConfig, activation: str, bias: bool) ->
                          nn.Linear(hidden, width, bias=bias))
 
 
-class TransformerMapper(nn.Module):
+@register_mapper
+class TransformerMapper(Mapper):
     """ClipCap: a pooled vector expanded to `input_tokens` tokens (without `input_tokens`: patch features, one token
     each), joined by L learned constants; pre-norm self-attention blocks (no q/kv bias, feed-forward `mlp_ratio`x with
     `activation`); the constants' outputs are the prefix."""
 
+    kind = "transformer"
+    expands_pooled = True
+    attention = True
+
+    @classmethod
+    def width(cls, cfg: MapperConfig) -> int:
+        """ClipCap runs at the decoder's width (hidden_dim, else the prefix width)."""
+        return cfg.hidden_dim or cfg.out_dim
+
     def __init__(self, cfg: MapperConfig):
         super().__init__()
-        self.length, self.tokens, width = cfg.prefix_length, cfg.input_tokens, cfg.hidden_dim or cfg.out_dim
+        self.length, self.tokens, width = cfg.prefix_length, cfg.input_tokens, self.width(cfg)
         if self.tokens:  # pooled input -> input_tokens tokens
             self.expand = nn.Linear(cfg.in_dim, self.tokens * width)
         else:  # patch input -> one token each
@@ -109,13 +182,17 @@ class TransformerMapper(nn.Module):
         return self.out(h[:, -self.length:])
 
 
-class Resampler(nn.Module):
+@register_mapper
+class Resampler(Mapper):
     """Flamingo's perceiver resampler: L latents attend to [features; latents] (no biases, `head_dim` per head,
     GELU feed-forward), a final LayerNorm, then a projection to the decoder width (Flamingo instead cross-attends)."""
 
+    kind = "resampler"
+    attention = True
+
     def __init__(self, cfg: MapperConfig):
         super().__init__()
-        width = cfg.hidden_dim or cfg.in_dim
+        width = self.width(cfg)
         head_dim = cfg.head_dim or width // cfg.heads
         self.project = nn.Linear(cfg.in_dim, width) if cfg.in_dim != width else nn.Identity()
         self.latents = nn.Parameter(torch.randn(cfg.prefix_length, width))
@@ -137,13 +214,17 @@ class Resampler(nn.Module):
         return self.out(self.norm(q))
 
 
-class QueryDecoder(nn.Module):
+@register_mapper
+class QueryDecoder(Mapper):
     """MedVInT-TD: L learned queries through a pre-norm transformer decoder (self-attention, cross-attention to the
     features, ReLU feed-forward, dropout), a final LayerNorm, then Linear-ReLU-Linear to the decoder width."""
 
+    kind = "query_decoder"
+    attention = True
+
     def __init__(self, cfg: MapperConfig):
         super().__init__()
-        width = cfg.hidden_dim or cfg.in_dim
+        width = self.width(cfg)
         self.project = nn.Linear(cfg.in_dim, width) if cfg.in_dim != width else nn.Identity()
         self.queries = nn.Parameter(torch.randn(cfg.prefix_length, width))
         layer = nn.TransformerDecoderLayer(width, cfg.heads, int(width * cfg.mlp_ratio), cfg.dropout,
@@ -171,28 +252,19 @@ class WithImageDelimiters(nn.Module):
         return torch.cat([ends[:, :1], prefix, ends[:, 1:]], dim=1)
 
 
-MAPPERS: dict[str, Callable[[MapperConfig], nn.Module]] = {
-    "linear": lambda c: TokenMLP(c, depth=1, activation=c.activation),
-    "mlp2x_gelu": lambda c: TokenMLP(c, depth=2, activation="gelu"),
-    "mlp": PooledMLP,
-    "transformer": TransformerMapper,
-    "resampler": Resampler,
-    "query_decoder": QueryDecoder,
-}
-
-
 def build_mapper(cfg: MapperConfig, image_start_end: bool = False) -> nn.Module:
     """Build from a config whose `in_dim`/`out_dim` are set (the adapter fills them from encoder and decoder);
     `image_start_end` wraps it with learned start/end vectors (template.image_start_end)."""
     if not cfg.in_dim or not cfg.out_dim:
         raise ConfigError("mapper.in_dim and mapper.out_dim must be set before building (taken from the models)")
-    width = cfg.hidden_dim or (cfg.out_dim if cfg.kind == "transformer" else cfg.in_dim)
-    if cfg.kind in ("transformer", "resampler", "query_decoder") and width % cfg.heads and not cfg.head_dim:
+    cls = MAPPERS[cfg.kind]
+    width = cls.width(cfg)
+    if cls.attention and width % cfg.heads and not cfg.head_dim:
         raise ConfigError(f"mapper.heads={cfg.heads} must divide the mapper width {width} (hidden_dim or decoder dim)")
-    mapper = MAPPERS[cfg.kind](cfg)
+    mapper = cls(cfg)
     return WithImageDelimiters(mapper, cfg.out_dim) if image_start_end else mapper
 
 
 def prefix_length(cfg: MapperConfig, num_tokens: int, image_start_end: bool = False) -> int:
     """Prefix vectors produced for `num_tokens` input feature tokens (+2 with learned image start/end vectors)."""
-    return (num_tokens if cfg.kind in ("linear", "mlp2x_gelu") else cfg.prefix_length) + 2 * image_start_end
+    return MAPPERS[cfg.kind].num_prefix(cfg, num_tokens) + 2 * image_start_end

@@ -41,10 +41,13 @@ def _presets() -> dict[str, dict[str, Any]]:
 
 
 def list_presets() -> list[str]:
+    """Names `MedVQAAdapter.from_preset` and the CLI's `--preset` accept (the preset files' stems), sorted."""
     return sorted(_presets())
 
 
 def preset_info(name: str) -> dict[str, Any]:
+    """The preset file's whole content: `config`, plus the metadata the docs and tests read (`description`,
+    `paper`, `family`, `source`, recorded `architecture` for fit-check); an unknown name lists the known ones."""
     presets = _presets()
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; available: {list_presets()}")
@@ -63,7 +66,7 @@ def _setting_summary(cfg: AdapterConfig) -> str:
     m, t, d = cfg.mapper, cfg.tuning, cfg.decoder
     mapper = {"linear": "Linear", "mlp2x_gelu": "Linear-GELU-Linear"}.get(
         m.kind, f"{m.kind} L={m.prefix_length} depth {m.depth}")
-    tuning = t.mode if t.mode != "lora" else f"LoRA r{t.r}/a{t.alpha}/p{t.dropout}"
+    tuning = t.method.describe(t)
     decoding = f"beam {cfg.generation.num_beams}" if cfg.generation.num_beams > 1 else "greedy"
     return (f"{cfg.encoder.name} {cfg.encoder.features}; {mapper}; `{d.name}`"
             f"{' ' + d.quantization if d.quantization else ''}; {tuning}; template `{cfg.template.name}`; "

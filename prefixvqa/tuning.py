@@ -5,6 +5,7 @@ the base decoder, run on a quantised base, merge into base weights, shard under 
 by default, which earlier curriculum stage it may follow) and its behaviour as methods (the peft config, how it wraps
 the decoder, where its virtual tokens go). Everything else asks the object (`config.tuning.method`); nothing compares
 mode names. The JSON keeps the name (`tuning.mode`), so adapter folders written before this module still load.
+`default_groups(cfg)` is the one rule for which parameter groups a model trains when nothing says otherwise.
 
 Adding a peft method is one subclass plus `@register`. Heavy imports (torch, peft) happen inside the methods, so the
 config layer can read the registry without them.
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .config import TuningConfig
+    from .config import AdapterConfig, ParamGroup, TuningConfig
 
 # model types whose attention uses transformers' Conv1D (weights stored transposed); LoRA needs fan_in_fan_out there
 FAN_IN_FAN_OUT = {"gpt2"}
@@ -49,11 +50,11 @@ class TuningMode:
     soft_prompt: ClassVar[bool] = False  # learned virtual tokens placed in front of every sequence (peft prompt tuning)
     trains_decoder: ClassVar[bool] = False  # the base decoder's own weights train and are stored in the adapter folder
     quantisable: ClassVar[bool] = True  # runs on a bitsandbytes 8/4-bit base (QLoRA)
-    mergeable: ClassVar[bool] = False  # `export --merge` can fold what it learned into plain decoder weights
+    mergeable: ClassVar[bool] = False  # `export --merge` can write a plain decoder computing what this mode computes
     shardable: ClassVar[bool] = True  # FSDP may shard it
     shares_base: ClassVar[bool] = False  # several adapters of this mode can sit on one loaded base (the web app)
     folds_for_inference: ClassVar[bool] = False  # inference may fold its deltas into temporary base weights
-    groups: ClassVar[tuple[str, ...]] = ()  # decoder parameter groups it trains by default ("lora", "decoder")
+    groups: ClassVar[tuple[ParamGroup, ...]] = ()  # decoder parameter groups it trains by default ("lora", "decoder")
     follows: ClassVar[tuple[str, ...]] = ("frozen",)  # modes an earlier curriculum stage may have used (besides itself)
     transformers_generate: ClassVar[bool] = True  # beams/sampling through transformers' generate (peft prefixes: no)
 
@@ -112,6 +113,13 @@ def get_tuning_mode(name: str) -> TuningMode:
         raise UnknownTuningMode(f"tuning.mode={name!r} is not one of {list(TUNING_MODES)}") from None
 
 
+def default_groups(cfg: AdapterConfig) -> list[ParamGroup]:
+    """The parameter groups a model built from `cfg` trains when nothing says otherwise: the encoder when it is not
+    frozen, the mapper always, then the decoder groups of the tuning mode (`TuningMode.groups`). The one rule that
+    training, recipes and fit-check read."""
+    return [*(["encoder"] if not cfg.encoder.freeze else []), "mapper", *cfg.tuning.method.groups]
+
+
 def lora_targets(model: nn.Module, tuning: TuningConfig) -> list[str]:
     """The modules LoRA wraps: the config's list, else the default for the decoder's `model_type`."""
     if tuning.target_modules:
@@ -128,6 +136,7 @@ class Frozen(TuningMode):
     """The decoder stays as loaded; only the mapper (and optionally the encoder) trains."""
 
     name = "frozen"
+    mergeable = True  # nothing to fold: the export is the base decoder itself (a merged export is frozen again)
     follows = ()
 
 

@@ -65,8 +65,7 @@ def check_inference_paths(model) -> None:
     alone = [model.answer([IMAGES[0]], [q], max_new_tokens=4)[0] for q in QUESTIONS]
     assert [a.text for a in reused] == [a.text for a in alone]
     assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(reused, alone))
-    sharing = model.config.tuning.mode not in ("prompt_tuning", "prefix_tuning") and \
-        model.config.template.name == "plain"
+    sharing = not model.config.tuning.method.soft_prompt and model.config.template.name == "plain"
     assert (heads[0] is not None) == sharing  # the shared-head path really ran where it applies
     after = model.decoder.state_dict()  # LoRA folded into temporary weights for inference; originals untouched
     assert all(torch.equal(v, after[k]) for k, v in before.items())
@@ -84,13 +83,14 @@ def perturb_trainable(model) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mapper", sorted(MAPPERS))
 def test_adapter_table(tiny_decoders, tmp_path, mapper, family, mode):
+    method = TUNING_MODES[mode]  # expectations come from the mode's attributes, never from its name
     model = MedVQAAdapter(make_config(tiny_decoders[family], mapper, mode))
     report = model.parameter_report()
     assert 0 < report["all"]["trainable"] < report["all"]["total"]
     assert report["mapper"]["trainable"] == report["mapper"]["total"] > 0
     assert report["encoder"]["trainable"] == 0
-    assert (report["decoder"]["trainable"] > 0) == (mode == "full")
-    assert (report["lora"]["total"] > 0) == (mode in ("lora", "prompt_tuning", "prefix_tuning"))
+    assert (report["decoder"]["trainable"] > 0) == method.trains_decoder
+    assert (report["lora"]["total"] > 0) == method.uses_peft_files
 
     # forward + backward: loss only on answer tokens (+ EOS), gradients only where training
     out = model(**model.processor(IMAGES, QUESTIONS, ANSWERS), full_logits=True)
@@ -125,11 +125,11 @@ def test_adapter_table(tiny_decoders, tmp_path, mapper, family, mode):
     before = model(**model.processor(IMAGES, QUESTIONS, ANSWERS)).logits
     folder = model.save_pretrained(tmp_path / "adapter")
     tensors = load_file(str(folder / "mapper.safetensors"))
-    allowed = ("mapper.", "decoder.") if mode == "full" else ("mapper.",)
+    allowed = ("mapper.", "decoder.") if method.trains_decoder else ("mapper.",)
     assert tensors and all(k.startswith(allowed) for k in tensors)
-    if mode in ("lora", "prompt_tuning", "prefix_tuning"):
+    if method.uses_peft_files:
         peft_keys = load_file(str(folder / "adapter_model.safetensors"))
-        marker = {"lora": "lora_", "prompt_tuning": "prompt_embeddings", "prefix_tuning": "prompt_embeddings"}[mode]
+        marker = "prompt_embeddings" if method.soft_prompt else "lora_"
         assert peft_keys and all(marker in k for k in peft_keys)
     else:
         assert not (folder / "adapter_model.safetensors").exists()
@@ -138,7 +138,7 @@ def test_adapter_table(tiny_decoders, tmp_path, mapper, family, mode):
     assert json.loads((folder / "prefixvqa_config.json").read_text())["fingerprints"]["decoder"]
 
 
-@pytest.mark.parametrize("mode", ["lora", "prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("mode", [name for name, method in TUNING_MODES.items() if method.uses_peft_files])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_peft_alone_loads_adapter_part(tiny_decoders, tmp_path, family, mode):
     from peft import PeftModel
@@ -172,6 +172,33 @@ def test_json_round_trip_and_validation():
     assert cfg.replace(mapper__prefix_length=4).mapper.prefix_length == 4
     with pytest.raises(ConfigError, match="unknown field"):
         cfg.replace(mapper__nope=1)
+
+
+def test_allowed_values_are_spelled_once_and_read_by_validation():
+    """Each closed set is one `Literal` (config.py): validation, the module tuples and the mapper registry agree."""
+    import typing
+
+    from prefixvqa import config as c
+    from prefixvqa.mappers import _ACT
+
+    assert sorted(MAPPERS) == sorted(c.MAPPER_KINDS)  # the registry's names are the Literal's (CLI choices, docs)
+    assert set(_ACT) == set(c.ACTIVATIONS)
+    hints = typing.get_type_hints(c.MapperConfig)
+    assert c.allowed_values(hints["kind"]) == c.MAPPER_KINDS
+    assert c.allowed_values(typing.get_type_hints(c.DecoderConfig)["quantization"]) == ("8bit", "4bit", None)
+    assert set(c.QUANTIZATIONS) == {None, "8bit", "4bit"}
+    for section, name, bad in [("encoder", "features", "grid"), ("mapper", "activation", "swish"),
+                               ("decoder", "dtype", "float64"), ("decoder", "quantization", "2bit"),
+                               ("template", "image_position", "middle"), ("template", "start", "eos"),
+                               ("tuning", "bias", "some")]:
+        with pytest.raises(ConfigError, match=f"{section}.{name}={bad!r} is not one of"):
+            AdapterConfig.from_dict({section: {name: bad}})
+    with pytest.raises(ConfigError, match="quote it"):  # YAML's unquoted `no` is a boolean, not "none"
+        AdapterConfig.from_dict({"template": {"start": False}})
+    # capabilities are class attributes: the pooled-only rule names every kind that reads patch tokens
+    with pytest.raises(ConfigError, match="query_decoder"):
+        AdapterConfig.from_dict({"mapper": {"kind": "mlp"}, "encoder": {"features": "patches"}})
+    assert [k for k, cls in MAPPERS.items() if cls.per_token] == ["linear", "mlp2x_gelu"]
 
 
 def test_strict_loading_names_what_differs(tiny_decoders, other_gpt2, tmp_path):

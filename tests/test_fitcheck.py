@@ -93,6 +93,27 @@ def test_weights_gradients_and_optimizer_states_are_exact(folders, family, quant
     assert report.optimizer == sum(t.numel() * t.element_size() for t in states)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dora_magnitudes_count_as_trained_parameters(folders, family):
+    """DoRA trains LoRA's factors plus one magnitude per output row of every target: fit-check's default groups and
+    byte counts come from the same build, so the magnitudes are in the gradients and optimizer states."""
+    from prefixvqa.tuning import default_groups
+
+    cfg = tiny_config(folders[family], None).replace(tuning={"mode": "dora"})
+    model = build(cfg)
+    groups = default_groups(cfg)
+    assert groups == ["mapper", "lora"]
+    report = predict(StepPlan(model.config, groups, 2, 16), architecture(cfg))
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    magnitudes = sum(p.numel() * p.element_size() for n, p in trained if "lora_magnitude_vector" in n)
+    assert magnitudes > 0
+    assert report.gradients == sum(p.numel() * p.element_size() for _, p in trained)
+    assert report.optimizer == 2 * report.gradients
+    lora = predict(StepPlan(cfg.replace(tuning={"mode": "lora"}), groups, 2, 16), architecture(cfg))
+    assert report.gradients - lora.gradients == magnitudes
+    assert report.weights["peft (LoRA / soft prompts)"] - lora.weights["peft (LoRA / soft prompts)"] == magnitudes
+
+
 def saved_bytes(model, batch, checkpointing: bool) -> int:
     """Exact bytes a real step keeps for backward: unique storages saved by autograd, plus the tensors kept outside
     it (bitsandbytes 8-bit layers' inputs; the input of each checkpointed layer)."""
