@@ -233,7 +233,7 @@ class TuningConfig:
 
 @dataclass
 class TemplateConfig:
-    """Prompt layout: a named template (prompts.TEMPLATES, or "chat" for the tokenizer's own chat template)."""
+    """Prompt layout: a named template from `prompts.TEMPLATES` (including "chat", the tokenizer's own template)."""
 
     name: str = "plain"
     image_position: ImagePosition | None = None  # None -> the template's default
@@ -291,8 +291,8 @@ class AdapterConfig:
                 setattr(self, f.name, _build(kind, value, f.name))
         from . import prompts  # local: prompts imports nothing heavy, but config must stay import-light
 
-        _check(self.template.name in prompts.TEMPLATES or self.template.name == "chat",
-               f"template.name={self.template.name!r} is not one of {sorted(prompts.TEMPLATES) + ['chat']}")
+        _check(self.template.name in prompts.TEMPLATES,
+               f"template.name={self.template.name!r} is not one of {sorted(prompts.TEMPLATES)}")
         quantisable = [name for name, m in TUNING_MODES.items() if m.quantisable]
         _check(self.tuning.method.quantisable or not self.decoder.quantization,
                f"tuning.mode={self.tuning.mode!r} cannot run on a quantized decoder (decoder.quantization="
@@ -356,17 +356,44 @@ def _build(kind: type, data: dict[str, Any], where: str):
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set `data[a][b] = value` for key "a.b"; merge dicts given for a whole section. Unknown paths are errors."""
-    parts = key.replace("__", ".").split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        _check(isinstance(node.get(part), dict), f"override {key!r}: no section {'.'.join(parts[: i + 1])!r}")
-        node = node[part]
-    last = parts[-1]
-    _check(last in node, f"override {key!r}: unknown field {last!r}; expected one of {sorted(node)}")
-    if isinstance(node[last], dict) and isinstance(value, dict) and last in _SECTIONS:
-        node[last] = {**node[last], **value}
-    else:
-        node[last] = value
+def apply_override(data: dict[str, Any], key: str, value: Any, *, strict: bool = True) -> None:
+    """Set the value at a dotted path, in place: `data[a][b] = value` for "a.b", a list item by index
+    ("stages.0.epochs"); "a__b" spells "a.b" where a keyword argument needs it (`replace(mapper__prefix_length=4)`).
+    The one override engine: `AdapterConfig.replace`, presets, `from_pretrained(**overrides)` and recipe `--set`.
 
+    strict (an AdapterConfig's dict, where every field exists): an unknown path is an error naming the known fields,
+    and a dict given for a whole config section is merged into it (`replace(decoder={"name": ...})`). Not strict (a
+    recipe, validated as a whole once every override is in): missing sections are created and the value replaces
+    what was there; only a path through a non-section or a list index out of range is refused here.
+    """
+    parts = key.replace("__", ".").split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, key)]
+        elif strict:
+            _check(isinstance(node.get(part), dict), f"override {key!r}: no section {'.'.join(parts[: i + 1])!r}")
+            node = node[part]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        _check(isinstance(node, (dict, list)), f"override {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, key)] = value
+        return
+    if strict:
+        _check(last in node, f"override {key!r}: unknown field {last!r}; expected one of {sorted(node)}")
+        if isinstance(node[last], dict) and isinstance(value, dict) and last in _SECTIONS:
+            value = {**node[last], **value}
+    node[last] = value
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    try:
+        index = int(part)
+        node[index]
+    except (ValueError, IndexError):
+        raise ConfigError(f"override {key!r}: {part!r} is not an index of a list of {len(node)}") from None
+    return index
