@@ -6,11 +6,13 @@ DICOM/NIfTI and running a ViT dominates small-adapter training. The key of one e
     sha256(image file bytes [+ view arguments]) under a namespace sha256(encoder fingerprint, preprocess fingerprint)
 
 so a different encoder checkpoint or a different preprocessing transform lands in a different namespace folder and
-old entries are never reused (invalidation by construction). `encoder_key` is the one rule for a model's encoder
-fingerprint, used by every caller (`FeatureCache.for_model`: training, `prefixvqa cache-features`, few-shot
-retrieval): the base encoder's fingerprint only while the encoder is the untouched base, else a fingerprint of its
-live weights, so features of a trained encoder never land where a frozen-encoder run reads. Entries are written to a temporary file and renamed,
+old entries are never reused (invalidation by construction). Entries are written to a temporary file and renamed,
 so concurrent writers (several ranks, several runs) and interrupted runs never leave a half-written array.
+
+`encoder_key` is the one rule for a model's encoder fingerprint, used by every caller through
+`FeatureCache.for_model` (training, `prefixvqa cache-features`, few-shot retrieval): the base encoder's fingerprint
+only while the encoder is the untouched base, else a fingerprint of its live weights, so features of a trained
+encoder never land where a frozen-encoder run reads.
 """
 
 from __future__ import annotations
