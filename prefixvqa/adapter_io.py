@@ -10,13 +10,17 @@
 
 Saving writes a temporary sibling folder and renames it into place, so an interrupted save never leaves a
 half-written adapter. Loading is strict: every difference is an error that names the file and the key.
+
+`AdapterFolder` is the one reader: `MedVQAAdapter.from_pretrained` (`load_adapter`), `AdapterSet.add` (the web app,
+`serve`) and resume (`load_weights_into`) all open a folder through it, so the version rule (`compatible_config`), the
+manifest check (`check_integrity`) and strict loading (keys, shapes, base-model fingerprints) hold for every caller.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -25,15 +29,21 @@ from .calibration import CALIBRATION_NAME, Calibration
 from .config import AdapterConfig, ConfigError
 from .fileio import MANIFEST_NAME, IntegrityError, atomic_dir, verify_manifest, write_manifest
 from .data.processor import PROCESSOR_NAME, MedVQAProcessor
+from .tuning import TUNING_MODES
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import TemplateConfig, TuningConfig
     from .model import MedVQAAdapter
 
 CONFIG_NAME = "prefixvqa_config.json"
 TENSORS_NAME = "mapper.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_MODES = ("lora", "prompt_tuning", "prefix_tuning")
+# mode names whose folders hold peft's files; new code asks `config.tuning.method.uses_peft_files` instead (this
+# tuple is derived from the registry for callers not moved yet, e.g. train/trainer.py `check_trainable`)
+PEFT_MODES = tuple(name for name, mode in TUNING_MODES.items() if mode.uses_peft_files)
 INSIDE = "adapter:"  # decoder.name scheme: a folder inside the adapter folder (a merged export), like "pkg:"
 
 
@@ -52,8 +62,8 @@ def stored_parts(model: "MedVQAAdapter") -> list[str]:
     parts = ["mapper"]
     if not model.config.encoder.freeze:
         parts.append("encoder")
-    if model.config.tuning.mode == "full" and ("decoder" in model.changed_parts or
-                                               any(p.requires_grad for p in model.decoder.parameters())):
+    if model.config.tuning.method.trains_decoder and ("decoder" in model.changed_parts or
+                                                      any(p.requires_grad for p in model.decoder.parameters())):
         parts.append("decoder")
     return parts
 
@@ -86,7 +96,7 @@ def write_adapter_files(model: "MedVQAAdapter", folder: Path, card: dict[str, An
     from ._version import __version__
 
     cfg = model.config.replace(fingerprints=dict(model.base_fingerprints), version=__version__)
-    if model.config.tuning.mode in PEFT_MODES:  # peft's adapter_config.json + adapter_model.safetensors
+    if model.config.tuning.method.uses_peft_files:  # peft's adapter_config.json + adapter_model.safetensors
         kwargs = {}
         if state_dict is not None:
             kwargs["state_dict"] = {k[len("decoder."):]: v for k, v in state_dict.items() if k.startswith("decoder.")}
@@ -149,9 +159,10 @@ def resolve_adapter(path: str | Path) -> Path:
     return _with_manifest(folder)  # downloaded: it must carry the manifest it was pushed with
 
 
-def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: Any) -> "MedVQAAdapter":
-    folder = resolve_adapter(path)
-    check_integrity(folder)
+def read_config(folder: Path) -> AdapterConfig:
+    """The folder's `prefixvqa_config.json` under the version rule (`compatible_config`): what every loader builds
+    from, so no loader can accept a config another refuses. A decoder shipped inside the folder (`prefixvqa export
+    --merge`) is pointed at its path here."""
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
         raise AdapterLoadError(f"{folder} is not a prefixvqa adapter: {CONFIG_NAME} is missing")
@@ -162,33 +173,161 @@ def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: 
         cfg = AdapterConfig.from_dict(compatible_config(data, str(cfg_path)))
     except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as exc:
         raise AdapterLoadError(f"{cfg_path}: {exc}") from None
-    if cfg.decoder.name.startswith(INSIDE):  # a decoder shipped inside the folder (`prefixvqa export --merge`)
+    if cfg.decoder.name.startswith(INSIDE):
         cfg = cfg.replace(decoder={"name": str(folder / cfg.decoder.name[len(INSIDE):])})
-    saved = dict(cfg.fingerprints)
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    model = cls(cfg)
-    diffs = [f"{part} base model: adapter was trained on fingerprint {saved[part]}, loaded base has "
-             f"{model.base_fingerprints[part]} ({_source(cfg, part)})"
-             for part in ("encoder", "decoder") if saved.get(part) and saved[part] != model.base_fingerprints[part]]
-    if diffs and strict:
-        raise AdapterLoadError(f"{folder}: different base model(s): " + "; ".join(diffs) +
-                               ". Pass strict=False to load anyway.")
-    _load_tensors(model, folder / TENSORS_NAME)
-    if cfg.tuning.mode in PEFT_MODES:
-        _load_peft(model, folder)
-    if (folder / PROCESSOR_NAME).is_file():
+    return cfg
+
+
+class AdapterFolder:
+    """One adapter folder as every loader reads it: opened once (resolved, checked against its manifest, config read
+    under the version rule), then loaded strictly, into a whole model (`load_weights`) or part by part into an
+    `AdapterSet` slot (`load_parts`, `load_peft` with a peft adapter name). Build it with `open`."""
+
+    def __init__(self, path: Path, config: AdapterConfig):
+        self.path, self.config = Path(path), config
+
+    def __repr__(self) -> str:
+        return f"AdapterFolder({str(self.path)!r})"
+
+    @classmethod
+    def open(cls, ref: str | Path) -> "AdapterFolder":
+        """Resolve ``ref`` (folder, hub name or Hugging Face repo, see `resolve_adapter`), verify it against its
+        manifest (`check_integrity`) and read its config (`read_config`): every loader starts here."""
+        folder = resolve_adapter(ref)
+        check_integrity(folder)
+        return cls(folder, read_config(folder))
+
+    # --- base models --------------------------------------------------------------------------------------------
+    def check_base(self, model: "MedVQAAdapter", strict: bool = True) -> list[str]:
+        """Refuse (or with ``strict=False`` only report) base models whose fingerprints differ from the ones the
+        adapter was trained on; returns the differences."""
+        saved = self.config.fingerprints
+        diffs = [f"{part} base model: adapter was trained on fingerprint {saved[part]}, loaded base has "
+                 f"{model.base_fingerprints[part]} ({_source(model.config, part)})"
+                 for part in ("encoder", "decoder") if saved.get(part) and saved[part] != model.base_fingerprints[part]]
+        if diffs and strict:
+            raise AdapterLoadError(f"{self.path}: different base model(s): " + "; ".join(diffs) +
+                                   ". Pass strict=False to load anyway.")
+        return diffs
+
+    # --- tensors ------------------------------------------------------------------------------------------------
+    def read_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of `mapper.safetensors` (model part prefixes: ``mapper.``, ``encoder.``, ``decoder.``)."""
+        file = self.path / TENSORS_NAME
+        if not file.is_file():
+            raise AdapterLoadError(f"{file} is missing")
+        return read_safetensors(file)
+
+    def load_parts(self, modules: dict[str, "nn.Module"], parts: list[str],
+                   tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Load ``parts`` of `mapper.safetensors` into ``modules`` (part -> module): the file must hold exactly those
+        parts' keys with the modules' shapes, else nothing is loaded and the error names the keys."""
+        got = self.read_tensors() if tensors is None else tensors
+        want = {f"{part}.{k}": v for part in parts for k, v in modules[part].state_dict().items()}
+        _compare(self.path / TENSORS_NAME, got, want)
+        for part in parts:
+            modules[part].load_state_dict({k[len(part) + 1:]: v for k, v in got.items() if k.startswith(part + ".")},
+                                          strict=True)
+
+    def load_weights(self, model: "MedVQAAdapter", strict: bool = True) -> None:
+        """Everything trained into a built model, strictly: base fingerprints (see `check_base`), then per part the
+        mapper (and a trainable encoder) must be there; a full-mode decoder is optional (absent: the base model's
+        weights stand), but when present every one of its keys must be; then the peft part."""
+        self.check_base(model, strict)
+        got = self.read_tensors()
+        method = model.config.tuning.method
+        parts = ["mapper"] + (["encoder"] if not model.config.encoder.freeze else [])
+        if method.trains_decoder and any(k.startswith("decoder.") for k in got):
+            parts.append("decoder")
+        self.load_parts({"mapper": model.mapper, "encoder": model.encoder.visual, "decoder": model.decoder}, parts, got)
+        model.changed_parts.update(p for p in parts if p != "mapper")
+        if method.uses_peft_files:
+            self.load_peft(model.decoder, model.config.tuning)
+
+    def load_peft(self, decoder: "nn.Module", tuning: "TuningConfig", adapter_name: str | None = None) -> None:
+        """The peft part, strictly: peft's saved config must match what ``tuning`` builds, and its tensors the
+        adapter's keys and shapes. Without ``adapter_name`` it fills the decoder's own ("default") adapter; with one
+        it joins the peft model as a further named adapter (an `AdapterSet`), removed again if it does not fit."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME):
+            if not (self.path / name).is_file():
+                raise AdapterLoadError(f"{self.path / name} is missing (tuning.mode={tuning.mode!r})")
+        built = (decoder.peft_config["default"] if adapter_name is None
+                 else tuning.method.peft_config(decoder.get_base_model(), tuning))
+        self._check_peft_config(built)
+        file = self.path / PEFT_WEIGHTS_NAME
+        got = read_safetensors(file)
+        if adapter_name is None:
+            _compare(file, got, get_peft_model_state_dict(decoder))
+            set_peft_model_state_dict(decoder, got)
+            return
+        decoder.load_adapter(str(self.path), adapter_name=adapter_name)
         try:
-            model.processor = MedVQAProcessor.from_pretrained(folder, model.encoder.preprocess, model.config.template)
+            _compare(file, got, get_peft_model_state_dict(decoder, adapter_name=adapter_name))
+        except AdapterLoadError:
+            decoder.delete_adapter(adapter_name)
+            raise
+
+    def _check_peft_config(self, built: Any) -> None:
+        from peft import PeftConfig
+
+        try:
+            saved = PeftConfig.from_pretrained(str(self.path))
+        except Exception as exc:  # peft raises ValueError, TypeError, JSONDecodeError ... for a damaged config
+            raise AdapterLoadError(f"{self.path / PEFT_CONFIG_NAME} cannot be read: {exc.__class__.__name__}: "
+                                   f"{exc}") from None
+        fields = ("peft_type", "r", "lora_alpha", "target_modules", "num_virtual_tokens", "fan_in_fan_out", "bias")
+        for f in fields:
+            a, b = getattr(saved, f, None), getattr(built, f, None)
+            a, b = (set(a), set(b)) if isinstance(a, (list, set)) and isinstance(b, (list, set)) else (a, b)
+            if a != b:
+                raise AdapterLoadError(f"{self.path / PEFT_CONFIG_NAME}: {f}={a!r} but the config builds {f}={b!r}")
+
+    # --- the small files ----------------------------------------------------------------------------------------
+    def processor(self, transform: Callable[[Any], torch.Tensor],
+                  template: "TemplateConfig | None" = None) -> MedVQAProcessor | None:
+        """The saved processor (tokenizer, prefix length, template unless ``template`` overrides it), None for a
+        folder saved without one; a damaged or mismatching one is an AdapterLoadError naming the file."""
+        if not (self.path / PROCESSOR_NAME).is_file():
+            return None
+        try:
+            return MedVQAProcessor.from_pretrained(self.path, transform, template)
         except (json.JSONDecodeError, KeyError) as exc:
-            raise AdapterLoadError(f"{folder / PROCESSOR_NAME} is damaged: {exc.__class__.__name__}: {exc}") from None
+            raise AdapterLoadError(f"{self.path / PROCESSOR_NAME} is damaged: {exc.__class__.__name__}: {exc}") \
+                from None
         except ValueError as exc:
             raise AdapterLoadError(str(exc)) from None
-    try:
-        model.calibration = Calibration.load(folder)
-    except ValueError as exc:
-        raise AdapterLoadError(str(exc)) from None
+
+    def calibration(self) -> Calibration | None:
+        """The fitted confidence temperatures (`calibration.json`), None when the adapter was not calibrated."""
+        try:
+            return Calibration.load(self.path)
+        except ValueError as exc:
+            raise AdapterLoadError(str(exc)) from None
+
+
+def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: Any) -> "MedVQAAdapter":
+    """Build ``cls`` (MedVQAAdapter) from an adapter folder, hub name or repo: what `from_pretrained` does.
+
+    The folder is read by `AdapterFolder` (manifest, version rule, strict keys and shapes); base models whose
+    fingerprints differ from the saved ones are refused unless ``strict=False``. ``overrides`` (config sections,
+    e.g. ``decoder={"dtype": "bfloat16"}``) change the config before the model is built."""
+    folder = AdapterFolder.open(path)
+    cfg = folder.config.replace(**overrides) if overrides else folder.config
+    model = cls(cfg)
+    folder.load_weights(model, strict=strict)
+    processor = folder.processor(model.encoder.preprocess, model.config.template)
+    if processor is not None:
+        model.processor = processor
+    model.calibration = folder.calibration()
     return model
+
+
+def load_weights_into(model: "MedVQAAdapter", folder: str | Path, strict: bool = True) -> None:
+    """Load a saved adapter's (or a training checkpoint's) trained tensors into an already built model: resume
+    keeps its live base models, processor and calibration. Same reader and checks as `load_adapter`."""
+    AdapterFolder.open(folder).load_weights(model, strict=strict)
 
 
 def _version(text: str, where: str) -> tuple[int, int, int]:
@@ -286,47 +425,6 @@ def _compare(file: Path, got: dict[str, torch.Tensor], want: dict[str, torch.Ten
     problems = [p for p in problems if p]
     if problems:
         raise AdapterLoadError(f"{file}: " + "; ".join(problems))
-
-
-def _load_tensors(model: "MedVQAAdapter", file: Path) -> None:
-    """Strict per part: the mapper (and a trainable encoder) must be there; a full-mode decoder is optional (absent:
-    the base model's weights stand), but when present every one of its keys must be."""
-    if not file.is_file():
-        raise AdapterLoadError(f"{file} is missing")
-    got = read_safetensors(file)
-    modules = {"mapper": model.mapper, "encoder": model.encoder.visual, "decoder": model.decoder}
-    expected = ["mapper"] + (["encoder"] if not model.config.encoder.freeze else [])
-    if model.config.tuning.mode == "full" and any(k.startswith("decoder.") for k in got):
-        expected.append("decoder")
-    want = {f"{part}.{k}": v for part in expected for k, v in modules[part].state_dict().items()}
-    _compare(file, got, want)
-    for part in expected:
-        state = {k[len(part) + 1:]: v for k, v in got.items() if k.startswith(part + ".")}
-        modules[part].load_state_dict(state, strict=True)
-    model.changed_parts.update(p for p in expected if p != "mapper")
-
-
-def _load_peft(model: "MedVQAAdapter", folder: Path) -> None:
-    from peft import PeftConfig, get_peft_model_state_dict, set_peft_model_state_dict
-
-    for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise AdapterLoadError(f"{folder / name} is missing (tuning.mode={model.config.tuning.mode!r})")
-    try:
-        saved_cfg = PeftConfig.from_pretrained(str(folder))
-    except Exception as exc:  # peft raises ValueError, TypeError, JSONDecodeError ... for a damaged config
-        raise AdapterLoadError(f"{folder / PEFT_CONFIG_NAME} cannot be read: {exc.__class__.__name__}: {exc}") \
-            from None
-    live_cfg = model.decoder.peft_config["default"]
-    fields = ("peft_type", "r", "lora_alpha", "target_modules", "num_virtual_tokens", "fan_in_fan_out", "bias")
-    for f in fields:
-        a, b = getattr(saved_cfg, f, None), getattr(live_cfg, f, None)
-        a, b = (set(a), set(b)) if isinstance(a, (list, set)) and isinstance(b, (list, set)) else (a, b)
-        if a != b:
-            raise AdapterLoadError(f"{folder / PEFT_CONFIG_NAME}: {f}={a!r} but the config builds {f}={b!r}")
-    got = read_safetensors(folder / PEFT_WEIGHTS_NAME)
-    _compare(folder / PEFT_WEIGHTS_NAME, got, get_peft_model_state_dict(model.decoder))
-    set_peft_model_state_dict(model.decoder, got)
 
 
 def model_card(cfg: AdapterConfig, card: dict[str, Any]) -> str:

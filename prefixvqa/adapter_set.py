@@ -5,21 +5,22 @@ and switched with ``set_adapter``. The small parts that differ per adapter are k
 reference: the mapper, the processor (template, prefix length), the calibration, and the image tower when the adapter
 trained it (a frozen one shares the base tower). Switching therefore moves no weights and reads no files.
 
-Only adapters trained on the same base models (encoder and decoder fingerprints) with LoRA can join; anything else is
-refused with the reason before any weights are read.
+Only adapters trained on the same base models (encoder and decoder fingerprints) in a mode that can share a base
+(`TuningMode.shares_base`: LoRA) can join; anything else is refused with the reason before any weights are read.
+Every folder is read by `adapter_io.AdapterFolder`, the reader `from_pretrained` and resume use: the same version rule,
+manifest check and strict key/shape checks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from .adapter_io import CONFIG_NAME, TENSORS_NAME, AdapterLoadError, check_integrity, resolve_adapter
+from .adapter_io import AdapterFolder, AdapterLoadError, resolve_adapter
 from .calibration import Calibration
 
 if TYPE_CHECKING:
@@ -49,9 +50,9 @@ class AdapterSet:
     are serialised by a lock, so concurrent requests (a web app's worker threads) never see a half-switched model."""
 
     def __init__(self, model: "MedVQAAdapter", name: str = "default", folder: str | Path | None = None):
-        if model.config.tuning.mode != "lora":
-            raise AdapterLoadError(f"adapter {name!r}: tuning.mode={model.config.tuning.mode!r}; only LoRA adapters "
-                                   f"can share one base model as peft named adapters")
+        if not model.config.tuning.method.shares_base:
+            raise AdapterLoadError(f"adapter {name!r}: tuning.mode={model.config.tuning.mode!r}; only modes that can "
+                                   f"share one base model as peft named adapters (LoRA) can be served together")
         self.model = model.eval()
         self._lock = threading.RLock()
         self._base_encoder = model.encoder if model.config.encoder.freeze else None
@@ -62,6 +63,8 @@ class AdapterSet:
 
     @classmethod
     def load(cls, ref: str | Path, name: str | None = None) -> "AdapterSet":
+        """A set holding one adapter (folder, hub name or repo), loaded with `MedVQAAdapter.from_pretrained`: its base
+        models become the base every later `add` must match. Named ``name`` (default: ``ref`` as given)."""
         from .model import MedVQAAdapter
 
         folder = resolve_adapter(ref)
@@ -69,6 +72,7 @@ class AdapterSet:
 
     @property
     def names(self) -> list[str]:
+        """The loaded adapters' names in the order they were added (the first is the default one)."""
         return list(self.slots)
 
     # --- adding -------------------------------------------------------------------------------------------------
@@ -87,52 +91,53 @@ class AdapterSet:
         return self._base_encoder
 
     def add(self, ref: str | Path, name: str | None = None) -> str:
-        """Add an adapter (folder, hub name or Hugging Face repo) on the loaded base; returns its name here."""
-        from safetensors.torch import load_file
-
-        from .config import AdapterConfig
-        from .mappers import build_mapper
-        from .data.processor import MedVQAProcessor
-        from .vision import VisionEncoder
-
+        """Add an adapter (folder, hub name or Hugging Face repo) on the loaded base; returns its name here. It is
+        read like `from_pretrained` reads it (`AdapterFolder`), so a folder either loads the same way here or is
+        refused with the same error."""
         name = name or str(ref)
         if name in self.slots:
             raise AdapterLoadError(f"an adapter named {name!r} is already loaded")
-        folder = resolve_adapter(ref)
-        check_integrity(folder)
-        cfg = AdapterConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
-        self._check_compatible(folder, cfg)
-        state = load_file(str(folder / TENSORS_NAME))
-        if any(k.startswith("decoder.") for k in state):
-            raise AdapterLoadError(f"{folder}: it trained decoder weights (tuning.mode='full'); it cannot share a base")
-        device = self.model.device
-        mapper = build_mapper(cfg.mapper, cfg.template.image_start_end)
-        try:
-            mapper.load_state_dict({k[len("mapper."):]: v for k, v in state.items() if k.startswith("mapper.")},
-                                   strict=True)
-        except RuntimeError as exc:
-            raise AdapterLoadError(f"{folder / TENSORS_NAME}: {str(exc).splitlines()[0]}") from None
-        mapper = mapper.to(device).eval()
-        base = self._base()
-        enc_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-        if enc_state:  # this adapter trained the image tower: its own copy of it
-            visual = copy.deepcopy(base.visual)
-            visual.load_state_dict(enc_state, strict=True)
-        else:
-            visual = base.visual
-        encoder = VisionEncoder(visual, base.preprocess, cfg.encoder).eval()
-        processor = MedVQAProcessor.from_pretrained(folder, encoder.preprocess, cfg.template)
+        folder = AdapterFolder.open(ref)
+        cfg = folder.config
+        self._check_compatible(folder.path, cfg)
+        mapper, encoder = self._own_parts(folder)
+        processor = folder.processor(encoder.preprocess, cfg.template)
+        if processor is None:
+            from .data.processor import PROCESSOR_NAME
+
+            raise AdapterLoadError(f"{folder.path / PROCESSOR_NAME} is missing: the adapter cannot join a set")
         if processor.tokenizer.get_vocab() != self.model.tokenizer.get_vocab():
-            raise AdapterLoadError(f"{folder}: its tokenizer differs from the loaded base's")
+            raise AdapterLoadError(f"{folder.path}: its tokenizer differs from the loaded base's")
+        calibration = folder.calibration()
         peft_name = f"adapter_{len(self.slots)}"
         with self._lock:
-            self.model.decoder.load_adapter(str(folder), adapter_name=peft_name)
+            folder.load_peft(self.model.decoder, cfg.tuning, adapter_name=peft_name)
             self.model.decoder.set_adapter(self.slots[self.active].peft_name)  # loading does not switch
-        self.slots[name] = _Slot(peft_name, mapper, encoder, processor, cfg, Calibration.load(folder), folder)
+        self.slots[name] = _Slot(peft_name, mapper, encoder, processor, cfg, calibration, folder.path)
         return name
 
+    def _own_parts(self, folder: AdapterFolder) -> tuple["nn.Module", "VisionEncoder"]:
+        """The adapter's mapper, and its image tower: its own trained copy, or the shared base tower when frozen."""
+        from .mappers import build_mapper
+        from .vision import VisionEncoder
+
+        cfg = folder.config
+        state = folder.read_tensors()
+        if any(k.startswith("decoder.") for k in state):
+            raise AdapterLoadError(f"{folder.path}: it trained decoder weights (tuning.mode={cfg.tuning.mode!r}); it "
+                                   f"cannot share a base")
+        base = self._base()
+        mapper = build_mapper(cfg.mapper, cfg.template.image_start_end)
+        visual = base.visual if cfg.encoder.freeze else copy.deepcopy(base.visual)  # a trained tower: its own copy
+        parts = ["mapper"] + ([] if cfg.encoder.freeze else ["encoder"])
+        folder.load_parts({"mapper": mapper, "encoder": visual}, parts, state)
+        encoder = VisionEncoder(visual, base.preprocess, cfg.encoder).eval()
+        return mapper.to(self.model.device).eval(), encoder
+
     def _check_compatible(self, folder: Path, cfg: "AdapterConfig") -> None:
-        if cfg.tuning.mode != "lora":
+        """Refuse, before any weights are read, an adapter that cannot sit on this base: its mode cannot share one,
+        or it was trained on other base models (fingerprints), or its mapper feeds another embedding width."""
+        if not cfg.tuning.method.shares_base:
             raise AdapterLoadError(f"{folder}: tuning.mode={cfg.tuning.mode!r}; only LoRA adapters can share a base")
         base = self.model.base_fingerprints
         for part in ("encoder", "decoder"):
@@ -161,10 +166,12 @@ class AdapterSet:
             yield self.model
 
     def answer(self, name: str, images: Sequence[Any], questions: Sequence[str], **kwargs: Any) -> list["Answer"]:
+        """`MedVQAAdapter.answer` with adapter ``name`` active, under the lock (safe from concurrent requests)."""
         with self.using(name) as model:
             return model.answer(images, questions, **kwargs)
 
     def score_choices(self, name: str, images: Sequence[Any], questions: Sequence[str],
                       choices: Sequence[Sequence[str]], **kwargs: Any) -> list[list[float]]:
+        """`MedVQAAdapter.score_choices` with adapter ``name`` active, under the lock."""
         with self.using(name) as model:
             return model.score_choices(images, questions, choices, **kwargs)

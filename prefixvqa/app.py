@@ -135,31 +135,71 @@ def _data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
+def _error(message: str, status: int = 400) -> Any:
+    """The JSON error the page shows (``{"error": message}``)."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
+
+
 def create_app(adapters: "AdapterSet", *, max_upload_bytes: int = 20 << 20, abstain_below: float | None = None,
                keep_uploads: str | os.PathLike | None = None, explain_method: str = "occlusion",
                max_new_tokens: int | None = None, allowed_hosts: Sequence[str] = ()) -> Any:
     """The FastAPI app serving ``adapters``. Requests must name a loopback host (or one of ``allowed_hosts``), which
     stops DNS-rebinding pages from reaching it; uploads must not be a type a cross-site form could send."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="prefixvqa", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", *allowed_hosts])
+    _add_pages(app, adapters, max_upload_bytes)
     keep = Path(keep_uploads) if keep_uploads else None
 
+    def run(data: bytes, filename: str, question: str, name: str) -> dict[str, Any]:
+        return _answer_upload(adapters, data, filename, question, name, keep=keep, abstain_below=abstain_below,
+                             explain_method=explain_method, max_new_tokens=max_new_tokens)
+
+    @app.post("/api/answer")
+    async def answer(request: Request, question: str = "", adapter: str = "") -> Any:
+        question = question.strip()
+        if not question:
+            return _error("Type a question.")
+        if len(question) > MAX_QUESTION:
+            return _error(f"The question is longer than {MAX_QUESTION} characters.")
+        name = adapter or adapters.names[0]
+        if name not in adapters.names:
+            return _error(f"Unknown adapter {name!r}.", 404)
+        body = await _read_upload(request, max_upload_bytes)
+        if body is None:
+            return _error(f"The image is larger than the {max_upload_bytes / (1 << 20):g} MB limit.", 413)
+        filename = Path(unquote(request.headers.get("x-filename", ""))).name[:200]
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() in FORM_TYPES:
+            return _error(f"{filename or 'the upload'} is not a {ACCEPTED} image.", 415)  # nor a cross-site form post
+        try:
+            return await run_in_threadpool(run, body, filename, question, name)
+        except UploadError as exc:
+            return _error(str(exc), exc.status)
+        except Exception as exc:  # the page shows the message; a bare 500 would read as a broken page
+            log.exception("answering failed")
+            return _error(f"Answering failed: {exc.__class__.__name__}: {exc}", 500)
+
+    return app
+
+
+def _add_pages(app: Any, adapters: "AdapterSet", max_upload_bytes: int) -> None:
+    """Everything but answering: the security headers on every response, the page, the adapter list, the health
+    check."""
+    from fastapi.responses import HTMLResponse
+
     @app.middleware("http")
-    async def headers(request: Request, call_next: Any) -> Any:
+    async def headers(request: Any, call_next: Any) -> Any:
         response = await call_next(request)
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["Cache-Control"] = "no-store"
         return response
-
-    def error(message: str, status: int = 400) -> Any:
-        return JSONResponse({"error": message}, status_code=status)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -176,54 +216,41 @@ def create_app(adapters: "AdapterSet", *, max_upload_bytes: int = 20 << 20, abst
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    def run(data: bytes, filename: str, question: str, name: str) -> dict[str, Any]:
-        from .explain import grounding_map, overlay, png_bytes
-        from .model import abstain
 
-        image = check_upload(data, filename)
-        if keep is not None:
-            atomic_write(keep / (hashlib.sha256(data).hexdigest()[:16] + Path(filename).suffix.lower()), data)
-        with adapters.using(name) as model:
-            threshold = abstain_below if abstain_below is not None else (
-                model.calibration.threshold if model.calibration is not None else None)
-            g = grounding_map(model, image, question, method=explain_method, max_new_tokens=max_new_tokens)
-            calibrated = model.calibration is not None
-        a = abstain(g.answer, threshold)
-        return {"answer": a.text, "guess": a.guess or a.text, "abstained": a.abstained, "confidence": a.confidence,
-                "calibrated": calibrated, "threshold": threshold, "adapter": name, "method": g.method,
-                "heatmap": _data_url(png_bytes(overlay(g.image, g.heatmap)))}
+async def _read_upload(request: Any, max_upload_bytes: int) -> bytes | None:
+    """The request body, or None once it is (or declares to be) larger than the limit: never read past it."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_upload_bytes:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_upload_bytes:
+            return None
+    return bytes(body)
 
-    @app.post("/api/answer")
-    async def answer(request: Request, question: str = "", adapter: str = "") -> Any:
-        question = question.strip()
-        if not question:
-            return error("Type a question.")
-        if len(question) > MAX_QUESTION:
-            return error(f"The question is longer than {MAX_QUESTION} characters.")
-        name = adapter or adapters.names[0]
-        if name not in adapters.names:
-            return error(f"Unknown adapter {name!r}.", 404)
-        declared = request.headers.get("content-length")
-        too_big = f"The image is larger than the {max_upload_bytes / (1 << 20):g} MB limit."
-        if declared and declared.isdigit() and int(declared) > max_upload_bytes:
-            return error(too_big, 413)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_upload_bytes:
-                return error(too_big, 413)
-        filename = Path(unquote(request.headers.get("x-filename", ""))).name[:200]
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() in FORM_TYPES:
-            return error(f"{filename or 'the upload'} is not a {ACCEPTED} image.", 415)  # nor a cross-site form post
-        try:
-            return await run_in_threadpool(run, bytes(body), filename, question, name)
-        except UploadError as exc:
-            return error(str(exc), exc.status)
-        except Exception as exc:  # the page shows the message; a bare 500 would read as a broken page
-            log.exception("answering failed")
-            return error(f"Answering failed: {exc.__class__.__name__}: {exc}", 500)
 
-    return app
+def _answer_upload(adapters: "AdapterSet", data: bytes, filename: str, question: str, name: str, *,
+                  keep: Path | None = None, abstain_below: float | None = None, explain_method: str = "occlusion",
+                  max_new_tokens: int | None = None) -> dict[str, Any]:
+    """What the page shows for one upload: the answer (or "uncertain" below the threshold: ``abstain_below``, else
+    the adapter's calibrated one), its confidence and a grounding heatmap. Raises UploadError for a bad image; the
+    upload is written under ``keep`` only when given."""
+    from .explain import grounding_map, overlay, png_bytes
+    from .model import abstain
+
+    image = check_upload(data, filename)
+    if keep is not None:
+        atomic_write(keep / (hashlib.sha256(data).hexdigest()[:16] + Path(filename).suffix.lower()), data)
+    with adapters.using(name) as model:
+        threshold = abstain_below if abstain_below is not None else (
+            model.calibration.threshold if model.calibration is not None else None)
+        g = grounding_map(model, image, question, method=explain_method, max_new_tokens=max_new_tokens)
+        calibrated = model.calibration is not None
+    a = abstain(g.answer, threshold)
+    return {"answer": a.text, "guess": a.guess or a.text, "abstained": a.abstained, "confidence": a.confidence,
+            "calibrated": calibrated, "threshold": threshold, "adapter": name, "method": g.method,
+            "heatmap": _data_url(png_bytes(overlay(g.image, g.heatmap)))}
 
 
 def load_adapters(adapter: str, hub: str | None = None) -> "AdapterSet":

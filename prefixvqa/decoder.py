@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DecoderConfig, TuningConfig
+from .config import AdapterConfig, DecoderConfig, TuningConfig
 from .fileio import atomic_dir, package_file
 from .rng import seeded
-from .vision import ModelNotAvailableError, require_hub_file
+from .vision import ModelNotAvailableError, check_encoder_available, require_hub_file
 
 log = logging.getLogger(__name__)
 
@@ -186,3 +186,19 @@ def decoder_fingerprint(model: nn.Module) -> str:
     config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_KEYS}
     emb = model.get_input_embeddings()
     return fingerprint(emb, {"config": config})
+
+
+def check_available(config: AdapterConfig, encoder: bool = True, decoder: bool = True) -> None:
+    """Before loading anything: every missing weight/config, each named by hub id or path, in one error. Next to the
+    decoder loader so the model and the hub (checking an index entry before any transfer) share it without the hub
+    importing the model."""
+    problems = []
+    for needed, check, cfg in ((encoder, check_encoder_available, config.encoder),
+                               (decoder, check_decoder_available, config.decoder)):
+        try:
+            if needed:
+                check(cfg)
+        except ModelNotAvailableError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ModelNotAvailableError("\n".join(problems))

@@ -42,16 +42,11 @@ class ShotPoolError(PrefixVQAError, ValueError):
 
 
 def feature_cache(model: "MedVQAAdapter", root: str | Path | None = None) -> "FeatureCache":
-    """The feature cache for the model's encoder as it is now. A trained encoder (the adapter carries its weights)
-    is keyed by a fingerprint of those weights, so its features never mix with the base encoder's."""
+    """The feature cache for the model's encoder as it is now (`FeatureCache.for_model`, the one key rule): a
+    trained encoder is keyed by its own weights, so its features never mix with the base encoder's."""
     from .data.cache import FeatureCache
-    from .decoder import cache_dir, fingerprint
 
-    encoder_fp = model.base_fingerprints["encoder"]
-    if not model.config.encoder.freeze:
-        encoder_fp = fingerprint(model.encoder.visual, {"name": model.config.encoder.name, "trained": True})
-    root = Path(root) if root is not None else cache_dir() / "features"
-    return FeatureCache(root, encoder_fp, model.processor.transform_fingerprint())
+    return FeatureCache.for_model(model, root)
 
 
 def _words(text: str) -> set[str]:

@@ -48,6 +48,7 @@ class HubError(PrefixVQAError, ValueError):
 
 
 def default_hub() -> str:
+    """The hub root used when none is named: ``$PREFIXVQA_HUB``, else ``checkpoints/`` (where training writes)."""
     return os.environ.get("PREFIXVQA_HUB", DEFAULT_HUB)
 
 
@@ -111,10 +112,14 @@ class Hub:
         return path
 
     def folder(self, name: str, version: str) -> str:
+        """The path (in the hub's filesystem) of one adapter version's folder; names are checked first, so it is
+        always inside the root."""
         return self._path(check_name(name), check_name(version, "version"))
 
     # --- index --------------------------------------------------------------------------------------------------
     def index(self) -> dict[str, Any]:
+        """The hub's index.json as a dict (an empty index for a new hub); the record `pull`/`resolve` check files
+        against."""
         path = self._path(INDEX_NAME)
         if not self.fs.exists(path):
             return {"format": "prefixvqa-hub", "version": 1, "adapters": {}}
@@ -269,13 +274,22 @@ class Hub:
 
     @staticmethod
     def missing_bases(entry: dict[str, Any]) -> str:
-        """Empty if the entry's encoder and decoder can be built here, else what is missing (no download tried)."""
-        from .config import AdapterConfig, ConfigError
-        from .model import check_available
+        """Empty if the entry's encoder and decoder can be built here, else what is missing (no download tried).
+
+        Only the base-model sections are read, without the fields this version does not know (an adapter pushed by
+        a newer release may add some): the version rule itself is applied once, when the folder is loaded
+        (`adapter_io.AdapterFolder`), so a hub adapter is accepted or refused exactly as the same folder would be."""
+        from dataclasses import fields
+
+        from .config import AdapterConfig, ConfigError, DecoderConfig, EncoderConfig
+        from .decoder import check_available
         from .vision import ModelNotAvailableError
 
         try:
-            check_available(AdapterConfig.from_dict(entry["config"]))
+            bases = {part: {k: v for k, v in (entry["config"].get(part) or {}).items()
+                            if k in {f.name for f in fields(kind)}}
+                     for part, kind in (("encoder", EncoderConfig), ("decoder", DecoderConfig))}
+            check_available(AdapterConfig.from_dict(bases))
         except (ModelNotAvailableError, ConfigError) as exc:
             return str(exc).replace("\n", "; ")
         return ""

@@ -17,11 +17,11 @@ from torch import nn
 
 from .calibration import UNCERTAIN, Calibration
 from .config import AdapterConfig, ConfigError
-from .decoder import (apply_tuning, check_decoder_available, decoder_fingerprint, fingerprint, is_peft_param,
+from .decoder import (apply_tuning, check_available, decoder_fingerprint, fingerprint, is_peft_param,
                       load_decoder)
 from .mappers import build_mapper
 from .data.processor import IGNORE, MedVQAProcessor, Sample
-from .vision import ModelNotAvailableError, VisionEncoder, check_encoder_available
+from .vision import VisionEncoder
 
 GROUPS = ("encoder", "mapper", "lora", "decoder")  # "lora" holds every peft tensor (LoRA or soft prompts)
 
@@ -49,20 +49,6 @@ def abstain(answer: Answer, below: float | None) -> Answer:
     if below is None or answer.confidence is None or answer.confidence >= below:
         return answer
     return Answer(UNCERTAIN, answer.score, answer.num_tokens, answer.confidence, True, answer.text)
-
-
-def check_available(config: AdapterConfig, encoder: bool = True, decoder: bool = True) -> None:
-    """Before loading anything: every missing weight/config, each named by hub id or path, in one error."""
-    problems = []
-    for needed, check, cfg in ((encoder, check_encoder_available, config.encoder),
-                               (decoder, check_decoder_available, config.decoder)):
-        try:
-            if needed:
-                check(cfg)
-        except ModelNotAvailableError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise ModelNotAvailableError("\n".join(problems))
 
 
 class MedVQAAdapter(nn.Module):

@@ -8,6 +8,11 @@ DICOM/NIfTI and running a ViT dominates small-adapter training. The key of one e
 so a different encoder checkpoint or a different preprocessing transform lands in a different namespace folder and
 old entries are never reused (invalidation by construction). Entries are written to a temporary file and renamed,
 so concurrent writers (several ranks, several runs) and interrupted runs never leave a half-written array.
+
+`encoder_key` is the one rule for a model's encoder fingerprint, used by every caller through
+`FeatureCache.for_model` (training, `prefixvqa cache-features`, few-shot retrieval): the base encoder's fingerprint
+only while the encoder is the untouched base, else a fingerprint of its live weights, so features of a trained
+encoder never land where a frozen-encoder run reads.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..fileio import atomic_write
 from .processor import record_label, view_args
 from .images import ImageLoadError, image_bytes_hash
@@ -33,7 +39,29 @@ if TYPE_CHECKING:
     from ..model import MedVQAAdapter
     from .records import VQARecord
 
-__all__ = ["FeatureCache", "cache_features"]
+__all__ = ["FeatureCache", "cache_features", "encoder_key", "default_root"]
+
+
+def encoder_key(model: MedVQAAdapter) -> str:
+    """The encoder fingerprint that keys the model's feature-cache namespace.
+
+    The base encoder's fingerprint (shared by every adapter on that base) only when the encoder is untouched: frozen
+    by the config and never trained, merged or loaded from an adapter (`model.changed_parts`). Otherwise the
+    fingerprint of its live weights, marked as trained, so those features can never be read as the base encoder's.
+    """
+    if model.config.encoder.freeze and "encoder" not in model.changed_parts:
+        return model.base_fingerprints["encoder"]
+    from ..decoder import fingerprint
+
+    return fingerprint(model.encoder.visual, {"name": model.config.encoder.name, "trained": True})
+
+
+def default_root() -> Path:
+    """Where features are cached when the caller names no folder: ``features/`` in prefixvqa's cache folder."""
+    from ..decoder import cache_dir
+
+    return cache_dir() / "features"
+
 
 class FeatureCache:
     """Content-addressed store of (N, D) float32 feature arrays for one encoder + preprocessing."""
@@ -52,8 +80,11 @@ class FeatureCache:
         self.hits = self.misses = 0
 
     @classmethod
-    def for_model(cls, model: MedVQAAdapter, root: str | Path) -> FeatureCache:
-        return cls(root, model.base_fingerprints["encoder"], model.processor.transform_fingerprint())
+    def for_model(cls, model: MedVQAAdapter, root: str | Path | None = None) -> FeatureCache:
+        """The cache of the model's encoder as it is now (namespace from `encoder_key` and the processor's image
+        transform) under ``root`` (default: `default_root`): the one way callers open a model's cache."""
+        return cls(root if root is not None else default_root(), encoder_key(model),
+                   model.processor.transform_fingerprint())
 
     # --- keys -------------------------------------------------------------------------------------------------------
     def content_hash(self, ref: Any) -> str:
@@ -83,10 +114,12 @@ class FeatureCache:
         return digest
 
     def path(self, key: str) -> Path:
+        """The entry's file (two-character fan-out folders keep directories small)."""
         return self.dir / key[:2] / f"{key}.npy"
 
     # --- entries ----------------------------------------------------------------------------------------------------
     def get(self, key: str) -> np.ndarray | None:
+        """The cached (N, D) features, memory-mapped, or None when absent or damaged (the caller recomputes)."""
         file = self.path(key)
         if not file.is_file():
             return None
@@ -96,6 +129,7 @@ class FeatureCache:
             return None
 
     def put(self, key: str, features: np.ndarray) -> None:
+        """Store features as float32 atomically: concurrent writers of one key leave one whole entry."""
         # serialised in memory first so the temporary file ends in ".tmp", never "*.npy" (what __len__ counts)
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(features, dtype=np.float32), allow_pickle=False)
@@ -171,7 +205,7 @@ def cache_features(model: MedVQAAdapter, records: Sequence[VQARecord], root: str
     Returns stats: images (distinct), cached (newly written), reused (already there), failed (names), seconds.
     """
     if on_bad_image not in ("skip", "stop"):
-        raise ValueError(f"on_bad_image must be 'skip' or 'stop', got {on_bad_image!r}")
+        raise ConfigError(f"on_bad_image must be 'skip' or 'stop', got {on_bad_image!r}")
     cache = FeatureCache.for_model(model, root)
     start = time.perf_counter()
     failed: list[str] = []

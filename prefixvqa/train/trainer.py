@@ -297,12 +297,11 @@ def read_trainer_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | N
 
 
 def load_weights_into(model: MedVQAAdapter, folder: Path) -> None:
-    """Load a checkpoint's trained tensors into an already built model (resume keeps the live base models)."""
-    from ..adapter_io import PEFT_MODES, TENSORS_NAME, _load_peft, _load_tensors
+    """Load a checkpoint's trained tensors into an already built model (resume keeps the live base models), through
+    the one adapter-folder reader: same version rule, manifest check and strictness as `from_pretrained`."""
+    from ..adapter_io import load_weights_into as load
 
-    _load_tensors(model, Path(folder) / TENSORS_NAME)
-    if model.config.tuning.mode in PEFT_MODES:
-        _load_peft(model, Path(folder))
+    load(model, folder)
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
