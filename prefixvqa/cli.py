@@ -277,7 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .eval.sweep import sweep
+    from .sweep import sweep
 
     result = sweep(args.recipe, train_sizes=args.train_sizes, seeds=args.seeds, out_dir=args.out,
                    protocol=args.protocol, sets=args.set, smoke=args.smoke)

@@ -21,7 +21,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 
 from prefixvqa.config import ConfigError  # noqa: E402
-from prefixvqa.testing import adapter_tensors  # noqa: E402
+from helpers import adapter_tensors, subprocess_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from safetensors.torch import save_file
     from prefixvqa.train import TrainConfig, train
-    from prefixvqa.testing import kill_after_save
+    from helpers import kill_after_save  # tests/ (on PYTHONPATH in subprocesses)
     from prefixvqa.data.synthetic import colour_records
     from prefixvqa.train.recipe import build_model
 
@@ -75,8 +75,7 @@ def launch(work: Path, out: Path, kill_at: int = 0, extra: dict | None = None, p
     script.write_text(SCRIPT)
     launcher = [str(TORCHRUN), f"--nproc_per_node={procs}", f"--master_port={port}"] if procs > 1 else [sys.executable]
     cmd = [*launcher, str(script), str(work), str(out), str(kill_at), json.dumps(extra or {})]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
 
 
 def in_process(work: Path, out: Path, extra: dict | None = None, kill_at: int = 0):

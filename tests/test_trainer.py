@@ -21,9 +21,8 @@ from prefixvqa.train import TrainConfig, epoch_batches, train  # noqa: E402
 from prefixvqa.train import trainer as trainer_mod  # noqa: E402
 from prefixvqa.data.synthetic import colour_records  # noqa: E402
 from prefixvqa.train.recipe import build_model  # noqa: E402
-from prefixvqa.testing import adapter_tensors  # noqa: E402
+from helpers import adapter_tensors, subprocess_env  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST = {"progress": False, "tensorboard": False, "plot": False}
 MODEL = {"tiny": "gpt2", "config": {"mapper": {"prefix_length": 2}}}
 
@@ -34,7 +33,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     from pathlib import Path
     from prefixvqa.train import TrainConfig, train
-    from prefixvqa.testing import kill_after_save
+    from helpers import kill_after_save  # tests/ (on PYTHONPATH in subprocesses)
     from prefixvqa.data.synthetic import colour_records
     from prefixvqa.train.recipe import build_model
 
@@ -59,8 +58,7 @@ def run_script(work: Path, out: Path, kill_at: int = 0, extra: dict | None = Non
     script = work / "train_script.py"
     script.write_text(SCRIPT)
     cmd = [*(launcher or [sys.executable]), str(script), str(work), str(out), str(kill_at), json.dumps(extra or {})]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
 
 
 def run_in_process(work: Path, out: Path, extra: dict | None = None):
