@@ -134,7 +134,6 @@ def check_trainable(model: MedVQAAdapter, groups: Sequence[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
-
 class Trainer:
     """Holds the run's moving parts; `train()` below is the one-call entry point.
 
