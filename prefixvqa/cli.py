@@ -407,7 +407,7 @@ def _add_sweep(sub: Any) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """`prefixvqa sweep`: a learning curve (metric against training-set size, over seeds) with its plot."""
-    from .eval.sweep import sweep
+    from .sweep import sweep
 
     result = sweep(args.recipe, train_sizes=args.train_sizes, seeds=args.seeds, out_dir=args.out,
                    protocol=args.protocol, sets=args.set, smoke=args.smoke)

@@ -1,5 +1,9 @@
-"""Tiny offline stand-ins for tests, recipe smoke runs and examples: a BPE tokenizer trained on the spot, random
+"""Tiny offline stand-ins for recipe smoke runs, examples and tests: a BPE tokenizer trained on the spot, random
 decoders of each supported family, and a small open_clip tower. Nothing here downloads anything.
+
+Why it ships in the package: a recipe's ``model.tiny: FAMILY`` (``prefixvqa train --smoke``) builds these at run
+time. It sits below `train/` and imports none of it; helpers only tests use (fault injection, reference batches,
+adapter tensor comparison) live in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -94,55 +98,3 @@ def tiny_overrides(decoder_folder: str | Path) -> dict[str, Any]:
     return {"encoder": dict(TINY_ENCODER), "decoder": {"name": str(decoder_folder), "quantization": None,
                                                        "gguf_file": None, "model_config": None, "dtype": "float32"},
             "mapper": {"hidden_dim": None, "heads": 2}, "template": {"max_length": 256}}
-
-
-def plain_transformers_batch(model: Any, prefix: Any, questions: list[str], answers: list[str]) -> tuple[Any, ...]:
-    """What a plain-transformers user builds by hand for the `plain` template: [start tokens] prefix
-    "Question: q Answer:" " a" EOS, right-padded, labels on the answer only -> (inputs_embeds, attention_mask,
-    labels). The reference the model's own assembly is tested and benchmarked against."""
-    import torch
-
-    tok, emb = model.tokenizer, model.decoder.get_input_embeddings()
-    bos = model.processor.start_ids  # what the tokenizer opens a text with (none for GPT-2)
-    rows, labels = [], []
-    for p, q, a in zip(prefix, questions, answers):
-        head = tok(f"Question: {q} Answer:", add_special_tokens=False)["input_ids"]
-        ans = tok(f" {a}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        text = emb(torch.tensor(bos + head + ans, dtype=torch.long))
-        rows.append(torch.cat([text[:len(bos)], p.to(text.dtype), text[len(bos):]]))
-        labels.append(torch.tensor([-100] * (len(bos) + len(p) + len(head)) + ans))
-    T = max(len(r) for r in rows)
-    embeds = rows[0].new_zeros(len(rows), T, rows[0].shape[-1])
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    lab = torch.full((len(rows), T), -100)
-    for i, (r, lb) in enumerate(zip(rows, labels)):
-        embeds[i, :len(r)], mask[i, :len(r)], lab[i, :len(r)] = r, 1, lb
-    return embeds, mask, lab
-
-
-def adapter_tensors(folder: str | Path) -> dict[str, Any]:
-    """The trained tensors of an adapter folder, "mapper/..." and "lora/...": what resume and multi-process tests
-    compare between runs."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    out = {f"mapper/{k}": v for k, v in load_file(str(folder / "mapper.safetensors")).items()}
-    out.update({f"lora/{k}": v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()})
-    return out
-
-
-def kill_after_save(step: int) -> None:
-    """Make this training process SIGKILL itself right after it saved the checkpoint of `step` (fault tests)."""
-    import os
-    import signal
-
-    from .train import trainer
-
-    original = trainer.Trainer.save_last
-
-    def save_then_die(self: Any) -> None:
-        original(self)
-        if self.step == step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    trainer.Trainer.save_last = save_then_die

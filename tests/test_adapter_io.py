@@ -99,7 +99,7 @@ def version_warnings(messages: list[str]) -> list[str]:
 
 def test_newer_minor_release_loads_the_same_through_api_app_and_resume(saved, tmp_path):
     from prefixvqa.adapter_set import AdapterSet
-    from prefixvqa.train.trainer import load_weights_into
+    from prefixvqa.adapter_io import load_weights_into
 
     newer = as_if_written_by(saved["second"], NEWER_MINOR, tmp_path)
     api, api_warn = warned(MedVQAAdapter.from_pretrained, newer)
@@ -139,7 +139,7 @@ def test_newer_minor_release_joins_the_app_from_a_hub(saved, tmp_path):
 
 def test_newer_major_release_is_refused_the_same_way_everywhere(saved, tmp_path):
     from prefixvqa.adapter_set import AdapterSet
-    from prefixvqa.train.trainer import load_weights_into
+    from prefixvqa.adapter_io import load_weights_into
 
     newer = as_if_written_by(saved["second"], NEWER_MAJOR, tmp_path)
     errors = []
@@ -155,7 +155,7 @@ def test_newer_major_release_is_refused_the_same_way_everywhere(saved, tmp_path)
 
 def test_every_loader_checks_the_manifest(saved, tmp_path):
     from prefixvqa.adapter_set import AdapterSet
-    from prefixvqa.train.trainer import load_weights_into
+    from prefixvqa.adapter_io import load_weights_into
 
     damaged = tmp_path / "damaged"
     shutil.copytree(saved["second"], damaged)

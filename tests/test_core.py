@@ -13,7 +13,8 @@ from prefixvqa.adapter_io import AdapterLoadError
 from prefixvqa.config import TUNING_MODES, AdapterConfig, ConfigError
 from prefixvqa.mappers import MAPPERS
 from prefixvqa.prompts import TEMPLATES
-from prefixvqa.testing import TINY_ENCODER, plain_transformers_batch
+from helpers import plain_transformers_batch
+from prefixvqa.testing import TINY_ENCODER
 
 FAMILIES = ("gpt2", "biogpt", "llama")
 FEATURES = {"mlp": "pooled", "transformer": "pooled"}  # the others read patch tokens (transformer: ClipCap)

@@ -205,7 +205,7 @@ def test_report_protocol_writes_the_bleu_signature(trained, tmp_path):
 def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
     from prefixvqa.eval.plots import result_plots as _plots
-    from prefixvqa.eval.sweep import plot_learning_curve
+    from prefixvqa.sweep import plot_learning_curve
     from prefixvqa.train.trainer import plot_history
 
     original = matplotlib.get_backend()

@@ -55,7 +55,11 @@ def _smoke(path, tmp_path, sets=(), tiny=None):
     recipe = load_recipe(path, [f"train.output_dir={tmp_path}", *QUIET, *sets])
     if tiny:
         recipe.smoke["model.tiny"] = tiny
+    from prefixvqa.rng import rng_state
+
+    before = rng_state()
     result = run_recipe(recipe, smoke=True)
+    assert rng_state() == before  # the caller's python/numpy/torch generators are left as they were
     assert result.final_dir is not None and result.final_dir.is_dir()
     assert (result.final_dir / "prefixvqa_config.json").is_file()
     assert (result.final_dir / "mapper.safetensors").is_file()

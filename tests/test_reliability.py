@@ -26,17 +26,15 @@ from prefixvqa.cli import main  # noqa: E402
 from prefixvqa.data.images import ImageLoadError  # noqa: E402
 from prefixvqa.data.synthetic import colour_records  # noqa: E402
 from prefixvqa.fileio import MANIFEST_NAME  # noqa: E402
-from prefixvqa.testing import adapter_tensors  # noqa: E402
+from helpers import adapter_tensors, subprocess_env  # noqa: E402
 from prefixvqa.train import TrainConfig, train  # noqa: E402
 from prefixvqa.train import trainer as trainer_mod  # noqa: E402
 from prefixvqa.train.checkpoint import LOCK_NAME, CheckpointError, RunLockedError, output_lock  # noqa: E402
 from prefixvqa.train.recipe import build_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST = {"progress": False, "tensorboard": False, "plot": False}
 MODEL = {"tiny": "gpt2", "config": {"mapper": {"prefix_length": 2, "dropout": 0.1}}}
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
+ENV = subprocess_env(TOKENIZERS_PARALLELISM="false")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("yaml")
 
 from prefixvqa.data.records import VQARecord  # noqa: E402
-from prefixvqa.eval.sweep import stratified_subset, sweep  # noqa: E402
+from prefixvqa.sweep import stratified_subset, sweep  # noqa: E402
 
 RECIPE = """
 model:
@@ -44,8 +44,13 @@ def test_stratified_subset_keeps_mix_and_is_seeded():
 def test_sweep_learning_curve(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE.replace("FEATURES", str(tmp_path / "features")))
+    from prefixvqa.rng import rng_state
+
+    torch.manual_seed(1234)  # a caller's own stream: the sweep must neither reseed nor advance it
+    before = rng_state()
     table = sweep(recipe, train_sizes=[4, "all"], seeds=1, out_dir=tmp_path / "sweep", protocol="llava_med",
                   metric="closed_accuracy_strict")
+    assert rng_state() == before  # python, numpy and torch generators as the caller left them
     for name in ("sweep.json", "sweep.md", "learning_curve.png"):
         assert (tmp_path / "sweep" / name).is_file()
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["summary"] == table["summary"]

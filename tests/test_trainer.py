@@ -20,9 +20,8 @@ from prefixvqa.train import TrainConfig, epoch_batches, train  # noqa: E402
 from prefixvqa.train import trainer as trainer_mod  # noqa: E402
 from prefixvqa.data.synthetic import colour_records  # noqa: E402
 from prefixvqa.train.recipe import build_model  # noqa: E402
-from prefixvqa.testing import adapter_tensors  # noqa: E402
+from helpers import adapter_tensors, subprocess_env  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST = {"progress": False, "tensorboard": False, "plot": False}
 MODEL = {"tiny": "gpt2", "config": {"mapper": {"prefix_length": 2}}}
 
@@ -33,7 +32,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     from pathlib import Path
     from prefixvqa.train import TrainConfig, train
-    from prefixvqa.testing import kill_after_save
+    from helpers import kill_after_save  # tests/ (on PYTHONPATH in subprocesses)
     from prefixvqa.data.synthetic import colour_records
     from prefixvqa.train.recipe import build_model
 
@@ -58,8 +57,7 @@ def run_script(work: Path, out: Path, kill_at: int = 0, extra: dict | None = Non
     script = work / "train_script.py"
     script.write_text(SCRIPT)
     cmd = [*(launcher or [sys.executable]), str(script), str(work), str(out), str(kill_at), json.dumps(extra or {})]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
 
 
 def run_in_process(work: Path, out: Path, extra: dict | None = None):
@@ -277,3 +275,31 @@ def test_fp16_without_cuda_is_refused_not_silently_fp32(work):
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         train(fresh_model(work), colour_records(4), [],
               TrainConfig(output_dir=str(work / "fp16"), epochs=1, batch_size=4, mixed_precision="fp16", **FAST))
+
+
+def test_fp16_loss_scaling_skips_overflow_steps_and_round_trips():
+    """The run's own loss scaler (accelerate's precision is process-wide): an inf gradient skips the step and lowers
+    the scale, a finite one steps; its state goes into the checkpoint and comes back."""
+    from prefixvqa.train.precision import Precision
+
+    class Wrapped:  # what accelerate's optimizer wrapper offers the precision
+        def __init__(self, optimizer):
+            self.optimizer, self.step_was_skipped = optimizer, False
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = Wrapped(torch.optim.SGD([weight], lr=0.1))
+    precision = Precision("fp16", torch.device("cpu"))
+    assert precision.dtype == torch.float16 and precision.scaler is not None
+    scale = precision.scaler.get_scale()
+    precision.scale(weight.sum() * float("inf")).backward()
+    precision.unscale(opt)
+    assert precision.step(opt) is False and precision.scaler.get_scale() < scale
+    assert torch.equal(weight.detach(), torch.ones(3))  # the overflowing update was not applied
+    opt.optimizer.zero_grad()
+    precision.scale(weight.sum()).backward()
+    assert precision.step(opt) is True and torch.allclose(weight.detach(), torch.full((3,), 0.9))
+    again = Precision("fp16", torch.device("cpu"))
+    again.load_state_dict(precision.state_dict())
+    assert again.scaler.get_scale() == precision.scaler.get_scale()
+    none = Precision("bf16", torch.device("cpu"))
+    assert none.scaler is None and none.state_dict() is None and none.scale(weight.sum()).dtype == torch.float32

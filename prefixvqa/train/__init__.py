@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .trainer import DEFAULT_LR, TrainConfig, TrainResult, epoch_batches, train
+from .config import DEFAULT_LR, TrainConfig
+from .trainer import TrainResult, epoch_batches, train
 
 __all__ = ["DEFAULT_LR", "TrainConfig", "TrainResult", "epoch_batches", "train", "load_recipe", "run_recipe",
            "Recipe"]

@@ -1,4 +1,4 @@
-"""What makes a training run's output folder safe to resume: one writer at a time, complete checkpoints, same recipe.
+"""A training run's output folder: one writer at a time, complete checkpoints, the trainer state they hold, same recipe.
 
 * **Lock.** A run holds ``output_dir/prefixvqa.lock`` (an exclusive ``flock`` plus the holder's pid, host and start
   time as JSON) for its whole life. A second run into the folder refuses, naming the holder. The kernel drops the
@@ -10,6 +10,8 @@
 * **Same recipe.** A checkpoint records a signature of everything that changes the result (the training settings,
   the model config, the base models and the data); resuming with a different one is refused with the differences
   listed, unless ``train.resume_with_changes`` is set.
+* **Trainer state.** ``trainer_state/`` holds the optimizer's tensors as safetensors and everything else (counters,
+  scheduler, random states, the signature) as JSON (no pickle): :func:`write_checkpoint`, :func:`read_trainer_state`.
 """
 
 from __future__ import annotations
@@ -24,16 +26,20 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PrefixVQAError
+from ..errors import ConfigError, PrefixVQAError
 from ..fileio import MANIFEST_NAME, IntegrityError, recover_dir, verify_manifest
+from .config import DEFAULT_LR, TrainConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from ..data.records import VQARecord
     from ..model import MedVQAAdapter
-    from .trainer import TrainConfig
 
-__all__ = ["LOCK_NAME", "RunLockedError", "CheckpointError", "output_lock", "run_lock", "checkpoint_problem",
-           "recover_checkpoint", "run_signature", "signature_differences", "check_same_recipe"]
+__all__ = ["LOCK_NAME", "STATE_DIR", "RunLockedError", "CheckpointError", "output_lock", "run_lock",
+           "checkpoint_problem", "recover_checkpoint", "recover_output", "resume_folder", "run_signature",
+           "signature_differences", "check_same_recipe", "write_checkpoint", "read_trainer_state", "optimizer_tensors",
+           "optimizer_from_tensors", "scheduler_json"]
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +213,53 @@ def recover_checkpoint(folder: Path, trainer_state: bool = True) -> Path | None:
         raise CheckpointError(f"cannot resume: {exc}; move them away to start afresh") from None
 
 
+def _resumes_automatically(resume: bool | str) -> bool:
+    return resume is True or resume == "auto"
+
+
+def recover_output(out: Path, resume: bool | str) -> None:
+    """Put back what an interrupted checkpoint swap left in a run's output folder and delete leftovers, before the
+    checkpoint to resume from is chosen (the main process, holding the lock). Leftovers that cannot be recovered
+    stop a resuming run and are kept, with a warning, by a fresh one."""
+    out.mkdir(parents=True, exist_ok=True)
+    recover_checkpoint(out / "best", trainer_state=False)
+    try:
+        recover_checkpoint(out / "last")
+    except CheckpointError:
+        if _resumes_automatically(resume):
+            raise
+        log.warning("%s: leftovers of an interrupted checkpoint swap are kept (train.resume is false)", out)
+
+
+def resume_folder(out: Path, resume: bool | str, warn: bool = True) -> Path | None:
+    """The checkpoint a run with ``train.resume=resume`` continues from (None: a fresh start); never a silent fresh
+    start while a checkpoint exists that cannot be used. ``warn``: log the fresh-start warnings (main process)."""
+    last = out / "last"
+    if not resume:
+        if warn and (last.exists() or (out / "best").exists()):
+            log.warning("%s holds checkpoints of an earlier run; train.resume is false, so this run starts "
+                        "afresh and replaces them", out)
+        return None
+    auto = _resumes_automatically(resume)
+    folder = last if auto else Path(resume)
+    if not folder.is_dir():
+        if not auto:
+            raise ConfigError(f"train.resume={resume!r}: no such checkpoint folder")
+        if (out / "best").is_dir():
+            log.warning("%s has no last/ checkpoint (best/ holds no trainer state): starting afresh", out)
+        return None
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise CheckpointError(f"train.resume: {folder} cannot be resumed: {problem}. Move it away to start afresh "
+                              f"or set train.resume=false")
+    return folder
+
+
 # ------------------------------------------------------------------------------------------------------ signature
 def run_signature(cfg: TrainConfig, model: MedVQAAdapter, train_records: Sequence[VQARecord],
                   eval_records: Sequence[VQARecord]) -> dict[str, Any]:
     """Everything a checkpoint's weights depend on, as JSON data, for comparing a resumed run with its checkpoint."""
     from ..data.records import content_hash
-    from .trainer import DEFAULT_LR
 
     settings = {k: v for k, v in cfg.to_dict().items() if k not in NON_RESULT_FIELDS}
     settings["lr"] = {group: cfg.group_lr(group) for group in DEFAULT_LR}  # defaults spelled out: same if omitted
@@ -257,3 +304,81 @@ def check_same_recipe(folder: Path, saved: dict[str, Any] | None, current: dict[
     raise CheckpointError(f"resume from {folder}: the run's settings differ from the checkpoint's: {shown}. "
                           f"Resume with the original recipe, pass --resume-with-changes (train.resume_with_changes="
                           f"true) to continue with the new settings, or choose another output_dir")
+
+
+# ---------------------------------------------------------------------------------------------------- trainer state
+def optimizer_tensors(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into flat tensors (safetensors) and the JSON rest."""
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in opt_state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    """The `optimizer.state_dict()` that :func:`optimizer_tensors` split (parameter keys as they were: indices, or
+    names for torch.distributed.checkpoint's full state dicts)."""
+    state: dict[int | str, dict[str, Any]] = {}
+    for key, value in tensors.items():  # "state.<index or parameter name>.<state name>"
+        idx, name = key[len("state."):].rsplit(".", 1)
+        state.setdefault(int(idx) if idx.isdigit() else idx, {})[name] = value
+    for idx, values in rest["scalars"].items():
+        state.setdefault(int(idx) if idx.isdigit() else idx, {}).update(values)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def scheduler_json(state: dict[str, Any]) -> dict[str, Any]:
+    """A learning-rate scheduler's state_dict without its functions (JSON data; the run rebuilds them)."""
+    return {k: v for k, v in state.items() if k != "lr_lambdas"}
+
+
+def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str, Any] | None,
+                     optimizer_state: dict[str, Any] | None = None, card: dict[str, Any] | None = None,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Adapter (+ trainer_state/) into a temporary sibling, then renamed over `folder`: all or nothing. The manifest
+    is rewritten last to cover trainer_state/ too, so a complete checkpoint is one whose manifest verifies.
+    `state_dict`: the full tensors a sharded run gathered (else the model's live tensors are written)."""
+    from safetensors.torch import save_file
+
+    from ..adapter_io import write_adapter_files
+    from ..fileio import atomic_dir, write_manifest
+
+    with atomic_dir(folder) as tmp:
+        write_adapter_files(model, tmp, card, state_dict)
+        if trainer_state is not None:
+            state_dir = tmp / STATE_DIR
+            state_dir.mkdir()
+            rest: dict[str, Any] = {}
+            if optimizer_state is not None:
+                tensors, rest = optimizer_tensors(optimizer_state)
+                save_file(tensors, str(state_dir / "optimizer.safetensors"))
+            payload = {**trainer_state, "optimizer": rest}
+            (state_dir / "state.json").write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+            write_manifest(tmp)
+    return folder
+
+
+def read_trainer_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(state.json contents, optimizer state_dict or None) of a checkpoint folder; a damaged file is named."""
+    from safetensors.torch import load_file
+
+    state_dir = Path(folder) / STATE_DIR
+    try:
+        state = json.loads((state_dir / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{state_dir / 'state.json'} cannot be read: {exc}") from None
+    opt_file = state_dir / "optimizer.safetensors"
+    if not opt_file.is_file():
+        return state, None
+    try:
+        tensors = load_file(str(opt_file))
+    except Exception as exc:  # safetensors raises its own error type for damaged headers and truncation
+        raise CheckpointError(f"{opt_file} is damaged or truncated: {exc}") from None
+    return state, optimizer_from_tensors(tensors, state["optimizer"])

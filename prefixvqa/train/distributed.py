@@ -21,29 +21,27 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ..config import ConfigError
+from .config import STRATEGIES, TrainConfig
 
-if TYPE_CHECKING:
-    from .trainer import TrainConfig
-
-STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+__all__ = ["STRATEGIES", "Distributed", "strategy_of", "deepspeed_file", "deepspeed_stage"]
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
-def deepspeed_file(cfg: "TrainConfig") -> str | None:
+def deepspeed_file(cfg: TrainConfig) -> str | None:
     """The DeepSpeed JSON: train.deepspeed_config, else the one `accelerate launch --config_file` names."""
     return cfg.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
 
 
-def deepspeed_stage(cfg: "TrainConfig") -> int:
+def deepspeed_stage(cfg: TrainConfig) -> int:
     """ZeRO stage of the run's DeepSpeed config (file), or of `accelerate launch`'s environment."""
     if deepspeed_file(cfg):
         path = Path(deepspeed_file(cfg))
@@ -56,7 +54,7 @@ def deepspeed_stage(cfg: "TrainConfig") -> int:
     return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
 
 
-def strategy_of(cfg: "TrainConfig") -> str:
+def strategy_of(cfg: TrainConfig) -> str:
     """'ddp', 'fsdp', or 'zero1'/'zero2'/'zero3' for this run. `auto` follows `accelerate launch --config_file`
     (its ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED environment), else DDP."""
     name = cfg.distributed
@@ -83,7 +81,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 class Distributed:
     """The run's strategy: how to launch accelerate, wrap the model, step, gather and restore."""
 
-    def __init__(self, cfg: "TrainConfig"):
+    def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.strategy = strategy_of(cfg)
         self.deepspeed = self.strategy.startswith("zero")
@@ -113,16 +111,18 @@ class Distributed:
         plugin = DeepSpeedPlugin(hf_ds_config=file, **kwargs) if file else \
             DeepSpeedPlugin(zero_stage=int(self.strategy[-1]), **kwargs)
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.batch_size  # no dataloader is prepared
+        plugin.set_mixed_precision(self.cfg.mixed_precision)  # the Accelerator's own is "no" (see precision.py)
         return {"deepspeed_plugin": plugin, "gradient_accumulation_steps": self.cfg.grad_accum}
 
     def check(self, model: nn.Module, world: int) -> None:
         """Refuse combinations the strategy cannot run, each with what to use instead."""
-        mode, quant = model.config.tuning.mode, model.config.decoder.quantization
+        method, quant = model.config.tuning.method, model.config.decoder.quantization
         if (self.fsdp or self.strategy == "zero3") and quant:
             raise ConfigError(f"train.distributed={self.cfg.distributed} ({self.strategy}) cannot shard a "
                               f"bitsandbytes {quant} decoder; QLoRA's trained tensors are small: use ddp")
-        if self.fsdp and mode in ("prompt_tuning", "prefix_tuning"):
-            raise ConfigError(f"tuning.mode={mode!r} with fsdp is not supported (soft prompts are tiny): use ddp")
+        if self.fsdp and not method.shardable:
+            raise ConfigError(f"tuning.mode={method.name!r} with fsdp is not supported (soft prompts are tiny): use "
+                              "ddp")
         if self.fsdp and self.cfg.mixed_precision == "fp16":
             raise ConfigError("fsdp with fp16 loss scaling is not supported (scales are per rank); use bf16 or ddp")
         if self.fsdp and world < 2:
@@ -166,7 +166,8 @@ class Distributed:
         return acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
 
     def backward(self, acc: Any, loss: torch.Tensor, grad_accum: int) -> None:
-        # DeepSpeed divides by its gradient_accumulation_steps itself (accelerate hands it the raw loss)
+        """Backward of one micro-batch's share of the step's loss (DeepSpeed divides by its
+        gradient_accumulation_steps itself: accelerate hands it the raw loss)."""
         acc.backward(loss if self.deepspeed else loss / grad_accum)
 
     def clip_grad_norm(self, acc: Any, params: list[nn.Parameter], max_norm: float) -> float | None:
@@ -212,7 +213,8 @@ class Distributed:
         from ..decoder import is_peft_param
 
         prefixes = tuple(PART_PREFIX[p] for p in stored_parts(model))
-        peft = model.config.tuning.mode == "lora"
+        method = model.config.tuning.method
+        peft = method.uses_peft_files and not method.soft_prompt  # weight-space peft tensors live in the layers
         bias = model.config.tuning.bias != "none"
         out = {}
         for name, value in model.state_dict().items():  # the same order on every rank
@@ -236,6 +238,7 @@ class Distributed:
         return optimizer.state_dict()
 
     def load_optimizer(self, model: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
+        """Put back a full optimizer state (FSDP re-shards it over this run's ranks; others load it as it is)."""
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -32,19 +32,20 @@ lesion task of prefixvqa.data.synthetic.lesion_records instead ({n, seed, image_
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..config import AdapterConfig, ConfigError, apply_override, coerce
+from ..rng import seeded
 from .checkpoint import run_lock
-from .trainer import TrainConfig, TrainResult, train
+from .config import TrainConfig, literal_values
+from .trainer import TrainResult, train
 
 if TYPE_CHECKING:
     from ..data.records import VQARecord
@@ -59,6 +60,10 @@ DATA_KEYS = ("train", "eval", "test")
 
 @dataclass
 class Recipe:
+    """A parsed, validated recipe (see the module doc for the schema): everything is checked at load, before any
+    model is built, so a typo fails in a second rather than after the first stage trained. Plain data: `to_dict`
+    round-trips it, `with_sets` derives variants (smoke runs, sweeps)."""
+
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
@@ -84,6 +89,7 @@ class Recipe:
             raise ConfigError(f"recipe stages: duplicate stage names {names}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as YAML-ready data (a deep copy: editing it leaves the recipe alone)."""
         out = {"model": self.model, "data": self.data, "train": self.train, "smoke": self.smoke}
         if self.stages is not None:
             out["stages"] = self.stages
@@ -156,6 +162,8 @@ def _parse_set(item: str) -> tuple[str, Any]:
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return key, None
+    if any(isinstance(v, str) for option in options for v in literal_values(option) or ()):
+        return key, text  # a choice field (TrainConfig checks the value): "no" stays "no"
     if str in options and not isinstance(value, (dict, list)) and not (bool in options and isinstance(value, bool)):
         return key, text
     return key, coerce(value, hint, f"--set {key}")
@@ -275,13 +283,11 @@ def recipe_config(spec: dict[str, Any], workdir: Path) -> AdapterConfig:
 
         folder = workdir / "_tiny" / str(spec["tiny"])
         if not (folder / "config.json").is_file():
-            import torch
-
             from ..fileio import atomic_dir
 
             # every rank may build it: each writes its own temporary folder, the first complete one is kept
-            with torch.random.fork_rng(devices=[]), atomic_dir(folder, overwrite=False) as tmp:
-                build_decoder(tmp, str(spec["tiny"]))  # (fork_rng: must not shift the caller's seeded RNG stream)
+            with atomic_dir(folder, overwrite=False) as tmp:
+                build_decoder(tmp, str(spec["tiny"]))  # seeded on its own: the caller's RNG stream is not shifted
         tiny = tiny_overrides(folder)
     if spec.get("adapter"):
         import json
@@ -311,7 +317,19 @@ def _apply_tiny(cfg: AdapterConfig, tiny: dict[str, Any]) -> AdapterConfig:
 
 
 def _retune_allowed(old: Any, new: Any) -> bool:
-    return old == new or old.mode == "frozen" or (old.mode == "lora" and new.mode == "full")
+    """A stage may keep its tuning, leave a decoder that holds nothing trained (frozen), or switch to a mode that can
+    follow the previous one (LoRA/DoRA -> full, merged first); changed settings of a trained mode would drop weights."""
+    if old == new:
+        return True
+    holds_nothing = not (old.method.uses_peft_files or old.method.trains_decoder)
+    return holds_nothing or (old.mode != new.mode and new.method.can_follow(old.method))
+
+
+def _allowed_switches() -> str:
+    from ..tuning import TUNING_MODES
+
+    pairs = [f"{old!r} -> {new!r}" for new, m in TUNING_MODES.items() for old in m.follows if old != new]
+    return "same tuning, or " + ", ".join(pairs)
 
 
 def retune(model: MedVQAAdapter, tuning: dict[str, Any]) -> None:
@@ -323,16 +341,17 @@ def retune(model: MedVQAAdapter, tuning: dict[str, Any]) -> None:
     if old == new:
         return
     if _retune_allowed(old, new):
-        base = model.decoder.merge_and_unload() if old.mode == "lora" else model.decoder
+        base = old.method.merged_base(model.decoder)
+        folded = base is not model.decoder  # peft's wrapper was merged away: its trained deltas are in the weights
         model.decoder = apply_tuning(base, new, quantized=bool(model.config.decoder.quantization),
                                      checkpointing=model.config.decoder.gradient_checkpointing)
         model.config = new_cfg
-        if old.mode == "lora":
+        if folded:
             model.changed_parts.add("decoder")  # the trained LoRA now lives in the decoder's weights
         return
     raise ConfigError(f"curriculum: switching tuning from {old.mode!r} to {new.mode!r} (or changing LoRA settings) "
-                      "would drop trained decoder weights from the saved adapter; allowed: same tuning, from "
-                      "'frozen' to any mode, or 'lora' -> 'full' (LoRA merged first)")
+                      f"would drop trained decoder weights from the saved adapter; allowed: {_allowed_switches()} "
+                      "(LoRA/DoRA merged first)")
 
 
 # ----------------------------------------------------------------------------------------------------------- run
@@ -342,6 +361,9 @@ def _stage_train(stage: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class RecipeResult:
+    """What `run_recipe` leaves: each stage's TrainResult, the adapter folder to use, and the trained model (so a
+    caller such as the sweep or the CLI can evaluate it without loading the folder again)."""
+
     stages: dict[str, TrainResult]  # a single-stage recipe has one entry named "train"
     final_dir: Path | None  # the adapter to use: the last stage's best (or last) checkpoint
     model: Any = None
@@ -370,17 +392,6 @@ def prepare_stage(recipe: Recipe, stage: dict[str, Any], model: MedVQAAdapter | 
     return model, cfg, {**recipe.data, **(stage.get("data") or {})}
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed the initialisation of what a recipe builds (mapper, fresh LoRA), leaving the caller's RNG untouched:
-    same recipe and seed -> the same adapter."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _stage_seed(recipe: Recipe, stage: dict[str, Any]) -> int:
     return int({**recipe.train, **_stage_train(stage)}.get("seed", 0))
 
@@ -402,8 +413,7 @@ def check_curriculum(recipe: Recipe, model: MedVQAAdapter) -> None:
             new = model.config.replace(tuning=stage["tuning"]).tuning
             if not _retune_allowed(tuning, new):
                 raise ConfigError(f"recipe stages[{i}] ({stage['name']!r}): switching tuning from {tuning.mode!r} to "
-                                  f"{new.mode!r} would drop trained decoder weights; allowed: same tuning, from "
-                                  "'frozen' to any mode, or 'lora' -> 'full'")
+                                  f"{new.mode!r} would drop trained decoder weights; allowed: {_allowed_switches()}")
             tuning = new
 
 
@@ -421,7 +431,7 @@ def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
     out = Path(top.output_dir)
     with run_lock(out):
         stage_data = load_stage_data(recipe)
-        with _seeded(top.seed):
+        with seeded(top.seed):  # what a recipe builds (mapper, fresh LoRA) is seeded; the caller's RNG is kept
             model = build_model(recipe.model, out)
         if not recipe.stages:
             result = train(model, *stage_data[0], top)
@@ -431,7 +441,7 @@ def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
         previous: TrainResult | None = None
         base_template = model.config.to_dict()["template"]
         for stage, (train_recs, eval_recs) in zip(recipe.stages, stage_data):
-            with _seeded(_stage_seed(recipe, stage)):
+            with seeded(_stage_seed(recipe, stage)):
                 model, cfg, _ = prepare_stage(recipe, stage, model, previous, base_template, out)
             results[stage["name"]] = previous = train(model, train_recs, eval_recs, cfg)
     final = previous.best_dir or previous.last_dir if previous is not None else None

@@ -6,6 +6,9 @@ is evaluated with :func:`prefixvqa.eval.runner.evaluate` into its own result fol
 checkpoint selection: training gets no eval records and the final weights are evaluated. ``sweep.json`` (every run and
 a per-size summary), ``sweep.md`` and ``learning_curve.png`` (metric vs training examples, mean with min-max spread
 over seeds) are written to ``out_dir``.
+
+It lives above both `train/` and `eval/` because it uses both (it trains, then evaluates); neither imports it. Every
+run is seeded on its own (`prefixvqa.rng.seeded`): the caller's random generators are left as they were.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..fileio import atomic_write
-from .protocols import answer_type_of, get_protocol
-from .runner import _dump, _md_table, _save_png, evaluate
+from .config import ConfigError
+from .eval.protocols import answer_type_of, get_protocol
+from .eval.runner import _dump, _md_table, _save_png, evaluate
+from .fileio import atomic_write
+from .rng import seeded
 
 __all__ = ["sweep", "stratified_subset", "plot_learning_curve"]
 
@@ -38,7 +43,7 @@ def stratified_subset(records: Sequence[Any], size: Size, seed: int) -> list[Any
         return records
     size = int(size)
     if size < 1:
-        raise ValueError(f"train size must be >= 1 or 'all', got {size}")
+        raise ConfigError(f"train size must be >= 1 or 'all', got {size}")
     groups: dict[str, list[int]] = {}
     for i, record in enumerate(records):
         groups.setdefault(answer_type_of(record), []).append(i)
@@ -105,10 +110,8 @@ def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64,
     """
     import dataclasses
 
-    import torch
-
-    from ..train import TrainConfig, load_recipe, train
-    from ..train.recipe import build_model, load_split, prepare_stage, run_recipe
+    from .train import TrainConfig, load_recipe, train  # looked up per call: tests spy on prefixvqa.train.train
+    from .train.recipe import build_model, load_split, prepare_stage, run_recipe
 
     recipe = load_recipe(recipe_path, list(sets))
     if smoke:
@@ -123,7 +126,7 @@ def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64,
     data = {**recipe.data, **((last or {}).get("data") or {})}
     test_spec = data.get("test", data.get("eval"))
     if test_spec is None:
-        raise ValueError(f"sweep: recipe {recipe_path} has no data.test or data.eval split to evaluate on")
+        raise ConfigError(f"sweep: recipe {recipe_path} has no data.test or data.eval split to evaluate on")
     prot = get_protocol(protocol)
     metric = metric or prot.primary
     train_records, test_records = load_split(data.get("train")), load_split(test_spec)
@@ -132,13 +135,13 @@ def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64,
 
     def fresh_run(run_dir: Path, seed: int) -> tuple[Any, TrainConfig]:
         """The model and TrainConfig of one run: the recipe's model, or the last stage after the earlier ones."""
-        torch.manual_seed(seed)  # fresh init per seed (mapper, LoRA) where a stage does not load them
-        model = build_model(recipe.model, out) if previous is None else None
-        if last is None:
-            cfg = TrainConfig.from_dict(recipe.train)
-        else:
-            template = head.template if head is not None else model.config.to_dict()["template"]
-            model, cfg, _ = prepare_stage(recipe, last, model, previous, template, run_dir)
+        with seeded(seed):  # fresh init per seed (mapper, LoRA) where a stage does not load them
+            model = build_model(recipe.model, out) if previous is None else None
+            if last is None:
+                cfg = TrainConfig.from_dict(recipe.train)
+            else:
+                template = head.template if head is not None else model.config.to_dict()["template"]
+                model, cfg, _ = prepare_stage(recipe, last, model, previous, template, run_dir)
         return model, dataclasses.replace(cfg, output_dir=str(run_dir / "train"), seed=seed)
 
     sizes = list(dict.fromkeys(train_sizes))
