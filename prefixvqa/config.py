@@ -18,7 +18,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
-from .errors import ConfigError, PrefixVQAError  # noqa: F401 (ConfigError re-exported)
+from .errors import ConfigError  # noqa: F401 (re-exported: `from prefixvqa.config import ConfigError`)
 from .tuning import DEFAULT_LORA_TARGETS, TUNING_MODES, TuningMode, get_tuning_mode  # noqa: F401 (re-exported)
 
 FeatureKind = Literal["pooled", "patches"]  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)

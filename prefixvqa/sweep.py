@@ -21,7 +21,9 @@ from typing import Any, Sequence
 
 from .config import ConfigError
 from .eval.protocols import answer_type_of, get_protocol
-from .eval.runner import _dump, _md_table, _save_png, evaluate
+from .eval.plots import save_png
+from .eval.reports import dump_json, md_table
+from .eval.runner import evaluate
 from .fileio import atomic_write
 from .rng import seeded
 
@@ -79,7 +81,7 @@ def plot_learning_curve(summary: Sequence[dict[str, Any]], metric: str, path: st
     ax.set_xlabel("training examples")
     ax.set_ylabel(metric)
     ax.legend(fontsize=8)
-    _save_png(fig, Path(path))
+    save_png(fig, Path(path))
 
 
 def _summary(runs: Sequence[dict[str, Any]], sizes: Sequence[Size], metric: str) -> list[dict[str, Any]]:
@@ -161,11 +163,11 @@ def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64,
     summary = _summary(runs, sizes, metric)
     table = {"protocol": prot.name, "metric": metric, "recipe": str(recipe_path), "sets": list(sets),
              "runs": runs, "summary": summary}
-    atomic_write(out / "sweep.json", _dump(table))
+    atomic_write(out / "sweep.json", dump_json(table))
     rows = [[str(s["size"]), str(s["n_train"]), str(s["seeds"]), s["mean"], s["std"], s["min"], s["max"]]
             for s in summary]
     atomic_write(out / "sweep.md", f"# Data-efficiency sweep: `{metric}` ({prot.name})\n\nRecipe: `{recipe_path}`\n\n"
-                 + _md_table(["train size", "examples", "seeds", "mean", "std", "min", "max"], rows)
+                 + md_table(["train size", "examples", "seeds", "mean", "std", "min", "max"], rows)
                  + "\n\n![learning curve](learning_curve.png)\n")
     plot_learning_curve(summary, metric, out / "learning_curve.png")
-    return json.loads(_dump(table))
+    return json.loads(dump_json(table))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import ConfigError, PrefixVQAError
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

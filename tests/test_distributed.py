@@ -8,7 +8,6 @@ same script runs in-process (one process) and under torchrun.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -19,11 +19,9 @@ from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 from ..inference import answer_records
 from .errors import DataOverlapError, EvaluationError
-from .plots import save_png as _save_png  # noqa: F401  (eval/sweep.py's import; moves with the sweep)
 from .protocols import BREAKDOWN_FIELDS, TOKEN_ID_METRICS, Protocol, answer_type_of, get_protocol, item_scores, \
     plan_items
 from .reports import (DECIMALS, build_manifest, compare, load_predictions, rescore, round_floats, write_outputs)
-from .reports import dump_json as _dump, md_table as _md_table  # noqa: F401  (eval/sweep.py's imports, as above)
 
 if TYPE_CHECKING:
     from ..calibration import Calibration
