@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .errors import PrefixVQAError
+from .rng import seeded
 from .config import EncoderConfig
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,7 @@ class VisionEncoder(nn.Module):
         kwargs: dict[str, Any] = dict(cfg.model_overrides)
         if cfg.image_size:
             kwargs["force_image_size"] = cfg.image_size
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.init_seed)
+        with seeded(cfg.init_seed):  # pretrained=None rebuilds the same random tower; the caller's stream untouched
             try:
                 model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=cfg.pretrained,
                                                                              **kwargs)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from prefixvqa import MedVQAAdapter
 from prefixvqa.config import PARAM_GROUPS, AdapterConfig, ConfigError
+from prefixvqa.generation import lora_merged
 from prefixvqa.testing import TINY_ENCODER
 from prefixvqa.tuning import TUNING_MODES, TuningMode, UnknownTuningMode, default_groups, get_tuning_mode, register
 
@@ -133,7 +134,7 @@ def test_dora_trains_saves_reloads_loads_in_peft_alone_and_merges(tiny_decoders,
 
     # the inference paths do not fold DoRA into temporary weights (its magnitude is no additive delta); LoRA's are
     lora = MedVQAAdapter(make_config(tiny_decoders[family], "lora")).eval()
-    with torch.no_grad(), model._lora_merged(), lora._lora_merged():
+    with torch.no_grad(), lora_merged(model), lora_merged(lora):
         assert not any(m.merged_adapters for m in layers)
         assert all(m.merged_adapters for m in lora.decoder.modules() if isinstance(m, LoraLayer))
 

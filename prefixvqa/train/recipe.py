@@ -176,36 +176,12 @@ def _yaml_problem(exc: Exception) -> str:
 
 
 def apply_sets(data: dict[str, Any], sets: dict[str, Any] | list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Set nested keys by dotted path; list items by index ("stages.0.epochs"); missing dicts are created."""
+    """A copy of a recipe dict with `--set` overrides ("a.b=value" strings or a {"a.b": value} dict) applied by the
+    one override engine (`config.apply_override`, not strict: the recipe is validated as a whole afterwards)."""
     data = copy.deepcopy(data)
-    pairs = sets.items() if isinstance(sets, dict) else map(_parse_set, sets)
-    for key, value in pairs:
-        parts = key.split(".")
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                node = node[_index(node, part, key)]
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
-        last = parts[-1]
-        if isinstance(node, list):
-            node[_index(node, last, key)] = value
-        else:
-            node[last] = value
+    for key, value in (sets.items() if isinstance(sets, dict) else map(_parse_set, sets)):
+        apply_override(data, key, value, strict=False)
     return data
-
-
-def _index(node: list, part: str, key: str) -> int:
-    try:
-        i = int(part)
-        node[i]
-        return i
-    except (ValueError, IndexError):
-        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}") from None
 
 
 def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
