@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import PrefixVQAError
 from .rng import seeded
-from .config import EncoderConfig
+from .config import ConfigError, EncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class VisionEncoder(nn.Module):
         blocks = transformer.resblocks
         last = self.cfg.layer + len(blocks) if self.cfg.layer < 0 else self.cfg.layer
         if not 0 <= last < len(blocks):
-            raise IndexError(f"encoder.layer={self.cfg.layer} is out of range for a tower of {len(blocks)} blocks")
+            raise ConfigError(f"encoder.layer={self.cfg.layer} is out of range for a tower of {len(blocks)} blocks")
         x = self.visual._embeds(pixels)  # (B, 1 + N, D): class token, then patches
         for block in blocks[:last + 1]:
             if transformer.grad_checkpointing:

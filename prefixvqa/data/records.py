@@ -194,7 +194,7 @@ def _image_from_cell(cell: Any) -> str | bytes | None:
         return cell
     if isinstance(cell, dict):
         return cell.get("bytes") or cell.get("path")
-    raise TypeError(f"unsupported image cell of type {type(cell).__name__} (cast the column to Image(decode=False))")
+    raise DataError(f"unsupported image cell of type {type(cell).__name__} (cast the column to Image(decode=False))")
 
 
 def dataset_to_records(ds: datasets.Dataset) -> list[VQARecord]:
