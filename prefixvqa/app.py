@@ -8,7 +8,8 @@ Offline and private by construction: the page has no external scripts, styles, f
 Content-Security-Policy forbids fetching any; FastAPI's interactive docs (which load assets from a CDN) are off;
 neither FastAPI nor uvicorn sends telemetry. The server binds 127.0.0.1 unless told otherwise. Uploads are read
 into memory up to a size cap, checked to be PNG, JPEG or DICOM, and dropped after the response (written to disk only
-with ``keep_uploads``).
+with ``keep_uploads``). Pages on other sites cannot use it: every request that is not GET/HEAD must come from the app's
+own page (``refuse_cross_site``), and the app never grants CORS.
 
 Why not Gradio: its default themes request Google Fonts and its install adds some twenty packages (and moves Pillow);
 the page a VQA demo needs is small enough to own, and owning it makes "nothing leaves the machine" checkable.
@@ -24,8 +25,8 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
-from urllib.parse import unquote
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from urllib.parse import unquote, urlsplit
 
 from .errors import PrefixVQAError
 from .fileio import atomic_write
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_app", "serve", "start_server", "ACCEPTED"]
+__all__ = ["create_app", "serve", "start_server", "ACCEPTED", "refuse_cross_site"]
 
 ACCEPTED = "PNG, JPEG or DICOM"
 MAX_QUESTION = 500
@@ -85,7 +86,7 @@ $("ask").addEventListener("click", async () => {{
   $("ask").disabled = true; $("ask").textContent = "Thinking...";
   try {{
     const url = "/api/answer?question=" + encodeURIComponent(q) + "&adapter=" + encodeURIComponent($("adapter").value);
-    const res = await fetch(url, {{method: "POST", body: file, headers: {{
+    const res = await fetch(url, {{method: "POST", body: file, referrerPolicy: "same-origin", headers: {{
       "Content-Type": file.type || "application/octet-stream", "X-Filename": encodeURIComponent(file.name)}}}});
     const data = await res.json();
     if (!res.ok) {{ $("error").textContent = data.error || ("request failed: " + res.status); return; }}
@@ -129,6 +130,47 @@ def check_upload(data: bytes, filename: str) -> Any:
 
 #: content types a page on another site can POST without asking (no CORS preflight): never an image upload here
 FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+#: methods that change nothing; every other one is checked by ``refuse_cross_site``
+SAFE_METHODS = ("GET", "HEAD")
+#: ``Sec-Fetch-Site`` values of the app's own page (same-origin) and of the user's own action (none: typed, bookmark)
+OWN_FETCH_SITES = ("same-origin", "none")
+
+
+def _origin_key(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin such as ``http://127.0.0.1:7860``, the default port filled in; None for
+    ``null`` or anything that is not an http(s) origin."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port or (443 if parts.scheme.lower() == "https" else 80)
+
+
+def refuse_cross_site(method: str, headers: Mapping[str, str], own_origin: str) -> str | None:
+    """Why a request must be refused as one a page on another site could have sent, or None to let it in.
+
+    GET and HEAD change nothing and pass. Any other method is refused when its ``Origin`` is present and not
+    ``own_origin`` (``null`` included: sandboxed frames, ``file:`` and ``data:`` pages), when its ``Sec-Fetch-Site``
+    is present and not same-origin/none, or when it has no ``Content-Type``. Browsers send Origin on every cross-origin
+    POST and Sec-Fetch-Site on every request, so either check alone stops another site's page; the Content-Type rule
+    is for clients that send neither: a page can POST without a CORS preflight only with no Content-Type or a form
+    type (which the answer endpoint refuses as not an image), and the app grants no preflight. ``headers`` must look
+    names up case-insensitively (Starlette's do); ``own_origin`` is the scheme and Host the request was sent to."""
+    if method.upper() in SAFE_METHODS:
+        return None
+    origin = headers.get("origin")
+    if origin is not None and (_origin_key(origin) or ()) != _origin_key(own_origin):
+        return f"Cross-site request refused: Origin {origin[:100]!r} is not this app's origin ({own_origin[:100]})."
+    site = headers.get("sec-fetch-site")
+    if site is not None and site.strip().lower() not in OWN_FETCH_SITES:
+        return f"Cross-site request refused: Sec-Fetch-Site is {site[:40]!r}, not same-origin."
+    if not headers.get("content-type", "").strip():
+        return (f"{method.upper()} refused without a Content-Type: name the upload's type (image/png, image/jpeg, "
+                "application/dicom or application/octet-stream).")
+    return None
 
 
 def _data_url(png: bytes) -> str:
@@ -146,12 +188,24 @@ def create_app(adapters: "AdapterSet", *, max_upload_bytes: int = 20 << 20, abst
                keep_uploads: str | os.PathLike | None = None, explain_method: str = "occlusion",
                max_new_tokens: int | None = None, allowed_hosts: Sequence[str] = ()) -> Any:
     """The FastAPI app serving ``adapters``. Requests must name a loopback host (or one of ``allowed_hosts``), which
-    stops DNS-rebinding pages from reaching it; uploads must not be a type a cross-site form could send."""
+    stops DNS-rebinding pages from reaching it; requests other than GET/HEAD must come from the app's own page (see
+    ``refuse_cross_site``: 403 and nothing read or written otherwise), and uploads must not be a type a cross-site
+    form could send."""
     from fastapi import FastAPI, Request
     from starlette.concurrency import run_in_threadpool
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="prefixvqa", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def same_origin_only(request: Any, call_next: Any) -> Any:  # runs after the Host check below
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        refusal = refuse_cross_site(request.method, request.headers, own)
+        if refusal is not None:
+            log.warning("%s %s: %s", request.method, request.url.path, refusal)
+            return _error(refusal, 403)
+        return await call_next(request)
+
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", *allowed_hosts])
     _add_pages(app, adapters, max_upload_bytes)
     keep = Path(keep_uploads) if keep_uploads else None
