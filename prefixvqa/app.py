@@ -43,6 +43,8 @@ MAX_QUESTION = 500
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
        "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
 
+# the page's fetch sets referrerPolicy "same-origin": under the no-referrer policy the Fetch standard sends
+# `Origin: null` on a same-origin POST (Chromium sends the origin anyway), which refuse_cross_site refuses
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>prefixvqa</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -154,11 +156,12 @@ def refuse_cross_site(method: str, headers: Mapping[str, str], own_origin: str) 
 
     GET and HEAD change nothing and pass. Any other method is refused when its ``Origin`` is present and not
     ``own_origin`` (``null`` included: sandboxed frames, ``file:`` and ``data:`` pages), when its ``Sec-Fetch-Site``
-    is present and not same-origin/none, or when it has no ``Content-Type``. Browsers send Origin on every cross-origin
-    POST and Sec-Fetch-Site on every request, so either check alone stops another site's page; the Content-Type rule
-    is for clients that send neither: a page can POST without a CORS preflight only with no Content-Type or a form
-    type (which the answer endpoint refuses as not an image), and the app grants no preflight. ``headers`` must look
-    names up case-insensitively (Starlette's do); ``own_origin`` is the scheme and Host the request was sent to."""
+    is present and not same-origin/none, or when it has no ``Content-Type``. Current browsers send Origin on every
+    cross-origin POST, and Sec-Fetch-Site on every request to https or loopback, so either check alone stops another
+    site's page; the Content-Type rule is for browsers that send neither: a page can POST without a CORS preflight
+    only with no Content-Type or a form type (which the answer endpoint refuses as not an image), and the app grants
+    no preflight. ``headers`` must look names up case-insensitively (Starlette's do); ``own_origin`` is the scheme and
+    Host the request was sent to (the Host is checked against the allowed hosts first)."""
     if method.upper() in SAFE_METHODS:
         return None
     origin = headers.get("origin")
