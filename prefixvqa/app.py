@@ -8,8 +8,8 @@ Offline and private by construction: the page has no external scripts, styles, f
 Content-Security-Policy forbids fetching any; FastAPI's interactive docs (which load assets from a CDN) are off;
 neither FastAPI nor uvicorn sends telemetry. The server binds 127.0.0.1 unless told otherwise. Uploads are read
 into memory up to a size cap, checked to be PNG, JPEG or DICOM, and dropped after the response (written to disk only
-with ``keep_uploads``). Pages on other sites cannot use it: every request that is not GET/HEAD must come from the app's
-own page (``refuse_cross_site``), and the app never grants CORS.
+with ``keep_uploads``). A page on another site cannot make it act: a request other than GET/HEAD with a foreign
+Origin or Sec-Fetch-Site, or without a Content-Type, is refused (``refuse_cross_site``); the app never grants CORS.
 
 Why not Gradio: its default themes request Google Fonts and its install adds some twenty packages (and moves Pillow);
 the page a VQA demo needs is small enough to own, and owning it makes "nothing leaves the machine" checkable.
@@ -191,9 +191,9 @@ def create_app(adapters: "AdapterSet", *, max_upload_bytes: int = 20 << 20, abst
                keep_uploads: str | os.PathLike | None = None, explain_method: str = "occlusion",
                max_new_tokens: int | None = None, allowed_hosts: Sequence[str] = ()) -> Any:
     """The FastAPI app serving ``adapters``. Requests must name a loopback host (or one of ``allowed_hosts``), which
-    stops DNS-rebinding pages from reaching it; requests other than GET/HEAD must come from the app's own page (see
-    ``refuse_cross_site``: 403 and nothing read or written otherwise), and uploads must not be a type a cross-site
-    form could send."""
+    stops DNS-rebinding pages from reaching it; a request other than GET/HEAD that another site's page could have sent
+    gets 403 before its body is read (``refuse_cross_site``), and uploads must not be a type a cross-site form could
+    send."""
     from fastapi import FastAPI, Request
     from starlette.concurrency import run_in_threadpool
     from starlette.middleware.trustedhost import TrustedHostMiddleware
