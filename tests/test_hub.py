@@ -1,6 +1,7 @@
 """The adapter hub: round trip through a local folder and an fsspec URL, refusal of tampered / truncated files and of
 names that would escape the hub root, base-model compatibility, Hugging Face push/pull, and several adapters switched
-per request on one loaded base model."""
+per request on one loaded base model; and nothing lost or wrong: pulls never replace a folder of the user's own, damaged
+or merged indexes are refused by entry, and what a killed push left is cleaned."""
 
 from __future__ import annotations
 
