@@ -283,6 +283,8 @@ def _add_hub(sub: Any) -> None:
     h.add_argument("ref", metavar="NAME[@VERSION]")
     h.add_argument("--to", help="destination folder (default: the prefixvqa cache)")
     h.add_argument("--hf", action="store_true", help="NAME is a Hugging Face Hub repo id[@revision]")
+    h.add_argument("--force", action="store_true", help="replace --to even when it holds files prefixvqa did not "
+                   "write (they are deleted); without it only a new, empty or earlier adapter folder is replaced")
     h.set_defaults(func=cmd_hub_pull)
     h = hub_sub.add_parser("list", help="adapters with base models, task, metrics")
     h.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -314,25 +316,15 @@ def cmd_hub_push(args: argparse.Namespace) -> int:
 
 
 def cmd_hub_pull(args: argparse.Namespace) -> int:
-    """`prefixvqa hub pull`: a verified local copy of a hub adapter; prints its folder."""
+    """`prefixvqa hub pull`: a verified local copy of a hub adapter; prints its folder. An existing --to is replaced
+    only when it is an earlier adapter prefixvqa wrote (its manifest proves it) or with --force."""
     from .hub import Hub, pull_from_hf
 
     if not args.hf:
-        print(Hub(_hub_root(args)).pull(args.ref, args.to))
+        print(Hub(_hub_root(args)).pull(args.ref, args.to, overwrite=args.force))
         return 0
     repo, _, revision = args.ref.partition("@")
-    path = pull_from_hf(repo, revision or None)
-    if args.to:
-        import shutil
-
-        from .fileio import atomic_dir
-
-        if Path(args.to).exists():
-            raise ConfigError(f"--to {args.to} exists; give a new folder")
-        with atomic_dir(args.to) as tmp:  # all or nothing, like every adapter folder
-            shutil.copytree(path, tmp, dirs_exist_ok=True)
-        path = Path(args.to)
-    print(path)
+    print(pull_from_hf(repo, revision or None, to=args.to, overwrite=args.force))
     return 0
 
 

@@ -11,7 +11,11 @@ Why an index beside the per-folder manifest: the manifest travels with the folde
 while the index is the hub's own record, so a folder whose files *and* manifest were replaced is still caught.
 `pull` and `resolve` check every file against both and refuse a tampered or truncated file by name. Names and
 versions are single path components (letters, digits, ``.``, ``_``, ``-``), and every path read from an index is
-checked to stay inside the hub root.
+checked to stay inside the hub root; the index is checked entry by entry as it is read (`hub_index`).
+
+Nothing lost: `pull` replaces an existing destination only when it is an earlier adapter prefixvqa wrote (its manifest
+proves it) or the caller asks; a push killed mid-copy leaves a hidden sibling that the next push (or `verify`) clears
+under the push lock, putting back the previous folder when an overwriting push died between its two renames.
 
 Hugging Face Hub: `push_to_hf` uploads an adapter folder with a model card built by ``huggingface_hub.ModelCard``;
 `pull_from_hf` downloads with ``snapshot_download`` and checks the folder's manifest.
@@ -28,23 +32,19 @@ import re
 import shutil
 import tempfile
 import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import PrefixVQAError
 from .fileio import (MANIFEST_NAME, IntegrityError, atomic_dir, atomic_write, sha256_file, verify_manifest,
                      write_manifest)
+from .hub_index import NAME_PATTERN, HubError, check_name, parse_ref, read_index
 
 __all__ = ["HubError", "Hub", "default_hub", "parse_ref", "push_to_hf", "pull_from_hf", "hf_model_card",
            "INDEX_NAME", "DEFAULT_HUB"]
 
 INDEX_NAME = "index.json"
 DEFAULT_HUB = "checkpoints"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-class HubError(PrefixVQAError, ValueError):
-    """A hub operation cannot go ahead; the message names the adapter, version and file."""
+_LEFTOVER = re.compile(r"\.(.+)\.(?:tmp|old)-[A-Za-z0-9_]+")  # fileio.atomic_dir / replace_dir's hidden siblings
 
 
 def default_hub() -> str:
@@ -52,26 +52,28 @@ def default_hub() -> str:
     return os.environ.get("PREFIXVQA_HUB", DEFAULT_HUB)
 
 
-def check_name(value: str, what: str = "name") -> str:
-    """A name or version is one path component: it can never point outside the hub root."""
-    if not isinstance(value, str) or not _NAME.fullmatch(value) or value.endswith("."):
-        raise HubError(f"adapter {what} {value!r} is not allowed: use letters, digits, '.', '_' and '-' "
-                       f"(at most 100, starting with a letter or digit); no '/', no '..'")
-    return value
-
-
-def parse_ref(ref: str) -> tuple[str, str | None]:
-    """"name" or "name@version" -> (name, version or None), both checked."""
-    name, _, version = str(ref).partition("@")
-    return check_name(name), (check_name(version, "version") if version else None)
-
-
-def _safe_file(name: str, where: str) -> str:
-    """A file name from an index or manifest: relative, inside the folder."""
-    path = PurePosixPath(name)
-    if not name or "\\" in name or path.is_absolute() or any(p in ("", ".", "..") for p in name.split("/")):
-        raise HubError(f"{where} lists the file {name!r}, which would be outside the adapter folder")
-    return name
+def _check_target(dest: Path, overwrite: bool) -> None:
+    """A pull replaces ``dest`` only when it is new, empty, an earlier adapter prefixvqa wrote (every file in it listed
+    in its manifest and unchanged), or the caller asked (``overwrite``); anything else may be the user's own work,
+    which the folder swap would delete, so it is refused naming the folder."""
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise HubError(f"{dest} exists and is not a folder; give a new or empty folder")
+    if overwrite or not dest.exists():
+        return
+    found = set()
+    for top, dirs, names in os.walk(dest):
+        rel = Path(top).relative_to(dest)
+        found |= {(rel / n).as_posix() for n in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]}
+    if not found:
+        return
+    try:
+        listed = set(verify_manifest(dest, required=True))
+        unlisted = sorted(found - listed - {MANIFEST_NAME})
+        if unlisted or "prefixvqa_config.json" not in listed:
+            raise IntegrityError(f"it holds files no prefixvqa adapter manifest lists: {unlisted[:3] or 'all'}")
+    except IntegrityError as exc:
+        raise HubError(f"{dest} exists and is not an earlier adapter written by prefixvqa ({exc}); give a new or "
+                       f"empty folder, or pass --force (overwrite=True) to replace it and delete its files") from None
 
 
 def _version_key(v: str) -> tuple:
@@ -119,17 +121,13 @@ class Hub:
     # --- index --------------------------------------------------------------------------------------------------
     def index(self) -> dict[str, Any]:
         """The hub's index.json as a dict (an empty index for a new hub); the record `pull`/`resolve` check files
-        against."""
+        against. Every entry is checked as it is read (`hub_index.read_index`): a damaged or hand-edited index, or
+        one with a name or version twice (two indexes merged as text), is refused in one line naming the bad entry,
+        rather than failing later with a KeyError or silently keeping one of the twins."""
         path = self._path(INDEX_NAME)
         if not self.fs.exists(path):
             return {"format": "prefixvqa-hub", "version": 1, "adapters": {}}
-        try:
-            data = json.loads(self.fs.cat_file(path))
-            if not isinstance(data.get("adapters"), dict):
-                raise ValueError("no 'adapters' object")
-        except ValueError as exc:
-            raise HubError(f"{self.url}/{INDEX_NAME} is not a hub index: {exc}") from None
-        return data
+        return read_index(self.fs.cat_file(path), f"{self.url}/{INDEX_NAME}")
 
     def _write_index(self, data: dict[str, Any]) -> None:
         text = json.dumps(data, indent=1, sort_keys=True) + "\n"
@@ -141,21 +139,78 @@ class Hub:
         self.fs.mv(tmp, self._path(INDEX_NAME))
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, wait: bool = True) -> Iterator[bool]:
         """Pushes to a local hub take turns (an exclusive flock on ``.index.lock``), so two pushes never pick the
-        same version or lose each other's index entry. Remote hubs have no lock: push to them from one place."""
+        same version or lose each other's index entry. Remote hubs have no lock: push to them from one place.
+        Yields whether the lock is held: with ``wait=False`` it is not taken (False) while a push is running."""
         if not self.local:
-            yield
+            yield True
             return
         import fcntl
 
         os.makedirs(self.root, exist_ok=True)
         with open(os.path.join(self.root, ".index.lock"), "a") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def clean(self, wait: bool = True) -> list[str]:
+        """Finish what killed pushes left in a local hub; returns the leftovers found (hub-relative paths).
+
+        A push copies into a hidden ``<name>/.<version>.tmp-*`` folder (and an overwriting one moves the previous
+        folder to ``.<version>.old-*``) under the push lock, so while this holds the lock no push is running and
+        every such folder is dead: the one matching the index entry is put back (`fileio.recover_dir`) and the rest
+        deleted, as are half-written index files. A version whose only copy is damaged is left alone (hub verify
+        names it). `push` calls this; `verify` too, without waiting (it skips cleaning while a push runs)."""
+        if not self.local or not os.path.isdir(self.root):  # nothing to clean; and never create the root here
+            return []
+        with self._locked(wait) as held:
+            return self._clean() if held else []
+
+    def _clean(self) -> list[str]:
+        """`clean` with the lock held (or on a remote hub, where there is nothing to do)."""
+        from .fileio import recover_dir
+
+        if not self.local:
+            return []
+        root, adapters = Path(self.root), self.index()["adapters"]
+        found = [p for p in root.glob(f".{INDEX_NAME}.*.tmp*") if p.is_file()]
+        for p in found:
+            p.unlink(missing_ok=True)
+        for folder in root.iterdir():
+            if not NAME_PATTERN.fullmatch(folder.name) or not folder.is_dir() or folder.is_symlink():
+                continue
+            left: dict[str, list[Path]] = {}
+            for p in folder.iterdir():
+                if (m := _LEFTOVER.fullmatch(p.name)) and NAME_PATTERN.fullmatch(m[1]):
+                    left.setdefault(m[1], []).append(p)
+            for version, paths in sorted(left.items()):
+                entry = adapters.get(folder.name, {}).get(version)
+                try:
+                    recover_dir(folder / version, lambda c, e=entry: e is not None and self._matches(c, e))
+                except IntegrityError:  # no intact copy: keep what is there as evidence (verify names it)
+                    continue
+                found += paths
+            if not any(folder.iterdir()) and folder.name not in adapters:  # a first push of this name was killed
+                folder.rmdir()
+        return sorted(p.relative_to(root).as_posix() for p in found)
+
+    def _matches(self, folder: Path, entry: dict[str, Any]) -> bool:
+        """Whether ``folder`` holds every file of an index entry, unchanged (size and sha256)."""
+        try:
+            for file, meta in entry["files"].items():
+                if not (folder / file).is_file():
+                    return False
+                self._check_bytes(folder.name, file, folder / file, meta)
+        except HubError:
+            return False
+        return True
 
     def entry(self, ref: str) -> tuple[str, str, dict[str, Any]]:
         """(name, version, index entry) of "name" (its latest version) or "name@version"."""
@@ -189,6 +244,7 @@ class Hub:
         cfg = json.loads((src / "prefixvqa_config.json").read_text())
         name = check_name(name or cfg.get("name") or src.name)
         with self._locked():
+            self._clean()  # under the lock: what a killed push left is dead, never a running push's copy
             return self._push(src, files, cfg, name, version, task, overwrite)
 
     def _push(self, src: Path, files: dict[str, Any], cfg: dict[str, Any], name: str, version: str | None,
@@ -294,13 +350,6 @@ class Hub:
             return str(exc).replace("\n", "; ")
         return ""
 
-    def _entry_files(self, name: str, version: str, entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        where = f"{self.url}/{INDEX_NAME} entry {name}@{version}"
-        files = entry.get("files")
-        if not isinstance(files, dict) or MANIFEST_NAME not in files:
-            raise HubError(f"{where} has no file list with {MANIFEST_NAME}")
-        return {_safe_file(n, where): meta for n, meta in files.items()}
-
     def _check_bytes(self, ref: str, file: str, data: bytes | Path, meta: dict[str, Any]) -> None:
         """A file's bytes (remote) or local path against the index entry: size first, then sha256 (streamed)."""
         size = data.stat().st_size if isinstance(data, Path) else len(data)
@@ -314,14 +363,16 @@ class Hub:
 
     def verify(self, ref: str | None = None) -> list[str]:
         """Problems found (empty: all good): every file of every (or one) adapter version against the index, extra
-        files the index does not list, and each folder's own manifest."""
+        files the index does not list, and each folder's own manifest. On a local hub, what killed pushes left is
+        cleaned first (`clean`) unless a push is running."""
+        self.clean(wait=False)
         refs = [ref] if ref else [f"{n}@{v}" for n, vs in self.index()["adapters"].items() for v in vs]
         problems = []
         for r in refs:
             try:
                 name, version, entry = self.entry(r)
                 folder = self.folder(name, version)
-                files = self._entry_files(name, version, entry)
+                files = entry["files"]
                 for file, meta in sorted(files.items()):
                     path = self._path(name, version, file)
                     if not self.fs.isfile(path):
@@ -339,16 +390,22 @@ class Hub:
                 problems.append(str(exc))
         return problems
 
-    def pull(self, ref: str, dest: str | os.PathLike | None = None) -> Path:
+    def pull(self, ref: str, dest: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
         """Copy an adapter version to a local folder (default: the prefixvqa cache), checking every file against
-        the index as it arrives and the folder against its manifest; nothing is left at ``dest`` on failure."""
+        the index as it arrives and the folder against its manifest; nothing is left at ``dest`` on failure.
+
+        An existing ``dest`` is replaced (whole, once the new copy is complete) only when it is empty or an earlier
+        adapter prefixvqa wrote, as its manifest proves, or with ``overwrite``; a folder with anything else in it
+        is refused by name before any transfer, so a mistyped ``--to`` never deletes the user's files."""
         from .decoder import cache_dir
 
         name, version, entry = self.entry(ref)
-        files = self._entry_files(name, version, entry)
-        if dest is None:
+        files = entry["files"]
+        if dest is None:  # the cache is prefixvqa's own: a stale or damaged copy there is simply replaced
             hub_id = hashlib.sha256(self.url.encode()).hexdigest()[:12]
             dest = cache_dir() / "hub" / hub_id / name / version
+        else:
+            _check_target(Path(dest), overwrite)
         dest = Path(dest)
         with atomic_dir(dest) as tmp:
             for file, meta in sorted(files.items()):
@@ -374,7 +431,7 @@ class Hub:
             raise HubError(f"{name}@{version} needs base models that are not available here: {missing}")
         if not self.local:
             return self.pull(f"{name}@{version}")
-        files = self._entry_files(name, version, entry)
+        files = entry["files"]
         for file, meta in sorted(files.items()):
             path = Path(self._path(name, version, file))
             if not path.is_file():
@@ -435,20 +492,28 @@ def push_to_hf(folder: str | os.PathLike, repo_id: str, *, api: Any = None, toke
 
 
 def pull_from_hf(repo_id: str, revision: str | None = None, *, cache_dir: str | os.PathLike | None = None,
-                 local_files_only: bool | None = None, token: str | None = None) -> Path:
+                 local_files_only: bool | None = None, token: str | None = None,
+                 to: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Download (or find in the cache) an adapter repo with ``snapshot_download`` and check it against its manifest;
-    a tampered or truncated file is refused by name."""
+    a tampered or truncated file is refused by name. With ``to`` the checked folder is copied there (all or
+    nothing) and that path returned; an existing ``to`` is replaced under the same rule as `Hub.pull`."""
     from huggingface_hub import snapshot_download
 
     from .vision import hub_offline
 
+    if to is not None:
+        _check_target(Path(to), overwrite)
     path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
                                   local_files_only=hub_offline() if local_files_only is None else local_files_only))
     try:
         verify_manifest(path, required=True)
     except IntegrityError as exc:
         raise HubError(f"{repo_id}: {exc}") from None
-    return path
+    if to is None:
+        return path
+    with atomic_dir(to) as tmp:  # like every adapter folder: the old one stays until the copy is complete
+        shutil.copytree(path, tmp, dirs_exist_ok=True)
+    return Path(to)
 
 
 def iter_compatible(hub: Hub, fingerprints: dict[str, str]) -> Iterable[str]:

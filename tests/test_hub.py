@@ -1,6 +1,7 @@
 """The adapter hub: round trip through a local folder and an fsspec URL, refusal of tampered / truncated files and of
 names that would escape the hub root, base-model compatibility, Hugging Face push/pull, and several adapters switched
-per request on one loaded base model."""
+per request on one loaded base model; and nothing lost or wrong: pulls never replace a folder of the user's own, damaged
+or merged indexes are refused by entry, and what a killed push left is cleaned."""
 
 from __future__ import annotations
 
@@ -273,3 +274,174 @@ def test_adapter_on_another_base_cannot_join(adapters, other_gpt2, tmp_path):
     group = AdapterSet.load(adapters["alpha"], name="alpha")
     with pytest.raises(AdapterLoadError, match="another decoder"):
         group.add(other, name="other")
+
+
+# ------------------------------------------------------------------------------------ nothing lost, nothing wrong
+def test_pull_never_replaces_a_folder_of_the_users_own(adapters, tmp_path, capsys):
+    from prefixvqa.cli import main
+
+    hub = Hub(tmp_path / "hub")
+    hub.push(adapters["alpha"], name="alpha")
+    hub.push(adapters["beta"], name="alpha")
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("a week of work")
+    (mine / "sub" / ".env").write_text("hidden files count too")
+    assert main(["hub", "pull", "alpha@1", "--hub", str(tmp_path / "hub"), "--to", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(mine) in err and "--force" in err
+    assert (mine / "notes.txt").read_text() == "a week of work" and (mine / "sub" / ".env").is_file()
+    with pytest.raises(HubError, match="not an earlier adapter"):
+        hub.pull("alpha@1", mine)
+    with pytest.raises(HubError, match="not a folder"):  # a file is never replaced by a folder
+        hub.pull("alpha@1", mine / "notes.txt", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub", "mine"]  # no hidden leftovers either
+
+    # an earlier pull (its manifest proves prefixvqa wrote every file) and an empty folder are replaced
+    pulled = hub.pull("alpha@1", tmp_path / "pulled")
+    assert hub.pull("alpha@2", pulled) == pulled
+    assert (pulled / "prefixvqa_config.json").read_bytes() == (adapters["beta"] / "prefixvqa_config.json").read_bytes()
+    (tmp_path / "empty").mkdir()
+    assert hub.pull("alpha@1", tmp_path / "empty") == tmp_path / "empty"
+    # ... but not once the user put a file in it, nor after a listed file was changed
+    (pulled / "my_eval.csv").write_text("x")
+    with pytest.raises(HubError, match="my_eval.csv"):
+        hub.pull("alpha@1", pulled)
+    (pulled / "my_eval.csv").unlink()
+    (pulled / "README.md").write_text("my own notes about this adapter")
+    with pytest.raises(HubError, match="README.md"):
+        hub.pull("alpha@1", pulled)
+    # asked for explicitly: replaced
+    assert main(["hub", "pull", "alpha@1", "--hub", str(tmp_path / "hub"), "--to", str(mine), "--force"]) == 0
+    assert not (mine / "notes.txt").exists() and (mine / "mapper.safetensors").is_file()
+
+
+def test_hf_pull_to_a_folder_follows_the_same_rule(adapters, tmp_path):
+    push_to_hf(adapters["alpha"], "lab/alpha-adapter", api=RecordingHfApi(tmp_path / "remote"))
+    pull = lambda to, **kw: pull_from_hf("lab/alpha-adapter", cache_dir=tmp_path / "remote",  # noqa: E731
+                                         local_files_only=True, to=to, **kw)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(HubError, match=f"{mine}.*not an earlier adapter"):
+        pull(mine)
+    assert (mine / "notes.txt").read_text() == "mine"
+    folder = pull(tmp_path / "copy")
+    assert folder == tmp_path / "copy" and (folder / MANIFEST_NAME).is_file()
+    assert pull(folder) == folder  # an earlier pull is refreshed
+    assert pull(mine, overwrite=True) == mine and not (mine / "notes.txt").exists()
+
+
+def write_index(hub_root: Path, text: str) -> None:
+    (hub_root / INDEX_NAME).write_text(text)
+
+
+def test_damaged_index_entries_are_refused_by_name(adapters, tmp_path, capsys):
+    from prefixvqa.cli import main
+
+    hub = Hub(tmp_path / "hub")
+    hub.push(adapters["alpha"], name="alpha")
+    hub.push(adapters["beta"], name="beta")
+    good = json.loads((tmp_path / "hub" / INDEX_NAME).read_text())
+    for damage, expected in ((lambda e: e.pop("base_models"), "base_models.encoder.name"),
+                             (lambda e: e["base_models"]["decoder"].pop("name"), "base_models.decoder.name"),
+                             (lambda e: e.pop("config"), "'config'"),
+                             (lambda e: e["files"]["mapper.safetensors"].pop("sha256"), "mapper.safetensors"),
+                             (lambda e: e.update(metrics=[1]), "metrics")):
+        index = json.loads(json.dumps(good))
+        damage(index["adapters"]["beta"]["1"])
+        write_index(tmp_path / "hub", json.dumps(index))
+        with pytest.raises(HubError, match=f"entry beta@1: .*{expected}"):
+            hub.list()
+        for command in ("list", "verify"):
+            assert main(["hub", command, "--hub", str(tmp_path / "hub")]) == 2
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and "beta@1" in err and "Traceback" not in err
+    for text in ("[]", '{"adapters": {"alpha": []}}', '{"adapters": {"../x": {"1": {}}}}'):
+        write_index(tmp_path / "hub", text)
+        with pytest.raises(HubError, match="index.json"):
+            hub.list()
+
+
+def test_an_index_with_an_adapter_or_version_twice_is_refused(adapters, tmp_path, capsys):
+    from prefixvqa.cli import main
+
+    hub = Hub(tmp_path / "hub")
+    hub.push(adapters["alpha"], name="alpha")
+    hub.push(adapters["beta"], name="alpha")
+    index = json.loads((tmp_path / "hub" / INDEX_NAME).read_text())
+    one, two = (json.dumps(index["adapters"]["alpha"][v]) for v in ("1", "2"))
+    # two machines' indexes merged as text: the adapter name twice, or one version twice
+    merged = {"name": f'{{"adapters": {{"alpha": {{"1": {one}}}, "alpha": {{"2": {two}}}}}}}',
+              "version": f'{{"adapters": {{"alpha": {{"1": {one}, "1": {two}}}}}}}'}
+    assert json.loads(merged["name"])["adapters"].keys() == {"alpha"}  # what plain json would silently keep
+    for kind, expected in (("name", "the adapter 'alpha'"), ("version", "the version alpha@1")):
+        write_index(tmp_path / "hub", merged[kind])
+        with pytest.raises(HubError, match=f"lists {expected} more than once"):
+            hub.index()
+        assert main(["hub", "verify", "--hub", str(tmp_path / "hub")]) == 2
+        err = capsys.readouterr().err
+        assert "more than once" in err and len(err.strip().splitlines()) == 1
+        with pytest.raises(HubError, match="more than once"):
+            hub.push(adapters["alpha"], name="alpha")  # never written back with one twin dropped
+
+
+CHILD_PUSH = """
+import pathlib, shutil, sys, time
+import prefixvqa.hub as hub
+real = shutil.copy2
+def slow_copy(src, dst, *args, **kwargs):
+    result = real(src, dst, *args, **kwargs)
+    pathlib.Path(sys.argv[3]).touch()  # the copy has started: the parent may kill now
+    time.sleep(120)
+    return result
+hub.shutil.copy2 = slow_copy
+hub.Hub(sys.argv[1]).push(sys.argv[2], name="alpha")
+"""
+
+
+def test_a_push_killed_mid_copy_leaves_nothing_behind(adapters, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import prefixvqa
+
+    root, marker = tmp_path / "hub", tmp_path / "copying"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(prefixvqa.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", CHILD_PUSH, str(root), str(adapters["alpha"]), str(marker)],
+                             env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None and time.monotonic() < deadline, "the child push never started copying"
+            time.sleep(0.05)
+        hub = Hub(root)
+        assert hub.verify() == []  # a running push holds the lock: its copy is not touched
+        assert len(list((root / "alpha").glob(".1.tmp-*"))) == 1
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    leftover = list((root / "alpha").glob(".1.tmp-*"))
+    assert len(leftover) == 1 and not (root / INDEX_NAME).exists()  # what the killed push left
+    assert hub.push(adapters["alpha"], name="alpha") == "alpha@1"
+    assert sorted(p.name for p in (root / "alpha").iterdir()) == ["1"] and hub.verify() == []
+
+
+def test_verify_finishes_an_overwriting_push_killed_between_its_renames(adapters, tmp_path):
+    hub = Hub(tmp_path / "hub")
+    hub.push(adapters["alpha"], name="alpha")
+    hub.push(adapters["beta"], name="beta")
+    folder = tmp_path / "hub" / "alpha" / "1"
+    folder.rename(folder.with_name(".1.old-0123abcd"))  # the previous folder, moved aside
+    half = folder.with_name(".1.tmp-x7_q2k9a")  # and a new copy that never got its place
+    half.mkdir()
+    (half / "mapper.safetensors").write_bytes(b"half")
+    (tmp_path / "hub" / f".{INDEX_NAME}.0123456789ab.tmp.tmp").write_text("{")  # a killed index write
+    (tmp_path / "hub" / "ghost" / ".1.tmp-abc12345").mkdir(parents=True)  # a killed first push of a new name
+    assert hub.verify() == []
+    assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == [".index.lock", "alpha", "beta", INDEX_NAME]
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["1"]
+    assert hub.clean() == []
