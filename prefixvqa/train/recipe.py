@@ -84,8 +84,9 @@ class Recipe:
         _check_data_keys(self.data, "recipe data")
         TrainConfig.from_dict(self.train)  # fail at load time, not after the model is built
         for i, stage in enumerate(self.stages or []):
-            if not isinstance(stage, dict) or not stage.get("name"):
-                raise ConfigError(f"recipe stages[{i}]: each stage needs a name")
+            if not isinstance(stage, dict) or not stage.get("name") or not isinstance(stage["name"], str):
+                raise ConfigError(f"recipe stages[{i}]: each stage needs a name (a string), got "
+                                  f"{shorten(stage.get('name') if isinstance(stage, dict) else stage)}")
             _check_stage(stage, self.train, i)
         names = [s["name"] for s in self.stages or []]
         if len(set(names)) != len(names):
