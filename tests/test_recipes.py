@@ -151,7 +151,7 @@ def test_a_nine_level_alias_bomb_is_refused_quickly_within_bounded_memory(tmp_pa
 @pytest.mark.parametrize("text", [
     "train: {epochs: *x3}", "train: {mixed_precision: *x3}", "train: {lr: {mapper: *x3}}", "train: {trainable: *x3}",
     "model: *x3", "data: *x3", "data: {train: {format: synthetic}, *x3 : 1}", "stages: [{name: *x3}]", "stages: [{name: *x3, epochs: 0}]",
-    "stages: [{name: a, start_from: *x3}]", "train: {unknown: 1, <<: {k0: *x3, k1: 1, k2: 2, k3: 3, k4: 4}}",
+    "stages: [{name: a, start_from: *x3}]", "train: *x3", "train: {lr: *x3}",
 ])
 def test_values_in_recipe_errors_are_shortened(tmp_path, text):
     """A value just under the alias budget (7,381 values) or a 1 MB string, named in a validation error: one short
@@ -199,7 +199,7 @@ def test_training_into_the_adapter_folder_it_starts_from_is_refused(tmp_path, ca
         assert main(["train", str(path)]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err == (f"prefixvqa train: error: train.output_dir {out} {word} the adapter folder the run starts "
-                       f"from (model.adapter={str(adapter)!r}): the run would write into it; choose another "
+                       f"from (model.adapter={adapter}): the run would write into it; choose another "
                        f"output_dir"), err
         assert sorted(p.name for p in adapter.rglob("*")) == before  # no lock file, no run2/
         verify_manifest(adapter)

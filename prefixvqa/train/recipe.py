@@ -157,9 +157,9 @@ def _parse_set(item: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {shorten(item)}: expected KEY=VALUE (e.g. train.epochs=3)")
     key, text = (part.strip() for part in item.split("=", 1))
     try:
-        value = safe_yaml(text, f"--set {shorten(key)}")
+        value = safe_yaml(text, f"--set {key}")
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {shorten(key)}: {shorten(text)} is not a valid YAML value ({_yaml_problem(exc)})") from None
+        raise ConfigError(f"--set {key}: {shorten(text)} is not a valid YAML value ({_yaml_problem(exc)})") from None
     hint = _declared_type(key)
     if hint is None:
         return key, value
@@ -473,7 +473,7 @@ def check_output_apart(spec: dict[str, Any], out: Path) -> None:
     if target == source or source in target.parents:
         where = "is" if target == source else "lies inside"
         raise ConfigError(f"train.output_dir {out} {where} the adapter folder the run starts from (model.adapter="
-                          f"{shorten(spec['adapter'])}): the run would write into it; choose another output_dir")
+                          f"{spec['adapter']}): the run would write into it; choose another output_dir")
 
 
 def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
