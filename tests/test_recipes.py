@@ -150,8 +150,8 @@ def test_a_nine_level_alias_bomb_is_refused_quickly_within_bounded_memory(tmp_pa
 
 @pytest.mark.parametrize("text", [
     "train: {epochs: *x3}", "train: {mixed_precision: *x3}", "train: {lr: {mapper: *x3}}", "train: {trainable: *x3}",
-    "model: *x3", "data: *x3", "data: {train: {format: synthetic}, *x3 : 1}", "stages: [{name: *x3}]", "stages: [{name: *x3, epochs: 0}]",
-    "stages: [{name: a, start_from: *x3}]", "train: *x3", "train: {lr: *x3}",
+    "model: *x3", "data: *x3", "data: {train: {format: synthetic}, *x3 : 1}", "stages: [{name: *x3}]",
+    "stages: [{name: *x3, epochs: 0}]", "stages: [{name: a, start_from: *x3}]", "train: *x3", "train: {lr: *x3}",
 ])
 def test_values_in_recipe_errors_are_shortened(tmp_path, text):
     """A value just under the alias budget (7,381 values) or a 1 MB string, named in a validation error: one short

@@ -91,7 +91,18 @@ def test_save_on_signal_writes_the_stopped_step_and_resume_is_exact(tmp_path, mo
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_a_signal_delivered_twice_at_once_is_one_request(tmp_path, monkeypatch):
+    """Ctrl-C reaches torchrun's ranks from the terminal and again from torchrun: still a stop at the step's end."""
+    signal_at_step(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT after optimizer step 2 of 8"):
+        run(tmp_path, "repeated", save_every_steps=1)
+    assert state(tmp_path / "repeated" / "last")["step"] == 2
+
+
 def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
+    from prefixvqa.train import stopping
+
+    monkeypatch.setattr(stopping, "SAME_REQUEST_S", 0.0)  # a second request, not the first one delivered twice
     signal_at_step(monkeypatch, 2, signal.SIGTERM, signal.SIGTERM)
     with pytest.raises(SignalInterrupt, match="stopped by SIGTERM .a second time") as caught:
         run(tmp_path, "twice", save_every_steps=1)

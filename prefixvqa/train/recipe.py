@@ -456,8 +456,9 @@ def check_curriculum(recipe: Recipe, model: MedVQAAdapter) -> None:
         if stage.get("tuning"):
             new = model.config.replace(tuning=stage["tuning"]).tuning
             if not _retune_allowed(tuning, new):
-                raise ConfigError(f"recipe stages[{i}] ({shorten(stage['name'])}): switching tuning from {tuning.mode!r} to "
-                                  f"{new.mode!r} would drop trained decoder weights; allowed: {_allowed_switches()}")
+                raise ConfigError(f"recipe stages[{i}] ({shorten(stage['name'])}): switching tuning from "
+                                  f"{tuning.mode!r} to {new.mode!r} would drop trained decoder weights; allowed: "
+                                  f"{_allowed_switches()}")
             tuning = new
 
 

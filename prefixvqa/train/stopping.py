@@ -8,7 +8,8 @@ Ctrl-C sends SIGINT. While a run holds its output folder (:func:`stop_signals`, 
   of a multi-process run agree on it (one tiny gather). The run stops there: ``last/`` keeps the last checkpoint (or,
   with ``train.save_on_signal``, the stopped step is saved), the lock is released, and :class:`TrainingInterrupted`
   names the step and the checkpoint to resume from;
-* outside the loop (reading data, building the model, between curriculum stages), and at a second signal, the run
+* outside the loop (reading data, building the model, between curriculum stages), and at a second signal (more
+  than ``SAME_REQUEST_S`` after the first: a launcher passing on the terminal's Ctrl-C repeats it), the run
   stops at once with :class:`SignalInterrupt`, a ``KeyboardInterrupt`` (so ``except Exception`` on the way cannot
   swallow it); the lock is released on the way out.
 
@@ -24,6 +25,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)  # what schedulers, `docker stop` and Ctrl-C send
 _DEFAULTS = (signal.SIG_DFL, signal.default_int_handler)
+# a repeat this soon after the first signal is the same request delivered twice (Ctrl-C reaches torchrun and its ranks
+# through the terminal, and torchrun passes it on; Slurm signals every process of a step), not "stop at once"
+SAME_REQUEST_S = 2.0
 
 
 def signal_name(signum: int) -> str:
@@ -76,14 +81,20 @@ class StopState:
         self.received = 0  # signals this process got (a rank may stop on another rank's signal before its own)
         self.deferring = 0  # > 0 while a training loop checks `signum` at its safe points
         self.stopping = False  # the loop decided to stop: a late first signal changes nothing
+        self.first_at = 0.0  # time.monotonic() of the first signal
         self.pid = os.getpid()  # a forked child (DataLoader worker) inherits the handler but not the decision
 
     def handle(self, signum: int, frame: Any) -> None:
         """The installed handler: defer the first signal to the loop's next safe point, else stop at once."""
         if os.getpid() != self.pid:
             return
+        now = time.monotonic()
+        if self.received and now - self.first_at < SAME_REQUEST_S:
+            return
         self.received += 1
         first = self.received == 1
+        if first:
+            self.first_at = now
         if self.signum is None:
             self.signum = signum
         if first and self.stopping:

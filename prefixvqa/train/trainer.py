@@ -9,6 +9,7 @@ Design points:
   weights, nothing is published as best or final, and `train()` raises `TrainingDiverged` naming the step and records;
 * the output folder is locked for the run, interrupted checkpoint swaps are recovered, and a resume whose settings
   differ from the checkpoint's is refused (see `checkpoint.py`);
+* SIGTERM or Ctrl-C stops the run at the end of an optimizer step, every rank at the same one (`stopping.py`);
 * the run seeds (or, resuming, restores) the global random generators and gives the caller's back when it ends
   (`prefixvqa.rng`); its mixed precision is its own (`precision.py`).
 
