@@ -590,9 +590,7 @@ def train(model: MedVQAAdapter, train_records: Sequence[VQARecord], eval_records
     The output folder is locked for the call (by the main process of a multi-process launch). Raises
     `TrainingDiverged` on a non-finite loss, `ImageLoadError` when too few training images are usable,
     `CheckpointError` when a resume would be unsafe, and `TrainingInterrupted` when SIGTERM or Ctrl-C stopped the run
-    at the end of a step (a signal outside the loop raises `SignalInterrupt`, a KeyboardInterrupt; see `stopping.py`:
-    the lock is released and the caller's signal handlers are restored either way). The caller's random generators
-    are left as they were.
+    (see `stopping.py`). The caller's random generators and signal handlers are left as they were.
     """
     with stop_signals(), run_lock(cfg.output_dir):
         return Trainer(model, train_records, eval_records, cfg).run()
