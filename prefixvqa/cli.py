@@ -57,9 +57,14 @@ def _add_train(sub: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """`prefixvqa train`: run a recipe (every curriculum stage) and name the final adapter folder."""
     from .train.recipe import load_recipe, run_recipe
+    from .train.stopping import SignalInterrupt, TrainingInterrupted
 
     sets = [*args.set, *(["train.resume_with_changes=true"] if args.resume_with_changes else [])]
-    result = run_recipe(load_recipe(args.recipe, sets), smoke=args.smoke)
+    try:
+        result = run_recipe(load_recipe(args.recipe, sets), smoke=args.smoke)
+    except (TrainingInterrupted, SignalInterrupt) as exc:  # SIGTERM / Ctrl-C: one line, the signal's exit status
+        _say(args.command, exc)
+        return 128 + exc.signum
     print(f"final adapter: {result.final_dir}")
     return 0
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
 from .errors import ConfigError  # noqa: F401 (re-exported: `from prefixvqa.config import ConfigError`)
+from .errors import shorten
 from .tuning import DEFAULT_LORA_TARGETS, TUNING_MODES, TuningMode, get_tuning_mode  # noqa: F401 (re-exported)
 
 FeatureKind = Literal["pooled", "patches"]  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)
@@ -48,7 +49,7 @@ def _check(ok: bool, msg: str) -> None:
 
 
 def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
-    _check(value in allowed, f"{section}.{name}={value!r} is not one of {list(allowed)}")
+    _check(value in allowed, f"{section}.{name}={shorten(value)} is not one of {list(allowed)}")
 
 
 # --- declared types -------------------------------------------------------------------------------------------------
@@ -122,8 +123,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"{where}={value!r}: expected {describe_type(hint)} (YAML reads an unquoted no/yes/off/on "
                           f"as a boolean: quote it, e.g. '{'yes' if value else 'no'}')")
     if allowed is not None:
-        raise ConfigError(f"{where}={value!r} is not one of {list(allowed)}")
-    raise ConfigError(f"{where}={value!r}: expected {describe_type(hint)}")
+        raise ConfigError(f"{where}={shorten(value)} is not one of {list(allowed)}")
+    raise ConfigError(f"{where}={shorten(value)}: expected {describe_type(hint)}")
 
 
 def check_types(obj: Any, section: str) -> None:

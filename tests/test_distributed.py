@@ -8,6 +8,7 @@ same script runs in-process (one process) and under torchrun.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -185,6 +186,60 @@ def test_fsdp_full_shard_on_cpu_matches_one_process_and_resumes(work, single):
     from prefixvqa.model import MedVQAAdapter
 
     MedVQAAdapter.from_pretrained(out / "best")  # gathered to rank 0: an ordinary one-process adapter
+
+
+SLOW_CLI = textwrap.dedent("""
+    import sys, time
+    from prefixvqa.train import trainer as T
+    step = T.Trainer._optimizer_step
+    def slow(self, *args):  # leave time to deliver the signal mid-run
+        time.sleep(0.25)
+        return step(self, *args)
+    T.Trainer._optimizer_step = slow
+    from prefixvqa.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["launcher", "rank 0 only"])
+def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(work, target):
+    """SIGTERM to torchrun (which passes it to every rank) or to one rank only: the ranks agree on the step, save it
+    (train.save_on_signal), each says so in one line, and the lock is released; no rank is left hanging."""
+    import signal
+    import time
+
+    import yaml
+
+    out = work / f"signal-{target.split()[0]}"
+    recipe = work / f"{out.name}.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"tiny": "llama", "config": {"mapper": {"prefix_length": 2}}},
+        "data": {"train": {"format": "synthetic", "n": 12}},
+        "train": {"output_dir": str(out), "epochs": 20, "batch_size": 3, "seed": 3, "log_every": 1,
+                  "save_on_signal": True, "eval_every_epoch": False, "progress": False, "tensorboard": False,
+                  "plot": False}}))
+    script = work / "slow_cli.py"
+    script.write_text(SLOW_CLI)
+    cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29551", str(script), "train", str(recipe)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    log, deadline = out / "log.jsonl", time.time() + 240
+    while not (log.is_file() and '"train"' in log.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    if target == "launcher":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.kill(json.loads((out / "prefixvqa.lock").read_text())["pid"], signal.SIGTERM)  # rank 0 holds the lock
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("prefixvqa train:")]
+    step = json.loads((out / "last" / "trainer_state" / "state.json").read_text())["step"]
+    assert len(lines) == 2 and len(set(lines)) == 1, err[-3000:]  # both ranks, the same step
+    assert f"stopped by SIGTERM after optimizer step {step} of 40" in lines[0], lines
+    assert f'File "{ROOT / "prefixvqa"}' not in err, err[-3000:]  # no rank died with a traceback
+    assert not (out / "prefixvqa.lock").exists()
+    if target != "launcher":
+        assert proc.returncode != 0  # torchrun reports the ranks' exit status 143
 
 
 def test_strategy_choice_and_refusals(monkeypatch, tmp_path):

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["LOCK_NAME", "STATE_DIR", "RunLockedError", "CheckpointError", "output_lock", "run_lock",
            "checkpoint_problem", "recover_checkpoint", "recover_output", "resume_folder", "run_signature",
            "signature_differences", "check_same_recipe", "write_checkpoint", "read_trainer_state", "optimizer_tensors",
-           "optimizer_from_tensors", "scheduler_json"]
+           "optimizer_from_tensors", "scheduler_json", "describe_last"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ STATE_DIR = "trainer_state"
 STATE_FILE = f"{STATE_DIR}/state.json"
 # TrainConfig fields that never change the trained weights: how a run reports, where it writes, how fast it reads
 NON_RESULT_FIELDS = frozenset({"output_dir", "resume", "resume_with_changes", "progress", "tensorboard", "plot",
-                               "log_every", "num_workers", "save_every_steps", "feature_cache", "eval_batch_size"})
+                               "log_every", "num_workers", "save_every_steps", "feature_cache", "eval_batch_size",
+                               "save_on_signal"})
 
 
 class RunLockedError(PrefixVQAError, RuntimeError):
@@ -198,6 +199,15 @@ def checkpoint_problem(folder: Path, trainer_state: bool = True) -> str | None:
         except (OSError, ValueError) as exc:
             return f"{folder / STATE_FILE} is damaged: {exc}"
     return None
+
+
+def describe_last(out: Path, found: str, missing: str) -> str:
+    """``found`` formatted with a run's complete ``last/`` checkpoint and its step, or ``missing`` when there is none:
+    what a stopped or failed run's message says the user can resume from."""
+    last = Path(out) / "last"
+    if checkpoint_problem(last) is not None:
+        return missing
+    return found.format(last, json.loads((last / STATE_FILE).read_text())["step"])
 
 
 def recover_checkpoint(folder: Path, trainer_state: bool = True) -> Path | None:

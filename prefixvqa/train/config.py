@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from ..config import ConfigError, coerce
+from ..errors import shorten
 
 __all__ = ["TrainConfig", "DEFAULT_LR", "Schedule", "MixedPrecision", "Metric", "Strategy", "BadImagePolicy",
            "SCHEDULES", "PRECISIONS", "METRICS", "STRATEGIES", "BAD_IMAGE_POLICIES", "literal_values"]
@@ -61,6 +62,7 @@ class TrainConfig:
     max_steps: int | None = None
     log_every: int = 10
     save_every_steps: int | None = None  # also write last/ every k optimizer steps (mid-epoch resume points)
+    save_on_signal: bool = False  # SIGTERM/Ctrl-C stops at the end of a step; also write last/ there (grace period)
     feature_cache: str | None = None  # folder; used when the encoder is frozen
     num_workers: int | None = None  # DataLoader workers decoding images; None: a few on GPU, none on CPU
     trainable: list[str] | None = None  # parameter groups to train; None keeps the model's current choice
@@ -86,7 +88,7 @@ class TrainConfig:
         check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
         check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         unknown = sorted(set(self.lr) - set(DEFAULT_LR))
-        check(not unknown, f"lr: unknown group(s) {unknown}; expected some of {sorted(DEFAULT_LR)}")
+        check(not unknown, f"lr: unknown group(s) {shorten(unknown)}; expected some of {sorted(DEFAULT_LR)}")
         check(all(v >= 0 for v in self.lr.values()), f"lr values must be >= 0, got {self.lr}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         check(self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer()),
@@ -102,7 +104,7 @@ class TrainConfig:
             from ..model import GROUPS
 
             bad = sorted(set(self.trainable) - set(GROUPS))
-            check(not bad, f"trainable: unknown group(s) {bad}; expected some of {list(GROUPS)}")
+            check(not bad, f"trainable: unknown group(s) {shorten(bad)}; expected some of {list(GROUPS)}")
             self.trainable = list(self.trainable)
 
     def group_lr(self, group: str) -> float:
@@ -120,7 +122,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"train: unknown field(s) {unknown}; expected some of {sorted(known)}")
+            raise ConfigError(f"train: unknown field(s) {shorten(unknown)}; expected some of {sorted(known)}")
         return cls(**data)
 
 
@@ -138,4 +140,4 @@ def _check_types(cfg: TrainConfig) -> None:
         if allowed is None:
             setattr(cfg, f.name, coerce(value, hints[f.name], f"train.{f.name}"))
         elif value not in allowed or isinstance(value, bool):
-            raise ConfigError(f"train.{f.name}={value!r} is not one of {list(allowed)}")
+            raise ConfigError(f"train.{f.name}={shorten(value)} is not one of {list(allowed)}")

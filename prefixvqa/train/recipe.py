@@ -42,8 +42,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..config import AdapterConfig, ConfigError, apply_override, coerce
+from ..errors import shorten
 from ..rng import seeded
 from .checkpoint import run_lock
+from .stopping import stop_signals
 from .config import TrainConfig, literal_values
 from .trainer import TrainResult, train
 
@@ -51,7 +53,8 @@ if TYPE_CHECKING:
     from ..data.records import VQARecord
     from ..model import MedVQAAdapter
 
-__all__ = ["Recipe", "load_recipe", "run_recipe", "apply_sets", "load_split", "build_model", "recipe_config"]
+__all__ = ["Recipe", "load_recipe", "run_recipe", "apply_sets", "load_split", "build_model", "recipe_config",
+           "check_output_apart"]
 
 STAGE_KEYS = ("name", "data", "template", "tuning", "start_from")  # the rest are TrainConfig fields (trainable too)
 TOP_KEYS = ("model", "data", "train", "stages", "smoke", "description", "name")
@@ -77,16 +80,17 @@ class Recipe:
             raise ConfigError(f"recipe model: give one of preset/config/adapter, got {sources}")
         unknown = sorted(set(self.model) - {"preset", "config", "adapter", "overrides", "tiny"})
         if unknown:
-            raise ConfigError(f"recipe model: unknown key(s) {unknown}")
+            raise ConfigError(f"recipe model: unknown key(s) {shorten(unknown)}")
         _check_data_keys(self.data, "recipe data")
         TrainConfig.from_dict(self.train)  # fail at load time, not after the model is built
         for i, stage in enumerate(self.stages or []):
-            if not isinstance(stage, dict) or not stage.get("name"):
-                raise ConfigError(f"recipe stages[{i}]: each stage needs a name")
+            if not isinstance(stage, dict) or not stage.get("name") or not isinstance(stage["name"], str):
+                raise ConfigError(f"recipe stages[{i}]: each stage needs a name (a string), got "
+                                  f"{shorten(stage.get('name') if isinstance(stage, dict) else stage)}")
             _check_stage(stage, self.train, i)
         names = [s["name"] for s in self.stages or []]
         if len(set(names)) != len(names):
-            raise ConfigError(f"recipe stages: duplicate stage names {names}")
+            raise ConfigError(f"recipe stages: duplicate stage names {shorten(names)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as YAML-ready data (a deep copy: editing it leaves the recipe alone)."""
@@ -104,17 +108,17 @@ def _check_data_keys(data: Any, where: str) -> None:
     if data is None:
         return
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of {list(DATA_KEYS)} to data specs, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping of {list(DATA_KEYS)} to data specs, got {shorten(data)}")
     unknown = sorted(set(data) - set(DATA_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {list(DATA_KEYS)}")
+        raise ConfigError(f"{where}: unknown key(s) {shorten(unknown)}; expected some of {list(DATA_KEYS)}")
 
 
 def _check_stage(stage: dict[str, Any], train: dict[str, Any], index: int) -> None:
     """Everything about a curriculum stage that can be checked without data or models, at recipe load."""
-    where = f"recipe stages[{index}] ({stage['name']!r})"
+    where = f"recipe stages[{index}] ({shorten(stage['name'])})"
     if stage.get("start_from", "best") not in ("best", "last"):
-        raise ConfigError(f"{where}: start_from must be 'best' or 'last', got {stage.get('start_from')!r}")
+        raise ConfigError(f"{where}: start_from must be 'best' or 'last', got {shorten(stage.get('start_from'))}")
     _check_data_keys(stage.get("data"), f"{where} data")
     for section in ("template", "tuning"):
         if stage.get(section) is not None:
@@ -150,12 +154,12 @@ def _parse_set(item: str) -> tuple[str, Any]:
     """KEY=VALUE -> (key, value): YAML, except that a training field is read as its declared type (so
     `train.mixed_precision=no` is the string "no", and `train.epochs=abc` is refused naming the key)."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.epochs=3)")
+        raise ConfigError(f"--set {shorten(item)}: expected KEY=VALUE (e.g. train.epochs=3)")
     key, text = (part.strip() for part in item.split("=", 1))
     try:
-        value = yaml.safe_load(text)
+        value = safe_yaml(text, f"--set {key}")
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: {text!r} is not a valid YAML value ({_yaml_problem(exc)})") from None
+        raise ConfigError(f"--set {key}: {shorten(text)} is not a valid YAML value ({_yaml_problem(exc)})") from None
     hint = _declared_type(key)
     if hint is None:
         return key, value
@@ -167,6 +171,70 @@ def _parse_set(item: str) -> tuple[str, Any]:
     if str in options and not isinstance(value, (dict, list)) and not (bool in options and isinstance(value, bool)):
         return key, text
     return key, coerce(value, hint, f"--set {key}")
+
+
+MAX_NODES = 10_000  # values a recipe may hold with its YAML aliases expanded (the largest shipped one holds ~100)
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``, refusing (ConfigError naming ``where`` and the key) a document whose aliases expand
+    it past MAX_NODES values, that refers to itself, or that nests too deep to read: an alias bomb of a few hundred
+    bytes would otherwise expand to millions of values wherever it is copied or formatted. The count is taken on the
+    parsed node graph (an alias is one shared node), before any Python value is built."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, where)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read") from None
+    finally:
+        loader.dispose()
+
+
+def _check_size(root: yaml.Node, where: str) -> None:
+    sizes: dict[int, int] = {}  # id(node) -> values under it, aliases expanded; 0 while being counted
+
+    def size(node: yaml.Node, path: str) -> int:
+        if id(node) in sizes:
+            if sizes[id(node)] == 0:
+                raise ConfigError(f"{where}: {path or 'the document'} refers to itself through a YAML alias")
+            return sizes[id(node)]
+        sizes[id(node)] = 0
+        total = 1
+        for key, child in _children(node):
+            total += size(child, f"{path}.{key}" if path and not key.startswith("[") else f"{path}{key}")
+        sizes[id(node)] = total
+        return total
+
+    total = size(root, "")
+    if total <= MAX_NODES:
+        return
+    path, node = "", root  # name the deepest key that alone is over the limit (the largest one)
+    while isinstance(node, yaml.MappingNode):
+        big = [(key, child) for key, child in _children(node) if sizes[id(child)] > MAX_NODES]
+        if not big:
+            break
+        key, node = max(big, key=lambda pair: sizes[id(pair[1])])
+        path = f"{path}.{key}" if path else key
+    raise ConfigError(f"{where}: {path or 'the document'} expands to {sizes[id(node)]:,} values through YAML aliases "
+                      f"(at most {MAX_NODES:,} are allowed in a recipe)")
+
+
+def _children(node: yaml.Node) -> list[tuple[str, yaml.Node]]:
+    """(name in a message, node) of each key and value of a mapping or each item of a sequence."""
+    if isinstance(node, yaml.SequenceNode):
+        return [(f"[{i}]", child) for i, child in enumerate(node.value)]
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    out = []
+    for key, value in node.value:
+        name = str(key.value) if isinstance(key, yaml.ScalarNode) else "(a complex key)"
+        name = name if len(name) <= 60 else name[:57] + "..."
+        out += [(f"{name} (key)", key), (name, value)]
+    return out
 
 
 def _yaml_problem(exc: Exception) -> str:
@@ -190,7 +258,7 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
     if path.is_dir():
         raise ConfigError(f"recipe {path} is a folder; give a YAML file (e.g. recipes/demo.yaml)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = safe_yaml(path.read_text(encoding="utf-8"), f"recipe {path}") or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path}: {_yaml_problem(exc)}") from None
     except UnicodeDecodeError as exc:
@@ -204,11 +272,11 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
 def _from_dict(data: dict[str, Any], path: str | None, where: str) -> Recipe:
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
-        raise ConfigError(f"recipe {path or ''}{where}: unknown top-level key(s) {unknown}; expected some of "
+        raise ConfigError(f"recipe {path or ''}{where}: unknown top-level key(s) {shorten(unknown)}; expected some of "
                           f"{list(TOP_KEYS)}")
     for key in ("model", "data", "train", "smoke"):
         if data.get(key) is not None and not isinstance(data[key], dict):
-            raise ConfigError(f"recipe {path or ''}{where}: '{key}' must be a mapping, got {data[key]!r}")
+            raise ConfigError(f"recipe {path or ''}{where}: '{key}' must be a mapping, got {shorten(data[key])}")
     if data.get("stages") is not None and not isinstance(data["stages"], list):
         raise ConfigError(f"recipe {path or ''}{where}: 'stages' must be a list of stages")
     kept = {k: v for k, v in data.items() if k not in ("description", "name") and v is not None}
@@ -228,7 +296,7 @@ def load_split(spec: Any) -> list[VQARecord]:
         except TypeError as exc:  # an unknown or misspelt key
             from ..data.records import DataError
 
-            raise DataError(f"synthetic data spec {spec}: {exc}") from None
+            raise DataError(f"synthetic data spec {shorten(spec)}: {exc}") from None
     from ..data.readers import load_records
 
     return load_records(spec)  # Records: keeps the list of bad items skipped, which the run reports
@@ -388,16 +456,33 @@ def check_curriculum(recipe: Recipe, model: MedVQAAdapter) -> None:
         if stage.get("tuning"):
             new = model.config.replace(tuning=stage["tuning"]).tuning
             if not _retune_allowed(tuning, new):
-                raise ConfigError(f"recipe stages[{i}] ({stage['name']!r}): switching tuning from {tuning.mode!r} to "
-                                  f"{new.mode!r} would drop trained decoder weights; allowed: {_allowed_switches()}")
+                raise ConfigError(f"recipe stages[{i}] ({shorten(stage['name'])}): switching tuning from "
+                                  f"{tuning.mode!r} to {new.mode!r} would drop trained decoder weights; allowed: "
+                                  f"{_allowed_switches()}")
             tuning = new
+
+
+def check_output_apart(spec: dict[str, Any], out: Path) -> None:
+    """Refuse an output folder that is, or lies inside, the adapter folder the recipe's model starts from: the run's
+    lock and checkpoints would be written into that adapter (which then no longer verifies) or replace it."""
+    if not spec.get("adapter"):
+        return
+    source = Path(spec["adapter"]).expanduser()
+    if not source.is_dir():  # a hub name: resolved (and checked) when the model is built
+        return
+    source, target = source.resolve(), out.expanduser().resolve()
+    if target == source or source in target.parents:
+        where = "is" if target == source else "lies inside"
+        raise ConfigError(f"train.output_dir {out} {where} the adapter folder the run starts from (model.adapter="
+                          f"{spec['adapter']}): the run would write into it; choose another output_dir")
 
 
 def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
     """Run a single-stage or curriculum recipe; `smoke=True` first applies the recipe's `smoke:` overrides.
 
-    The recipe's output folder is locked for the whole run; every stage is checked (settings, tuning switches,
-    data) before the first one trains.
+    The recipe's output folder is locked for the whole run (never the adapter folder it starts from), and SIGTERM or
+    Ctrl-C stop it cleanly (see `stopping.py`); every stage is checked (settings, tuning switches, data) before the
+    first one trains.
     """
     if smoke:
         if not recipe.smoke:
@@ -405,7 +490,8 @@ def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
         recipe = recipe.with_sets(recipe.smoke)
     top = TrainConfig.from_dict(recipe.train)
     out = Path(top.output_dir)
-    with run_lock(out):
+    check_output_apart(recipe.model, out)
+    with stop_signals(), run_lock(out):
         stage_data = load_stage_data(recipe)
         with seeded(top.seed):  # what a recipe builds (mapper, fresh LoRA) is seeded; the caller's RNG is kept
             model = build_model(recipe.model, out)

@@ -9,6 +9,7 @@ Design points:
   weights, nothing is published as best or final, and `train()` raises `TrainingDiverged` naming the step and records;
 * the output folder is locked for the run, interrupted checkpoint swaps are recovered, and a resume whose settings
   differ from the checkpoint's is refused (see `checkpoint.py`);
+* SIGTERM or Ctrl-C stops the run at the end of an optimizer step, every rank at the same one (`stopping.py`);
 * the run seeds (or, resuming, restores) the global random generators and gives the caller's back when it ends
   (`prefixvqa.rng`); its mixed precision is its own (`precision.py`).
 
@@ -17,7 +18,6 @@ Settings live in `config.py`, what a run reports in `reporting.py`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -37,19 +37,20 @@ from ..data.records import skipped_of
 from ..errors import PrefixVQAError
 from ..data.processor import record_label
 from ..rng import preserved, rng_state, seed_all, set_rng_state
-from .checkpoint import (STATE_DIR, check_same_recipe, checkpoint_problem, read_trainer_state, recover_output,
-                         resume_folder, run_lock, run_signature, scheduler_json, write_checkpoint)
+from .checkpoint import (check_same_recipe, describe_last, read_trainer_state, recover_output, resume_folder, run_lock,
+                         run_signature, scheduler_json, write_checkpoint)
 from .config import DEFAULT_LR, TrainConfig
 from ..adapter_io import load_weights_into  # the one adapter-folder reader (resume included)
 from .distributed import Distributed
 from .reporting import RunLog, plot_history
+from .stopping import TrainingInterrupted, agreed_signal, current, signal_name, stop_signals
 
 if TYPE_CHECKING:
     from ..data.records import VQARecord
     from ..model import MedVQAAdapter
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "Trainer", "train", "epoch_batches", "check_trainable",
-           "DEFAULT_LR"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "Trainer", "train", "epoch_batches",
+           "check_trainable", "DEFAULT_LR"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class TrainResult:
     best_dir: Path | None
     last_dir: Path | None
     history: list[dict[str, Any]]
-    stopped_reason: str  # "completed", "max_steps", "early stopping", "non-finite loss"
+    stopped_reason: str  # "completed", "max_steps", "early stopping", "non-finite loss", "stopped by SIGTERM"
     global_step: int = 0
     skipped_images: list[str] = field(default_factory=list)
     best_metric: float | None = None
@@ -264,11 +265,8 @@ class Trainer:
         self.history.append({"kind": "stop", "step": self.step, "epoch": self.epoch, "reason": f"non-finite {what}",
                              "records": ids})
         logger(self.history[-1])
-        last = self.out / "last"
-        kept = "no checkpoint was written before it"
-        if checkpoint_problem(last) is None:
-            step = json.loads((last / STATE_DIR / "state.json").read_text())["step"]
-            kept = f"the last finite checkpoint is {last} (step {step}), kept for inspection or resume"
+        kept = describe_last(self.out, "the last finite checkpoint is {} (step {}), kept for inspection or resume",
+                             "no checkpoint was written before it")
         shown = ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
         where = (f"at optimizer step {self.step + 1} (epoch {self.epoch}, batch {index}); records of the batch: "
                  f"{shown}" if ids else f"after optimizer step {self.step} (end of epoch {self.epoch})")
@@ -276,6 +274,24 @@ class Trainer:
                    f"rate, or check the records named)")
         log.error(message)
         return TrainingDiverged(message)
+
+    def _stop_point(self, logger: RunLog, saved: bool) -> None:
+        """A safe point (end of an optimizer step or epoch): when a signal asked any rank to stop, every rank stops
+        here (one gather: they agree on the step), after saving `last/` if train.save_on_signal asks and ``saved``
+        says it was not just written; raises TrainingInterrupted."""
+        signum = agreed_signal(self.stop, self.acc)
+        if not signum:
+            return
+        self.stop.stopping = True
+        if self.cfg.save_on_signal and not saved:
+            self.save_last()
+        name = signal_name(signum)
+        self.history.append({"kind": "stop", "step": self.step, "epoch": self.epoch, "reason": f"stopped by {name}"})
+        logger(self.history[-1])
+        kept = describe_last(self.out, "last checkpoint: {} (step {}); resume with train.resume=true",
+                             "no checkpoint was written (train.save_every_steps or train.save_on_signal keep it)")
+        raise TrainingInterrupted(f"stopped by {name} after optimizer step {self.step} of {self.total_steps} (epoch "
+                                  f"{self.epoch}); {kept}", signum)
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -402,9 +418,11 @@ class Trainer:
 
         A resumed run continues from its checkpoint's position and random state; a fresh one seeds the global
         generators with ``train.seed``. Either way the caller's generators are given back when the run ends. Raises
-        `TrainingDiverged` (with the result attached) when the loss, a gradient or a weight became non-finite.
+        `TrainingDiverged` (with the result attached) when the loss, a gradient or a weight became non-finite, and
+        `TrainingInterrupted` (likewise) when SIGTERM/SIGINT stopped it at the end of a step (see `stopping.py`).
         """
-        with preserved():
+        self.stop = current()  # the signals train() handles (an inert state when run outside it)
+        with preserved(), self.stop.safe_points():
             if self.resume_dir is not None:
                 self.resume(self.resume_dir)
             else:
@@ -430,6 +448,8 @@ class Trainer:
                 self.save_best({"epoch": self.epoch, "step": self.step})  # no metric: the final weights are best
         except TrainingDiverged as exc:
             reason, failure = "non-finite loss", exc
+        except TrainingInterrupted as exc:
+            reason, failure = f"stopped by {signal_name(exc.signum)}", exc
         finally:
             if progress is not None:
                 progress.close()
@@ -440,7 +460,7 @@ class Trainer:
         last = self.out / "last"
         result = TrainResult(best if best.is_dir() else None, last if last.is_dir() else None, self.history, reason,
                              self.step, list(self.skipped), self.best, list(self.skipped_records))
-        if failure is not None:
+        if failure is not None:  # diverged or interrupted: the result goes with the error
             failure.result = result
             raise failure
         return result
@@ -456,6 +476,7 @@ class Trainer:
             self.epoch, self.position = self.epoch + 1, 0
             if self._end_epoch(len(batches), logger):
                 return "early stopping"
+            self._stop_point(logger, saved=True)  # _end_epoch wrote last/
         return "completed"
 
     def _train_epoch(self, batches: list[list[int]], logger: RunLog, progress: Any) -> str | None:
@@ -481,8 +502,10 @@ class Trainer:
             if cfg.max_steps and self.step >= cfg.max_steps:
                 self.save_last()
                 return "max_steps"
-            if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+            saved = bool(cfg.save_every_steps) and self.step % cfg.save_every_steps == 0
+            if saved:
                 self.save_last()
+            self._stop_point(logger, saved)
         return None
 
     def _micro_step(self, batch: dict[str, Any], index: int, sync: bool, logger: RunLog) -> None:
@@ -565,8 +588,9 @@ def train(model: MedVQAAdapter, train_records: Sequence[VQARecord], eval_records
     """Train `model` in place; checkpoints go to cfg.output_dir/{last,best}. See TrainConfig for the knobs.
 
     The output folder is locked for the call (by the main process of a multi-process launch). Raises
-    `TrainingDiverged` on a non-finite loss, `ImageLoadError` when too few training images are usable, and
-    `CheckpointError` when a resume would be unsafe. The caller's random generators are left as they were.
+    `TrainingDiverged` on a non-finite loss, `ImageLoadError` when too few training images are usable,
+    `CheckpointError` when a resume would be unsafe, and `TrainingInterrupted` when SIGTERM or Ctrl-C stopped the run
+    (see `stopping.py`). The caller's random generators and signal handlers are left as they were.
     """
-    with run_lock(cfg.output_dir):
+    with stop_signals(), run_lock(cfg.output_dir):
         return Trainer(model, train_records, eval_records, cfg).run()
