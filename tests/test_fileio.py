@@ -50,11 +50,11 @@ def test_atomic_dir_swaps_in_complete_folders_only(tmp_path):
         (tmp / "weights").write_text("v1")
     assert (target / "weights").read_text() == "v1"
     with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target, overwrite=True) as tmp:  # True: this folder has no manifest to prove it ours
             (tmp / "weights").write_text("v2 (half)")
             raise RuntimeError("killed")
     assert (target / "weights").read_text() == "v1"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, overwrite=True) as tmp:
         (tmp / "weights").write_text("v2")
     assert (target / "weights").read_text() == "v2"
     with atomic_dir(target, overwrite=False) as tmp:  # someone else's equivalent copy is kept
