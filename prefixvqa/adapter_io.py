@@ -27,8 +27,8 @@ import torch
 from .errors import PrefixVQAError
 from .calibration import CALIBRATION_NAME, Calibration
 from .config import AdapterConfig, ConfigError
-from .fileio import (MANIFEST_NAME, IntegrityError, atomic_dir, safetensors_errors, save_safetensors, verify_manifest,
-                     write_manifest)
+from .fileio import (MANIFEST_NAME, IntegrityError, OverwriteRefused, atomic_dir, safetensors_errors, save_safetensors,
+                     verify_manifest, write_manifest)
 from .data.processor import PROCESSOR_NAME, MedVQAProcessor
 
 if TYPE_CHECKING:
@@ -118,10 +118,14 @@ def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
     """Put `calibration.json` into a saved adapter: the folder is checked, copied with the new file and a new
     manifest into a temporary sibling, and swapped in whole (readers never see a half-updated adapter). Every other
     file of the folder (hidden ones included) is carried over, so the swap loses nothing; only `calibration.json`
-    and the manifest are rewritten."""
+    and the manifest are rewritten. A folder that is not an adapter (no `prefixvqa_config.json`) is refused
+    (`fileio.OverwriteRefused`) before anything is written."""
     import shutil
 
     folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        raise OverwriteRefused(f"{folder} is not an adapter folder (it has no {CONFIG_NAME}): a calibration is saved "
+                               f"into adapters only; nothing was written")
     check_integrity(folder)
     with atomic_dir(folder, overwrite=True) as tmp:  # True: everything in it is copied across
         for item in folder.iterdir():

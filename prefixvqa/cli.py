@@ -459,12 +459,14 @@ def _add_export(sub: Any) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`prefixvqa export --merge`: an adapter folder whose decoder has the adapter folded in, loadable without peft."""
-    from .export import export_merged
+    from .export import EARLIER_EXPORT, earlier_export, export_merged
+    from .fileio import refuse_foreign
     from .model import MedVQAAdapter
 
     if not args.merge:
         raise ConfigError("prefixvqa export needs --merge: the adapter folder itself is already the shareable unit; "
                           "--merge writes a merged full-precision decoder + mapper + processor loadable without peft")
+    refuse_foreign(Path(args.out), earlier_export, EARLIER_EXPORT)  # before the adapter is loaded
     folder, caveat = export_merged(MedVQAAdapter.from_pretrained(args.adapter), args.out, args.dtype)
     print(f"merged export: {folder} (decoder in {folder / 'decoder'}; load with MedVQAAdapter.from_pretrained)")
     if caveat:

@@ -67,10 +67,12 @@ def _replace_with(path: PathLike, write: Callable[[Path], Any], suffix: str) -> 
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only disk even removing the absent file fails (EROFS)
+            tmp.unlink(missing_ok=True)
         raise _naming(exc, tmp, path) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     return path
 
