@@ -209,6 +209,9 @@ def _recalibrated(predictions: Sequence[Mapping[str, Any]], calibration: Any) ->
     return [round_floats(p) for p in out]
 
 
+MANIFEST_MARKER = frozenset({"prefixvqa_version", "item_ids", "protocol", "content_hash"})  # keys build_manifest writes
+
+
 def is_results_folder(folder: Path) -> bool:
     """Empty, or a folder `write_outputs` wrote: its manifest.json holds what `build_manifest` records (the marker)."""
     if not folder.is_dir() or folder.is_symlink():
@@ -219,7 +222,7 @@ def is_results_folder(folder: Path) -> bool:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(manifest, dict) and {"prefixvqa_version", "item_ids", "protocol", "content_hash"} <= manifest.keys()
+    return isinstance(manifest, dict) and MANIFEST_MARKER <= manifest.keys()
 
 
 def check_results_folder(out_dir: str | os.PathLike) -> Path:
