@@ -27,7 +27,8 @@ import torch
 from .errors import PrefixVQAError
 from .calibration import CALIBRATION_NAME, Calibration
 from .config import AdapterConfig, ConfigError
-from .fileio import MANIFEST_NAME, IntegrityError, atomic_dir, verify_manifest, write_manifest
+from .fileio import (MANIFEST_NAME, IntegrityError, OverwriteRefused, atomic_dir, safetensors_errors, save_safetensors,
+                     verify_manifest, write_manifest)
 from .data.processor import PROCESSOR_NAME, MedVQAProcessor
 
 if TYPE_CHECKING:
@@ -76,7 +77,12 @@ def trained_state(model: "MedVQAAdapter", state_dict: dict[str, torch.Tensor] | 
 def save_adapter(model: "MedVQAAdapter", path: str | Path, card: dict[str, Any] | None = None,
                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter folder all or nothing: into a temporary sibling, renamed into place when complete.
-    `state_dict` (the model's names, full tensors) replaces the live tensors: what a sharded run gathers."""
+    `state_dict` (the model's names, full tensors) replaces the live tensors: what a sharded run gathers.
+
+    An existing `path` is replaced only when it is an adapter (or other folder) prefixvqa saved, i.e. its manifest
+    lists every file in it, or an empty folder; a folder holding anything else (a user's files, notes added to an
+    adapter) raises `fileio.OverwriteRefused` naming it, before anything is written. A failed write (a full disk)
+    raises an OSError naming `path` and leaves the previous adapter as it was."""
     path = Path(path)
     with atomic_dir(path) as tmp:
         write_adapter_files(model, tmp, card, state_dict)
@@ -87,8 +93,6 @@ def write_adapter_files(model: "MedVQAAdapter", folder: Path, card: dict[str, An
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """The adapter's files (manifest last) into the existing, empty ``folder``: for callers that already write into
     a temporary folder of their own (a training checkpoint adds its trainer state before its one rename)."""
-    from safetensors.torch import save_file
-
     from ._version import __version__
 
     cfg = model.config.replace(fingerprints=dict(model.base_fingerprints), version=__version__)
@@ -96,9 +100,10 @@ def write_adapter_files(model: "MedVQAAdapter", folder: Path, card: dict[str, An
         kwargs = {}
         if state_dict is not None:
             kwargs["state_dict"] = {k[len("decoder."):]: v for k, v in state_dict.items() if k.startswith("decoder.")}
-        model.decoder.save_pretrained(str(folder), **kwargs)
-    save_file(trained_state(model, state_dict), str(folder / TENSORS_NAME),
-              metadata={"format": "pt", "library": "prefixvqa"})
+        with safetensors_errors(folder / PEFT_WEIGHTS_NAME):  # peft writes it with safetensors
+            model.decoder.save_pretrained(str(folder), **kwargs)
+    save_safetensors(trained_state(model, state_dict), folder / TENSORS_NAME,
+                     metadata={"format": "pt", "library": "prefixvqa"})
     model.processor.save_pretrained(folder)  # tokenizer files + processor_config.json
     (folder / CONFIG_NAME).write_text(cfg.to_json() + "\n")
     (folder / "README.md").write_text(model_card(cfg, card or {}))
@@ -111,14 +116,20 @@ def write_adapter_files(model: "MedVQAAdapter", folder: Path, card: dict[str, An
 
 def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
     """Put `calibration.json` into a saved adapter: the folder is checked, copied with the new file and a new
-    manifest into a temporary sibling, and swapped in whole (readers never see a half-updated adapter)."""
+    manifest into a temporary sibling, and swapped in whole (readers never see a half-updated adapter). Every other
+    file of the folder (hidden ones included) is carried over, so the swap loses nothing; only `calibration.json`
+    and the manifest are rewritten. A folder that is not an adapter (no `prefixvqa_config.json`) is refused
+    (`fileio.OverwriteRefused`) before anything is written."""
     import shutil
 
     folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        raise OverwriteRefused(f"{folder} is not an adapter folder (it has no {CONFIG_NAME}): a calibration is saved "
+                               f"into adapters only; nothing was written")
     check_integrity(folder)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, overwrite=True) as tmp:  # True: everything in it is copied across
         for item in folder.iterdir():
-            if item.name not in (CALIBRATION_NAME, MANIFEST_NAME) and not item.name.startswith("."):
+            if item.name not in (CALIBRATION_NAME, MANIFEST_NAME):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         calibration.save(tmp)
         write_manifest(tmp)

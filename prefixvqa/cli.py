@@ -83,11 +83,14 @@ def _add_cache(sub: Any) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    """`prefixvqa cache-features`: encode a dataset's images once so training and retrieval skip the encoder."""
+    """`prefixvqa cache-features`: encode a dataset's images once so training and retrieval skip the encoder. `--out`
+    is new, empty or a feature cache already (entries are only ever added to it)."""
     from .data.cache import cache_features
+    from .fileio import holds_only, refuse_foreign
     from .model import MedVQAAdapter
 
-    records = _records(args)  # a bad --data fails before a model is loaded
+    records = _records(args)  # a bad --data, or an --out of the user's, fails before a model is loaded
+    refuse_foreign(Path(args.out), holds_only("[0-9a-f]" * 16), "a feature cache (only folders named by encoder)")
     model = MedVQAAdapter.from_pretrained(args.adapter) if args.adapter else MedVQAAdapter.from_preset(args.preset)
     stats = cache_features(model, records, args.out, batch_size=args.batch_size)
     print(json.dumps(stats, indent=2, default=str))
@@ -182,9 +185,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if not (args.adapter and args.data):
         raise ConfigError("prefixvqa eval needs --adapter and --data (or --compare A B ...)")
+    from .eval.reports import check_results_folder
     from .model import MedVQAAdapter
 
-    records = _records(args)  # a bad --data fails before a model is loaded
+    records = _records(args)  # a bad --data, or an --out of the user's, fails before a model is loaded
+    check_results_folder(args.out)
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
     pool = None
     if args.shots:
@@ -254,19 +259,22 @@ def _add_predict(sub: Any) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """`prefixvqa predict`: answers with confidences for unlabeled data, written as JSON lines."""
+    """`prefixvqa predict`: answers with confidences for unlabeled data, written as JSON lines. `--out` is never an
+    input file, and an existing one is replaced only when it is a predictions file (`predict.check_output`)."""
     from .data.records import DataError
     from .model import MedVQAAdapter
-    from .predict import load_unlabeled, predict_records, write_predictions
+    from .predict import check_output, input_paths, load_unlabeled, predict_records, write_predictions
 
-    model = MedVQAAdapter.from_pretrained(args.adapter).eval()
-    records = load_unlabeled(_data_spec(args.data, args.format, None), args.split)
+    spec = _data_spec(args.data, args.format, None)
+    records = load_unlabeled(spec, args.split)  # a bad --data or --out fails before a model is loaded
     if not records:
         raise DataError(f"no records in {args.data}")
+    check_output(args.out, inputs := input_paths(spec, records))
+    model = MedVQAAdapter.from_pretrained(args.adapter).eval()
     rows = predict_records(model, records, protocol=args.protocol, closed_mode=args.closed_mode,
                            batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, abstain_below=_threshold(args, model))
-    write_predictions(rows, args.out)
+    write_predictions(rows, args.out, inputs=inputs)
     uncertain = sum(r["abstained"] for r in rows)
     print(f"{len(rows)} answers ({uncertain} uncertain) written to {args.out}")
     return 0
@@ -448,12 +456,14 @@ def _add_export(sub: Any) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`prefixvqa export --merge`: an adapter folder whose decoder has the adapter folded in, loadable without peft."""
-    from .export import export_merged
+    from .export import EARLIER_EXPORT, earlier_export, export_merged
+    from .fileio import refuse_foreign
     from .model import MedVQAAdapter
 
     if not args.merge:
         raise ConfigError("prefixvqa export needs --merge: the adapter folder itself is already the shareable unit; "
                           "--merge writes a merged full-precision decoder + mapper + processor loadable without peft")
+    refuse_foreign(Path(args.out), earlier_export, EARLIER_EXPORT)  # before the adapter is loaded
     folder, caveat = export_merged(MedVQAAdapter.from_pretrained(args.adapter), args.out, args.dtype)
     print(f"merged export: {folder} (decoder in {folder / 'decoder'}; load with MedVQAAdapter.from_pretrained)")
     if caveat:

@@ -141,28 +141,39 @@ def merged_decoder(model: "MedVQAAdapter", dtype: torch.dtype) -> nn.Module:
     return target.eval()
 
 
-def _check_target(out: Path) -> None:
-    """Replace only an empty folder or an earlier export: `--out` pointed at a project or the adapter itself would
-    otherwise be swapped out and deleted."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    from .adapter_io import INSIDE
+EARLIER_EXPORT = "an earlier merged export"
 
-    config = out / "prefixvqa_config.json"
+
+def earlier_export(out: Path) -> bool:
+    """The proof `export --out` needs to replace an existing folder: empty, or a merged export prefixvqa wrote (its
+    manifest lists every file, its decoder lives inside it). Not any adapter: `--out` pointed at the adapter being
+    exported, or at a project, would otherwise be swapped out and deleted."""
+    from .adapter_io import INSIDE
+    from .fileio import written_by_prefixvqa
+
+    if not written_by_prefixvqa(out):
+        return False
+    if not any(out.iterdir()):
+        return True
     try:
-        earlier = json.loads(config.read_text())["decoder"]["name"].startswith(INSIDE)
+        return json.loads((out / "prefixvqa_config.json").read_text())["decoder"]["name"].startswith(INSIDE)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        earlier = False
-    if not earlier:
-        raise ConfigError(f"--out {out} exists and is not an earlier merged export; give a new or empty folder")
+        return False
 
 
 def export_merged(model: "MedVQAAdapter", out: str | Path, dtype: str | None = None) -> tuple[Path, str | None]:
-    """Write the merged export of `model` into `out` (atomically); returns (folder, precision caveat or None)."""
+    """Write the merged export of `model` into `out` (atomically); returns (folder, precision caveat or None).
+
+    An existing `out` is replaced only when it is empty or an earlier merged export (`earlier_export`); anything
+    else (a user's folder, the adapter itself) raises `fileio.OverwriteRefused` naming it before the merge starts. A
+    failed write (a full disk) raises an OSError naming `out` and leaves an earlier export as it was."""
     from ._version import __version__
     from .adapter_io import INSIDE, write_adapter_files
-    from .fileio import atomic_dir
+    from .fileio import atomic_dir, refuse_foreign, safetensors_errors
     from .model import MedVQAAdapter
+
+    out = Path(out)
+    refuse_foreign(out, earlier_export, EARLIER_EXPORT)  # before the (slow) merge
 
     quant = model.config.decoder.quantization
     dtype_name = dtype or model.config.decoder.dtype
@@ -182,10 +193,9 @@ def export_merged(model: "MedVQAAdapter", out: str | Path, dtype: str | None = N
     exported.mapper.load_state_dict(model.mapper.state_dict())
     exported.processor = model.processor
     card: dict[str, Any] = {"description": cfg.description}
-    out = Path(out)
-    _check_target(out)
-    with atomic_dir(out) as tmp:
-        merged.save_pretrained(str(tmp / DECODER_DIR))
+    with atomic_dir(out, overwrite=earlier_export, what=EARLIER_EXPORT) as tmp:
+        with safetensors_errors(tmp / DECODER_DIR):  # transformers writes it with safetensors
+            merged.save_pretrained(str(tmp / DECODER_DIR))
         model.tokenizer.save_pretrained(str(tmp / DECODER_DIR))
         write_adapter_files(exported, tmp, card)  # its manifest covers decoder/ too
     return out, caveat

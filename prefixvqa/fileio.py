@@ -3,17 +3,27 @@
 Why one module: adapters, checkpoints, the feature cache, the GGUF copy and evaluation results are all read back by
 other processes (or after a crash), so each must appear complete or not at all; and several optional packages ship
 data files (presets, DICOM samples, model weights) that are found without importing the package. Only the standard
-library is imported here.
+library is imported here (safetensors lazily, by :func:`save_safetensors`).
+
+**Nothing of the user's is replaced.** A folder swap (:func:`atomic_dir`, :func:`replace_dir`) replaces an existing
+folder only when a proof says prefixvqa wrote it: by default :func:`written_by_prefixvqa` (empty, or its sha256
+manifest lists every file in it); a caller with another marker passes its own proof, and ``overwrite=True`` only where
+the user asked for the replacement. Anything else raises :class:`OverwriteRefused` naming the path and a file in it,
+before anything is written. :func:`atomic_write` replaces files by name (its callers write inside folders they own);
+a caller writing a file a user named checks it first with :func:`refuse_foreign`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import glob
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -22,15 +32,24 @@ from typing import Any, Callable, Iterator
 from .errors import PrefixVQAError
 
 __all__ = ["atomic_write", "atomic_write_with", "atomic_dir", "replace_dir", "recover_dir", "package_file",
-           "MANIFEST_NAME", "IntegrityError", "sha256_file", "write_manifest", "verify_manifest"]
+           "MANIFEST_NAME", "IntegrityError", "sha256_file", "write_manifest", "verify_manifest", "OverwriteRefused",
+           "Proof", "written_by_prefixvqa", "unlisted_files", "holds_only", "refuse_foreign", "save_safetensors",
+           "safetensors_errors"]
 
 MANIFEST_NAME = "manifest.sha256.json"
 
 PathLike = str | os.PathLike
+Proof = Callable[[Path], bool]  # does this existing path hold only what prefixvqa wrote (so it may be replaced)?
+OWNED = "a folder prefixvqa saved"
 
 # Called between the two renames of a folder swap (after the old folder moved aside, before the new one moved in).
 # None in normal use; fault-injection tests set it to kill the process exactly there.
 _between_renames: Callable[[Path, Path], Any] | None = None
+
+
+class OverwriteRefused(PrefixVQAError, FileExistsError, ValueError):
+    """A path the caller named holds something prefixvqa did not write (or is one of the command's inputs): nothing
+    was written, so a mistyped ``--out`` never costs the user a file. The message is one line naming the path."""
 
 
 def _temp_sibling(path: Path, suffix: str) -> Path:
@@ -48,26 +67,39 @@ def _replace_with(path: PathLike, write: Callable[[Path], Any], suffix: str) -> 
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _naming(exc, path) from None
+        with contextlib.suppress(OSError):  # on a read-only disk even removing the absent file fails (EROFS)
+            tmp.unlink(missing_ok=True)
+        raise _naming(exc, tmp, path) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     return path
 
 
-def _naming(exc: OSError, target: Path) -> OSError:
-    """The same error with the file being written named: ENOSPC from ``write()`` names no file otherwise."""
-    if exc.filename is not None:
+def _naming(exc: OSError, tmp: Path, target: Path, note: str = "") -> OSError:
+    """The same error naming what the caller asked to write, never the hidden temporary sibling ``tmp``: a file
+    name inside ``tmp`` is shown inside ``target``, and an error naming no file (ENOSPC from ``write()``) names
+    ``target``. An error naming another real path (a read-only parent) and prefixvqa's own errors pass unchanged."""
+    if isinstance(exc, PrefixVQAError):
         return exc
-    return OSError(exc.errno, f"{exc.strerror or exc} (while writing {target})") if exc.errno else \
-        OSError(f"{exc} (while writing {target})")
+    if exc.filename is None:
+        return OSError(exc.errno, f"{exc.strerror or exc}{note}", str(target)) if exc.errno else \
+            OSError(f"{exc}{note or f' (while writing {target})'}")
+    try:
+        inside = Path(os.path.abspath(os.fsdecode(exc.filename))).relative_to(os.path.abspath(tmp))
+    except ValueError:
+        return exc
+    named = target / inside if inside.parts else target
+    return OSError(exc.errno, f"{exc.strerror or exc}{note}", str(named))
 
 
 def atomic_write(path: PathLike, data: bytes | str, *, encoding: str = "utf-8") -> Path:
     """Write ``data`` (str is encoded) to ``path`` via a temporary sibling, fsync and ``os.replace``.
 
-    Readers see the old file or the new one, never a half-written one, even if the process dies mid-write.
+    Readers see the old file or the new one, never a half-written one, even if the process dies mid-write. An
+    existing ``path`` is replaced: callers write inside folders they own; a path a user named is checked first
+    (:func:`refuse_foreign`). A failure names ``path``, never the temporary file.
     """
     payload = data.encode(encoding) if isinstance(data, str) else data
 
@@ -75,7 +107,7 @@ def atomic_write(path: PathLike, data: bytes | str, *, encoding: str = "utf-8") 
         with open(tmp, "xb") as fh:
             fh.write(payload)
 
-    return _replace_with(path, write, ".tmp")
+    return _replace_with(path, write, "")
 
 
 def atomic_write_with(path: PathLike, write: Callable[[Path], Any]) -> Path:
@@ -87,8 +119,65 @@ def atomic_write_with(path: PathLike, write: Callable[[Path], Any]) -> Path:
     return _replace_with(path, write, Path(path).suffix)
 
 
-def replace_dir(src: PathLike, dst: PathLike, *, overwrite: bool = True) -> bool:
-    """Move the finished folder ``src`` to ``dst``; an existing ``dst`` is swapped out only once ``src`` is complete.
+# ---------------------------------------------------------------------------------------- replacing only our own
+def unlisted_files(folder: PathLike) -> list[str]:
+    """Files under ``folder`` (hidden ones included) that its sha256 manifest does not list: every file when it has
+    no readable manifest. What replacing the folder would lose that prefixvqa did not write."""
+    folder = Path(folder)
+    found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if (p.is_file() or p.is_symlink()) and p.relative_to(folder).as_posix() != MANIFEST_NAME)
+    try:
+        listed = set(json.loads((folder / MANIFEST_NAME).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return found
+    return [name for name in found if name not in listed]
+
+
+def written_by_prefixvqa(path: PathLike) -> bool:
+    """The default proof that an existing folder may be replaced: it is empty, or its manifest lists every file in
+    it (an adapter, checkpoint or export prefixvqa saved and nobody added to). A file or a link is never proven."""
+    path = Path(path)
+    return path.is_dir() and not path.is_symlink() and (not any(path.iterdir()) or
+                                                        ((path / MANIFEST_NAME).is_file() and not unlisted_files(path)))
+
+
+def holds_only(*patterns: str) -> Proof:
+    """A proof for a folder prefixvqa fills with entries of known names (a feature cache, a sweep's results): an
+    empty folder, or one whose every top-level entry matches one of the ``fnmatch`` patterns."""
+    def proof(path: Path) -> bool:
+        return path.is_dir() and not path.is_symlink() and all(
+            any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in patterns) for entry in path.iterdir())
+
+    return proof
+
+
+def _foreign_example(path: Path) -> str:
+    if not path.is_dir() or path.is_symlink():
+        return "it is not a folder" if path.is_file() or path.is_symlink() else ""
+    listed = (path / MANIFEST_NAME).is_file()  # else only the top level: never walk a whole home folder
+    names = (unlisted_files(path) if listed else []) or sorted(p.name for p in path.iterdir())
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"it holds {shown}" if shown else ""
+
+
+def refuse_foreign(path: PathLike, proof: Proof | bool = written_by_prefixvqa, what: str = OWNED) -> None:
+    """Raise :class:`OverwriteRefused` (one line naming ``path``) unless ``path`` does not exist, ``proof`` is True,
+    or ``proof(path)`` shows it holds only what prefixvqa wrote (``what`` says what that is, for the message).
+    Writers of user-named paths call it before doing any work, so a refusal costs nothing."""
+    path = Path(path)
+    if proof is True or not (path.exists() or path.is_symlink()) or (callable(proof) and proof(path)):
+        return
+    example = _foreign_example(path)
+    raise OverwriteRefused(f"{path} exists and is not {what}{f' ({example})' if example else ''}; nothing was "
+                           f"written: give a new path, or move it away first")
+
+
+def replace_dir(src: PathLike, dst: PathLike, *, overwrite: Proof | bool = written_by_prefixvqa,
+                what: str = OWNED) -> bool:
+    """Move the finished folder ``src`` to ``dst``; an existing ``dst`` is swapped out only once ``src`` is complete,
+    and only when ``overwrite(dst)`` proves prefixvqa wrote it (default :func:`written_by_prefixvqa`), or
+    ``overwrite=True`` (the caller's explicit request). Otherwise :class:`OverwriteRefused` is raised, ``src`` is
+    deleted and ``dst`` is untouched.
 
     With ``overwrite=False`` an existing ``dst`` wins (another process made an equivalent one first) and ``src`` is
     deleted. Returns whether ``src`` took the place.
@@ -101,9 +190,14 @@ def replace_dir(src: PathLike, dst: PathLike, *, overwrite: bool = True) -> bool
         except OSError:
             if not dst.exists():  # a real failure, not a folder that appeared meanwhile
                 raise
-    if not overwrite:  # lost a race, or it was there before: keep it
+    if overwrite is False:  # lost a race, or it was there before: keep it
         shutil.rmtree(src, ignore_errors=True)
         return False
+    try:
+        refuse_foreign(dst, overwrite, what)
+    except OverwriteRefused:
+        shutil.rmtree(src, ignore_errors=True)
+        raise
     old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
     dst.rename(old)
     if _between_renames is not None:
@@ -149,31 +243,76 @@ def recover_dir(dst: PathLike, is_complete: Callable[[Path], bool],
         if complete:
             complete[0].rename(dst)
     elif complete and (not is_complete(dst) or (newer is not None and newer(complete[0]) > newer(dst))):
-        replace_dir(complete[0], dst)  # a damaged dst never wins over a complete leftover
+        replace_dir(complete[0], dst, overwrite=True)  # a damaged dst never wins over a complete leftover
     for leftover in (*tmps, *olds):
         shutil.rmtree(leftover, ignore_errors=True)
     return dst if dst.exists() else None
 
 
 @contextlib.contextmanager
-def atomic_dir(target: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(target: PathLike, *, overwrite: Proof | bool = written_by_prefixvqa, what: str = OWNED
+               ) -> Iterator[Path]:
     """Yield an empty temporary sibling folder of ``target``; on success it is renamed to ``target``.
 
     If the block raises, the temporary folder is removed and ``target`` is untouched; an existing ``target`` is
-    replaced only after the new folder is complete (see :func:`replace_dir` for ``overwrite=False``).
+    replaced only after the new folder is complete, and only when ``overwrite`` proves prefixvqa wrote it (default:
+    its manifest lists every file in it) or is True (the user asked); else :class:`OverwriteRefused` is raised before
+    the block runs (and again at the swap, should the folder have changed meanwhile). ``overwrite=False`` keeps an
+    existing ``target`` (see :func:`replace_dir`). An OSError (a full disk) names ``target``, never the temporary
+    folder, and says that ``target`` was left as it was.
     """
     target = Path(target)
+    if overwrite is not False:
+        refuse_foreign(target, overwrite, what)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    except OSError as exc:  # names the random temporary folder: name the target instead
+        raise OSError(exc.errno, exc.strerror, str(target)) if exc.errno else exc from None
     try:
         yield tmp
-        replace_dir(tmp, target, overwrite=overwrite)
+        replace_dir(tmp, target, overwrite=overwrite, what=what)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _naming(exc, target) from None
+        raise _naming(exc, tmp, target, f" while saving {target} (left as it was)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ------------------------------------------------------------------------------------------------ safetensors
+@contextlib.contextmanager
+def safetensors_errors(path: PathLike) -> Iterator[None]:
+    """Turn a failed safetensors write inside the block into the OSError it stands for, naming ``path``.
+
+    Why: safetensors raises its own ``SafetensorError`` (not an OSError) for a full disk ("I/O error: No space left
+    on device (os error 28)"), which the CLI would print as a long traceback naming no folder. Inside
+    :func:`atomic_dir` the OSError then names the target folder and the previous one stays. Wrap every safetensors
+    write, including the ones transformers and peft make for us (``save_pretrained``)."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        from safetensors import SafetensorError
+
+        if not isinstance(exc, SafetensorError):
+            raise
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found:
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), os.fspath(path)) from None
+        raise OSError(errno.EIO, f"safetensors could not write the file: {exc}", os.fspath(path)) from None
+
+
+def save_safetensors(tensors: dict[str, Any], path: PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` with a failed write (a full disk) raised as an OSError naming ``path`` (see
+    :func:`safetensors_errors`): the one way prefixvqa writes its own tensors."""
+    from safetensors.torch import save_file
+
+    with safetensors_errors(path):
+        save_file(tensors, os.fspath(path), metadata=metadata)
+    return Path(path)
 
 
 def package_file(package: str, relative: str = "", install_hint: str | None = None, *, purpose: str | None = None,

@@ -4,6 +4,9 @@ Each record is answered as an evaluation under the given protocol would answer i
 with ``closed_mode="score"`` a closed question's choices, or yes/no, are ranked by likelihood), through the same
 answering loop (`inference.answer_records`), and below an optional threshold the answer is "uncertain" (the guess is
 kept in ``guess``; the rule is `calibration.abstain`'s).
+
+The output file is never one of the run's inputs (same path, or the same file under another name), and an existing
+one is replaced only when it is a predictions file prefixvqa wrote (`is_predictions_file`): see `check_output`.
 """
 
 from __future__ import annotations
@@ -11,17 +14,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .calibration import UNCERTAIN, abstains, abstention_threshold
-from .fileio import atomic_write
+from .fileio import OverwriteRefused, atomic_write, refuse_foreign
 
 if TYPE_CHECKING:
     from .data.records import VQARecord
     from .eval.protocols import ClosedMode
     from .model import MedVQAAdapter
 
-__all__ = ["predict_records", "write_predictions", "load_unlabeled"]
+__all__ = ["predict_records", "write_predictions", "load_unlabeled", "is_predictions_file", "input_paths",
+           "check_output"]
+
+# keys every row `predict_records` writes has: the marker that a file is prefixvqa's predictions
+ROW_KEYS = frozenset({"id", "question", "answer", "guess", "abstained", "confidence", "confidence_raw", "mode"})
+PREDICTIONS = "a predictions file prefixvqa wrote"
 
 
 def load_unlabeled(spec: Any, split: str | None = None) -> list["VQARecord"]:
@@ -61,6 +69,77 @@ def predict_records(model: "MedVQAAdapter", records: Sequence["VQARecord"], *, p
     return out
 
 
-def write_predictions(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """JSONL, one row per line, written atomically."""
+def is_predictions_file(path: Path) -> bool:
+    """The proof that an existing ``--out`` may be replaced: an empty file, or JSON lines each of which is a row
+    `predict_records` wrote (its keys). Reading stops at the first line that is not, so a large foreign file costs
+    little."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                if not line.lstrip().startswith("{") or '"guess"' not in line:
+                    return False
+                row = json.loads(line)
+                if not isinstance(row, dict) or not ROW_KEYS <= row.keys():
+                    return False
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return False
+    return True
+
+
+def input_paths(spec: Any, records: Sequence["VQARecord"] = ()) -> list[Path]:
+    """The files and folders a predict run reads: every existing path named in the dataset spec (a bare path, or a
+    spec's values) and every record's image file."""
+    named = [spec] if isinstance(spec, (str, os.PathLike)) else \
+        [v for k, v in spec.items() if k not in ("format", "split")] if isinstance(spec, dict) else []
+    images = [r.image for r in records if isinstance(r.image, (str, os.PathLike))]
+    found = []
+    for value in (*named, *images):
+        if isinstance(value, (str, os.PathLike)) and os.fspath(value) and os.path.exists(value):
+            found.append(Path(value))
+    return found
+
+
+def _same_input(out: Path, inputs: Iterable[str | os.PathLike]) -> Path | None:
+    """The input ``out`` is (same path, a link to it, a hard link: same device and inode; or a file inside an input
+    folder, which a folder reader may read), or None."""
+    if not out.exists():  # an input exists; a path that does not is none of them
+        return None
+    target, resolved = os.stat(out), out.resolve()
+    for item in inputs:
+        path = Path(item)
+        try:
+            if path.is_dir():
+                if resolved.is_relative_to(path.resolve()):
+                    return path
+            elif os.path.samestat(target, os.stat(path)):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def check_output(path: str | Path, inputs: Iterable[str | os.PathLike] = (), *, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output path that is one of ``inputs`` (:class:`fileio.OverwriteRefused`, one line
+    naming both), or an existing file that is not a predictions file prefixvqa wrote (unless ``overwrite``: the
+    caller asked to replace it)."""
+    out = Path(path)
+    same = _same_input(out, inputs)
+    if same is not None:
+        what = "is" if same.is_file() else "lies in"
+        raise OverwriteRefused(f"--out {out} {what} the input {same}: writing the predictions would replace it; give "
+                               f"another --out")
+    refuse_foreign(out, overwrite or is_predictions_file, PREDICTIONS)
+    return out
+
+
+def write_predictions(rows: Sequence[dict[str, Any]], path: str | Path, *, inputs: Iterable[str | os.PathLike] = (),
+                      overwrite: bool = False) -> Path:
+    """JSONL, one row per line, written atomically. ``path`` is refused when it is one of ``inputs`` (the data and
+    image files the rows came from, `input_paths`) or an existing file that is not a predictions file prefixvqa
+    wrote, unless ``overwrite`` (see `check_output`); a failed write names ``path``."""
+    check_output(path, inputs, overwrite=overwrite)
     return atomic_write(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))

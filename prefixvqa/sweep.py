@@ -24,7 +24,7 @@ from .eval.protocols import answer_type_of, get_protocol
 from .eval.plots import save_png
 from .eval.reports import dump_json, md_table
 from .eval.runner import evaluate
-from .fileio import atomic_write
+from .fileio import atomic_write, holds_only, refuse_foreign
 from .rng import seeded
 
 __all__ = ["sweep", "stratified_subset", "plot_learning_curve"]
@@ -97,6 +97,11 @@ def _summary(runs: Sequence[dict[str, Any]], sizes: Sequence[Size], metric: str)
     return out
 
 
+# what a sweep writes into its folder (runs, earlier curriculum stages, a tiny model, results; hidden temporaries)
+SWEEP_LAYOUT = ("size-*", "stages", "_tiny", "sweep.json", "sweep.md", "learning_curve.png", ".sweep.*",
+                ".learning_curve.png.*")
+
+
 def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64, 256, "all"), seeds: int = 3,
           out_dir: str | os.PathLike = "runs/sweep", protocol: str = "llava_med", sets: Sequence[str] = (), *,
           metric: str | None = None, smoke: bool = False, batch_size: int = 8,
@@ -109,6 +114,9 @@ def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64,
 
     A curriculum recipe runs its earlier stages once (under ``out_dir/stages``); every run then trains the last stage
     (the downstream task) on a subset of that stage's data, starting from the earlier stages' adapter.
+
+    An existing ``out_dir`` must be empty or an earlier sweep's folder (only the names a sweep writes: `SWEEP_LAYOUT`);
+    anything else raises `fileio.OverwriteRefused` naming it before any training.
     """
     import dataclasses
 
@@ -119,6 +127,7 @@ def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64,
     if smoke:
         recipe = recipe.with_sets(recipe.smoke)
     out = Path(out_dir)
+    refuse_foreign(out, holds_only(*SWEEP_LAYOUT), "a sweep folder prefixvqa wrote")
     out.mkdir(parents=True, exist_ok=True)
     last = recipe.stages[-1] if recipe.stages else None
     head = None

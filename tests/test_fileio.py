@@ -50,11 +50,11 @@ def test_atomic_dir_swaps_in_complete_folders_only(tmp_path):
         (tmp / "weights").write_text("v1")
     assert (target / "weights").read_text() == "v1"
     with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target, overwrite=True) as tmp:  # True: this folder has no manifest to prove it ours
             (tmp / "weights").write_text("v2 (half)")
             raise RuntimeError("killed")
     assert (target / "weights").read_text() == "v1"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, overwrite=True) as tmp:
         (tmp / "weights").write_text("v2")
     assert (target / "weights").read_text() == "v2"
     with atomic_dir(target, overwrite=False) as tmp:  # someone else's equivalent copy is kept
@@ -141,3 +141,97 @@ def test_recover_dir_puts_back_the_newest_complete_folder_and_removes_leftovers(
     make("ckpt", None)  # a damaged current folder next to a complete leftover: the leftover takes its place
     assert recover_dir(tmp_path / "ckpt", complete) and (tmp_path / "ckpt" / "done").read_text() == "previous"
     assert os.listdir(tmp_path) == ["ckpt"]
+
+
+# ------------------------------------------------------------------------------ replacing only what prefixvqa wrote
+def test_atomic_dir_replaces_only_a_folder_its_manifest_proves_ours(tmp_path):
+    from prefixvqa.fileio import MANIFEST_NAME, OverwriteRefused, write_manifest
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    ran = []
+    with pytest.raises(OverwriteRefused) as refused:
+        with atomic_dir(mine) as tmp:
+            ran.append(tmp)
+    assert not ran and "\n" not in str(refused.value) and str(mine) in str(refused.value)
+    assert "thesis.tex" in str(refused.value) and (mine / "thesis.tex").read_text() == "years of work"
+    assert isinstance(refused.value, FileExistsError) and isinstance(refused.value, ValueError)
+
+    ours = tmp_path / "ours"
+    with atomic_dir(ours) as tmp:
+        (tmp / "weights").write_text("v1")
+        write_manifest(tmp)
+    with atomic_dir(ours) as tmp:  # its manifest lists every file: replaced
+        (tmp / "weights").write_text("v2")
+        write_manifest(tmp)
+    assert (ours / "weights").read_text() == "v2"
+    (ours / ".hidden-notes").write_text("mine")  # a file the manifest does not list, hidden or not, stops it
+    with pytest.raises(OverwriteRefused, match=r"\.hidden-notes"):
+        with atomic_dir(ours) as tmp:
+            (tmp / "weights").write_text("v3")
+    assert (ours / "weights").read_text() == "v2" and (ours / ".hidden-notes").read_text() == "mine"
+
+    (tmp_path / "empty").mkdir()
+    with atomic_dir(tmp_path / "empty") as tmp:  # nothing to lose
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(OverwriteRefused, match="it is not a folder"):
+        with atomic_dir(tmp_path / "mine" / "thesis.tex"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "ours"]
+    assert (ours / MANIFEST_NAME).is_file()
+
+
+def test_a_folder_changed_during_the_write_is_refused_at_the_swap(tmp_path):
+    from prefixvqa.fileio import OverwriteRefused
+
+    target = tmp_path / "adapter"
+    with pytest.raises(OverwriteRefused, match="notes.txt"):
+        with atomic_dir(target) as tmp:
+            (tmp / "weights").write_text("new")
+            target.mkdir()
+            (target / "notes.txt").write_text("written meanwhile")
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    assert (target / "notes.txt").read_text() == "written meanwhile"
+
+
+def test_errors_name_the_target_never_the_temporary_sibling(tmp_path):
+    import errno
+
+    target = tmp_path / "adapter"
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "sub" / "weights.bin"))
+
+    with pytest.raises(OSError) as failed:
+        with atomic_dir(target) as tmp:
+            full(tmp)
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(target / "sub" / "weights.bin")
+    assert f"while saving {target} (left as it was)" in str(failed.value) and ".tmp" not in str(failed.value)
+
+    def read_only(tmp):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp))
+
+    with pytest.raises(OSError) as failed:
+        atomic_write_with(tmp_path / "x.npy", read_only)
+    assert failed.value.errno == errno.EROFS and failed.value.filename == str(tmp_path / "x.npy")
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_safetensors_turns_a_full_disk_into_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    from prefixvqa.fileio import save_safetensors
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", full)
+    with pytest.raises(OSError) as failed:
+        save_safetensors({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(tmp_path / "w.safetensors")
+    assert str(failed.value) == f"[Errno 28] No space left on device: '{tmp_path / 'w.safetensors'}'"

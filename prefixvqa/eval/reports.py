@@ -13,6 +13,9 @@
 
 Metrics come only from the rows of predictions.jsonl (`protocols.compute_metrics`), so a result folder can be
 rescored without the model (:func:`rescore`) and compared with others (:func:`compare`).
+
+The folder is written only when it is new, empty or an earlier result folder (its manifest.json is one
+:func:`build_manifest` wrote): :func:`check_results_folder`. Other files in an earlier result folder are left alone.
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, refuse_foreign
 from .errors import EvaluationError
 from .plots import calibration_plots, result_plots
 from .protocols import (BREAKDOWN_FIELDS, METRIC_LABELS, Protocol, breakdowns, compute_metrics, get_protocol,
                         item_scores)
 
 __all__ = ["DECIMALS", "round_floats", "dump_json", "jsonable", "build_manifest", "md_table", "report_markdown",
-           "write_outputs", "load_predictions", "rescore", "compare"]
+           "write_outputs", "load_predictions", "rescore", "compare", "is_results_folder", "check_results_folder"]
 
 DECIMALS = 6  # every float written to metrics.json / predictions.jsonl is rounded to this many decimals
 
@@ -206,18 +209,44 @@ def _recalibrated(predictions: Sequence[Mapping[str, Any]], calibration: Any) ->
     return [round_floats(p) for p in out]
 
 
+MANIFEST_MARKER = frozenset({"prefixvqa_version", "item_ids", "protocol", "content_hash"})  # keys build_manifest writes
+
+
+def is_results_folder(folder: Path) -> bool:
+    """Empty, or a folder `write_outputs` wrote: its manifest.json holds what `build_manifest` records (the marker)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and MANIFEST_MARKER <= manifest.keys()
+
+
+def check_results_folder(out_dir: str | os.PathLike) -> Path:
+    """Refuse (`fileio.OverwriteRefused`, one line naming it) an existing ``out_dir`` that is not an evaluation result
+    folder prefixvqa wrote: its predictions.jsonl, metrics.json, report.md and plots would replace a user's files of
+    those names. Callers check before answering, so a refusal costs nothing."""
+    out = Path(out_dir)
+    refuse_foreign(out, is_results_folder, "an evaluation result folder prefixvqa wrote")
+    return out
+
+
 def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Sequence[Any],
                   predictions: Sequence[dict[str, Any]], manifest: Mapping[str, Any], *, plots: bool = True,
                   calibration: Any = None) -> dict[str, Any]:
     """Score ``predictions`` and write predictions.jsonl, metrics.json, plots, report.md and manifest.json.
 
     Each file is written atomically (temporary sibling, then renamed), so a reader or a crash never sees half a file.
+    An existing ``out_dir`` that is not a result folder prefixvqa wrote is refused (:func:`check_results_folder`).
     Every row's ``confidence`` is recomputed from its raw scores under ``calibration`` (raw without one), so the
     written confidences and the calibration figures always agree.
     """
     from ..calibration import confidence_summary, is_correct
 
-    out = Path(out_dir)
+    out = check_results_folder(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = _recalibrated(predictions, calibration)  # metrics see exactly what is written
     rows = item_scores(protocol, records, predictions)

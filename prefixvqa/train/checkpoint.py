@@ -355,10 +355,8 @@ def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str
     """Adapter (+ trainer_state/) into a temporary sibling, then renamed over `folder`: all or nothing. The manifest
     is rewritten last to cover trainer_state/ too, so a complete checkpoint is one whose manifest verifies.
     `state_dict`: the full tensors a sharded run gathered (else the model's live tensors are written)."""
-    from safetensors.torch import save_file
-
     from ..adapter_io import write_adapter_files
-    from ..fileio import atomic_dir, write_manifest
+    from ..fileio import atomic_dir, save_safetensors, write_manifest
 
     with atomic_dir(folder) as tmp:
         write_adapter_files(model, tmp, card, state_dict)
@@ -368,7 +366,7 @@ def write_checkpoint(model: MedVQAAdapter, folder: Path, trainer_state: dict[str
             rest: dict[str, Any] = {}
             if optimizer_state is not None:
                 tensors, rest = optimizer_tensors(optimizer_state)
-                save_file(tensors, str(state_dir / "optimizer.safetensors"))
+                save_safetensors(tensors, state_dir / "optimizer.safetensors")  # a full disk: one line naming it
             payload = {**trainer_state, "optimizer": rest}
             (state_dir / "state.json").write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
             write_manifest(tmp)
