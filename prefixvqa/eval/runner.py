@@ -21,7 +21,8 @@ from ..inference import answer_records
 from .errors import DataOverlapError, EvaluationError
 from .protocols import BREAKDOWN_FIELDS, TOKEN_ID_METRICS, Protocol, answer_type_of, get_protocol, item_scores, \
     plan_items
-from .reports import (DECIMALS, build_manifest, compare, load_predictions, rescore, round_floats, write_outputs)
+from .reports import (DECIMALS, build_manifest, check_results_folder, compare, load_predictions, rescore, round_floats,
+                      write_outputs)
 
 if TYPE_CHECKING:
     from ..calibration import Calibration
@@ -129,6 +130,7 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     calibration = calibration if calibration is not None else getattr(model, "calibration", None)
     _check_sources(records, shots, shot_pool, calibration)
+    check_results_folder(out_dir)  # a folder that is not an earlier result is refused before any answering
     generation = _generation(model, max_new_tokens, num_beams, do_sample, generation_kwargs)
     predictions, run = _answer_records(model, records, protocol, batch_size=batch_size, closed_mode=closed_mode,
                                        generation=generation, seed=seed, progress=progress, shots=shots,
