@@ -87,6 +87,11 @@ class TuningMode:
         """The plain decoder with what this mode learned folded in (a curriculum's switch to the next mode)."""
         return decoder
 
+    def virtual_positions(self, tuning: TuningConfig) -> int:
+        """Decoder positions this mode's virtual tokens take in front of every sequence (soft prompts shift the
+        text's positions by this much): what the processor and generation subtract from the decoder's context."""
+        return 0
+
     def can_follow(self, previous: TuningMode) -> bool:
         """Whether a curriculum stage in this mode may continue from one in `previous` without losing weights."""
         return previous.name == self.name or previous.name in self.follows
@@ -210,6 +215,9 @@ class _SoftPrompt(TuningMode):
 
     def language_model(self, decoder: nn.Module) -> nn.Module:
         return decoder.get_base_model()
+
+    def virtual_positions(self, tuning: TuningConfig) -> int:
+        return tuning.num_virtual_tokens
 
     def describe(self, tuning: TuningConfig) -> str:
         return f"{self.name} ({tuning.num_virtual_tokens} virtual tokens)"
