@@ -116,6 +116,7 @@ class MedVQAAdapter(nn.Module):
 
     @processor.setter
     def processor(self, processor: MedVQAProcessor) -> None:
+        """Set the processor and give it the decoder's context and the room a generated answer needs."""
         processor.context_length = self.text_context
         if self.text_context is not None:  # room for a generated answer, at most half of what the prefix leaves
             free = self.text_context - processor.image_seq_length
@@ -144,7 +145,7 @@ class MedVQAAdapter(nn.Module):
             warnings.warn(f"template.max_length={asked} is longer than the decoder's context leaves beside the visual "
                           f"prefix ({self.max_positions} positions - {prefix_length} prefix"
                           f"{' - soft prompt' if self.text_context < self.max_positions else ''}); clamped to {room}",
-                          stacklevel=4)
+                          stacklevel=3)
             self.config = self.config.replace(template={"max_length": room})
 
     @property
