@@ -24,7 +24,7 @@ from .config import AdapterConfig, ConfigError
 from .decoder import (apply_tuning, check_available, context_length, decoder_fingerprint, fingerprint, is_peft_param,
                       load_decoder)
 from .errors import PrefixVQAError
-from .generation import Answer, abstain, evaluating  # noqa: F401 (Answer re-exported: `from prefixvqa.model import Answer`)
+from .generation import Answer, abstain, evaluating  # noqa: F401 (Answer, abstain re-exported for old imports)
 from .mappers import build_mapper
 from .data.processor import IGNORE, MedVQAProcessor, Sample
 from .rng import seeded
@@ -107,6 +107,21 @@ class MedVQAAdapter(nn.Module):
         self.processor = MedVQAProcessor(tokenizer, self.config.template, encoder.preprocess, prefix_length)
         self.calibration: Calibration | None = None  # temperatures fitted on validation data (calibration.json)
         self.freeze_encoder(config.encoder.freeze)
+
+    @property
+    def config(self) -> AdapterConfig:
+        """The adapter's settings, saved as `prefixvqa_config.json`. Setting a new one (a curriculum stage's template
+        or tuning) also gives the processor its template and context: what trains is what the saved config says."""
+        return self._config
+
+    @config.setter
+    def config(self, config: AdapterConfig) -> None:
+        """Replace the settings; the processor follows (see the getter)."""
+        self._config = config
+        processor = self.__dict__.get("_processor")
+        if processor is not None:
+            processor.use_template(config.template)
+            self.processor = processor  # the context again: a tuning switch may change the virtual tokens
 
     @property
     def processor(self) -> MedVQAProcessor:

@@ -46,7 +46,7 @@ class TuningMode:
     """What trains in the decoder and how the decoder is wrapped for it. Subclasses set the attributes below."""
 
     name: ClassVar[str]
-    uses_peft_files: ClassVar[bool] = False  # adapter folder holds peft's adapter_config.json + adapter_model.safetensors
+    uses_peft_files: ClassVar[bool] = False  # the folder holds peft's adapter_config.json + adapter_model.safetensors
     soft_prompt: ClassVar[bool] = False  # learned virtual tokens placed in front of every sequence (peft prompt tuning)
     trains_decoder: ClassVar[bool] = False  # the base decoder's own weights train and are stored in the adapter folder
     quantisable: ClassVar[bool] = True  # runs on a bitsandbytes 8/4-bit base (QLoRA)

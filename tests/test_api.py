@@ -201,3 +201,21 @@ def test_the_api_and_the_recipe_seed_mapper_and_lora_the_same_way(tiny_decoders,
     torch.manual_seed(99)
     recipe_mod.run_recipe(recipe)
     assert_equal_tensors(first, built["tensors"])
+
+
+def test_a_config_set_on_the_model_reaches_its_processor_as_a_reload_does(tiny_decoders, tmp_path):
+    """A curriculum stage sets `model.config` with its own template: the in-memory processor lays prompts out with
+    it (opening tokens included), as the processor of the saved and reloaded adapter does."""
+    model = MedVQAAdapter.from_preset(PRESET, **tiny_overrides(tiny_decoders["gpt2"]))
+    assert model.config.template.name != "plain"
+    model.processor.tokenize("is there a lesion?", "yes")  # caches the opening tokens of the old template
+    model.config = model.config.replace(template={"name": "plain", "start": "bos"})
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = MedVQAAdapter.from_pretrained(tmp_path / "adapter")
+    assert model.processor.template == loaded.processor.template == model.config.template
+    assert model.processor.tokenize("is there a lesion?", "yes") == loaded.processor.tokenize("is there a lesion?",
+                                                                                                "yes")
+    assert model.processor.start_ids == [model.tokenizer.bos_token_id]
+    for (text, score), (text2, score2) in zip(answers(model, num_beams=1), answers(loaded, num_beams=1)):
+        assert text == text2 and score == pytest.approx(score2, abs=1e-5)

@@ -106,6 +106,12 @@ class MedVQAProcessor:
         self.context_length, self.answer_room = context_length, answer_room
         self._stop_criteria: dict[tuple[str, ...], Any] = {}
 
+    def use_template(self, template: TemplateConfig) -> None:
+        """Lay out every later sample with `template` (a curriculum stage's own, set through the model's config)."""
+        if template != self.template:
+            self.template = template
+            self.__dict__.pop("start_ids", None)  # the cached opening tokens follow `template.start`
+
     # --- images -------------------------------------------------------------------------------------------------
     @staticmethod
     def load_image(image: Any, view: dict[str, Any] | None = None, name: str | None = None) -> Any:
@@ -234,12 +240,13 @@ class MedVQAProcessor:
             q_ids = q_ids[:max(0, len(q_ids) - excess)]
             sample = self._pieces(self.tokenizer.decode(q_ids), answer, shots, choices, history, position)
             excess = self._excess(sample, answered)
-        limit = self.token_limit(len(sample.pieces) - 1, answered)
-        bound = "" if limit >= self.template.max_length else f" (the decoder's context leaves {limit} here)"
+        limit, context_bound = self.token_limit(len(sample.pieces) - 1, answered), self._context_bound(sample)
+        bound = f" (the decoder's context leaves {limit} here)" if context_bound else ""
         if excess > 0:
+            fix = "use a decoder with a longer context or a shorter prefix" if context_bound else "raise it"
             raise ProcessorError(f"record {record_id or question[:40]!r}: the template and answers alone take "
                                  f"{limit + excess} tokens, over template.max_length={self.template.max_length}"
-                                 f"{bound}; raise it" + (" or use a decoder with a longer context" if bound else ""))
+                                 f"{bound}; {fix}")
         what = f"{dropped} earlier exchange(s) of the conversation dropped" if dropped else ""
         if len(q_ids) < len(self._encode(question)):
             what += ("; " if what else "") + f"question shortened to {len(q_ids)} tokens"
@@ -256,6 +263,11 @@ class MedVQAProcessor:
             room = 0 if answered else self.answer_room
             limit = min(limit, self.context_length - slots * self.image_seq_length - room)
         return limit
+
+    def _context_bound(self, sample: Sample) -> bool:
+        """Whether the decoder's context, not a larger `template.max_length`, sets this sample's limit."""
+        prefixes = (len(sample.pieces) - 1) * self.image_seq_length
+        return self.context_length is not None and self.context_length - prefixes <= self.template.max_length
 
     def _excess(self, sample: Sample, answered: bool) -> int:
         used = sum(map(len, sample.pieces)) + len(sample.answer)
