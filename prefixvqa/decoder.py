@@ -128,6 +128,22 @@ def load_decoder(cfg: DecoderConfig) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+# config fields that name a decoder's context (transformers' attribute maps make most models answer the first)
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The positions a decoder can take in one sequence (its config's `max_position_embeddings` / `n_positions`),
+    None when its config names none. Learned position tables (GPT-2) raise IndexError past it and rotary models
+    degrade, so the processor shortens prompts to fit and generation stops there."""
+    cfg = getattr(model, "config", None)
+    for key in _CONTEXT_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _local_device() -> str:
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

@@ -50,6 +50,19 @@ def _language_model(model: MedVQAAdapter) -> nn.Module:
 
 
 @contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Run the block in eval mode (no dropout, batch-norm statistics fixed) and give every submodule its own training
+    flag back afterwards: inference entry points answer the same whatever mode the caller left the model in."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
 def lora_merged(model: MedVQAAdapter) -> Iterator[None]:
     """Inference with each LoRA delta folded into a temporary copy of its base weight: one matmul per layer instead
     of three. The original weight tensors are put back untouched on exit (no merge/unmerge rounding). Skipped for
@@ -80,11 +93,12 @@ def answer(model: MedVQAAdapter, images: Sequence[Any] | None, questions: Sequen
            features: torch.Tensor | None = None, shots: Sequence[Sequence[tuple[str, str]]] | None = None,
            views: Sequence[dict] | None = None, abstain_below: float | None = None, **generation: Any
            ) -> list[Answer]:
-    """The body of `MedVQAAdapter.answer`: the processor left-pads the batch, `model.generate` answers it, and
-    answers below `abstain_below` confidence become "uncertain"."""
+    """The body of `MedVQAAdapter.answer`: the processor left-pads the batch, `model.generate` answers it (in eval
+    mode), and answers below `abstain_below` confidence become "uncertain"."""
     batch = model.processor(None if features is not None else images, questions, shots=shots, views=views,
                             padding_side="left")
-    return [abstain(a, abstain_below) for a in model.generate(**batch, features=features, **generation)]
+    with evaluating(model):
+        return [abstain(a, abstain_below) for a in model.generate(**batch, features=features, **generation)]
 
 
 @torch.no_grad()
@@ -92,14 +106,16 @@ def score_choices(model: MedVQAAdapter, images: Sequence[Any] | None, questions:
                   choices: Sequence[Sequence[str]], *, features: torch.Tensor | None = None,
                   shots: Sequence[Sequence[tuple[str, str]]] | None = None, views: Sequence[dict] | None = None,
                   return_loglik: bool = False) -> list[list[float]]:
-    """The body of `MedVQAAdapter.score_choices`: tokenise every (question, candidate) pair, `model.score` them, and
-    turn each question's mean log-likelihoods into (calibrated) probabilities unless `return_loglik`."""
+    """The body of `MedVQAAdapter.score_choices`: tokenise every (question, candidate) pair, `model.score` them (in
+    eval mode), and turn each question's mean log-likelihoods into (calibrated) probabilities unless
+    `return_loglik`."""
     shots = shots if shots is not None else [()] * len(questions)
     batch = model.processor(None if features is not None else images, questions, shots=shots, views=views,
                             choices=choices)  # templates that list the options show them (MedVInT)
     pairs = [[model.processor.tokenize(q, c, s, choices=opts) for c in opts]
              for q, opts, s in zip(questions, choices, shots, strict=True)]
-    mean_lp = model.score(batch, pairs, features=features)
+    with evaluating(model):
+        mean_lp = model.score(batch, pairs, features=features)
     if return_loglik:
         return mean_lp
     return [(model.calibration or Calibration()).scored(scores) for scores in mean_lp]
@@ -113,14 +129,16 @@ def generate(model: MedVQAAdapter, input_ids: torch.Tensor, attention_mask: torc
              num_beams: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              stop: Sequence[str] | None = None, **generate_kwargs: Any) -> list[Answer]:
     """The body of `MedVQAAdapter.generate`: fill the unset settings from `config.generation`, embed the batch with
-    LoRA folded, then the own greedy loop or transformers' `generate`; each row is cut and scored by `finish`."""
+    LoRA folded, then the own greedy loop or transformers' `generate`; each row is cut and scored by `finish`. Runs
+    in eval mode; generation stops where the decoder's context ends (`max_new_tokens` is cut to fit)."""
     stop = list(stop) if stop is not None else model.processor.stop_strings()
     defaults = model.config.generation
     num_beams = defaults.num_beams if num_beams is None else num_beams
-    max_new_tokens = defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
+    max_new_tokens = fit_new_tokens(model, attention_mask, defaults.max_new_tokens if max_new_tokens is None
+                                    else max_new_tokens)
     if num_beams > 1 and "length_penalty" not in generate_kwargs:
         generate_kwargs["length_penalty"] = defaults.length_penalty
-    with lora_merged(model):
+    with evaluating(model), lora_merged(model):
         embeds = model.embed(input_ids, image_mask, model.prefix(pixel_values, features, image_index))
         mask = attention_mask.to(model.device)
         if num_beams == 1 and not do_sample and not generate_kwargs:
@@ -131,6 +149,16 @@ def generate(model: MedVQAAdapter, input_ids: torch.Tensor, attention_mask: torc
             ids, steps = _transformers_generate(model, embeds, mask, max_new_tokens, num_beams, do_sample, stop,
                                                 **sampling, **generate_kwargs)
         return [finish(model, row, lp, stop) for row, lp in zip(ids.tolist(), steps.float().tolist())]
+
+
+def fit_new_tokens(model: MedVQAAdapter, attention_mask: torch.Tensor, max_new_tokens: int) -> int:
+    """`max_new_tokens` cut so the longest prompt plus its answer stays within the decoder's context (the last new
+    token is never fed back, so it needs no position); at least one."""
+    context = model.text_context
+    if context is None:
+        return max_new_tokens
+    fits = context - int(attention_mask.sum(1).max()) + 1
+    return max(1, min(max_new_tokens, fits))
 
 
 def _transformers_generate(model: MedVQAAdapter, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
@@ -295,8 +323,9 @@ def _shared_prompts(pairs: Sequence[Sequence[Sample]]
 def score(model: MedVQAAdapter, batch: dict[str, torch.Tensor], pairs: Sequence[Sequence[Sample]],
           features: torch.Tensor | None = None) -> list[list[float]]:
     """The body of `MedVQAAdapter.score`: each shared prompt is prefilled once, its KV cache reordered to one row per
-    candidate, and all continuations run in one call with logits kept only at counted positions."""
-    with lora_merged(model):  # folded LoRA for the whole pass
+    candidate, and all continuations run in one call with logits kept only at counted positions. Runs in eval
+    mode."""
+    with evaluating(model), lora_merged(model):  # folded LoRA for the whole pass
         features = batch.get("features") if features is None else features
         prefix = model.prefix(batch.get("pixel_values"), features, batch.get("image_index"))  # (S, L, E)
         prompts, conts, owners, starts, slot_rows = _shared_prompts(pairs)
@@ -314,10 +343,12 @@ def score(model: MedVQAAdapter, batch: dict[str, torch.Tensor], pairs: Sequence[
         for i, (c, s) in enumerate(zip(conts, starts)):
             ids[i, :len(c)], cmask[i, :len(c)], counted[i, s:len(c)] = torch.tensor(c), 1, True
         keep = F.pad(counted[:, 1:], (0, 1))  # continuation position j predicts token j + 1
+        # a shorter continuation's padding repeats its last position: never one past the decoder's context
+        steps = torch.minimum(torch.arange(C, device=device)[None], cmask.sum(1, keepdim=True) - 1)
         out = _language_model(model)(
             inputs_embeds=model.decoder.get_input_embeddings()(ids).to(embeds.dtype),
             attention_mask=torch.cat([mask[owner], cmask], 1),
-            position_ids=pos[owner, None] + 1 + torch.arange(C, device=device), past_key_values=cache,
+            position_ids=pos[owner, None] + 1 + steps, past_key_values=cache,
             use_cache=False, logits_to_keep=keep if C > 1 else 0)
         token_lp = torch.zeros(P, C, device=device)
         first = last[owner].float().log_softmax(-1).gather(-1, ids[:, :1]).squeeze(-1)  # predicted by the prompt

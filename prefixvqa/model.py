@@ -8,6 +8,8 @@ same names here delegate to it.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,18 +21,26 @@ from torch import nn
 from . import generation as _generation
 from .calibration import Calibration
 from .config import AdapterConfig, ConfigError
-from .decoder import (apply_tuning, check_available, decoder_fingerprint, fingerprint, is_peft_param,
+from .decoder import (apply_tuning, check_available, context_length, decoder_fingerprint, fingerprint, is_peft_param,
                       load_decoder)
 from .errors import PrefixVQAError
-from .generation import Answer, abstain  # noqa: F401 (re-exported: `from prefixvqa.model import Answer` keeps working)
+from .generation import Answer, abstain, evaluating  # noqa: F401 (Answer, abstain re-exported for old imports)
 from .mappers import build_mapper
 from .data.processor import IGNORE, MedVQAProcessor, Sample
+from .rng import seeded
 from .vision import VisionEncoder
 
 # The parameter groups every part of the library names (set_trainable, curriculum stages, optimiser groups, reports).
 # "lora" holds every peft tensor whatever the mode (LoRA/DoRA matrices, prompt-tuning and prefix-tuning virtual
 # tokens); "decoder" holds the base decoder's own weights; "encoder" and "mapper" are the vision side.
 GROUPS = ("encoder", "mapper", "lora", "decoder")
+
+
+def _numel(p: torch.Tensor) -> int:
+    """The weights a parameter stands for: a bitsandbytes 4-bit weight stores two per byte in a flat tensor, its
+    `quant_state` keeps the real shape (8-bit weights hold one per element already)."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
 
 
 class BatchError(PrefixVQAError, ValueError):
@@ -53,10 +63,17 @@ class MedVQAAdapter(nn.Module):
 
     Build one with a factory (`from_preset`, `from_pretrained`) or from an `AdapterConfig`. Parts may be passed
     prebuilt (tests, several adapters sharing one loaded decoder); otherwise the constructor loads them, after checking
-    in one error that every weight it needs is there."""
+    in one error that every weight it needs is there.
+
+    The fresh tensors (mapper, LoRA/peft) are initialised under `rng.seeded(seed)`: the same config and seed give the
+    same adapter whether it is built here, by `from_preset` or by a recipe (which passes `train.seed`), and the
+    caller's random generators are left as they were; `seed=None` draws from the caller's generators instead. A new
+    model is in training mode (nn.Module's default); the inference methods switch to eval mode for their call.
+    A `template.max_length` longer than the decoder's context leaves beside the visual prefix is clamped, with a
+    warning."""
 
     def __init__(self, config: AdapterConfig, *, encoder: VisionEncoder | None = None, decoder: nn.Module | None = None,
-                 tokenizer: Any = None):
+                 tokenizer: Any = None, seed: int | None = 0):
         super().__init__()
         check_available(config, encoder is None, decoder is None)
         encoder = encoder if encoder is not None else VisionEncoder.from_config(config.encoder)
@@ -76,17 +93,75 @@ class MedVQAAdapter(nn.Module):
         # parts whose weights may differ from their base model (trained or set to train, merged into, or loaded
         # from an adapter that stored them): an adapter folder stores a full-mode decoder only when it is here
         self.changed_parts: set[str] = set()
-        self.mapper = build_mapper(self.config.mapper, self.config.template.image_start_end)
+        self.max_positions = context_length(decoder)  # the decoder's context (None: its config names none)
+        with seeded(seed) if seed is not None else contextlib.nullcontext():
+            self.mapper = build_mapper(self.config.mapper, self.config.template.image_start_end)
+            self.decoder = apply_tuning(decoder, config.tuning, quantized=bool(config.decoder.quantization),
+                                        checkpointing=config.decoder.gradient_checkpointing)
         if self.config.template.image_start_end:  # as LLaVA initialised <im_start>/<im_end>: the mean token embedding
             with torch.no_grad():
                 self.mapper.delimiters.copy_(decoder.get_input_embeddings().weight.float().mean(0).expand(2, -1))
-        with torch.no_grad():
-            prefix_length = self.mapper.eval()(torch.zeros(1, num_tokens, feat_dim)).shape[1]
-        self.decoder = apply_tuning(decoder, config.tuning, quantized=bool(config.decoder.quantization),
-                                    checkpointing=config.decoder.gradient_checkpointing)
+        with torch.no_grad(), evaluating(self.mapper):
+            prefix_length = self.mapper(torch.zeros(1, num_tokens, feat_dim)).shape[1]
+        self._fit_template(prefix_length)
         self.processor = MedVQAProcessor(tokenizer, self.config.template, encoder.preprocess, prefix_length)
         self.calibration: Calibration | None = None  # temperatures fitted on validation data (calibration.json)
         self.freeze_encoder(config.encoder.freeze)
+
+    @property
+    def config(self) -> AdapterConfig:
+        """The adapter's settings, saved as `prefixvqa_config.json`. Setting a new one (a curriculum stage's template
+        or tuning) also gives the processor its template and context: what trains is what the saved config says."""
+        return self._config
+
+    @config.setter
+    def config(self, config: AdapterConfig) -> None:
+        """Replace the settings; the processor follows (see the getter)."""
+        self._config = config
+        processor = self.__dict__.get("_processor")
+        if processor is not None:
+            processor.use_template(config.template)
+            self.processor = processor  # the context again: a tuning switch may change the virtual tokens
+
+    @property
+    def processor(self) -> MedVQAProcessor:
+        """Records in, tensors out (see `data/processor.py`). Whichever processor is set (built here, or read from
+        an adapter folder) is told the decoder's context, so its prompts never outgrow it."""
+        return self._processor
+
+    @processor.setter
+    def processor(self, processor: MedVQAProcessor) -> None:
+        """Set the processor and give it the decoder's context and the room a generated answer needs."""
+        processor.context_length = self.text_context
+        if self.text_context is not None:  # room for a generated answer, at most half of what the prefix leaves
+            free = self.text_context - processor.image_seq_length
+            processor.answer_room = max(0, min(self.config.generation.max_new_tokens, free // 2))
+        self._processor = processor
+
+    @property
+    def text_context(self) -> int | None:
+        """Positions one sequence may fill (visual prefixes + tokens + generated tokens): the decoder's context less
+        the tuning mode's virtual tokens; None when the decoder's config names no context."""
+        if self.max_positions is None:
+            return None
+        return self.max_positions - self.config.tuning.method.virtual_positions(self.config.tuning)
+
+    def _fit_template(self, prefix_length: int) -> None:
+        """Clamp `template.max_length` to what the decoder's context leaves beside one visual prefix, with a warning;
+        refuse a decoder whose context cannot hold the prefix and a minimal prompt."""
+        if self.text_context is None:
+            return
+        room, asked = self.text_context - prefix_length, self.config.template.max_length
+        if room < 8:
+            raise ConfigError(f"the decoder's context ({self.max_positions} positions) leaves {room} beside the "
+                              f"visual prefix ({prefix_length}) and soft prompt: too short for a prompt; shorten "
+                              "mapper.prefix_length or tuning.num_virtual_tokens, or use another decoder")
+        if asked > room:
+            warnings.warn(f"template.max_length={asked} is longer than the decoder's context leaves beside the visual "
+                          f"prefix ({self.max_positions} positions - {prefix_length} prefix"
+                          f"{' - soft prompt' if self.text_context < self.max_positions else ''}); clamped to {room}",
+                          stacklevel=3)
+            self.config = self.config.replace(template={"max_length": room})
 
     @property
     def tokenizer(self) -> Any:
@@ -103,14 +178,16 @@ class MedVQAAdapter(nn.Module):
         return list_presets()
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "MedVQAAdapter":
+    def from_preset(cls, name: str, *, seed: int | None = 0, **overrides: Any) -> "MedVQAAdapter":
         """A new, untrained adapter for a published setting (e.g. "llava-med"): the preset's config with `overrides`
         applied (section dicts merge, `decoder={"name": ...}`; `a__b=v` sets one field), then the encoder and decoder
-        weights loaded. Offline (HF_HUB_OFFLINE=1) only cached weights are used; every missing one is named in one
-        `ModelNotAvailableError` before anything loads. Unknown names raise `ConfigError` listing `list_presets()`."""
+        weights loaded; mapper and LoRA initialised under `seed` (as a recipe with `train.seed` does). Offline
+        (HF_HUB_OFFLINE=1) only cached weights are used; every missing one is named in one
+        `ModelNotAvailableError` before anything loads. Unknown names raise `ConfigError` listing `list_presets()`.
+        The model is in training mode, ready for `train`."""
         from .presets import preset_config
 
-        return cls(preset_config(name, **overrides))
+        return cls(preset_config(name, **overrides), seed=seed)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, strict: bool = True, **overrides: Any) -> "MedVQAAdapter":
@@ -120,10 +197,11 @@ class MedVQAAdapter(nn.Module):
         with `strict` (the default) a base whose weights differ from the ones it was trained on is refused
         (`AdapterLoadError`), since the adapter would silently answer worse; `strict=False` loads anyway. The
         trained tensors, peft files, processor and calibration then replace the fresh ones. `overrides` change the
-        stored config before loading (e.g. a local decoder path)."""
+        stored config before loading (e.g. a local decoder path). Returned in eval mode, as transformers does; call
+        `.train()` to train it further."""
         from .adapter_io import load_adapter
 
-        return load_adapter(cls, path, strict=strict, **overrides)
+        return load_adapter(cls, path, strict=strict, **overrides).eval()
 
     def save_pretrained(self, path: str | Path, *, card: dict[str, Any] | None = None,
                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -196,9 +274,11 @@ class MedVQAAdapter(nn.Module):
     def encode_images(self, images: Sequence[Any], views: Sequence[dict[str, Any] | None] | None = None
                       ) -> torch.Tensor:
         """Images (or, per sample, a list of images for few-shot prompts) -> features (I, N, D_v): what the cache
-        stores. Loading and preprocessing go through the processor."""
+        stores. Loading and preprocessing go through the processor; the encoder runs in eval mode (its caller's mode is
+        given back)."""
         flat = [im for item in images for im in (item if isinstance(item, (list, tuple)) else [item])]
-        return self.encode_pixels(self.processor.pixel_values(flat, views))
+        with evaluating(self):
+            return self.encode_pixels(self.processor.pixel_values(flat, views))
 
     @property
     def _encoder_dtype(self) -> torch.dtype:
@@ -312,8 +392,8 @@ class MedVQAAdapter(nn.Module):
     def parameter_report(self) -> dict[str, dict[str, int]]:
         """{group: {"trainable": n, "total": n}} per parameter group plus "all": what a run logs and stores in its
         card, and what tests check a tuning mode against."""
-        report = {g: {"trainable": sum(p.numel() for _, p in ps if p.requires_grad),
-                      "total": sum(p.numel() for _, p in ps)} for g, ps in self.parameter_groups().items()}
+        report = {g: {"trainable": sum(_numel(p) for _, p in ps if p.requires_grad),
+                      "total": sum(_numel(p) for _, p in ps)} for g, ps in self.parameter_groups().items()}
         report["all"] = {k: sum(r[k] for r in report.values()) for k in ("trainable", "total")}
         return report
 

@@ -24,10 +24,11 @@ TINY_DECODERS: dict[str, dict[str, Any]] = {
     "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 512},
     "biogpt": {"model_type": "biogpt", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                "intermediate_size": 64, "max_position_embeddings": 512},
+    # rotary models: the context is a config number, no weights (4096 as Llama 2 and Mistral; LLaVA templates fit)
     "llama": {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "intermediate_size": 64, "max_position_embeddings": 512},
+              "num_key_value_heads": 1, "intermediate_size": 64, "max_position_embeddings": 4096},
     "mistral": {"model_type": "mistral", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                "num_key_value_heads": 1, "intermediate_size": 64, "max_position_embeddings": 512},
+                "num_key_value_heads": 1, "intermediate_size": 64, "max_position_embeddings": 4096},
 }
 for _cfg in TINY_DECODERS.values():
     _cfg["initializer_range"] = 0.3

@@ -46,7 +46,7 @@ class TuningMode:
     """What trains in the decoder and how the decoder is wrapped for it. Subclasses set the attributes below."""
 
     name: ClassVar[str]
-    uses_peft_files: ClassVar[bool] = False  # adapter folder holds peft's adapter_config.json + adapter_model.safetensors
+    uses_peft_files: ClassVar[bool] = False  # the folder holds peft's adapter_config.json + adapter_model.safetensors
     soft_prompt: ClassVar[bool] = False  # learned virtual tokens placed in front of every sequence (peft prompt tuning)
     trains_decoder: ClassVar[bool] = False  # the base decoder's own weights train and are stored in the adapter folder
     quantisable: ClassVar[bool] = True  # runs on a bitsandbytes 8/4-bit base (QLoRA)
@@ -86,6 +86,11 @@ class TuningMode:
     def merged_base(self, decoder: nn.Module) -> nn.Module:
         """The plain decoder with what this mode learned folded in (a curriculum's switch to the next mode)."""
         return decoder
+
+    def virtual_positions(self, tuning: TuningConfig) -> int:
+        """Decoder positions this mode's virtual tokens take in front of every sequence (soft prompts shift the
+        text's positions by this much): what the processor and generation subtract from the decoder's context."""
+        return 0
 
     def can_follow(self, previous: TuningMode) -> bool:
         """Whether a curriculum stage in this mode may continue from one in `previous` without losing weights."""
@@ -210,6 +215,9 @@ class _SoftPrompt(TuningMode):
 
     def language_model(self, decoder: nn.Module) -> nn.Module:
         return decoder.get_base_model()
+
+    def virtual_positions(self, tuning: TuningConfig) -> int:
+        return tuning.num_virtual_tokens
 
     def describe(self, tuning: TuningConfig) -> str:
         return f"{self.name} ({tuning.num_virtual_tokens} virtual tokens)"

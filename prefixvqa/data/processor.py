@@ -97,10 +97,20 @@ class MedVQAProcessor:
     """Template + tokenizer + image transform. Built by the model from its parts; does no I/O in the constructor."""
 
     def __init__(self, tokenizer: Any, template: TemplateConfig, transform: Callable[[Any], torch.Tensor],
-                 image_seq_length: int):
+                 image_seq_length: int, *, context_length: int | None = None, answer_room: int = 0):
         self.tokenizer, self.template, self.transform = tokenizer, template, transform
         self.image_seq_length = image_seq_length  # L: prefix vectors per image slot (the mapper's output length)
+        # set by the model from its decoder (not saved): positions one sequence may fill (prefix vectors + tokens;
+        # soft-prompt virtual tokens already taken off), None = no limit beyond template.max_length; and positions a
+        # prompt without an answer leaves free for the answer to be generated
+        self.context_length, self.answer_room = context_length, answer_room
         self._stop_criteria: dict[tuple[str, ...], Any] = {}
+
+    def use_template(self, template: TemplateConfig) -> None:
+        """Lay out every later sample with `template` (a curriculum stage's own, set through the model's config)."""
+        if template != self.template:
+            self.template = template
+            self.__dict__.pop("start_ids", None)  # the cached opening tokens follow `template.start`
 
     # --- images -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -210,12 +220,13 @@ class MedVQAProcessor:
         listed in the prompt by templates that show them (MedVInT); `history` holds a conversation's earlier
         exchanges (the image in the first), `position` where the record puts its image (None: the template's).
 
-        Prompt + answer longer than `template.max_length`: first a conversation's text-only earlier exchanges are
-        dropped (oldest first; the one holding the image stays), then the question is shortened; never an answer
-        or a candidate. It warns with the record."""
+        Prompt + answer longer than `token_limit` (`template.max_length`, within what the decoder's context leaves):
+        first a conversation's text-only earlier exchanges are dropped (oldest first; the one holding the image
+        stays), then the question is shortened; never an answer or a candidate. It warns with the record."""
         history = list(history)
+        answered = answer is not None
         sample = self._pieces(question, answer, shots, choices, history, position)
-        excess = self._excess(sample)
+        excess = self._excess(sample, answered)
         if excess <= 0:
             return sample
         dropped = 0
@@ -223,25 +234,44 @@ class MedVQAProcessor:
             del history[1]
             dropped += 1
             sample = self._pieces(question, answer, shots, choices, history, position)
-            excess = self._excess(sample)
+            excess = self._excess(sample, answered)
         q_ids = self._encode(question)
         while excess > 0 and q_ids:
             q_ids = q_ids[:max(0, len(q_ids) - excess)]
             sample = self._pieces(self.tokenizer.decode(q_ids), answer, shots, choices, history, position)
-            excess = self._excess(sample)
+            excess = self._excess(sample, answered)
+        limit, context_bound = self.token_limit(len(sample.pieces) - 1, answered), self._context_bound(sample)
+        bound = f" (the decoder's context leaves {limit} here)" if context_bound else ""
         if excess > 0:
+            fix = "use a decoder with a longer context or a shorter prefix" if context_bound else "raise it"
             raise ProcessorError(f"record {record_id or question[:40]!r}: the template and answers alone take "
-                             f"{self.template.max_length + excess} tokens, over template.max_length="
-                             f"{self.template.max_length}; raise it")
+                                 f"{limit + excess} tokens, over template.max_length={self.template.max_length}"
+                                 f"{bound}; {fix}")
         what = f"{dropped} earlier exchange(s) of the conversation dropped" if dropped else ""
         if len(q_ids) < len(self._encode(question)):
             what += ("; " if what else "") + f"question shortened to {len(q_ids)} tokens"
-        log.warning("record %s: prompt longer than template.max_length=%d tokens; %s",
-                    record_id or repr(question[:40]), self.template.max_length, what)
+        log.warning("record %s: prompt longer than template.max_length=%d tokens%s; %s",
+                    record_id or repr(question[:40]), self.template.max_length, bound, what)
         return sample
 
-    def _excess(self, sample: Sample) -> int:
-        return sum(map(len, sample.pieces)) + len(sample.answer) - self.template.max_length
+    def token_limit(self, slots: int, answered: bool = True) -> int:
+        """Prompt + answer tokens one sequence may hold: `template.max_length`, and never more than the decoder's
+        context leaves beside the visual prefixes of its `slots` image slots (less `answer_room` when the answer is
+        still to be generated), so no position past the decoder's table is ever used."""
+        limit = self.template.max_length
+        if self.context_length is not None:
+            room = 0 if answered else self.answer_room
+            limit = min(limit, self.context_length - slots * self.image_seq_length - room)
+        return limit
+
+    def _context_bound(self, sample: Sample) -> bool:
+        """Whether the decoder's context, not a larger `template.max_length`, sets this sample's limit."""
+        prefixes = (len(sample.pieces) - 1) * self.image_seq_length
+        return self.context_length is not None and self.context_length - prefixes <= self.template.max_length
+
+    def _excess(self, sample: Sample, answered: bool) -> int:
+        used = sum(map(len, sample.pieces)) + len(sample.answer)
+        return used - self.token_limit(len(sample.pieces) - 1, answered)
 
     def tokenize_record(self, record: VQARecord, answer: str | None) -> Sample:
         """`tokenize` with the record's choices, conversation history and image position (answer: its own, a

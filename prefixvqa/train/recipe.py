@@ -303,15 +303,17 @@ def load_split(spec: Any) -> list[VQARecord]:
 
 
 # -------------------------------------------------------------------------------------------------------- model
-def build_model(spec: dict[str, Any], workdir: Path) -> MedVQAAdapter:
-    """The recipe's model: preset/config/adapter plus overrides; `tiny: FAMILY` swaps in tiny offline models."""
+def build_model(spec: dict[str, Any], workdir: Path, seed: int | None = None) -> MedVQAAdapter:
+    """The recipe's model: preset/config/adapter plus overrides; `tiny: FAMILY` swaps in tiny offline models. A new
+    model's mapper and LoRA are initialised as `MedVQAAdapter(config, seed=seed)` does (what `from_preset` does), so
+    a recipe and the Python API give the same adapter for the same seed; None draws from the caller's generators."""
     from ..model import MedVQAAdapter
 
     if spec.get("adapter"):
         if spec.get("tiny"):
             raise ConfigError("recipe model: 'tiny' cannot be combined with 'adapter' (its base models are fixed)")
         return MedVQAAdapter.from_pretrained(spec["adapter"], **dict(spec.get("overrides") or {}))
-    return MedVQAAdapter(recipe_config(spec, workdir))
+    return MedVQAAdapter(recipe_config(spec, workdir), seed=seed)
 
 
 def recipe_config(spec: dict[str, Any], workdir: Path) -> AdapterConfig:
@@ -493,8 +495,7 @@ def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
     check_output_apart(recipe.model, out)
     with stop_signals(), run_lock(out):
         stage_data = load_stage_data(recipe)
-        with seeded(top.seed):  # what a recipe builds (mapper, fresh LoRA) is seeded; the caller's RNG is kept
-            model = build_model(recipe.model, out)
+        model = build_model(recipe.model, out, seed=top.seed)  # mapper, fresh LoRA: seeded as the Python API seeds
         if not recipe.stages:
             result = train(model, *stage_data[0], top)
             return RecipeResult({"train": result}, result.best_dir or result.last_dir, model)
