@@ -147,7 +147,7 @@ def sweep(recipe_path: str | os.PathLike, train_sizes: Sequence[Size] = (16, 64,
     def fresh_run(run_dir: Path, seed: int) -> tuple[Any, TrainConfig]:
         """The model and TrainConfig of one run: the recipe's model, or the last stage after the earlier ones."""
         with seeded(seed):  # fresh init per seed (mapper, LoRA) where a stage does not load them
-            model = build_model(recipe.model, out) if previous is None else None
+            model = build_model(recipe.model, out, seed=seed) if previous is None else None
             if last is None:
                 cfg = TrainConfig.from_dict(recipe.train)
             else:
