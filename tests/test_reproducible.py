@@ -48,6 +48,7 @@ def _tensors(folder) -> dict:
     return {f"{f.name}/{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
+@pytest.mark.slow  # two demo runs on the tiny models: about a minute on a quiet 2-core machine
 def test_demo_twice_in_fresh_processes_gives_the_same_adapter_and_numbers(tmp_path, tiny_decoders):
     first, second = tmp_path / "first", tmp_path / "second"
     numbers = [_demo(first, tiny_decoders["llama"]), _demo(second, tiny_decoders["llama"])]
