@@ -88,7 +88,6 @@ def run_demo(out_dir: str | Path = "checkpoints/demo", n_train: int = 360, n_tes
     """Train, evaluate and save the demo adapter; `preset`/`overrides`/`views` let tests run it on tiny models."""
     from .eval.runner import evaluate, fit_calibration_on
     from .model import MedVQAAdapter
-    from .rng import seeded
     from .train.trainer import TrainConfig, train
 
     t0 = time.time()
@@ -96,8 +95,8 @@ def run_demo(out_dir: str | Path = "checkpoints/demo", n_train: int = 360, n_tes
     train_records, test_records = build_demo_data(n_train, n_test, seed, views)
     print(f"demo data: {len(train_records)} training and {len(test_records)} held-out questions "
           f"(generated lesions + real DICOM from pydicom-data)")
-    with seeded(seed):  # the mapper and LoRA initialisation (the encoder seeds itself): same seed, same adapter
-        model = MedVQAAdapter.from_preset(preset, **(overrides or {}))
+    # the mapper and LoRA initialisation are seeded by the factory (the encoder seeds itself): same seed, same adapter
+    model = MedVQAAdapter.from_preset(preset, seed=seed, **(overrides or {}))
     print(model.describe_parameters())
     cfg = TrainConfig(output_dir=str(out_dir / "run"), epochs=epochs, batch_size=16, seed=seed,
                       lr={"mapper": 2e-3, "lora": 1e-3, "encoder": 1e-3, "decoder": 0.0},
