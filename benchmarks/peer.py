@@ -154,7 +154,8 @@ def build_ours(arch: Arch, lm_folder: Path, seed: int = 0) -> Any:
     """MedVQAAdapter of the shared architecture with LoRA B drawn small and random (B = 0 would hide LoRA)."""
     from prefixvqa import MedVQAAdapter
 
-    model = MedVQAAdapter(ours_config(arch, lm_folder))
+    # seed=None: LoRA A drawn from the generator build_lm_folder seeded, the draw every recorded result used
+    model = MedVQAAdapter(ours_config(arch, lm_folder), seed=None)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.decoder.named_parameters():

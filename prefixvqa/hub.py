@@ -407,7 +407,7 @@ class Hub:
         else:
             _check_target(Path(dest), overwrite)
         dest = Path(dest)
-        with atomic_dir(dest) as tmp:
+        with atomic_dir(dest, overwrite=True) as tmp:  # replacing was decided above (_check_target, or the cache)
             for file, meta in sorted(files.items()):
                 path = self._path(name, version, file)
                 if not self.fs.isfile(path):
@@ -511,7 +511,8 @@ def pull_from_hf(repo_id: str, revision: str | None = None, *, cache_dir: str | 
         raise HubError(f"{repo_id}: {exc}") from None
     if to is None:
         return path
-    with atomic_dir(to) as tmp:  # like every adapter folder: the old one stays until the copy is complete
+    # like every adapter folder: the old one stays until the copy is complete; replacing was decided by _check_target
+    with atomic_dir(to, overwrite=True) as tmp:
         shutil.copytree(path, tmp, dirs_exist_ok=True)
     return Path(to)
 
