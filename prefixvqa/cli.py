@@ -568,8 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _say(command: str, exc: BaseException) -> None:
+    """The one error line; written in one call so ranks sharing a stderr pipe never run their lines together."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or exc.__class__.__name__
-    print(f"prefixvqa {command}: error: {text}", file=sys.stderr)
+    sys.stderr.write(f"prefixvqa {command}: error: {text}\n")
+    sys.stderr.flush()
 
 
 def _exit_status(exc: PrefixVQAError) -> int:
