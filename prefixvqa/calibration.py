@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
 from .errors import PrefixVQAError
-from .fileio import atomic_write
+from .fileio import atomic_write, refuse_foreign
 
 __all__ = ["CALIBRATION_NAME", "UNCERTAIN", "Calibration", "CalibrationError", "expected_calibration_error",
            "fit_temperature", "fit_calibration", "coverage_curve", "reliability_bins", "confidence_summary",
@@ -140,11 +140,13 @@ class Calibration:
 
     # --- file ---------------------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """Write ``calibration.json`` into an adapter folder (atomically; the caller re-manifests the folder).
+        """Write ``calibration.json`` into an adapter folder (atomically; the caller re-manifests the folder). A file
+        of that name that is not a calibration is refused (`fileio.OverwriteRefused`), never replaced.
         The in-memory ``fitted_ids`` stay out: the file carries provenance, not the validation set."""
         data = asdict(self)
         data.pop("fitted_ids")
         path = Path(folder) / CALIBRATION_NAME
+        refuse_foreign(path, _is_calibration, "a calibration prefixvqa wrote", file=True)
         atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
         return path
 
@@ -160,6 +162,14 @@ class Calibration:
             return cls(**data)
         except (json.JSONDecodeError, TypeError) as exc:
             raise CalibrationError(f"{path}: not a calibration file: {exc}") from None
+
+
+def _is_calibration(path: Path) -> bool:
+    """The proof that ``path`` may be replaced: a calibration file a save wrote (it loads, and names its temperature)."""
+    try:
+        return Calibration.load(path.parent) is not None and '"temperature_generate"' in path.read_text()
+    except (CalibrationError, OSError, UnicodeDecodeError):
+        return False
 
 
 def row_confidence(row: Mapping[str, Any], calibration: Calibration | None) -> float | None:

@@ -117,8 +117,10 @@ def _add_answer(sub: Any) -> None:
 def cmd_answer(args: argparse.Namespace) -> int:
     """`prefixvqa answer`: one answer (or ranked choices) with its confidence, optionally a grounding heatmap."""
     from .calibration import abstains
+    from .explain import explain, explain_target
     from .model import MedVQAAdapter
 
+    out = explain_target(args.explain, args.image) if args.explain is not None else None  # refused before loading
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
     threshold = _threshold(args, model)
     if args.choices:
@@ -135,10 +137,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
     guess = f"best guess {answer.guess!r}, " if answer.abstained else ""
     print(f"({guess}confidence {answer.confidence:.3f}{'' if model.calibration else ' uncalibrated'}; "
           f"log-probability {answer.score:.3f} over {answer.num_tokens} tokens)", file=sys.stderr)
-    if args.explain is not None:
-        from .explain import explain
-
-        out = Path(args.explain or Path(str(args.image)).stem + "_explain.png")
+    if out is not None:
         explain(model, args.image, args.question, out, method=args.method, answer=answer)  # the printed answer
         print(f"grounding heatmap ({args.method}): {out}", file=sys.stderr)
     return 0

@@ -30,7 +30,12 @@ if TYPE_CHECKING:
 
     from .model import Answer, MedVQAAdapter
 
-__all__ = ["Grounding", "grounding_map", "overlay", "explain", "png_bytes", "METHODS", "ExplainMethod", "ExplainError"]
+__all__ = ["Grounding", "grounding_map", "overlay", "explain", "png_bytes", "METHODS", "ExplainMethod", "ExplainError",
+           "explain_target", "is_explain_png"]
+
+#: The PNG text chunk that marks an overlay as prefixvqa's: the proof that a later run may replace that file.
+PNG_MARK = ("Software", "prefixvqa explain")
+OVERLAY = "a grounding overlay prefixvqa wrote"
 
 #: The attribution methods (module docstring); the one spelling that validation and the CLI's choices read.
 ExplainMethod = Literal["occlusion", "grad_x_input"]
@@ -85,9 +90,9 @@ def grounding_map(model: "MedVQAAdapter", image: Any, question: str, answer: "An
     proc = model.processor
     pil = proc.load_image(image, view)
     pixels = proc.transform(pil).unsqueeze(0)  # (1, 3, H, W)
-    was = model.training
-    model.eval()
-    try:
+    from .generation import evaluating  # eval mode for the pass, every submodule's own mode back after
+
+    with evaluating(model):
         with torch.no_grad():
             features = model.encode_pixels(pixels)  # (1, N, D)
             given = answer if answer is not None and not isinstance(answer, str) else model.generate(
@@ -98,8 +103,6 @@ def grounding_map(model: "MedVQAAdapter", image: Any, question: str, answer: "An
             heat = _occlusion(model, pixels, question, target, grid)
         else:
             heat = _grad_x_input(model, features, question, target)
-    finally:
-        model.train(was)
     lo, hi = float(heat.min()), float(heat.max())
     heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
     return Grounding(heat.astype(np.float32), given, method, pil)
@@ -145,14 +148,48 @@ def overlay(image: "Image.Image", heatmap: np.ndarray, alpha: float = 0.45) -> "
 
 def png_bytes(image: "Image.Image") -> bytes:
     """An image as PNG bytes in memory: what the web app sends for an overlay, no file written."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(*PNG_MARK)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
-def explain(model: "MedVQAAdapter", image: Any, question: str, out: str | Path | None = None, **kwargs: Any
-            ) -> tuple[Grounding, "Image.Image"]:
-    """Grounding map and its overlay; with ``out``, the overlay is written there as a PNG (atomically)."""
+def is_explain_png(path: str | Path) -> bool:
+    """Whether ``path`` is an overlay an earlier run wrote (a PNG carrying prefixvqa's text chunk): only such a file
+    is replaced without being asked; any other file at the path is the user's."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get(PNG_MARK[0]) == PNG_MARK[1]
+    except (OSError, ValueError):
+        return False
+
+
+def explain_target(out: str | Path | None, image: Any = None, *, overwrite: bool = False) -> Path:
+    """Where an overlay goes (default ``<image stem>_explain.png``), refused before any work when that is the input
+    image itself or a file prefixvqa did not write (`fileio.OverwriteRefused`, one line), unless ``overwrite``."""
+    from .fileio import OverwriteRefused, refuse_foreign
+
+    path = Path(out) if out else Path(Path(str(image)).stem + "_explain.png")
+    if isinstance(image, (str, Path)) and path.exists() and Path(image).exists() and path.samefile(image):
+        raise OverwriteRefused(f"{path} is the input image: the overlay would replace it; give another path")
+    refuse_foreign(path, overwrite or is_explain_png, OVERLAY, file=True)
+    return path
+
+
+def explain(model: "MedVQAAdapter", image: Any, question: str, out: str | Path | None = None, *,
+            overwrite: bool = False, **kwargs: Any) -> tuple[Grounding, "Image.Image"]:
+    """Grounding map and its overlay; with ``out``, the overlay is written there as a PNG (atomically). An existing
+    ``out`` is replaced only when it is an overlay prefixvqa wrote, or with ``overwrite`` (checked before any work)."""
+    if out is not None:
+        out = explain_target(out, image, overwrite=overwrite)
     g = grounding_map(model, image, question, **kwargs)
     picture = overlay(g.image, g.heatmap)
     if out is not None:

@@ -160,14 +160,16 @@ def _foreign_example(path: Path) -> str:
     return f"it holds {shown}" if shown else ""
 
 
-def refuse_foreign(path: PathLike, proof: Proof | bool = written_by_prefixvqa, what: str = OWNED) -> None:
+def refuse_foreign(path: PathLike, proof: Proof | bool = written_by_prefixvqa, what: str = OWNED, *,
+                   file: bool = False) -> None:
     """Raise :class:`OverwriteRefused` (one line naming ``path``) unless ``path`` does not exist, ``proof`` is True,
-    or ``proof(path)`` shows it holds only what prefixvqa wrote (``what`` says what that is, for the message).
+    or ``proof(path)`` shows it holds only what prefixvqa wrote (``what`` says what that is, for the message; ``file``:
+    the path names a file, so a file there is described by ``what`` alone).
     Writers of user-named paths call it before doing any work, so a refusal costs nothing."""
     path = Path(path)
     if proof is True or not (path.exists() or path.is_symlink()) or (callable(proof) and proof(path)):
         return
-    example = _foreign_example(path)
+    example = "" if file and path.is_file() else _foreign_example(path)  # ``file``: a file is expected there
     raise OverwriteRefused(f"{path} exists and is not {what}{f' ({example})' if example else ''}; nothing was "
                            f"written: give a new path, or move it away first")
 

@@ -166,14 +166,14 @@ def answer_records(model: "MedVQAAdapter", records: Sequence["VQARecord"], plan:
     """
     from tqdm.auto import tqdm
 
+    from .generation import evaluating
+
     if batch_size < 1:
         raise AnsweringError(f"batch_size must be >= 1, got {batch_size}")
     if shots and retriever is None:
         raise AnsweringError("shots > 0 needs a retriever (fewshot.ShotRetriever over a shot pool)")
     rows: list[Row | None] = [None] * len(records)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if shots:
             batches = _shot_batches(model, records, plan, batch_size, retriever, shots)  # type: ignore[arg-type]
         else:
@@ -185,6 +185,4 @@ def answer_records(model: "MedVQAAdapter", records: Sequence["VQARecord"], plan:
                 if batch.indices:
                     _answer_batch(model, batch, plan, generation, rows)
                 bar.update(batch.size)
-    finally:
-        model.train(was_training)
     return rows

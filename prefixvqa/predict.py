@@ -132,7 +132,7 @@ def check_output(path: str | Path, inputs: Iterable[str | os.PathLike] = (), *, 
         what = "is" if same.is_file() else "lies in"
         raise OverwriteRefused(f"--out {out} {what} the input {same}: writing the predictions would replace it; give "
                                f"another --out")
-    refuse_foreign(out, overwrite or is_predictions_file, PREDICTIONS)
+    refuse_foreign(out, overwrite or is_predictions_file, PREDICTIONS, file=True)
     return out
 
 

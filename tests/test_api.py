@@ -70,6 +70,15 @@ def test_inference_runs_in_eval_mode_gives_the_callers_mode_back_and_equals_the_
     batch = model.processor(IMAGES, QUESTIONS, padding_side="left")
     assert [(a.text, a.score) for a in model.generate(**batch, max_new_tokens=4, num_beams=1)] == greedy
     assert modes(model) == before  # every submodule's own mode given back (a frozen encoder stays in eval)
+    from prefixvqa.explain import grounding_map
+    from prefixvqa.inference import answer_records
+
+    model.mapper.eval()  # a mixed mode: the grounding and evaluation loops give each submodule its own flag back
+    mixed = modes(model)
+    grounding_map(model, IMAGES[0], QUESTIONS[0], grid=2, max_new_tokens=2)
+    rows = answer_records(model, RECORDS[:2], [None, None], 2, {"max_new_tokens": 2}, progress=False)
+    assert modes(model) == mixed and len(rows) == 2
+    model.train()
 
     model.save_pretrained(tmp_path / "adapter")
     loaded = MedVQAAdapter.from_pretrained(tmp_path / "adapter")

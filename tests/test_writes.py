@@ -116,6 +116,19 @@ def _save_calibration(env: dict[str, Path], target: Path, capsys: Any) -> None:
     save_calibration(target, Calibration(temperature_generate=2.0))
 
 
+def _explain(env: dict[str, Path], target: Path, capsys: Any) -> None:
+    status, err = cli(["answer", "--adapter", str(env["adapter"]), "--image", str(env["root"] / "img1.png"),
+                       "is it bright?", "--max-new-tokens", "2", "--explain", str(target)], capsys)
+    if status:
+        raise OverwriteRefused(one_line(err))
+
+
+def _train(env: dict[str, Path], target: Path, capsys: Any) -> None:
+    status, err = cli(["train", str(env["recipe"]), "--set", f"train.output_dir={target}"], capsys)
+    if status:
+        raise OverwriteRefused(one_line(err))
+
+
 # name -> (writer, the user's thing in the way is a file (not a folder), what a second write leaves to recognise)
 WRITERS: dict[str, tuple[Callable[..., None], bool, str]] = {
     "save_pretrained": (_save_pretrained, False, MANIFEST_NAME),
@@ -126,6 +139,8 @@ WRITERS: dict[str, tuple[Callable[..., None], bool, str]] = {
     "sweep --out": (_sweep, False, "sweep.json"),
     "train output_dir (checkpoint)": (_checkpoint, False, "trainer_state"),
     "save_calibration": (_save_calibration, False, "calibration.json"),
+    "answer --explain": (_explain, True, ""),
+    "train output_dir (a run)": (_train, False, "last"),
 }
 
 
@@ -147,12 +162,12 @@ def test_a_users_path_is_refused_by_name_and_a_prefixvqa_one_is_replaced(env, tm
         "my own notes" if not is_file else 'notes"}\n')
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before  # nothing written
 
-    ours = tmp_path / ("ours.jsonl" if is_file else "ours")
+    ours = tmp_path / ("ours" + (".png" if write is _explain else ".jsonl") if is_file else "ours")
     write(env, ours, capsys)
     first = ours.stat().st_mtime_ns if is_file else None
     write(env, ours, capsys)  # prefixvqa wrote it: replaced (or added to) without a word
     assert ours.exists() and (not mark or (ours / mark).exists())
-    if is_file:
+    if is_file and ours.suffix == ".jsonl":
         assert ours.stat().st_mtime_ns >= first and all("guess" in json.loads(x) for x in ours.read_text().split("\n")
                                                          if x)
     if (ours / MANIFEST_NAME).is_file():
@@ -380,3 +395,47 @@ def check_read_only(out: Path) -> None:
     text = str(failed.value)
     assert failed.value.errno == errno.EROFS and str(out) in text and ".tmp" not in text, text
     assert failed.value.filename == str(out)
+
+
+def test_an_overlay_onto_its_own_input_image_is_refused_and_the_api_asks_too(env, tmp_path, capsys):
+    from prefixvqa.explain import explain, is_explain_png
+
+    image = tmp_path / "scan.png"
+    Image.new("L", (32, 32), 90).save(image)
+    before = image.read_bytes()
+    status, err = cli(["answer", "--adapter", str(env["adapter"]), "--image", str(image), "is it bright?",
+                       "--explain", str(image)], capsys)
+    assert status == 2 and "is the input image" in one_line(err) and image.read_bytes() == before
+    model = MedVQAAdapter.from_pretrained(env["adapter"])
+    with pytest.raises(OverwriteRefused, match="grounding overlay"):
+        explain(model, str(env["root"] / "img0.png"), "is it bright?", tmp_path / "scan.png")
+    assert image.read_bytes() == before and not is_explain_png(image)
+    explain(model, str(env["root"] / "img0.png"), "is it bright?", image, overwrite=True)  # asked: replaced
+    assert is_explain_png(image)
+
+
+def test_calibration_save_refuses_a_users_file_of_its_name_and_replaces_its_own(tmp_path):
+    from prefixvqa.calibration import CALIBRATION_NAME, Calibration
+
+    (tmp_path / CALIBRATION_NAME).write_text('{"my": "settings"}')
+    with pytest.raises(OverwriteRefused, match=CALIBRATION_NAME):
+        Calibration(temperature_generate=2.0).save(tmp_path)
+    assert (tmp_path / CALIBRATION_NAME).read_text() == '{"my": "settings"}'
+    other = tmp_path / "other"
+    other.mkdir()
+    Calibration(temperature_generate=2.0).save(other)
+    Calibration(temperature_generate=3.0).save(other)
+    assert Calibration.load(other).temperature_generate == 3.0
+
+
+def test_demo_refuses_a_users_folder_before_building_anything(tmp_path, capsys, monkeypatch):
+    import prefixvqa.demo as demo
+
+    monkeypatch.setattr(demo, "build_demo_data", lambda *a, **k: pytest.fail("built data before checking the folder"))
+    for part in ("eval", "adapter", "run", ""):
+        out = tmp_path / f"demo-{part or 'top'}"
+        (out / part).mkdir(parents=True)
+        (out / part / "notes.txt").write_text("mine")
+        status, err = cli(["demo", "--out", str(out)], capsys)
+        assert status == 2 and str(out / part).rstrip("/") in one_line(err), err
+        assert (out / part / "notes.txt").read_text() == "mine"

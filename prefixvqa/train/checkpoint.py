@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from ..data.records import VQARecord
     from ..model import MedVQAAdapter
 
-__all__ = ["LOCK_NAME", "STATE_DIR", "RunLockedError", "CheckpointError", "output_lock", "run_lock",
+__all__ = ["LOCK_NAME", "STATE_DIR", "RUN_ENTRIES", "RunLockedError", "CheckpointError", "output_lock", "run_lock",
+           "check_output_dir",
            "checkpoint_problem", "recover_checkpoint", "recover_output", "resume_folder", "run_signature",
            "signature_differences", "check_same_recipe", "write_checkpoint", "read_trainer_state", "optimizer_tensors",
            "optimizer_from_tensors", "scheduler_json", "describe_last"]
@@ -177,6 +178,28 @@ def run_lock(folder: str | os.PathLike) -> contextlib.AbstractContextManager:
     of one run share its folder."""
     return output_lock(folder) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
 
+
+#: What a training run writes into its output folder (checkpoints, the log, the loss plot, TensorBoard/W&B logs, the
+#: lock, a recipe's tiny test decoder and the hidden temporary siblings of atomic writes): a folder holding only these
+#: may be used again.
+RUN_ENTRIES = ("last", "best", "log.jsonl", "loss.png", "tb", "wandb", "_tiny", LOCK_NAME, ".last.*", ".best.*",
+               ".log.jsonl.*", ".loss.png.*")
+
+
+def check_output_dir(folder: str | os.PathLike, also: Sequence[str] = (), cache: str | None = None) -> None:
+    """Refuse, before anything trains, an output folder holding anything a run does not write (`RUN_ENTRIES`, plus
+    ``also``: a recipe's stage folders, and the feature ``cache`` folder when it lies inside): the run would replace
+    a user's ``log.jsonl`` or ``loss.png`` by name and mix its checkpoints into someone's work. One line naming the
+    folder and what is in it. Only the main process of a launch checks (the others share its folder)."""
+    from ..fileio import holds_only, refuse_foreign
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    out = Path(folder).expanduser().resolve()
+    if cache and out in Path(cache).expanduser().resolve().parents:
+        also = [*also, Path(cache).expanduser().resolve().relative_to(out).parts[0]]
+    refuse_foreign(Path(folder), holds_only(*RUN_ENTRIES, *also),
+                   "a training run's output folder (only last/, best/, log.jsonl, loss.png, tb/)")
 
 # ---------------------------------------------------------------------------------------------------- completeness
 def checkpoint_problem(folder: Path, trainer_state: bool = True) -> str | None:

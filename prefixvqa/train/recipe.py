@@ -44,7 +44,7 @@ import yaml
 from ..config import AdapterConfig, ConfigError, apply_override, coerce
 from ..errors import shorten
 from ..rng import seeded
-from .checkpoint import run_lock
+from .checkpoint import check_output_dir, run_lock
 from .stopping import stop_signals
 from .config import TrainConfig, literal_values
 from .trainer import TrainResult, train
@@ -493,6 +493,7 @@ def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
     top = TrainConfig.from_dict(recipe.train)
     out = Path(top.output_dir)
     check_output_apart(recipe.model, out)
+    check_output_dir(out, [str(stage["name"]) for stage in recipe.stages or []], cache=top.feature_cache)
     with stop_signals(), run_lock(out):
         stage_data = load_stage_data(recipe)
         model = build_model(recipe.model, out, seed=top.seed)  # mapper, fresh LoRA: seeded as the Python API seeds

@@ -77,5 +77,6 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
         ax.plot(*zip(*evals), "o-", label=f"eval {history[-1].get('metric', '') if history else ''}".strip())
     ax.set_xlabel("optimizer step")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from ..eval.plots import save_png  # atomic: a stop mid-write never leaves half a loss.png
+
+    save_png(fig, path)

@@ -37,8 +37,8 @@ from ..data.records import skipped_of
 from ..errors import PrefixVQAError
 from ..data.processor import record_label
 from ..rng import preserved, rng_state, seed_all, set_rng_state
-from .checkpoint import (check_same_recipe, describe_last, read_trainer_state, recover_output, resume_folder, run_lock,
-                         run_signature, scheduler_json, write_checkpoint)
+from .checkpoint import (check_output_dir, check_same_recipe, describe_last, read_trainer_state, recover_output,
+                         resume_folder, run_lock, run_signature, scheduler_json, write_checkpoint)
 from .config import DEFAULT_LR, TrainConfig
 from ..adapter_io import load_weights_into  # the one adapter-folder reader (resume included)
 from .distributed import Distributed
@@ -592,5 +592,6 @@ def train(model: MedVQAAdapter, train_records: Sequence[VQARecord], eval_records
     `CheckpointError` when a resume would be unsafe, and `TrainingInterrupted` when SIGTERM or Ctrl-C stopped the run
     (see `stopping.py`). The caller's random generators and signal handlers are left as they were.
     """
+    check_output_dir(cfg.output_dir, cache=cfg.feature_cache)
     with stop_signals(), run_lock(cfg.output_dir):
         return Trainer(model, train_records, eval_records, cfg).run()
