@@ -57,14 +57,9 @@ def _add_train(sub: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """`prefixvqa train`: run a recipe (every curriculum stage) and name the final adapter folder."""
     from .train.recipe import load_recipe, run_recipe
-    from .train.stopping import SignalInterrupt, TrainingInterrupted
 
     sets = [*args.set, *(["train.resume_with_changes=true"] if args.resume_with_changes else [])]
-    try:
-        result = run_recipe(load_recipe(args.recipe, sets), smoke=args.smoke)
-    except (TrainingInterrupted, SignalInterrupt) as exc:  # SIGTERM / Ctrl-C: one line, the signal's exit status
-        _say(args.command, exc)
-        return 128 + exc.signum
+    result = run_recipe(load_recipe(args.recipe, sets), smoke=args.smoke)  # a signal's stop: see main()
     print(f"final adapter: {result.final_dir}")
     return 0
 
@@ -561,7 +556,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _say(args.command, exc)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # a training run's SignalInterrupt carries its signal: exit as killed by it
+        from .train.stopping import SignalInterrupt
+
+        if isinstance(exc, SignalInterrupt):
+            _say(args.command, exc)
+            return 128 + exc.signum
         print("interrupted", file=sys.stderr)
         return 130
 
@@ -574,9 +574,13 @@ def _say(command: str, exc: BaseException) -> None:
 
 
 def _exit_status(exc: PrefixVQAError) -> int:
-    """1 when a training run diverged (not a usage error: the run itself failed), else 2."""
+    """128 + the signal when SIGTERM/Ctrl-C stopped a training run (train, demo, sweep alike: as a process killed by
+    it would), 1 when a training run diverged (not a usage error: the run itself failed), else 2."""
+    from .train.stopping import TrainingInterrupted
     from .train.trainer import TrainingDiverged  # already loaded whenever a training run raised it
 
+    if isinstance(exc, TrainingInterrupted):
+        return 128 + exc.signum
     return 1 if isinstance(exc, TrainingDiverged) else 2
 
 

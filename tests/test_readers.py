@@ -541,3 +541,15 @@ def test_registry_entries_say_what_each_format_takes(tmp_path: Path) -> None:
 def test_option_values_are_checked_before_reading(tmp_path: Path, spec: dict, message: str) -> None:
     with pytest.raises(DataError, match=message):
         load_records({**spec, "path": tmp_path / "never-read"})
+
+
+@pytest.mark.parametrize("field", ["answer_type"])
+def test_a_huge_bad_value_in_a_data_file_gives_one_short_line_naming_the_file(tmp_path, field):
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"id": "x" * 100_000, "image": "a.png", "question": "q?", "answer": "yes",
+                                field: "maybe" * 20_000}) + "\n")
+    with pytest.raises(DataError) as err:
+        load_records({"format": "generic", "path": str(path)})
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 600 and "data.jsonl" in message, message[:300]

@@ -198,3 +198,20 @@ def test_sigterm_to_prefixvqa_train_exits_with_one_line_and_resumes_to_the_same_
         a, b = adapter_tensors(ref / name), adapter_tensors(cut / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # bit-identical
     assert state(ref / "last")["rng"] == state(cut / "last")["rng"] and not (cut / LOCK_NAME).exists()
+
+
+def test_sigterm_during_a_sweeps_training_exits_143_with_one_line(tmp_path, monkeypatch, capsys):
+    """Every command that trains (train, sweep, demo) exits as a process killed by the signal would, with one line."""
+    from prefixvqa.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": MODEL, "data": {"train": {"format": "synthetic", "n": 8, "seed": 0, "kind": "vqa"},
+                                 "eval": {"format": "synthetic", "n": 4, "seed": 1, "kind": "vqa"}},
+        "train": {"epochs": 2, "batch_size": 4, **FAST, "eval_every_epoch": False}}))
+    signal_at_step(monkeypatch, 2, signal.SIGTERM)
+    capsys.readouterr()
+    status = main(["sweep", str(recipe), "--train-sizes", "8", "--seeds", "1", "--out", str(tmp_path / "sweep")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prefixvqa ")]
+    assert status == 128 + signal.SIGTERM and len(lines) == 1 and "SIGTERM" in lines[0], lines
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..errors import PrefixVQAError
+from ..errors import PrefixVQAError, shorten
 from ..config import IMAGE_POSITIONS
 
 if TYPE_CHECKING:  # `datasets` is heavy to import; only the conversion functions need it
@@ -81,7 +81,7 @@ class VQARecord:
         self.history = [Turn(*turn) if not isinstance(turn, dict) else Turn(turn["question"], turn["answer"])
                         for turn in self.history or ()]
         if self.image_position not in (None, *IMAGE_POSITIONS):
-            raise DataError(f"record {self.id!r}: image_position={self.image_position!r} is not one of "
+            raise DataError(f"record {shorten(self.id)}: image_position={shorten(self.image_position)} is not one of "
                             f"{list(IMAGE_POSITIONS)}")
 
     @property
@@ -135,7 +135,7 @@ def normalize_answer_type(value: str | None) -> str | None:
         return "closed"
     if key in _OPEN:
         return "open"
-    raise DataError(f"unknown answer_type {value!r} (expected closed/open)")
+    raise DataError(f"unknown answer_type {shorten(value)} (expected closed/open)")
 
 
 def _features() -> datasets.Features:
@@ -176,7 +176,7 @@ def records_to_dataset(records: Iterable[VQARecord]) -> datasets.Dataset:
         try:
             meta = json.dumps(record.meta, ensure_ascii=False)
         except (TypeError, ValueError) as err:
-            raise DataError(f"record {record.id!r}: meta is not JSON-serialisable: {err}") from err
+            raise DataError(f"record {shorten(record.id)}: meta is not JSON-serialisable: {err}") from err
         columns["id"].append(record.id)
         columns["image"].append(_image_cell(record.image))
         columns["question"].append(record.question)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from ...errors import shorten
 from ..records import DataError, Records, records_to_dataset
 from .base import BAD_RECORD_POLICIES, HUB_KEYS, Reader, ReaderOptions, strip_image_tokens
 from .generic import GenericOptions, read_generic
@@ -98,7 +99,7 @@ def load_records(spec: str | os.PathLike | dict, split: str | None = None, **kw:
     spec.update(kw)
     fmt = spec.pop("format", None)
     if fmt not in READERS:
-        raise DataError(f"dataset spec needs 'format', one of {sorted(READERS)}; got {fmt!r}")
+        raise DataError(f"dataset spec needs 'format', one of {sorted(READERS)}; got {shorten(fmt)}")
     split = split if split is not None else spec.pop("split", None)
     spec.pop("split", None)
     hub, path = spec.pop("hub", None), spec.pop("path", None)

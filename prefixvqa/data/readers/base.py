@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from ...errors import shorten
 from ..records import DataError, Records, SkippedRecord, VQARecord, normalize_answer_type
 from .tables import is_path, read_table, rows_of, table_sources
 
@@ -48,7 +49,7 @@ class ReaderOptions:
         for name, allowed in _literal_fields(type(self)):
             value = getattr(self, name)
             if value not in allowed:
-                raise DataError(f"{name} must be one of {list(allowed)}, got {value!r}")
+                raise DataError(f"{name} must be one of {list(allowed)}, got {shorten(value)}")
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
@@ -311,7 +312,7 @@ def image_qa_records(table: Iterable[Any], rows: Rows, *, dataset: str, split: s
         answer = rows.text(row, index, col["answer"], required=require_answer) or None
         choices = parse_choices(row.get(col["choices"]), rows, index)
         if choices is not None and answer is not None and answer not in choices:
-            raise DataError(f"{rows.where(index)}: field '{col['answer']}' {answer!r} is not one of the choices")
+            raise DataError(f"{rows.where(index)}: field '{col['answer']}' {shorten(answer)} is not one of the choices")
         answer_type = rows.answer_type(row.get(col["answer_type"]), index, col["answer_type"])
         meta = {"dataset": dataset, "split": split, **image_meta}
         if answer_type is None and derive_answer_type and answer is not None:

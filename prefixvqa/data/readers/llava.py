@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ...errors import shorten
 from ..records import DataError, Records, VQARecord
 from .base import IMAGE_TOKEN, Reader, ReaderOptions, Rows, extras, image_position, read_tables, strip_image_tokens
 
@@ -48,7 +49,7 @@ def _conversation(turns: Any, where: str) -> tuple[list[tuple[str, str]], str | 
             pending = None
         else:
             expected = "a 'human'" if pending is None else "a 'gpt'"
-            raise DataError(f"{at}: expected {expected} turn, got {turn['from']!r}")
+            raise DataError(f"{at}: expected {expected} turn, got {shorten(turn['from'])}")
     if pending is not None:
         raise DataError(f"{where}: conversations end with a 'human' turn that has no answer")
     return pairs, position, system

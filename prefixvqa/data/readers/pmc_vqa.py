@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ...errors import shorten
 from ..records import DataError, Records, VQARecord
 from .base import Reader, ReaderOptions, Rows, extras, read_tables
 from .tables import is_path
@@ -27,7 +28,7 @@ def _pmc_vqa(table: Iterable[Any], rows: Rows, split: str | None, stem: str) -> 
         choices = [_pmc_choice(rows.text(row, index, c), c[-1]) for c in PMC_CHOICE_COLUMNS]
         label = rows.text(row, index, "Answer_label").upper()
         if label not in ("A", "B", "C", "D"):
-            raise DataError(f"{rows.where(index)}: field 'Answer_label' must be A, B, C or D, got {label!r}")
+            raise DataError(f"{rows.where(index)}: field 'Answer_label' must be A, B, C or D, got {shorten(label)}")
         meta = {
             "dataset": "pmc_vqa",
             "split": split,

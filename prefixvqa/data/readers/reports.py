@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ... import prompts
+from ...errors import shorten
 from ..records import DataError, Records, VQARecord
 from .base import Reader, ReaderOptions, Rows, extras, read_tables
 from .tables import SourceTypeError, is_path, read_table
@@ -113,8 +114,8 @@ def read_report_table(source: Any, options: ReportOptions) -> Records:
         if table and isinstance(table[0], dict) and _IU_XRAY_COLUMNS <= set(table[0]) and \
                 options.image_field == "image":
             raise DataError(f"{rows.label}: this is IU X-ray as released on Kaggle: its 'image' column describes the "
-                            f"exam ({table[0]['image']!r}), it names no file. Read it with format 'iu_xray', which "
-                            f"takes each study's image files from {IU_XRAY_PROJECTIONS} beside it")
+                            f"exam ({shorten(table[0]['image'])}), it names no file. Read it with format 'iu_xray', "
+                            f"which takes each study's image files from {IU_XRAY_PROJECTIONS} beside it")
         return rows.each(table, lambda row, index: _report_item(row, index, rows, part, stem, options,
                                                                 image_field=options.image_field))
 
