@@ -154,8 +154,9 @@ class AdapterSet:
             raise KeyError(f"no adapter named {name!r} is loaded; loaded: {self.names}")
         slot, m = self.slots[name], self.model
         m.decoder.set_adapter(slot.peft_name)
-        m.mapper, m.encoder, m.processor, m.config, m.calibration = (slot.mapper, slot.encoder, slot.processor,
-                                                                     slot.config, slot.calibration)
+        # the config first: setting the processor tells it this adapter's context and answer room (model.processor)
+        m.mapper, m.encoder, m.config, m.calibration = slot.mapper, slot.encoder, slot.config, slot.calibration
+        m.processor = slot.processor
         self.active = name
 
     @contextlib.contextmanager

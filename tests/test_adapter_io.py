@@ -116,6 +116,9 @@ def test_newer_minor_release_loads_the_same_through_api_app_and_resume(saved, tm
     assert slot.config == api.config
     answers = [(a.text, round(a.score, 4)) for a in group.answer(name, IMAGES, QUESTIONS, max_new_tokens=3)]
     assert answers == [(a.text, round(a.score, 4)) for a in api.answer(IMAGES, QUESTIONS, max_new_tokens=3)]
+    with group.using(name) as active:  # the slot's processor knows the decoder's context as the API model's does
+        assert (active.processor.context_length, active.processor.answer_room) == \
+            (api.processor.context_length, api.processor.answer_room) and api.processor.context_length
 
     resumed = MedVQAAdapter(saved["cfg"])  # resume: the run's own model, the checkpoint's trained tensors
     _, resume_warn = warned(load_weights_into, resumed, newer)
