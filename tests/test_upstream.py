@@ -251,3 +251,8 @@ def test_cli_metric_model_options():
     assert opt.metric_model_overrides(args) == {"bert_model_path": "m", "bertscore_model": "m", "bert_layer": 3,
                                                 "bertscore_layer": 3, "f1_tokenizer": "t"}
     assert opt.metric_model_overrides(build_parser().parse_args(["eval", "--adapter", "a", "--data", "d"])) == {}
+
+
+def test_every_registered_metric_has_a_source():
+    registered = {*P.ITEM_FUNCS, *P.BATCHED_ITEM_METRICS, *P.CORPUS_FUNCS, *P.CORPUS_CI_FUNCS}
+    assert registered <= set(METRIC_SOURCES), sorted(registered - set(METRIC_SOURCES))
