@@ -158,6 +158,7 @@ def _add_eval(sub: Any) -> None:
                    help="also report the source's own (uncorrected) metric variants by name, where the protocol "
                         "defines them")
     s.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print a side-by-side table")
+    opt.metric_model_args(s)
     s.add_argument("--shots", type=opt.count, default=0, help="k shots per query in the template's few-shot format")
     s.add_argument("--shot-pool", default="train", metavar="train|DATA",
                    help="where shots are retrieved from: the same dataset's train split, or a dataset path/spec")
@@ -194,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     calibration = _eval_calibration(args, model, records, shot_args)
     from .eval.protocols import get_protocol
 
-    protocol = get_protocol(args.protocol, upstream_metrics=True) if args.upstream_metrics else args.protocol
+    protocol = get_protocol(args.protocol, upstream_metrics=args.upstream_metrics, **opt.metric_model_overrides(args))
     metrics = evaluate(model, records, protocol, args.out, batch_size=args.batch_size,
                        closed_mode=args.closed_mode, data_spec=_data_spec(args.data, args.format, args.split),
                        adapter_path=args.adapter, calibration=calibration, **shot_args)

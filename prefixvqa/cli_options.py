@@ -187,3 +187,28 @@ def max_new_tokens_arg(s: argparse.ArgumentParser) -> None:
     """--max-new-tokens: caps generation; default: the adapter's own generation settings."""
     s.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="default: the adapter's generation settings")
+
+
+def metric_model_args(s: argparse.ArgumentParser) -> None:
+    """--bert-model/--bert-layer/--f1-tokenizer: the encoder, layer and tokenizer some metrics score with; recorded
+    with each metric's source in metrics.json (see `eval.sources`)."""
+    s.add_argument("--bert-model", metavar="MODEL",
+                   help="encoder of every BERTScore metric (hub id or local folder; default: bert_f1 the packaged "
+                        "all-MiniLM-L6-v2, the upstream BERTScore bert-base-uncased)")
+    s.add_argument("--bert-layer", type=count, metavar="N",
+                   help="hidden layer BERTScore reads (default: bert_f1 the last, upstream bert_score's default for "
+                        "the model, 9 for bert-base-uncased)")
+    s.add_argument("--f1-tokenizer", metavar="TOKENIZER",
+                   help="tokenizer of the upstream token F1 (hub id or local folder; default gpt2, as upstream)")
+
+
+def metric_model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The protocol fields `metric_model_args` set (only those given)."""
+    out: dict[str, Any] = {}
+    if getattr(args, "bert_model", None):
+        out.update(bert_model_path=args.bert_model, bertscore_model=args.bert_model)
+    if getattr(args, "bert_layer", None) is not None:
+        out.update(bert_layer=args.bert_layer, bertscore_layer=args.bert_layer)
+    if getattr(args, "f1_tokenizer", None):
+        out["f1_tokenizer"] = args.f1_tokenizer
+    return out

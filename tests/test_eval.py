@@ -96,7 +96,7 @@ def test_end_to_end_outputs_and_determinism(trained, tmp_path):
     for heading in ("## Overall", "## By answer type", "## By question type", "## By modality", "## By organ"):
         assert heading in report
     assert "](per_type_accuracy.png)" in report and "](confusion_closed.png)" in report
-    assert "closed accuracy (upstream substring test)" in report and "closed accuracy (strict)" in report
+    assert "closed accuracy, LLaVA-Med v1.0.0 code" in report and "closed accuracy (strict)" in report
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dataset"] == "colours" and manifest["split"] == "test"
@@ -115,15 +115,24 @@ def test_end_to_end_outputs_and_determinism(trained, tmp_path):
 
 
 def test_generate_mode_and_prefix_vqa(trained, tmp_path):
-    model, _, records, _ = trained
-    protocol = P.get_protocol("prefix_vqa", upstream_metrics=True)
+    from prefixvqa.eval.metrics import default_similarity_model_path, token_f1_ids
+
+    model, _, records, root = trained
+    # upstream's tokenizer and encoder (gpt2, bert-base-uncased) as local stand-ins: the tiny decoder's tokenizer,
+    # the packaged MiniLM at its last (6th) layer
+    protocol = P.get_protocol("prefix_vqa", upstream_metrics=True, f1_tokenizer=str(root / "decoder"),
+                              bertscore_model=str(default_similarity_model_path()), bertscore_layer=6)
     metrics = evaluate(model, records, protocol, tmp_path, closed_mode="generate", max_new_tokens=4, progress=False)
     for key in ("exact_match", "bleu1", "bert_f1", "token_f1", "char_bleu1_upstream", "exact_match_upstream",
-                "token_f1_upstream"):
+                "token_f1_upstream", "bertscore_f1_upstream"):
         assert 0.0 <= metrics[key] <= 1.0 + 1e-6, key
     rows = load_predictions(tmp_path)
-    assert all(r["token_ids"][1] == model.tokenizer.encode(r["gold"], add_special_tokens=False) for r in rows)
+    encode = model.tokenizer.encode  # the same vocabulary as the f1 tokenizer folder
+    assert [r["scores"]["token_f1_upstream"] for r in rows] == pytest.approx(
+        [token_f1_ids(encode(r["prediction"]), encode(r["gold"])) for r in rows], abs=1e-6)
     assert rescore(tmp_path, protocol, records)["token_f1_upstream"] == pytest.approx(metrics["token_f1_upstream"])
+    sources = json.loads((tmp_path / "metrics.json").read_text())["sources"]
+    assert sources["token_f1_upstream"]["settings"] == {"f1_tokenizer": str(root / "decoder")}
     assert all(r["mode"] == "generate" for r in load_predictions(tmp_path))
 
 
@@ -153,6 +162,7 @@ def test_llava_med_substring_vs_strict():
     rows = [{"id": str(i), "prediction": p} for i, p in enumerate(preds)]
     metrics = P.compute_metrics("llava_med", records, rows)
     assert metrics["closed_accuracy_substring"] == pytest.approx(4 / 5)  # "normal" and "there is no mass" count
+    assert metrics["closed_accuracy_llava_med"] == pytest.approx(4 / 5)  # LLaVA-Med v1.0.0's code agrees here
     assert metrics["closed_accuracy_strict"] == pytest.approx(2 / 5)
     assert "open_recall" not in metrics
 

@@ -208,11 +208,10 @@ def closed_match(pred: str, gold: str, mode: MatchMode = "strict") -> float:
     * ``"strict"`` (default): if ``g`` is "yes" or "no", correct iff the *first token* of ``p`` equals ``g``
       ("Yes, there is..." counts for "yes"; "normal" does not count for "no"; "there is no mass" does not count
       either: the answer must lead with its verdict). Otherwise correct iff ``p == g``.
-    * ``"substring"``: correct iff ``g`` occurs as a substring of ``p``: the LLaVA-Med upstream test. Pitfall: it is
-      character containment, so gold "no" matches "normal", "nodule", "unknown" or "not sure", and gold "yes" matches
-      any answer that merely contains "yes".
-      (Upstream's script also dropped items that contain "yes"/"no" but miss the gold from the denominator; that
-      counting bug is not reproduced: every item counts here.)
+    * ``"substring"``: correct iff ``g`` occurs as a substring of ``p`` (prefixvqa's earlier rule; LLaVA-Med's own,
+      which also asks for "yes"/"no" in the prediction and normalises differently, is
+      :func:`prefixvqa.eval.upstream.llava_med_closed`). Pitfall: character containment, so gold "no" matches
+      "normal", "nodule", "unknown" or "not sure".
     """
     p, g = normalize_answer(pred), normalize_answer(gold)
     if mode == "substring":
@@ -234,8 +233,8 @@ def open_recall(pred: str, gold: str) -> float:
     """Share of the normalised gold tokens (counted with repeats) that occur anywhere among the prediction's tokens.
 
     ``|{i : g_i in set(pred_tokens)}| / len(gold_tokens)``; 1.0 if the gold is empty and the prediction too, 0.0 if
-    only the gold is empty. This is the LLaVA-Med open-question metric as described in the paper; the upstream script
-    weighted matches by their count in the *prediction*, which lets repeating a word raise the score.
+    only the gold is empty. The corrected LLaVA-Med open recall: LLaVA-Med v1.0.0's code
+    (:func:`prefixvqa.eval.upstream.llava_med_open_recall`) counts a match as often as the *prediction* repeats it.
     """
     gold_tokens, pred_set = _answer_tokens(gold), set(_answer_tokens(pred))
     if not gold_tokens:
@@ -392,8 +391,8 @@ def bleu_signature(*, smoothing: Smoothing = "none", smooth_value: float | None 
 
 
 def char_bleu1_upstream(pred: str, gold: str) -> float:
-    """Reference only: van Sonsbeek et al.'s BLEU-1, their exact nltk call ``sentence_bleu(gold, pred,
-    weights=(1, 0, 0, 0))`` on two plain strings.
+    """Reference only: van Sonsbeek et al.'s BLEU-1 (tjvsonsbeek/open-ended-medical-vqa @ c605aeb, predict.py), their
+    exact nltk call ``sentence_bleu(gold, pred, weights=(1, 0, 0, 0))`` on two plain strings.
 
     Given strings, nltk treats every *character of the gold* as a separate one-character reference and the
     prediction's characters as the hypothesis, so the score is the share of predicted characters that occur anywhere
@@ -407,12 +406,13 @@ def char_bleu1_upstream(pred: str, gold: str) -> float:
 
 
 def exact_match_upstream(pred: str, gold: str) -> float:
-    """van Sonsbeek et al.'s accuracy: the strings equal after lower-casing only (no stripping, no punctuation)."""
+    """van Sonsbeek et al.'s accuracy (tjvsonsbeek/open-ended-medical-vqa @ c605aeb, predict.py): the strings equal
+    after lower-casing only (no stripping, no punctuation)."""
     return float(pred.lower() == gold.lower())
 
 
 def token_f1_ids(pred_ids: Sequence[int], gold_ids: Sequence[int]) -> float:
-    """SQuAD-style F1 on token ids (van Sonsbeek et al. scored the decoder's BPE ids, not words)."""
+    """SQuAD-style F1 on token ids (van Sonsbeek et al. scored GPT-2 BPE ids: `upstream.gpt2_token_f1`)."""
     return _f1(list(pred_ids), list(gold_ids))
 
 

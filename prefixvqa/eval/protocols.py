@@ -7,17 +7,24 @@ so the same predictions always give the same metrics, and a run can be rescored 
 
 Registered protocols (README.md, "Published systems", says how each source answered and scored):
 
-* ``llava_med``: closed accuracy twice, labelled: ``closed_accuracy_substring`` (LLaVA-Med's upstream test, where gold
-  "no" matches "normal") and ``closed_accuracy_strict`` (the corrected one); ``open_recall`` on open questions.
+* ``llava_med``: LLaVA-Med v1.0.0's own ``closed_accuracy_llava_med`` and ``open_recall_llava_med`` (its code's
+  numbers), beside the corrected ``closed_accuracy_strict`` and ``open_recall``, and ``closed_accuracy_substring``
+  (gold contained in the prediction after prefixvqa's normalisation: prefixvqa's earlier rule, not upstream's); with
+  ``upstream_metrics=True`` also ``closed_accuracy_llava_med_pre35`` (the script before LLaVA-Med's fix of #35,
+  which dropped wrong yes/no answers from the denominator).
 * ``prefix_vqa`` (van Sonsbeek et al.): ``exact_match`` accuracy, word-level ``bleu1``, ``bert_f1``, ``token_f1``;
   with ``upstream_metrics=True`` also their own variants by name: ``exact_match_upstream`` (lower-cased strings),
-  ``char_bleu1_upstream`` (their nltk call on strings, which scores characters) and ``token_f1_upstream`` (F1 on the
-  decoder's token ids).
+  ``char_bleu1_upstream`` (their nltk call on strings, which scores characters), ``token_f1_upstream`` (F1 on GPT-2
+  token ids, whatever the decoder; tokenizer ``f1_tokenizer``) and ``bertscore_f1_upstream`` (bert_score's rule on
+  ``bertscore_model`` at ``bertscore_layer``, default bert-base-uncased layer 9).
 * ``med_flamingo``: ``exact_match`` and ``bert_f1``.
 * ``pmc_vqa``: ``mc_accuracy``, the choice with the highest likelihood (``model.score_choices``) against the gold
   choice; never a letter string match.
 * ``report``: corpus ``bleu1``/``bleu4`` and mean ``rouge_l``, each with a percentile bootstrap interval, plus
-  ``bleu_signature`` (sacrebleu's signature string of how the BLEU numbers were computed).
+  ``bleu_signature`` (sacrebleu's signature string of how the BLEU numbers were computed); and LLaVA-Rad's own
+  ``bleu1_llava_rad``, ``bleu4_llava_rad``, ``rouge_l_llava_rad`` with their own intervals.
+
+Every metric's source (repository, commit, file) is in ``eval.sources.METRIC_SOURCES`` and in metrics.json.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence, get_args
 
 from ..prompts import strip_choice_letter
 from . import metrics as M
+from . import upstream as U
 from .errors import EvaluationError, UnknownProtocolError
 
 __all__ = [
@@ -73,14 +81,21 @@ YES_NO = ("yes", "no")
 #: Human-readable names used in report.md and compare() tables.
 METRIC_LABELS: dict[str, str] = {
     "closed_accuracy_strict": "closed accuracy (strict)",
-    "closed_accuracy_substring": "closed accuracy (upstream substring test)",
+    "closed_accuracy_substring": "closed accuracy (gold a substring, prefixvqa normalisation)",
+    "closed_accuracy_llava_med": "closed accuracy, LLaVA-Med v1.0.0 code",
+    "closed_accuracy_llava_med_pre35": "closed accuracy, LLaVA-Med code before #35 (reference only)",
+    "open_recall_llava_med": "open recall, LLaVA-Med v1.0.0 code",
+    "bertscore_f1_upstream": "BERTScore F1, upstream (bert_score rule; reference only)",
+    "bleu1_llava_rad": "BLEU-1, LLaVA-Rad code (sacrebleu defaults)",
+    "bleu4_llava_rad": "BLEU-4, LLaVA-Rad code (sacrebleu defaults)",
+    "rouge_l_llava_rad": "ROUGE-L F1, LLaVA-Rad code (bootstrap median)",
     "open_recall": "open recall",
     "exact_match": "accuracy (exact match)",
     "bleu1": "BLEU-1 (words)",
     "bleu4": "BLEU-4 (words)",
     "char_bleu1_upstream": "BLEU-1, upstream nltk call on strings (characters; reference only)",
     "exact_match_upstream": "accuracy, upstream (lower-cased strings equal; reference only)",
-    "token_f1_upstream": "token F1, upstream (decoder token ids; reference only)",
+    "token_f1_upstream": "token F1, upstream (GPT-2 token ids; reference only)",
     "token_f1": "token F1",
     "bert_f1": "BERTScore-style F1",
     "mc_accuracy": "multiple-choice accuracy (likelihood)",
@@ -231,7 +246,16 @@ def _open_recall(record: Any, pred: Prediction) -> float | None:
     return M.open_recall(pred["prediction"], record.answer) if answer_type_of(record) == "open" else None
 
 
+def _of_type(kind: str, fn: Callable[[str, str], "float | None"]) -> ItemMetric:
+    """``fn(prediction, gold)`` on the items of answer type ``kind``, None on the others."""
+    def item(record: Any, pred: Prediction) -> float | None:
+        return fn(pred["prediction"], record.answer) if answer_type_of(record) == kind else None
+    return item
+
+
 def _mc_accuracy(record: Any, pred: Prediction) -> float | None:
+    """Multiple-choice accuracy of one item: the chosen index (by likelihood) equals the gold choice's; prefixvqa's
+    definition (prefixvqa/eval/protocols.py), equal to PMC-VQA's accuracy on the same chosen answers."""
     gold = gold_choice_index(record)
     if gold is None:
         return None
@@ -239,7 +263,8 @@ def _mc_accuracy(record: Any, pred: Prediction) -> float | None:
 
 
 def _llava_primary(record: Any, pred: Prediction) -> float | None:
-    """LLaVA-Med's headline per item: strict closed accuracy on closed questions, open recall on open ones."""
+    """The per-item score of the llava_med plots and confidence (prefixvqa's definition, prefixvqa/eval/protocols.py):
+    strict closed accuracy on closed questions, open recall on open ones."""
     if answer_type_of(record) == "closed":
         return M.closed_match(pred["prediction"], record.answer, "strict")
     return M.open_recall(pred["prediction"], record.answer)
@@ -257,14 +282,35 @@ ITEM_FUNCS: dict[str, ItemMetric] = {
     "bleu1": lambda r, p: M.sentence_bleu([p["prediction"]], [r.answer], n=1)[0],
     "char_bleu1_upstream": lambda r, p: M.char_bleu1_upstream(p["prediction"], r.answer),
     "exact_match_upstream": lambda r, p: M.exact_match_upstream(p["prediction"], r.answer),
-    "token_f1_upstream": lambda r, p: M.token_f1_ids(*p["token_ids"]) if p.get("token_ids") else None,
+    "closed_accuracy_llava_med": _of_type("closed", U.llava_med_closed),
+    "closed_accuracy_llava_med_pre35": _of_type("closed", U.llava_med_closed_pre35),
+    "open_recall_llava_med": _of_type("open", U.llava_med_open_recall),
     "rouge_l": lambda r, p: M.rouge_l(p["prediction"], r.answer),
     "mc_accuracy": _mc_accuracy,
     "llava_primary": _llava_primary,
 }
-BATCHED_ITEM_METRICS = ("bert_f1",)  # need one model pass over all items, see item_scores
+
+def _bertscore_upstream(protocol: "Protocol", preds: list[str], golds: list[str]) -> list[float]:
+    from .bertscore import bertscore
+
+    return bertscore(preds, golds, protocol.bertscore_model, protocol.bertscore_layer)["f1"]
+
+
+#: per-item metrics that load a model or tokenizer once for all items: (protocol, predictions, golds) -> scores
+BATCHED_FUNCS: dict[str, Callable[["Protocol", list[str], list[str]], list[float]]] = {
+    "bert_f1": lambda pr, p, g: M.bert_similarity(p, g, pr.bert_model_path, layer=pr.bert_layer)["f1"],
+    "token_f1_upstream": lambda pr, p, g: U.gpt2_token_f1(p, g, pr.f1_tokenizer),
+    "bertscore_f1_upstream": _bertscore_upstream,
+}
+BATCHED_ITEM_METRICS = tuple(BATCHED_FUNCS)
 CORPUS_FUNCS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     f"bleu{k}": functools.partial(M.bleu, n=k) for k in range(1, 5)
+}
+#: corpus metrics that come with their source's own interval: (predictions, references) -> (value, low, high)
+CORPUS_CI_FUNCS: dict[str, Callable[[Sequence[str], Sequence[str]], tuple[float, float, float]]] = {
+    "bleu1_llava_rad": functools.partial(U.llava_rad_bleu, n=1),
+    "bleu4_llava_rad": functools.partial(U.llava_rad_bleu, n=4),
+    "rouge_l_llava_rad": U.llava_rad_rouge_l,
 }
 
 
@@ -288,7 +334,11 @@ class Protocol:
     bootstrap: bool = False
     n_resamples: int = 1000
     seed: int = 0
-    bert_model_path: str | None = None  # None: metrics.default_similarity_model_path()
+    bert_model_path: str | None = None  # bert_f1's encoder; None: metrics.default_similarity_model_path()
+    bert_layer: int | None = None  # bert_f1's hidden_states index; None: the last layer
+    f1_tokenizer: str = "gpt2"  # token_f1_upstream counts this tokenizer's ids (hub id or local folder)
+    bertscore_model: str = "bert-base-uncased"  # bertscore_f1_upstream's encoder (hub id or local folder)
+    bertscore_layer: int | None = None  # None: bert_score's default layer for bertscore_model (9 for bert-base)
     upstream_metrics: tuple[str, ...] = ()  # the source's own (uncorrected) variants (upstream_metrics=True)
 
     def __post_init__(self) -> None:
@@ -297,11 +347,12 @@ class Protocol:
         if unknown:
             raise EvaluationError(f"protocol {self.name!r}: unknown item metric(s) {unknown}; known: "
                                   f"{sorted(known)}")
-        bad = [m for m in self.corpus_metrics if m not in CORPUS_FUNCS]
+        bad = [m for m in self.corpus_metrics if m not in CORPUS_FUNCS and m not in CORPUS_CI_FUNCS]
         if bad:
-            raise EvaluationError(f"protocol {self.name!r}: unknown corpus metric(s) {bad}; use bleu1..bleu4")
+            raise EvaluationError(f"protocol {self.name!r}: unknown corpus metric(s) {bad}; known: "
+                                  f"{sorted([*CORPUS_FUNCS, *CORPUS_CI_FUNCS])}")
         check_closed_mode(self.closed_mode)
-        unknown = [m for m in self.upstream_metrics if m not in ITEM_FUNCS]
+        unknown = [m for m in self.upstream_metrics if m not in known]
         if unknown:
             raise EvaluationError(f"protocol {self.name!r}: unknown upstream metric(s) {unknown}")
         _check_candidates(self.candidates)
@@ -320,11 +371,9 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {}
 #: each protocol's source metrics as the source computed them, reported beside the corrected ones on request
 UPSTREAM_VARIANTS: dict[str, tuple[str, ...]] = {
-    "prefix_vqa": ("exact_match_upstream", "char_bleu1_upstream", "token_f1_upstream"),
-    "llava_med": ("closed_accuracy_substring",),
+    "prefix_vqa": ("exact_match_upstream", "char_bleu1_upstream", "token_f1_upstream", "bertscore_f1_upstream"),
+    "llava_med": ("closed_accuracy_llava_med_pre35",),
 }
-#: item metrics that need the decoder's token ids of prediction and gold (written into the prediction rows)
-TOKEN_ID_METRICS = ("token_f1_upstream",)
 
 
 def register_protocol(protocol: Protocol, *, overwrite: bool = False) -> Protocol:
@@ -356,9 +405,10 @@ def get_protocol(protocol: str | Protocol, **options: Any) -> Protocol:
 
 
 register_protocol(Protocol(
-    "llava_med", "LLaVA-Med: every question answered by generation (as upstream); closed accuracy by the upstream "
-                 "substring test and by the strict test; open recall.",
-    item_metrics=("closed_accuracy_strict", "closed_accuracy_substring", "open_recall"), primary="llava_primary",
+    "llava_med", "LLaVA-Med: every question answered by generation (as upstream); closed accuracy and open recall "
+                 "as LLaVA-Med v1.0.0's code computes them, and corrected (strict closed accuracy, open recall).",
+    item_metrics=("closed_accuracy_llava_med", "open_recall_llava_med", "closed_accuracy_strict",
+                  "closed_accuracy_substring", "open_recall"), primary="llava_primary",
     closed_mode="generate"))
 register_protocol(Protocol(
     "prefix_vqa", "van Sonsbeek et al.: every question answered by generation (upstream: beam search); exact-match "
@@ -372,8 +422,10 @@ register_protocol(Protocol(
     "pmc_vqa", "PMC-VQA: multiple-choice accuracy, the choice of highest likelihood (never letter matching).",
     item_metrics=("mc_accuracy",), primary="mc_accuracy", candidates="choices", score_all=True))
 register_protocol(Protocol(
-    "report", "Report generation: corpus BLEU-1/4 and ROUGE-L, with percentile bootstrap intervals.",
-    item_metrics=("rouge_l",), corpus_metrics=("bleu1", "bleu4"), primary="rouge_l", closed_mode="generate",
+    "report", "Report generation: corpus BLEU-1/4 and ROUGE-L, with percentile bootstrap intervals; and LLaVA-Rad's "
+              "BLEU-1/4 and ROUGE-L as its code computes them, with its intervals.",
+    item_metrics=("rouge_l",), corpus_metrics=("bleu1", "bleu4", "bleu1_llava_rad", "bleu4_llava_rad",
+                                               "rouge_l_llava_rad"), primary="rouge_l", closed_mode="generate",
     bootstrap=True))
 
 
@@ -416,11 +468,11 @@ def item_scores(protocol: Protocol, records: Sequence[Any],
             if value is not None:
                 row[name] = float(value)
         rows.append(row)
-    if "bert_f1" in names and records:
-        f1 = M.bert_similarity([p["prediction"] for p in predictions], [r.answer for r in records],
-                               protocol.bert_model_path)["f1"]
-        for row, value in zip(rows, f1):
-            row["bert_f1"] = float(value)
+    for name, fn in BATCHED_FUNCS.items():
+        if name in names and records:
+            values = fn(protocol, [p["prediction"] for p in predictions], [r.answer for r in records])
+            for row, value in zip(rows, values):
+                row[name] = float(value)
     return rows
 
 
@@ -478,13 +530,16 @@ def _aggregate(protocol: Protocol, records: Sequence[Any], predictions: Sequence
             out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
     preds, golds = [p["prediction"] for p in predictions], [r.answer for r in records]
     for name in protocol.corpus_metrics:
+        if name in CORPUS_CI_FUNCS:  # the source's own point and interval
+            out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = CORPUS_CI_FUNCS[name](preds, golds)
+            continue
         fn = CORPUS_FUNCS[name]
         if protocol.bootstrap:
             out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = M.bootstrap_ci(
                 (preds, golds), fn, n_resamples=protocol.n_resamples, seed=protocol.seed)
         else:
             out[name] = fn(preds, golds)
-    if protocol.corpus_metrics:  # a string among the numbers: tables skip it, the result folder keeps it
+    if any(name in CORPUS_FUNCS for name in protocol.corpus_metrics):  # a string among the numbers: tables skip it, the result folder keeps it
         out["bleu_signature"] = M.bleu_signature()
     return out
 

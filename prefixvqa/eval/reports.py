@@ -258,7 +258,9 @@ def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Seque
     confidence = confidence_summary([r[0] for r in rated], [r[1] for r in rated], [r[2] for r in rated], calibration)
     if confidence:
         confidence["correct_if"] = f"per-item {protocol.primary} >= 0.5"
-    metrics = round_floats({"protocol": protocol.name, "overall": overall,
+    from .sources import metric_sources
+
+    metrics = round_floats({"protocol": protocol.name, "overall": overall, "sources": metric_sources(protocol),
                             "breakdown": breakdowns(protocol, records, rows),
                             "answered_by": dict(Counter(p["mode"] for p in predictions)), "confidence": confidence,
                             "skipped_records": len(manifest.get("skipped_records") or [])})

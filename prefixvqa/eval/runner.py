@@ -13,14 +13,12 @@ the evaluated data (:class:`~prefixvqa.eval.errors.DataOverlapError`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 from ..inference import answer_records
 from .errors import DataOverlapError, EvaluationError
-from .protocols import BREAKDOWN_FIELDS, TOKEN_ID_METRICS, Protocol, answer_type_of, get_protocol, item_scores, \
-    plan_items
+from .protocols import BREAKDOWN_FIELDS, Protocol, answer_type_of, get_protocol, item_scores, plan_items
 from .reports import (DECIMALS, build_manifest, check_results_folder, compare, load_predictions, rescore, round_floats,
                       write_outputs)
 
@@ -135,10 +133,6 @@ def evaluate(model: Any, records: Sequence[Any], protocol: str | Protocol, out_d
     predictions, run = _answer_records(model, records, protocol, batch_size=batch_size, closed_mode=closed_mode,
                                        generation=generation, seed=seed, progress=progress, shots=shots,
                                        shot_pool=shot_pool, feature_cache=feature_cache)
-    if any(m in protocol.all_item_metrics for m in TOKEN_ID_METRICS):  # stored, so rescoring needs no model
-        encode = functools.partial(model.tokenizer.encode, add_special_tokens=False)
-        for row in predictions:
-            row["token_ids"] = [encode(row["prediction"]), encode(row["gold"])]
     manifest = {**build_manifest(model, records, protocol, run, data_spec, adapter_path),
                 "skipped_records": [dataclasses.asdict(item) for item in skipped]}
     return write_outputs(out_dir, protocol, records, predictions, manifest, plots=plots,
