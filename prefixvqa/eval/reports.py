@@ -258,7 +258,8 @@ def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Seque
     confidence = confidence_summary([r[0] for r in rated], [r[1] for r in rated], [r[2] for r in rated], calibration)
     if confidence:
         confidence["correct_if"] = f"per-item {protocol.primary} >= 0.5"
-    metrics = round_floats({"protocol": protocol.name, "overall": overall,
+    metrics = round_floats({"protocol": protocol.name, **({"source": protocol.source} if protocol.source else {}),
+                            "overall": overall,
                             "breakdown": breakdowns(protocol, records, rows),
                             "answered_by": dict(Counter(p["mode"] for p in predictions)), "confidence": confidence,
                             "skipped_records": len(manifest.get("skipped_records") or [])})
