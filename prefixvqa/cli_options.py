@@ -169,8 +169,10 @@ class _Selection(Choices):
 
     def __call__(self, text: str) -> str:
         if text not in self:
-            raise argparse.ArgumentTypeError(f"unknown {self.what} in {text!r}; choose from {list(self)} or 'all' "
-                                             "(several: comma-separated)")
+            names = list(self._names())
+            bad = next((n.strip() for n in text.split(",") if n.strip() not in names), text)
+            raise argparse.ArgumentTypeError(f"unknown {self.what} {bad!r}; choose from {names} or 'all' (several: "
+                                             "comma-separated)")
         return text
 
 
@@ -206,8 +208,9 @@ def protocols_arg(s: argparse.ArgumentParser, what: str) -> None:
                    help=f"{what}: one or several (comma-separated) of %(choices)s, or 'all' (every one that applies; "
                         "answers generated once per prompt, one comparison table) (default %(default)s)")
     s.set_defaults(protocols=None)
-    s.add_argument("--rescore", nargs="+", action=_RescoreArgs, metavar="RESULT [OUT_DIR]",
-                   help="score a saved result folder or predictions.jsonl under --protocol without the model and "
+    s.add_argument("--rescore", nargs="+", action=_RescoreArgs, metavar="PATH",
+                   help="RESULT [OUT_DIR]: score a saved result folder or predictions.jsonl under --protocol without "
+                        "the model and "
                         "print one table (written with comparison.json into OUT_DIR if given; --data optional: "
                         "records are rebuilt from the rows)")
 

@@ -314,4 +314,4 @@ def test_cli_protocol_list_and_rescore(tiny, tmp_path, capsys):
     assert "`medevalkit_vqa_rad`" in capsys.readouterr().out and (tmp_path / "re" / "comparison.md").is_file()
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--rescore", str(out / "llava_med"), "--protocol", "llava_med,nope"])
-    assert exit_info.value.code == 2 and "unknown protocol in 'llava_med,nope'" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unknown protocol 'nope'" in capsys.readouterr().err

@@ -198,8 +198,9 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
              f"hash `{comparison['content_hash'][:16]}`.", ""]
     if comparison.get("answered"):
         ans = comparison["answered"]
-        parts += [f"Rescored from {ans['path']}: answers generated with prompt `{ans['prompt'] or 'record question'}`"
-                  f" (protocol `{ans['protocol'] or '-'}`), no model run.", ""]
+        asked = (f"with prompt `{ans['prompt'] or 'record question'}` (protocol `{ans['protocol'] or '-'}`)"
+                 if ans.get("known") else "with a prompt not recorded (no manifest.json beside them)")
+        parts += [f"Rescored from {ans['path']}: answers generated {asked}, no model run.", ""]
     else:
         parts += ["## Answer sets (one answering run each)", "",
                   md_table(["set", "prompt (question text asked)", "items ranked among candidates", "protocols"],
@@ -226,7 +227,8 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
 def _set_label(entry: Mapping[str, Any]) -> str:
     if entry.get("answer_set") is not None:
         return f"set {entry['answer_set']}"
-    return "as generated" if entry.get("prompt_matches") else "**other prompt**"
+    matches = entry.get("prompt_matches")
+    return "prompt unknown" if matches is None else "as generated" if matches else "**other prompt**"
 
 
 def records_from_predictions(rows: Sequence[Mapping[str, Any]]) -> list[Any]:
@@ -251,12 +253,12 @@ def rescore_protocols(result: str | os.PathLike, protocols: str | Sequence[str |
     manifest_file = (path if path.is_dir() else path.parent) / "manifest.json"
     manifest = json.loads(manifest_file.read_text(encoding="utf-8")) if manifest_file.is_file() else {}
     answered = {"path": str(path), "prompt": (manifest.get("run") or {}).get("prompt"),
-                "protocol": (manifest.get("protocol") or {}).get("name")}
+                "protocol": (manifest.get("protocol") or {}).get("name"), "known": bool(manifest)}
     if out_dir is not None:
         refuse_foreign(Path(out_dir), is_comparison_folder, "a protocol comparison folder prefixvqa wrote")
     chosen, skipped = resolve_protocols(protocols, records, upstream_metrics=upstream_metrics)
     entries = {p.name: _entry(p, None, compute_metrics(p, records, rows),
-                              prompt_matches=p.prompt == answered["prompt"]) for p in chosen}
+                              prompt_matches=p.prompt == answered["prompt"] if manifest else None) for p in chosen}
     comparison = _comparison(records, [], entries, skipped, answered)
     if out_dir is not None:
         _write_comparison(Path(out_dir), comparison)

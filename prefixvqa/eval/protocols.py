@@ -18,6 +18,10 @@ Registered protocols (README.md, "Published systems", says how each source answe
   choice; never a letter string match.
 * ``report``: corpus ``bleu1``/``bleu4`` and mean ``rouge_l``, each with a percentile bootstrap interval, plus
   ``bleu_signature`` (sacrebleu's signature string of how the BLEU numbers were computed).
+* toolkit families, registered here from their own modules' ``PROTOCOL_SPECS``: ``medevalkit_vqa_rad``,
+  ``medevalkit_slake``, ``medevalkit_pathvqa``, ``medevalkit_pmc_vqa`` (`eval.medevalkit`) and ``lmms_eval_slake``
+  (`eval.lmms_eval`). They ask their own question text (``Protocol.prompt``) and score with their own rules
+  (``Protocol.scorer``, optionally an LLM ``judge``), through the hooks of `eval.hooks`.
 """
 
 from __future__ import annotations
