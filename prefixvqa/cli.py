@@ -150,7 +150,7 @@ def _add_eval(sub: Any) -> None:
     s = sub.add_parser("eval", help="evaluate an adapter under a named protocol, or compare results")
     s.add_argument("--adapter", help="adapter folder or hub name[@version]")
     opt.data_args(s)
-    opt.protocol_arg(s, "evaluation protocol")
+    opt.protocols_arg(s, "evaluation protocol")
     s.add_argument("--out", default="runs/eval", help="results folder (default %(default)s)")
     opt.batch_size_arg(s, 8)
     opt.closed_mode_arg(s)
@@ -159,13 +159,8 @@ def _add_eval(sub: Any) -> None:
                         "defines them")
     s.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print a side-by-side table")
     opt.metric_model_args(s)
-    s.add_argument("--shots", type=opt.count, default=0, help="k shots per query in the template's few-shot format")
-    s.add_argument("--shot-pool", default="train", metavar="train|DATA",
-                   help="where shots are retrieved from: the same dataset's train split, or a dataset path/spec")
-    s.add_argument("--feature-cache", help="feature cache folder for retrieval (default ~/.cache/prefixvqa/features)")
-    s.add_argument("--calibrate-on", metavar="DATA", help="fit temperature scaling on this dataset first")
-    s.add_argument("--calibrate-split", help="fit temperature scaling on this split (of --calibrate-on or --data)")
-    s.add_argument("--save-calibration", action="store_true", help="store the fitted calibration in the adapter")
+    opt.few_shot_args(s)
+    opt.calibration_args(s)
     opt.abstain_arg(s)
     s.set_defaults(func=cmd_eval)
 
@@ -173,18 +168,19 @@ def _add_eval(sub: Any) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     """`prefixvqa eval`: metrics and a report for an adapter on a dataset (few-shot and calibration optional), or
     `--compare` to tabulate earlier results."""
+    from .eval import multi  # several protocols (or --rescore): one answer set per prompt, one comparison table
+    from .eval.protocols import get_protocol
     from .eval.runner import compare, evaluate
 
-    if args.compare:
-        print(compare(args.compare))
+    if args.compare or args.rescore:
+        print(compare(args.compare) if args.compare else multi.rescore_cli(args, _records(args) if args.data else None))
         return 0
     if not (args.adapter and args.data):
         raise ConfigError("prefixvqa eval needs --adapter and --data (or --compare A B ...)")
-    from .eval.reports import check_results_folder
     from .model import MedVQAAdapter
 
-    records = _records(args)  # a bad --data, or an --out of the user's, fails before a model is loaded
-    check_results_folder(args.out)
+    records, several = _records(args), opt.several_protocols(args)  # a bad --data or --out fails before loading
+    multi.check_out(args.out, several)
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
     pool = None
     if args.shots:
@@ -193,14 +189,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # a pool or calibration set sharing records with the evaluated data: refused by `evaluate` (DataOverlapError)
     shot_args = {"shots": args.shots, "shot_pool": pool, "feature_cache": args.feature_cache}
     calibration = _eval_calibration(args, model, records, shot_args)
-    from .eval.protocols import get_protocol
-
-    protocol = get_protocol(args.protocol, upstream_metrics=args.upstream_metrics, **opt.metric_model_overrides(args))
+    options = opt.metric_model_overrides(args)
+    if several:
+        protocol, evaluate = args.protocols, multi.evaluate_protocols  # type: ignore[assignment]
+        shot_args.update(upstream_metrics=args.upstream_metrics, protocol_options=options)
+    else:
+        protocol = get_protocol(args.protocol, upstream_metrics=args.upstream_metrics, **options)
     metrics = evaluate(model, records, protocol, args.out, batch_size=args.batch_size,
                        closed_mode=args.closed_mode, data_spec=_data_spec(args.data, args.format, args.split),
                        adapter_path=args.adapter, calibration=calibration, **shot_args)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    print(f"report: {Path(args.out) / 'report.md'}")
+    print(metrics.pop("markdown") if several else json.dumps(metrics, indent=2, sort_keys=True))
+    print(f"report: {Path(args.out) / ('comparison.md' if several else 'report.md')}")
     return 0
 
 

@@ -159,6 +159,68 @@ def protocol_arg(s: argparse.ArgumentParser, what: str) -> None:
                    help=f"{what}: %(choices)s (default %(default)s)")
 
 
+class _Selection(Choices):
+    """Registered names, several of them comma-separated, or "all": the values `eval --protocol` takes."""
+
+    def __contains__(self, value: object) -> bool:
+        names = list(self._names())
+        return value == "all" or (isinstance(value, str) and bool(value.strip(", ")) and
+                                  all(n.strip() in names for n in value.split(",") if n.strip()))
+
+    def __call__(self, text: str) -> str:
+        if text not in self:
+            names = list(self._names())
+            bad = next((n.strip() for n in text.split(",") if n.strip() not in names), text)
+            raise argparse.ArgumentTypeError(f"unknown {self.what} {bad!r}; choose from {names} or 'all' (several: "
+                                             "comma-separated)")
+        return text
+
+
+PROTOCOL_SELECTION = _Selection("protocol", _protocol_names)
+
+
+class _ProtocolList(argparse.Action):
+    """Sets `protocols` (the names, or ["all"]) and `protocol` (the first name: what single-protocol steps such as
+    calibration use)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        names = [n.strip() for n in str(values).split(",") if n.strip()]
+        namespace.protocols = names
+        namespace.protocol = DEFAULT_PROTOCOL if names == ["all"] else names[0]
+
+
+class _RescoreArgs(argparse.Action):
+    """`--rescore RESULT [OUT_DIR]`: one or two paths."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if len(values) > 2:
+            parser.error(f"argument --rescore: takes RESULT [OUT_DIR], got {len(values)} paths")
+        setattr(namespace, self.dest, list(values))
+
+
+def protocols_arg(s: argparse.ArgumentParser, what: str) -> None:
+    """--protocol for `eval`: one registered protocol, several (comma-separated) or `all`; several give one answer
+    set per prompt and one comparison table (`eval.multi`). --rescore scores a saved result under them instead."""
+    s.add_argument("--protocol", default=DEFAULT_PROTOCOL, action=_ProtocolList, metavar="NAME[,NAME...]|all",
+                   type=PROTOCOL_SELECTION, choices=PROTOCOL_SELECTION,
+                   help=f"{what}: one or several (comma-separated) of %(choices)s, or 'all' (every one that applies; "
+                        "answers generated once per prompt, one comparison table) (default %(default)s)")
+    s.set_defaults(protocols=None)
+    s.add_argument("--rescore", nargs="+", action=_RescoreArgs, metavar="PATH",
+                   help="RESULT [OUT_DIR]: score a saved result folder or predictions.jsonl under --protocol without "
+                        "the model and "
+                        "print one table (written with comparison.json into OUT_DIR if given; --data optional: "
+                        "records are rebuilt from the rows)")
+
+
+def several_protocols(args: argparse.Namespace) -> bool:
+    """`eval` was given several protocols (or `all`) or `--rescore`: the comparison path (`eval.multi`)."""
+    return bool(getattr(args, "rescore", None)) or len(getattr(args, "protocols", None) or ()) > 1 or \
+        getattr(args, "protocols", None) == ["all"]
+
+
 def closed_mode_arg(s: argparse.ArgumentParser) -> None:
     """--closed-mode: rank a closed question's candidates or generate; default: the protocol's setting."""
     s.add_argument("--closed-mode", type=CLOSED_MODES, choices=CLOSED_MODES, metavar="MODE",
@@ -212,3 +274,18 @@ def metric_model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "f1_tokenizer", None):
         out["f1_tokenizer"] = args.f1_tokenizer
     return out
+
+
+def few_shot_args(s: argparse.ArgumentParser) -> None:
+    """--shots, --shot-pool, --feature-cache: `eval`'s few-shot answering (Med-Flamingo's protocol)."""
+    s.add_argument("--shots", type=count, default=0, help="k shots per query in the template's few-shot format")
+    s.add_argument("--shot-pool", default="train", metavar="train|DATA",
+                   help="where shots are retrieved from: the same dataset's train split, or a dataset path/spec")
+    s.add_argument("--feature-cache", help="feature cache folder for retrieval (default ~/.cache/prefixvqa/features)")
+
+
+def calibration_args(s: argparse.ArgumentParser) -> None:
+    """--calibrate-on, --calibrate-split, --save-calibration: `eval` fits temperature scaling first."""
+    s.add_argument("--calibrate-on", metavar="DATA", help="fit temperature scaling on this dataset first")
+    s.add_argument("--calibrate-split", help="fit temperature scaling on this split (of --calibrate-on or --data)")
+    s.add_argument("--save-calibration", action="store_true", help="store the fitted calibration in the adapter")

@@ -179,7 +179,9 @@ def test_report_protocol_and_pmc_gold_letters():
     letter = VQARecord("x", None, "q", "B", None, ["A: cat", "B: dog", "C: cow", "D: pig"])
     assert P.gold_choice_index(letter) == 1
     assert P.gold_choice_index(VQARecord("y", None, "q", "cow", None, ["A: cat", "B: dog", "C: cow"])) == 2
-    assert sorted(P.list_protocols()) == ["llava_med", "med_flamingo", "pmc_vqa", "prefix_vqa", "report"]
+    assert sorted(P.list_protocols()) == ["llava_med", "lmms_eval_slake", "med_flamingo", "medevalkit_pathvqa",
+                                          "medevalkit_pmc_vqa", "medevalkit_slake", "medevalkit_vqa_rad", "pmc_vqa",
+                                          "prefix_vqa", "report"]
 
 
 def test_evaluate_leaves_the_callers_rng_alone(trained, tmp_path):

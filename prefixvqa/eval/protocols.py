@@ -23,6 +23,10 @@ Registered protocols (README.md, "Published systems", says how each source answe
 * ``report``: corpus ``bleu1``/``bleu4`` and mean ``rouge_l``, each with a percentile bootstrap interval, plus
   ``bleu_signature`` (sacrebleu's signature string of how the BLEU numbers were computed); and LLaVA-Rad's own
   ``bleu1_llava_rad``, ``bleu4_llava_rad``, ``rouge_l_llava_rad`` with their own intervals.
+* toolkit families, registered here from their own modules' ``PROTOCOL_SPECS``: ``medevalkit_vqa_rad``,
+  ``medevalkit_slake``, ``medevalkit_pathvqa``, ``medevalkit_pmc_vqa`` (`eval.medevalkit`) and ``lmms_eval_slake``
+  (`eval.lmms_eval`). They ask their own question text (``Protocol.prompt``) and score with their own rules
+  (``Protocol.scorer``, optionally an LLM ``judge``), through the hooks of `eval.hooks`.
 
 Every metric's source (repository, commit, file) is in ``eval.sources.METRIC_SOURCES`` and in metrics.json.
 """
@@ -36,9 +40,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Sequence, get_args
 
 from ..prompts import strip_choice_letter
+from . import lmms_eval, medevalkit
 from . import metrics as M
 from . import upstream as U
 from .errors import EvaluationError, UnknownProtocolError
+from .hooks import PROMPTS, ROW_SCORERS
 
 __all__ = [
     "Protocol",
@@ -340,9 +346,16 @@ class Protocol:
     bertscore_model: str = "bert-base-uncased"  # bertscore_f1_upstream's encoder (hub id or local folder)
     bertscore_layer: int | None = None  # None: bert_score's default layer for bertscore_model (9 for bert-base)
     upstream_metrics: tuple[str, ...] = ()  # the source's own (uncorrected) variants (upstream_metrics=True)
+    prompt: str | None = None  # a registered prompt builder (eval.hooks): the question text asked; None: as recorded
+    scorer: str | None = None  # a registered row scorer (eval.hooks) whose per-item metrics this protocol lists
+    judge: str | None = None  # a registered LLM judge the scorer consults; None: off
+    datasets: tuple[str, ...] = ()  # the datasets (meta["dataset"]) it is defined for; (): any
+    source: str = ""  # the upstream code it reproduces: repository @ commit: files
 
     def __post_init__(self) -> None:
-        known = set(ITEM_FUNCS) | set(BATCHED_ITEM_METRICS)
+        _check_hooks(self)
+        known = set(ITEM_FUNCS) | set(BATCHED_ITEM_METRICS) | set(ROW_SCORERS[self.scorer].metrics if self.scorer
+                                                                     else ())
         unknown = [m for m in (*self.item_metrics, self.primary) if m not in known]
         if unknown:
             raise EvaluationError(f"protocol {self.name!r}: unknown item metric(s) {unknown}; known: "
@@ -366,6 +379,18 @@ class Protocol:
     def settings(self) -> dict[str, Any]:
         """JSON-able description, written to manifests so a result names exactly how it was computed."""
         return dataclasses.asdict(self)
+
+
+def _check_hooks(protocol: Protocol) -> None:
+    """The prompt and scorer a protocol names are registered, and a judge only where its scorer takes one."""
+    if protocol.prompt is not None and protocol.prompt not in PROMPTS:
+        raise EvaluationError(f"protocol {protocol.name!r}: unknown prompt {protocol.prompt!r}; registered: "
+                              f"{sorted(PROMPTS)}")
+    if protocol.scorer is not None and protocol.scorer not in ROW_SCORERS:
+        raise EvaluationError(f"protocol {protocol.name!r}: unknown scorer {protocol.scorer!r}; registered: "
+                              f"{sorted(ROW_SCORERS)}")
+    if protocol.judge is not None and not (protocol.scorer and ROW_SCORERS[protocol.scorer].judged):
+        raise EvaluationError(f"protocol {protocol.name!r} has no LLM judge step (judge={protocol.judge!r})")
 
 
 PROTOCOLS: dict[str, Protocol] = {}
@@ -427,6 +452,9 @@ register_protocol(Protocol(
     item_metrics=("rouge_l",), corpus_metrics=("bleu1", "bleu4", "bleu1_llava_rad", "bleu4_llava_rad",
                                                "rouge_l_llava_rad"), primary="rouge_l", closed_mode="generate",
     bootstrap=True))
+for _spec in (*medevalkit.PROTOCOL_SPECS, *lmms_eval.PROTOCOL_SPECS):  # toolkit families, from their own modules
+    register_protocol(Protocol(**_spec))
+METRIC_LABELS.update({**medevalkit.METRIC_LABELS, **lmms_eval.METRIC_LABELS})
 
 
 def plan_items(records: Sequence[Any], protocol: Protocol, closed_mode: str | None = None) -> list[list[str] | None]:
@@ -473,6 +501,9 @@ def item_scores(protocol: Protocol, records: Sequence[Any],
             values = fn(protocol, [p["prediction"] for p in predictions], [r.answer for r in records])
             for row, value in zip(rows, values):
                 row[name] = float(value)
+    if protocol.scorer:  # a toolkit's own scoring of the whole answer set (eval.hooks.RowScorer)
+        for row, extra in zip(rows, ROW_SCORERS[protocol.scorer].score(protocol, records, predictions)):
+            row.update({k: float(v) for k, v in extra.items() if k in names})
     return rows
 
 
@@ -541,6 +572,9 @@ def _aggregate(protocol: Protocol, records: Sequence[Any], predictions: Sequence
             out[name] = fn(preds, golds)
     if any(name in CORPUS_FUNCS for name in protocol.corpus_metrics):  # a string among the numbers: tables skip it, the result folder keeps it
         out["bleu_signature"] = M.bleu_signature()
+    summary = ROW_SCORERS[protocol.scorer].summary if protocol.scorer else None
+    if summary is not None:
+        out.update(summary(protocol, out))
     return out
 
 

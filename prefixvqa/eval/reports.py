@@ -260,7 +260,8 @@ def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Seque
         confidence["correct_if"] = f"per-item {protocol.primary} >= 0.5"
     from .sources import metric_sources
 
-    metrics = round_floats({"protocol": protocol.name, "overall": overall, "sources": metric_sources(protocol),
+    metrics = round_floats({"protocol": protocol.name, **({"source": protocol.source} if protocol.source else {}),
+                            "overall": overall, "sources": metric_sources(protocol),
                             "breakdown": breakdowns(protocol, records, rows),
                             "answered_by": dict(Counter(p["mode"] for p in predictions)), "confidence": confidence,
                             "skipped_records": len(manifest.get("skipped_records") or [])})

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 from ..inference import answer_records
 from .errors import DataOverlapError, EvaluationError
+from .hooks import prompted
 from .protocols import BREAKDOWN_FIELDS, Protocol, answer_type_of, get_protocol, item_scores, plan_items
 from .reports import (DECIMALS, build_manifest, check_results_folder, compare, load_predictions, rescore, round_floats,
                       write_outputs)
@@ -43,11 +44,14 @@ def refuse_overlap(what: str, ids: Collection[str], evaluated: Sequence["VQAReco
                                f"{sorted(shared)[0]!r}); {why}")
 
 
-def _prediction_rows(records: Sequence["VQARecord"], rows: Sequence[dict[str, Any] | None]) -> list[dict[str, Any]]:
-    """predictions.jsonl rows: what was asked and the gold beside each answer row."""
+def _prediction_rows(records: Sequence["VQARecord"], rows: Sequence[dict[str, Any] | None],
+                     asked: Sequence["VQARecord"]) -> list[dict[str, Any]]:
+    """predictions.jsonl rows: what was asked and the gold beside each answer row (``asked``: the question text
+    the protocol's prompt sent, where it is not the record's)."""
     return [{"id": record.id, "question": record.question, "gold": record.answer,
-             "answer_type": answer_type_of(record), "choices": record.choices, "meta": record.meta, **(row or {})}
-            for record, row in zip(records, rows)]
+             "answer_type": answer_type_of(record), "choices": record.choices, "meta": record.meta,
+             **({"asked": ask.question} if ask.question != record.question else {}), **(row or {})}
+            for record, row, ask in zip(records, rows, asked)]
 
 
 def _answer_records(model: Any, records: Sequence[Any], protocol: Protocol, *, batch_size: int,
@@ -61,9 +65,10 @@ def _answer_records(model: Any, records: Sequence[Any], protocol: Protocol, *, b
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     plan = plan_items(records, protocol, closed_mode)
+    asked = prompted(records, protocol.prompt)  # the question text as the protocol asks it
     retriever = None
     run: dict[str, Any] = {"closed_mode": closed_mode or protocol.closed_mode, "batch_size": batch_size,
-                           "generation": dict(generation), "seed": seed}
+                           "generation": dict(generation), "seed": seed, "prompt": protocol.prompt}
     if shots:
         from ..data.records import content_hash
         from ..fewshot import ShotRetriever
@@ -75,9 +80,9 @@ def _answer_records(model: Any, records: Sequence[Any], protocol: Protocol, *, b
         run["shots"] = {"k": shots, "retrieval": "cosine of mean-pooled encoder features, query image excluded",
                         "pool_items": len(retriever.pool), "pool_content_hash": content_hash(retriever.pool)}
     with seeded(seed):
-        rows = answer_records(model, records, plan, batch_size, generation, progress, retriever=retriever,
+        rows = answer_records(model, asked, plan, batch_size, generation, progress, retriever=retriever,
                               shots=shots)
-    return _prediction_rows(records, rows), run
+    return _prediction_rows(records, rows, asked), run
 
 
 def _generation(model: Any, max_new_tokens: int | None, num_beams: int | None, do_sample: bool,
