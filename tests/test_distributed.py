@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -153,11 +152,7 @@ def test_kill_and_resume_under_two_processes_is_exact(work, ddp):
     state = json.loads((cut / "last" / "trainer_state" / "state.json").read_text())
     assert state["step"] == 2 and state["position"] == 2 and state["world_size"] == 2
 
-    other = work / "ddp-cut-one-process"  # a different world size is refused, naming both sizes
-    shutil.copytree(cut, other)
-    with pytest.raises(ConfigError, match=r"written by 2 process\(es\), this run has 1"):
-        in_process(work, other, {"resume": True})
-
+    # resuming with another number of processes: tests/test_reshard.py
     resumed = launch(work, cut, extra={"resume": True}, port=29545)
     assert resumed.returncode == 0 and "RESULT completed 4" in resumed.stdout, (resumed.stdout + resumed.stderr)[-3000:]
     assert_close(adapter_tensors(cut / "last"), adapter_tensors(ddp / "last"), atol=1e-7)

@@ -11,8 +11,10 @@ one process, `torchrun`/`accelerate launch` DDP, FSDP and DeepSpeed.
   optimizer state partitioned and writes it with torch.save (pickle), which this project never writes, so a
   DeepSpeed run saves adapters (weights gathered to rank 0) and refuses trainer-state resume with a message.
 
-Only rank 0 writes; every rank joins the gathers. A checkpoint records its world size; resuming with another
-world size is refused (the data order, the global batch and the per-rank random streams depend on it).
+Only rank 0 writes; every rank joins the gathers. A checkpoint records its world size and the layout of its global
+batches; a run may resume at another world size (DDP, FSDP): the global batches stay the original run's and the
+accumulation adapts (`sampling.py`), the optimizer state is whole in the checkpoint (FSDP: a full state dict keyed by
+parameter name, re-sharded over the new ranks), and the per-rank random streams are reseeded.
 """
 
 from __future__ import annotations
@@ -125,9 +127,10 @@ class Distributed:
                               "ddp")
         if self.fsdp and self.cfg.mixed_precision == "fp16":
             raise ConfigError("fsdp with fp16 loss scaling is not supported (scales are per rank); use bf16 or ddp")
-        if self.fsdp and world < 2:
-            raise ConfigError("train.distributed=fsdp needs several processes: launch with torchrun or "
-                              "accelerate launch (one process trains unsharded: use ddp/auto)")
+        if self.fsdp and world < 2 and not torch.distributed.is_initialized():
+            raise ConfigError("train.distributed=fsdp needs several processes or a launcher's process group: launch "
+                              "with torchrun or accelerate launch (torchrun --nproc_per_node=1 for one process, e.g. "
+                              "to resume a sharded run), or train unsharded with ddp/auto")
 
     def shard(self, acc: Any, model: nn.Module) -> nn.Module:
         """FSDP: torch's fully_shard on each decoder layer (the decoder's `_no_split_modules`) and on the root, in
@@ -253,12 +256,7 @@ class Distributed:
             raise ConfigError(f"resume from {folder}: trainer-state resume under DeepSpeed is not supported (its "
                               "optimizer state is partitioned and saved with torch.save/pickle, which this project "
                               "does not write); start a new run from the adapter (model.adapter: that folder)")
-        saved_world = state.get("world_size", len(state.get("rng", [])) or 1)
-        if saved_world != world:
-            raise ConfigError(f"resume from {folder}: the checkpoint was written by {saved_world} process(es), this "
-                              f"run has {world}. The data order, global batch and per-rank random streams depend on "
-                              f"it: relaunch with {saved_world} process(es) (torchrun --nproc_per_node="
-                              f"{saved_world}), or start a new run from the adapter (model.adapter: that folder)")
+        # another world size: the global batches are checked by sampling.BatchPlan.for_run
         saved = state.get("strategy", "ddp")
         if (saved == "fsdp") != self.fsdp:
             raise ConfigError(f"resume from {folder}: the checkpoint was written under {saved}, this run uses "

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from ..config import ConfigError
@@ -36,13 +35,14 @@ from ..data.loader import BatchList, RecordDataset, make_loader, to_device
 from ..data.records import skipped_of
 from ..errors import PrefixVQAError
 from ..data.processor import record_label
-from ..rng import preserved, rng_state, seed_all, set_rng_state
+from ..rng import preserved, rng_state, seed_all
 from .checkpoint import (check_output_dir, check_same_recipe, describe_last, read_trainer_state, recover_output,
                          resume_folder, run_lock, run_signature, scheduler_json, write_checkpoint)
 from .config import DEFAULT_LR, TrainConfig
 from ..adapter_io import load_weights_into  # the one adapter-folder reader (resume included)
 from .distributed import Distributed
 from .reporting import RunLog, plot_history
+from .sampling import BatchPlan, epoch_batches, restore_rank_state
 from .stopping import TrainingInterrupted, agreed_signal, current, signal_name, stop_signals
 
 if TYPE_CHECKING:
@@ -86,29 +86,6 @@ class TrainingDiverged(PrefixVQAError, RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------------ batching
-def _length(record: VQARecord) -> int:
-    return sum(len(turn.question) + len(turn.answer) for turn in record.turns)
-
-
-def epoch_batches(records: Sequence[VQARecord], batch_size: int, seed: int, epoch: int,
-                  group_by_length: bool) -> list[list[int]]:
-    """Batches of record indices for one epoch; a pure function of its arguments (exact resume, same on all ranks).
-
-    Length grouping follows the usual megabatch scheme: shuffle, sort chunks of 50 batches by length (less padding),
-    then shuffle the batch order so lengths do not trend within the epoch.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(records)).tolist()
-    if group_by_length:
-        mega = batch_size * 50
-        order = [i for s in range(0, len(order), mega)
-                 for i in sorted(order[s:s + mega], key=lambda j: -_length(records[j]))]
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    if group_by_length:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
-
-
 def check_trainable(model: MedVQAAdapter, groups: Sequence[str]) -> None:
     """Refuse group choices whose trained tensors the adapter folder would not store (they would be lost)."""
     from ..tuning import TUNING_MODES
@@ -174,15 +151,17 @@ class Trainer:
             self.resume_state = read_trainer_state(self.resume_dir)
             self._check_resume(self.resume_state[0], self.resume_dir)
             load_weights_into(model, self.resume_dir)
+        world = self.acc.num_processes  # the global batches: the original run's, whatever the world size (sampling.py)
+        self.plan = BatchPlan.for_run(cfg, len(self.train_records), world,
+                                      self.resume_state[0] if self.resume_state else None, self.resume_dir)
+        self.grad_accum = self.plan.accum_at(world)  # micro-batches per rank and step
         self.raw = model
         wrapped = self.dist.shard(self.acc, model)  # FSDP replaces the parameters: the optimizer is built after
         params = {g: [p for _, p in ps if p.requires_grad] for g, ps in model.parameter_groups().items()}
         optimizer = torch.optim.AdamW([{"params": params[g], "lr": cfg.group_lr(g), "name": g} for g in groups],
                                       weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.dist.prepare(self.acc, wrapped, optimizer)
-        world = self.acc.num_processes
-        self.batches_per_epoch = max(1, math.ceil(len(self.train_records) / cfg.batch_size) // world)
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
+        self.steps_per_epoch = self.plan.steps_per_epoch
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         warm = int(cfg.warmup) if cfg.warmup >= 1 else int(round(cfg.warmup * self.total_steps))
@@ -207,9 +186,7 @@ class Trainer:
     # --- data -------------------------------------------------------------------------------------------------------
     def _rank_batches(self, epoch: int) -> list[list[int]]:
         batches = epoch_batches(self.train_records, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.group_by_length)
-        world, rank = self.acc.num_processes, self.acc.process_index
-        batches = batches[:max(world, len(batches) // world * world)] if len(batches) >= world else batches * world
-        return batches[rank::world][:self.batches_per_epoch]
+        return self.plan.rank_batches(batches, self.acc.num_processes, self.acc.process_index)
 
     def _dataset(self, records: list[VQARecord], train: bool = False) -> RecordDataset:
         """Records through the model's processor; with the feature cache, every image is encoded once up front
@@ -305,6 +282,7 @@ class Trainer:
         scaler = self.precision.state_dict()
         return {"step": self.step, "epoch": self.epoch, "position": self.position, "best_metric": self.best,
                 "bad_epochs": self.bad_epochs, "rng": rngs, "world_size": self.acc.num_processes,
+                "layout": self.plan.to_json(),
                 "strategy": "fsdp" if self.dist.fsdp else self.dist.strategy,
                 "scheduler": scheduler_json(self.scheduler.state_dict()), "scaler": scaler,
                 "skipped_images": self.skipped, "groups": self.group_names, "config": self.cfg.to_dict(),
@@ -352,15 +330,15 @@ class Trainer:
             for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                 group["initial_lr"], group["lr"] = base, base * factor(sched.last_epoch)
             sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        rank = self.acc.process_index
-        bad, usable = state.get("bad_train_records", []), state.get("usable_items", 0)
-        self.bad_train = set(bad[rank] if bad and isinstance(bad[0], list) else bad)  # per rank (older: one list)
-        self.usable_items = int(usable[rank] if isinstance(usable, list) else usable)
+        rank, world = self.acc.process_index, self.acc.num_processes
         self.precision.load_state_dict(state.get("scaler"))
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.position = self.plan.rank_position(state["position"], state.get("world_size", len(state["rng"])), world,
+                                                 folder)
         self.best, self.bad_epochs = state["best_metric"], state["bad_epochs"]
         self.skipped = list(state.get("skipped_images", []))
-        set_rng_state(state["rng"][self.acc.process_index])  # same world size: checked before loading
+        # random generators (reseeded at another world size) and this rank's share of the bookkeeping
+        self.bad_train, self.usable_items = restore_rank_state(state, rank, world, self.cfg.seed)
 
     # --- evaluation -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -486,7 +464,7 @@ class Trainer:
         window: list[str] = []  # record ids of the micro-batches of the current optimizer step
         self.train_sampler.set(batches, self.position)
         for index, batch in enumerate(self.train_loader, start=self.position):
-            sync = (micro + 1) % cfg.grad_accum == 0 or index == len(batches) - 1
+            sync = (micro + 1) % self.grad_accum == 0 or index == len(batches) - 1
             window.extend(batch["ids"])
             self._micro_step(batch, index, sync, logger)
             micro += 1
@@ -525,7 +503,7 @@ class Trainer:
             self._loss_sum, self._loss_count = self._loss_sum + float(loss.detach()), self._loss_count + 1
             self.usable_items += len(batch["ids"])
         with self.dist.no_sync(acc, self.model, sync):
-            self.dist.backward(acc, self.precision.scale(loss), self.cfg.grad_accum)
+            self.dist.backward(acc, self.precision.scale(loss), self.grad_accum)
 
     def _optimizer_step(self, window: list[str], index: int, logger: RunLog) -> float | None:
         """Clip, step and check the weights; returns the gradient norm (None when not clipped)."""
