@@ -91,3 +91,19 @@ def test_a_model_is_recorded_the_same_way_in_every_preset():
                 record = arch[part]
                 first = seen.setdefault(record[key], (name, record))
                 assert record == first[1], f"{name} and {first[0]} record {record[key]} differently"
+
+
+def test_recipes_readme_states_the_2080ti_results_their_headers_state():
+    """recipes/README.md repeats each 2080 Ti recipe's fit-check line (the headers are checked against a fresh
+    prediction in test_fitcheck.py)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "recipes" / "README.md").read_text()
+    recipes = sorted((root / "recipes").glob("*2080ti*.yaml"))
+    assert recipes
+    for path in recipes:
+        stated = re.search(r"fit-check \(--gpu-mem 11GB\): (.+?)\n", path.read_text())
+        assert stated, path.name
+        assert f"| `{path.name}` | {stated.group(1).strip()} |" in readme, path.name

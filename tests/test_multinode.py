@@ -93,3 +93,26 @@ def test_deepspeed_zero2_on_cpu_equals_one_process(work, single):
     assert_close(rank0, tensors(single / "rank0.safetensors"), atol=1e-6)  # the DDP test's tolerance (5e-8 here)
     assert_close(adapter_tensors(out / "last"), adapter_tensors(single / "last"), atol=1e-6)
     assert json.loads((out / "last" / "trainer_state" / "state.json").read_text())["strategy"] == "zero2"
+
+
+def test_multinode_launch_files_parse_and_launch_one_torchrun_per_node():
+    """recipes/launch/: the torchrun script and the SLURM batch file are valid bash, start one torchrun per node with
+    the rendezvous flags the two-node test uses, and the script refuses to start without its node rank."""
+    import re
+
+    launch = ROOT / "recipes" / "launch"
+    for name in ("multinode_torchrun.sh", "multinode_slurm.sbatch"):
+        assert subprocess.run(["bash", "-n", str(launch / name)]).returncode == 0, name
+        text = (launch / name).read_text()
+        flags = set(re.findall(r"--(nnodes|nproc_per_node|node_rank|master_addr|master_port)\b", text))
+        assert flags == {"nnodes", "nproc_per_node", "node_rank", "master_addr", "master_port"}, name
+        assert "-m prefixvqa.cli train" in text
+    sbatch = (launch / "multinode_slurm.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in sbatch and "#SBATCH --ntasks-per-node=1" in sbatch
+    assert '--node_rank "$SLURM_NODEID"' in sbatch
+    env = {k: v for k, v in subprocess_env().items() if k not in ("NODE_RANK", "MASTER_ADDR")}
+    run = subprocess.run(["bash", str(launch / "multinode_torchrun.sh"), "r.yaml"], capture_output=True, text=True,
+                         env=env)
+    assert run.returncode != 0 and "NODE_RANK" in run.stderr
+    readme = (ROOT / "recipes" / "README.md").read_text()
+    assert "multinode_torchrun.sh" in readme and "multinode_slurm.sbatch" in readme
