@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from prefixvqa.fitcheck import fit_check, quantized_linear_bytes  # noqa: E402
-from prefixvqa.fitcheck_build import RECORD_KEYS, dtype_bytes  # noqa: E402
+from prefixvqa.fitcheck_build import RECORD_KEYS  # noqa: E402
 from prefixvqa.presets import list_presets, preset_config, preset_info  # noqa: E402
 from prefixvqa.train.recipe import Recipe  # noqa: E402
 
@@ -76,9 +76,6 @@ def test_fit_check_answers_offline_and_counts_the_recorded_architecture(name, tm
     assert predicted == expected_decoder_bytes(model, cfg.decoder.quantization), name
     if cfg.decoder.name in PUBLISHED:
         assert sum(p.numel() for p in model.parameters()) == PUBLISHED[cfg.decoder.name]
-    if not cfg.decoder.quantization:
-        assert dtype_bytes(getattr(torch, cfg.decoder.dtype)) * sum(p.numel() for p in model.parameters()) \
-            <= predicted
 
 
 def test_a_model_is_recorded_the_same_way_in_every_preset():
