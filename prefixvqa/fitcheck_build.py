@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import AdapterConfig, ConfigError
 
+RECORD_KEYS = ("_name_or_path", "_source")  # a preset's recorded decoder: which model, where it was read; not config
 NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes' 4-bit block size and its double-quantisation block size
 
 
@@ -81,7 +82,8 @@ class Architecture:
 def decoder_architecture(cfg: AdapterConfig, override: str | dict | None = None,
                          recorded: dict[str, Any] | None = None) -> tuple[Any, str]:
     """(transformers config, where it came from): a --decoder-config file, the config's own `model_config`, the
-    local folder / GGUF / hub cache, or the architecture recorded in the preset file for this decoder name."""
+    local folder / GGUF / hub cache, or the architecture recorded in the preset file for this decoder name (its
+    `_source` says where it was read)."""
     from transformers import AutoConfig
 
     from .decoder import _resolve
@@ -98,8 +100,8 @@ def decoder_architecture(cfg: AdapterConfig, override: str | dict | None = None,
         return AutoConfig.from_pretrained(source, **kwargs), f"{source}{'/' + gguf if gguf else ''}"
     except (OSError, ValueError) as exc:
         if recorded and recorded.get("_name_or_path") == d.name:
-            return AutoConfig.for_model(**{k: v for k, v in recorded.items() if k != "_name_or_path"}), \
-                "the architecture recorded in the preset file"
+            fields = {k: v for k, v in recorded.items() if k not in RECORD_KEYS}
+            return AutoConfig.for_model(**fields), f"recorded in the preset file ({recorded.get('_source', '?')})"
         raise ConfigError(f"fit-check needs decoder {d.name!r}'s config.json, which is not available here ({exc}); "
                           "pass --decoder-config FILE (a transformers config.json)") from None
 
@@ -116,7 +118,7 @@ def encoder_architecture(cfg: AdapterConfig, override: str | dict | None = None,
     elif not e.name.startswith("hf-hub:") and open_clip.get_model_config(e.name):
         base, source = open_clip.get_model_config(e.name), f"open_clip config {e.name}"
     elif recorded and recorded.get("name") == e.name:
-        base, source = recorded["model_cfg"], "the architecture recorded in the preset file"
+        base, source = recorded["model_cfg"], f"recorded in the preset file ({recorded.get('source', '?')})"
     else:
         try:
             from open_clip.factory import _get_hf_config

@@ -7,7 +7,8 @@ one process, `torchrun`/`accelerate launch` DDP, FSDP and DeepSpeed.
 * fsdp: torch's FSDP2 `fully_shard` (full shard): one unit per decoder layer (the decoder's `_no_split_modules`)
   plus the root; works with gloo on CPU too (accelerate's own FSDP path needs GPUs). Saving gathers the full
   tensors (`DTensor.full_tensor`), optimizer state goes through torch.distributed.checkpoint's full state dicts.
-* deepspeed: accelerate's DeepSpeed integration with a ZeRO-2/3 JSON (recipes/launch/). DeepSpeed keeps its
+* deepspeed: accelerate's DeepSpeed integration with a ZeRO-2/3 JSON (recipes/launch/); on CPU with DeepSpeed's
+  CPU accelerator (DS_ACCELERATOR=cpu) over gloo, which the tests use. DeepSpeed keeps its
   optimizer state partitioned and writes it with torch.save (pickle), which this project never writes, so a
   DeepSpeed run saves adapters (weights gathered to rank 0) and refuses trainer-state resume with a message.
 
@@ -98,13 +99,16 @@ class Distributed:
             return {}
         if not self.deepspeed:
             return {}
-        if not torch.cuda.is_available():
-            raise ConfigError("train.distributed=deepspeed needs CUDA GPUs; on CPU use ddp or fsdp")
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu and os.environ.get("DS_ACCELERATOR") != "cpu":
+            raise ConfigError("train.distributed=deepspeed needs CUDA GPUs, or DeepSpeed's CPU accelerator with gloo "
+                              "(export DS_ACCELERATOR=cpu); on CPU ddp and fsdp work too")
         try:
             import deepspeed  # noqa: F401
         except ImportError:
-            raise ImportError("train.distributed=deepspeed needs DeepSpeed: pip install deepspeed") from None
-        from accelerate.utils import DeepSpeedPlugin
+            raise ImportError("train.distributed=deepspeed needs DeepSpeed: pip install 'prefixvqa[deepspeed]'") \
+                from None
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
         kwargs: dict[str, Any] = {"gradient_accumulation_steps": self.cfg.grad_accum}
         if self.cfg.max_grad_norm is not None:
@@ -114,7 +118,10 @@ class Distributed:
             DeepSpeedPlugin(zero_stage=int(self.strategy[-1]), **kwargs)
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.batch_size  # no dataloader is prepared
         plugin.set_mixed_precision(self.cfg.mixed_precision)  # the Accelerator's own is "no" (see precision.py)
-        return {"deepspeed_plugin": plugin, "gradient_accumulation_steps": self.cfg.grad_accum}
+        out: dict[str, Any] = {"deepspeed_plugin": plugin, "gradient_accumulation_steps": self.cfg.grad_accum}
+        if on_cpu:  # accelerate enables DeepSpeed only off its cpu flag; naming gloo makes it count the ranks
+            out.update(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+        return out
 
     def check(self, model: nn.Module, world: int) -> None:
         """Refuse combinations the strategy cannot run, each with what to use instead."""

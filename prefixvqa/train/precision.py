@@ -102,5 +102,6 @@ def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> RunAccelerator:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     log_with = trackers(cfg)
-    return RunAccelerator(cfg.mixed_precision, cpu=not torch.cuda.is_available(), log_with=log_with or None,
+    kwargs.setdefault("cpu", not torch.cuda.is_available())  # DeepSpeed on CPU passes cpu=False (distributed.py)
+    return RunAccelerator(cfg.mixed_precision, log_with=log_with or None,
                           project_dir=cfg.output_dir if log_with else None, **kwargs)

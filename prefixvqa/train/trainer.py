@@ -167,7 +167,7 @@ class Trainer:
         warm = int(cfg.warmup) if cfg.warmup >= 1 else int(round(cfg.warmup * self.total_steps))
         from transformers import get_scheduler
 
-        self.scheduler = get_scheduler(SCHEDULER_NAMES[cfg.schedule], self.optimizer.optimizer, num_warmup_steps=warm,
+        self.scheduler = get_scheduler(SCHEDULER_NAMES[cfg.schedule], optimizer, num_warmup_steps=warm,  # the torch one
                                        num_training_steps=self.total_steps)
         self.step = self.epoch = self.position = 0
         self.skipped: list[str] = []
