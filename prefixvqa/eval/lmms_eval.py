@@ -74,7 +74,8 @@ def prompt_for(record: Any) -> str:
 
 def score_rows(protocol: Any, records: Sequence[Any], predictions: Sequence[Mapping[str, Any]]
                ) -> list[dict[str, float]]:
-    """Per item: correctness under ``lmms_slake_accuracy`` and under every group metric the item belongs to."""
+    """Per item: correctness under ``lmms_slake_accuracy`` and under every group metric the item belongs to, as
+    EvolvingLMMs-Lab/lmms-eval @ 0a75d6b scores it (lmms_eval/tasks/slake/utils.py)."""
     rows = []
     for record, pred in zip(records, predictions):
         correct = float(normalize_answer(pred["prediction"]) == normalize_answer(record.answer))
@@ -102,3 +103,4 @@ PROTOCOL_SPECS: tuple[dict[str, Any], ...] = ({
     "description": "lmms-eval SLAKE: its prompt, every answer generated, normalised exact match; accuracy overall, "
                    "by answer type, modality and content type.",
 },)
+

@@ -393,7 +393,8 @@ def _apply_verdict(variant: str, row: dict[str, float], verdict: bool) -> None:
 
 def score_rows(variant: str, protocol: Any, records: Sequence[Any],
                predictions: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
-    """Per-item MedEvalKit scores for a whole answer set; with ``protocol.judge`` the judge re-scores as upstream's
+    """Per-item MedEvalKit scores for a whole answer set, equal to alibaba-damo-academy/MedEvalKit @ 9b12e3b's
+    ``cal_metrics`` (utils/<dataset>/<dataset>.py); with ``protocol.judge`` the judge re-scores as upstream's
     ``use_llm_judge=True`` does (one batch of questions)."""
     rows, asks = [], []
     for i, (record, pred) in enumerate(zip(records, predictions)):
@@ -437,3 +438,4 @@ def _spec(variant: _Variant) -> dict[str, Any]:
 
 #: keyword arguments of the registered protocols (``eval.protocols`` builds and registers them)
 PROTOCOL_SPECS: tuple[dict[str, Any], ...] = tuple(_spec(v) for v in VARIANTS.values())
+

@@ -119,6 +119,22 @@ METRIC_SOURCES: dict[str, MetricSource] = {
     "bleu3": MetricSource(PREFIXVQA, False, _M + "bleu"),
 }
 
+# ------------------------------------------------------------------------------------- toolkit protocol families
+def _toolkit_sources() -> dict[str, MetricSource]:
+    """MedEvalKit's and lmms-eval's metrics: each equals its toolkit's scoring code at the commit its module names."""
+    from . import lmms_eval, medevalkit
+
+    mek = Source(medevalkit.REPO, medevalkit.COMMIT[:7], ("utils/question_formats.py", "utils/utils.py",
+                                                           *(f"utils/{v.file}" for v in medevalkit.VARIANTS.values())))
+    lmms = Source(lmms_eval.REPO, lmms_eval.COMMIT[:7], ("lmms_eval/tasks/slake/utils.py",
+                                                        "lmms_eval/tasks/slake/_default_template_yaml"))
+    return {**{name: MetricSource(mek, True, "prefixvqa.eval.medevalkit.score_rows")
+               for name in (*medevalkit.VQA_METRICS, "mek_open_acc_printed")},
+            **{name: MetricSource(lmms, True, "prefixvqa.eval.lmms_eval.score_rows") for name in lmms_eval.METRICS}}
+
+
+METRIC_SOURCES.update(_toolkit_sources())
+
 
 def register_metric_source(name: str, source: MetricSource, *, overwrite: bool = False) -> MetricSource:
     """Record where metric ``name`` comes from (protocol families added later call this); no silent replacement."""
