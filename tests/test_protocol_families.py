@@ -254,20 +254,25 @@ def test_protocol_all_answers_once_per_prompt_and_writes_one_table(tiny, tmp_pat
     from prefixvqa.eval.multi import evaluate_protocols, rescore_protocols
     from prefixvqa.eval.reports import load_predictions, round_floats
 
-    model, _, _, records = tiny
+    from prefixvqa.eval.metrics import default_similarity_model_path
+
+    model, root, _, records = tiny
     out = tmp_path / "cmp"
+    local = {"f1_tokenizer": str(root / "decoder"), "bertscore_model": str(default_similarity_model_path()),
+             "bertscore_layer": 6}  # offline stand-ins for GPT-2's tokenizer and bert-base-uncased
     result = evaluate_protocols(model, records, "all", out, max_new_tokens=3, progress=False, plots=False,
-                                upstream_metrics=True)
+                                upstream_metrics=True, protocol_options=local)
     sets = {s["prompt"]: s["protocols"] for s in result["answer_sets"]}
-    # prefix_vqa first: its upstream token-id F1 needs token ids, stored once for the whole answer set
-    assert sets == {None: ["prefix_vqa", "llava_med", "med_flamingo", "report"],
+    assert sets == {None: ["llava_med", "med_flamingo", "prefix_vqa", "report"],
                     "medevalkit_vqa_rad": ["medevalkit_vqa_rad"]}
     assert {"pmc_vqa", "medevalkit_slake", "lmms_eval_slake", "medevalkit_pmc_vqa"} <= set(result["skipped"])
-    first = load_predictions(out / "prefix_vqa")
-    for name in ("med_flamingo", "llava_med", "report"):  # the same answers, not generated again
+    first = load_predictions(out / "llava_med")
+    for name in ("med_flamingo", "prefix_vqa", "report"):  # the same answers, not generated again
         rows = load_predictions(out / name)
         assert [r["prediction"] for r in rows] == [r["prediction"] for r in first]
-        assert json.loads((out / name / "manifest.json").read_text())["answers_from"] == "prefix_vqa"
+        assert json.loads((out / name / "manifest.json").read_text())["answers_from"] == "llava_med"
+    assert json.loads((out / "prefix_vqa" / "metrics.json").read_text())["sources"]["token_f1_upstream"][
+        "settings"] == {"f1_tokenizer": str(root / "decoder")}  # the options reached every protocol
     mek = load_predictions(out / "medevalkit_vqa_rad")
     assert mek[0]["asked"] == "Is there a mass?\nPlease output 'yes' or 'no'(no extra output)."
     assert "asked" not in first[0]
@@ -283,9 +288,9 @@ def test_protocol_all_answers_once_per_prompt_and_writes_one_table(tiny, tmp_pat
 
     # rescoring one saved answer set under several protocols equals scoring each separately
     names = ["llava_med", "prefix_vqa", "medevalkit_vqa_rad", "report"]
-    rescored = rescore_protocols(out / "prefix_vqa", names, upstream_metrics=True)
+    rescored = rescore_protocols(out / "prefix_vqa", names, upstream_metrics=True, **local)
     for name in names:
-        alone = P.compute_metrics(P.get_protocol(name, upstream_metrics=True), records, first)
+        alone = P.compute_metrics(P.get_protocol(name, upstream_metrics=True, **local), records, first)
         assert rescored["protocols"][name]["metrics"] == alone
     for name in ("llava_med", "prefix_vqa", "report"):
         assert round_floats(rescored["protocols"][name]["metrics"]) == saved["protocols"][name]["metrics"]
