@@ -52,14 +52,16 @@ def _language_model(model: MedVQAAdapter) -> nn.Module:
 @contextlib.contextmanager
 def evaluating(module: nn.Module) -> Iterator[None]:
     """Run the block in eval mode (no dropout, batch-norm statistics fixed) and give every submodule its own training
-    flag back afterwards: inference entry points answer the same whatever mode the caller left the model in."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    flag back afterwards: inference entry points answer the same whatever mode the caller left the model in. A module
+    already in eval mode throughout is left alone (one walk over its submodules, no mode switching)."""
+    training = [m for m in module.modules() if m.training]
+    if training:
+        module.eval()
     try:
         yield
     finally:
-        for m, mode in modes:
-            m.training = mode
+        for m in training:
+            m.training = True
 
 
 @contextlib.contextmanager
