@@ -4,7 +4,6 @@ and rows that finish early leave the batch without changing any answer."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from prefixvqa import MedVQAAdapter, decoding
 from prefixvqa.generation import finish
