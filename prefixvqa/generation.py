@@ -52,14 +52,16 @@ def _language_model(model: MedVQAAdapter) -> nn.Module:
 @contextlib.contextmanager
 def evaluating(module: nn.Module) -> Iterator[None]:
     """Run the block in eval mode (no dropout, batch-norm statistics fixed) and give every submodule its own training
-    flag back afterwards: inference entry points answer the same whatever mode the caller left the model in."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    flag back afterwards: inference entry points answer the same whatever mode the caller left the model in. A module
+    already in eval mode throughout is left alone (one walk over its submodules, no mode switching)."""
+    training = [m for m in module.modules() if m.training]
+    if training:
+        module.eval()
     try:
         yield
     finally:
-        for m, mode in modes:
-            m.training = mode
+        for m in training:
+            m.training = True
 
 
 @contextlib.contextmanager
@@ -185,32 +187,37 @@ def _transformers_generate(model: MedVQAAdapter, embeds: torch.Tensor, mask: tor
 def greedy(model: MedVQAAdapter, embeds: torch.Tensor, mask: torch.Tensor, image_mask: torch.Tensor,
            image_index: torch.Tensor | None, input_ids: torch.Tensor, max_new_tokens: int, stop: Sequence[str]
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KV-cached greedy decoding -> (new ids (B, n), their log-probabilities (B, n)). Stops when every row has
-    produced EOS or completed a stop string."""
-    lm = _language_model(model)
+    """KV-cached greedy decoding -> (new ids (B, n), their log-probabilities (B, n)). A row that has produced EOS
+    or completed a stop string leaves the batch (its later ids are EOS, or the pad id, with log-probability 0:
+    `finish` cuts there); the loop ends when no row is left. Each step is `decoding.stepper`'s."""
+    from . import decoding
+
     logits, cache, mask, pos = prefill(model, embeds, mask, image_mask, image_index, input_ids)
-    emb, eos = model.decoder.get_input_embeddings(), model.tokenizer.eos_token_id
+    eos = model.tokenizer.eos_token_id
     criteria = model.processor.stop_criteria(stop) if stop else None
     B, device = embeds.shape[0], model.device
-    ids = torch.zeros(B, 0, dtype=torch.long, device=device)
-    steps = torch.zeros(B, 0, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    ids = torch.full((B, max_new_tokens), model.processor.pad_id if eos is None else eos, dtype=torch.long,
+                     device=device)
+    steps = torch.zeros(B, max_new_tokens, device=device)
+    step = decoding.stepper(_language_model(model), model.decoder.get_input_embeddings(), embeds.dtype, cache, mask,
+                            pos, max_new_tokens - 1)
+    running = torch.arange(B, device=device)  # rows still decoding, in the stepper's order
     for t in range(max_new_tokens):
-        logp = logits.float().log_softmax(-1)  # (B, V)
-        nxt = logp.argmax(-1)  # (B,)
-        ids = torch.cat([ids, nxt[:, None]], 1)
-        steps = torch.cat([steps, logp.gather(-1, nxt[:, None])], 1)
-        done |= nxt == eos if eos is not None else done
+        logp = logits.float().log_softmax(-1)  # (b, V)
+        nxt = logp.argmax(-1)  # (b,)
+        ids[running, t] = nxt
+        steps[running, t] = logp.gather(-1, nxt[:, None]).squeeze(-1)
+        ended = nxt == eos if eos is not None else torch.zeros_like(nxt, dtype=torch.bool)
         if criteria is not None:
-            done |= criteria(ids, None).to(device)
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-        pos = pos + 1
-        out = lm(inputs_embeds=emb(nxt[:, None]).to(embeds.dtype), attention_mask=mask, position_ids=pos[:, None],
-                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits, cache = out.logits[:, -1], out.past_key_values
-    return ids, steps
+            ended |= criteria(ids[running, :t + 1], None).to(device)
+        if bool(ended.all()) or t == max_new_tokens - 1:
+            return ids[:, :t + 1], steps[:, :t + 1]
+        if bool(ended.any()):
+            keep = torch.nonzero(~ended).squeeze(1)
+            running, nxt = running[keep], nxt[keep]
+            step.keep(keep)
+        logits = step.step(nxt)
+    return ids[:, :0], steps[:, :0]  # max_new_tokens == 0
 
 
 def prefill(model: MedVQAAdapter, embeds: torch.Tensor, mask: torch.Tensor, image_mask: torch.Tensor,
