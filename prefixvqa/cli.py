@@ -118,6 +118,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
     """`prefixvqa answer`: one answer (or ranked choices) with its confidence, optionally a grounding heatmap."""
     from .calibration import abstains
     from .model import MedVQAAdapter
+    from .ood import warning_line
 
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
     threshold = _threshold(args, model)
@@ -126,12 +127,14 @@ def cmd_answer(args: argparse.Namespace) -> int:
         probs = model.score_choices([args.image], [args.question], [options])[0]
         for option, p in sorted(zip(options, probs), key=lambda x: -x[1]):
             print(f"{p:.3f}  {option}")
-        if abstains(max(probs), threshold):
-            print(f"uncertain (best choice below the confidence threshold {threshold:.2f})")
+        if abstains(max(probs), threshold, probs.ood):
+            print(f"uncertain (best choice below the confidence threshold {threshold:.2f}, or an unfamiliar image)")
+        if probs.ood:
+            print(warning_line(model.image_summary, probs))
         return 0
     answer = model.answer([args.image], [args.question], max_new_tokens=args.max_new_tokens,
                           num_beams=args.num_beams, abstain_below=threshold)[0]
-    print(answer.text)
+    print(answer.text + (f"\n{warning_line(model.image_summary, answer)}" if answer.ood else ""))
     guess = f"best guess {answer.guess!r}, " if answer.abstained else ""
     print(f"({guess}confidence {answer.confidence:.3f}{'' if model.calibration else ' uncalibrated'}; "
           f"log-probability {answer.score:.3f} over {answer.num_tokens} tokens)", file=sys.stderr)
@@ -224,7 +227,7 @@ def _eval_calibration(args: argparse.Namespace, model: Any, records: Sequence[An
               f"{calibration.fitted_on['ece_after']:.4f} (T generate {calibration.temperature_generate:.3f}, "
               f"T score {calibration.temperature_score:.3f})")
         if args.save_calibration:
-            _save_calibration(args.adapter, calibration)
+            _save_calibration(args.adapter, calibration, model.image_summary)
         return calibration
     if args.abstain_below is not None:
         from .calibration import Calibration
@@ -233,7 +236,7 @@ def _eval_calibration(args: argparse.Namespace, model: Any, records: Sequence[An
     return None
 
 
-def _save_calibration(adapter: str, calibration: Any) -> None:
+def _save_calibration(adapter: str, calibration: Any, image_summary: Any = None) -> None:
     """Write the calibration into the adapter folder: only into a folder of the user's own, never a hub copy."""
     from .adapter_io import save_calibration
     from .hub import default_hub
@@ -241,7 +244,7 @@ def _save_calibration(adapter: str, calibration: Any) -> None:
     if not Path(adapter).is_dir() or Path(adapter).resolve().is_relative_to(Path(default_hub()).resolve()):
         raise ConfigError(f"--save-calibration writes into the adapter folder: {adapter} is a hub or downloaded "
                           f"adapter; pull it to a folder of your own (hub pull --to DIR) first")
-    print(f"saved: {save_calibration(adapter, calibration)}")
+    print(f"saved: {save_calibration(adapter, calibration, image_summary)}")
 
 
 # --------------------------------------------------------------------------------------------------------- predict
@@ -276,7 +279,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                            max_new_tokens=args.max_new_tokens, abstain_below=_threshold(args, model))
     write_predictions(rows, args.out, inputs=inputs)
     uncertain = sum(r["abstained"] for r in rows)
-    print(f"{len(rows)} answers ({uncertain} uncertain) written to {args.out}")
+    print(f"{len(rows)} answers ({uncertain} uncertain, {sum(bool(r.get('ood')) for r in rows)} about images unlike "
+          f"the training images) written to {args.out}")
     return 0
 
 

@@ -41,6 +41,7 @@ from .checkpoint import (check_same_recipe, describe_last, read_trainer_state, r
                          run_signature, scheduler_json, write_checkpoint)
 from .config import DEFAULT_LR, TrainConfig
 from ..adapter_io import load_weights_into  # the one adapter-folder reader (resume included)
+from ..ood import attach_training_images  # every adapter folder written carries the training images' summary
 from .distributed import Distributed
 from .reporting import RunLog, plot_history
 from .stopping import TrainingInterrupted, agreed_signal, current, signal_name, stop_signals
@@ -200,6 +201,7 @@ class Trainer:
                                             num_workers=cfg.num_workers)
             self.eval_loader = make_loader(self._dataset(self.eval_records), self.eval_sampler,
                                            num_workers=cfg.num_workers) if self.eval_records else None
+        attach_training_images(model, self.train_records, self.eval_records, self.cache)
         self.best: float | None = None
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
