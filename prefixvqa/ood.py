@@ -378,18 +378,27 @@ def attach_training_images(model: "MedVQAAdapter", train_records: Sequence["VQAR
                            eval_records: Sequence["VQARecord"] = (), cache: "FeatureCache | None" = None) -> None:
     """Remember the run's images on the model: every adapter folder written from now on (`best/`, `last/`,
     `save_pretrained`) carries the summary of these images under the encoder it saves (`summary_for_save`). The
-    trainer's one hook."""
+    trainer's one hook, called on every rank where the whole model can run (inside `full_params`, as the feature
+    cache fills): a tower that does not train is summarised here, once, so no save has to run it."""
     model._ood_source = _Source(list(train_records), list(eval_records or []), cache)  # type: ignore[attr-defined]
+    if not any(p.requires_grad for p in model.encoder.parameters()):
+        model.image_summary = summarize_training_images(model, train_records, eval_records or [], cache)
 
 
 def summary_for_save(model: "MedVQAAdapter") -> ImageSummary | None:
     """The summary an adapter folder written now carries: the model's, recomputed from its attached training images
     (`attach_training_images`) when it was computed under another encoder (a tower that trained since) or never.
-    An encoder that cannot be run here (sharded) keeps the existing summary and logs why."""
+    A trained tower sharded across ranks (FSDP, ZeRO-3) cannot run on the writing rank alone: its folder gets no
+    summary (a summary of other features would mislead), and a log line says so."""
     from .data.cache import encoder_key
 
     summary, source = getattr(model, "image_summary", None), getattr(model, "_ood_source", None)
     if source is None:
+        return summary
+    if _sharded(model.encoder):
+        if any(p.requires_grad for p in model.encoder.parameters()):
+            log.warning("image summary left out: the trained image tower is sharded across ranks")
+            return None
         return summary
     try:
         key = encoder_key(model)
@@ -399,6 +408,11 @@ def summary_for_save(model: "MedVQAAdapter") -> ImageSummary | None:
     except (RuntimeError, OODError) as exc:  # e.g. a tower sharded across ranks
         log.warning("image summary not updated: %s", exc)
     return summary
+
+
+def _sharded(module: torch.nn.Module) -> bool:
+    """Whether a module's parameters are shards (FSDP's DTensors, DeepSpeed ZeRO-3's partitioned parameters)."""
+    return any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in module.parameters())
 
 
 # --- scoring during inference ------------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ class Trainer:
                                             num_workers=cfg.num_workers)
             self.eval_loader = make_loader(self._dataset(self.eval_records), self.eval_sampler,
                                            num_workers=cfg.num_workers) if self.eval_records else None
-        attach_training_images(model, self.train_records, self.eval_records, self.cache)
+            attach_training_images(model, self.train_records, self.eval_records, self.cache)
         self.best: float | None = None
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
