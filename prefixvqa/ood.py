@@ -106,7 +106,7 @@ class Mahalanobis(Statistic):
         _, s, vt = torch.linalg.svd(xc, full_matrices=False)
         var = s ** 2 / max(n - 1, 1)
         total = float((xc ** 2).sum() / max(n - 1, 1))
-        k = max(1, min(self.max_components, n - 1, d - 1 if d > 1 else 1, int((var > 1e-12 * var[0]).sum())))
+        k = max(1, min(self.max_components, n // 4, d - 1 if d > 1 else 1, int((var > 1e-12 * var[0]).sum())))
         rest = max(total - float(var[:k].sum()), 0.0) / max(d - k, 1)
         floor = 1e-6 * max(total / d, 1e-30)  # keeps a degenerate set (identical images) finite
         return {"mean": mean.float(), "components": vt[:k].float(),
