@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["SUMMARY_NAME", "OOD_WARNING", "STATISTICS", "Statistic", "ImageSummary", "OODError", "pool",
            "fit_summary", "image_features", "summarize_training_images", "attach_training_images",
            "summary_for_save", "encode_batch", "row_scores", "report", "reported", "auroc", "DEFAULT_QUANTILE",
-           "quantile_threshold"]
+           "quantile_threshold", "warning_line", "refit_threshold", "flagged_summary", "report_section",
+           "features_report"]
 
 log = logging.getLogger(__name__)
 
