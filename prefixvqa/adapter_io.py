@@ -6,6 +6,8 @@
     adapter_model.safetensors  `peft.PeftModel.from_pretrained(base_lm, folder)` loads it without prefixvqa
     README.md                  model card
     calibration.json           optional: confidence temperatures fitted on validation data (prefixvqa.calibration)
+    image_summary.safetensors  optional: the training images' encoder-feature summary and its out-of-distribution
+                               threshold (prefixvqa.ood); adapters saved without one load without the signal
     manifest.sha256.json       sha256 and size of every file above, verified on load
 
 Saving writes a temporary sibling folder and renames it into place, so an interrupted save never leaves a
@@ -30,6 +32,7 @@ from .config import AdapterConfig, ConfigError
 from .fileio import (MANIFEST_NAME, IntegrityError, OverwriteRefused, atomic_dir, safetensors_errors, save_safetensors,
                      verify_manifest, write_manifest)
 from .data.processor import PROCESSOR_NAME, MedVQAProcessor
+from .ood import SUMMARY_NAME, ImageSummary, OODError, summary_for_save
 
 if TYPE_CHECKING:
     from torch import nn
@@ -111,14 +114,19 @@ def write_adapter_files(model: "MedVQAAdapter", folder: Path, card: dict[str, An
         (folder / "metrics.json").write_text(json.dumps(card["metrics"], indent=2, sort_keys=True) + "\n")
     if getattr(model, "calibration", None) is not None:
         model.calibration.save(folder)
+    summary = summary_for_save(model)  # recomputed when the encoder changed since (a trained tower)
+    if summary is not None:
+        summary.save(folder)
     write_manifest(folder)
 
 
-def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
+def save_calibration(folder: str | Path, calibration: Calibration | None,
+                     image_summary: ImageSummary | None = None) -> Path:
     """Put `calibration.json` into a saved adapter: the folder is checked, copied with the new file and a new
     manifest into a temporary sibling, and swapped in whole (readers never see a half-updated adapter). Every other
     file of the folder (hidden ones included) is carried over, so the swap loses nothing; only `calibration.json`
-    and the manifest are rewritten. A folder that is not an adapter (no `prefixvqa_config.json`) is refused
+    (and `image_summary.safetensors` when ``image_summary`` is given: a refitted threshold) and the manifest are
+    rewritten. A folder that is not an adapter (no `prefixvqa_config.json`) is refused
     (`fileio.OverwriteRefused`) before anything is written."""
     import shutil
 
@@ -127,13 +135,18 @@ def save_calibration(folder: str | Path, calibration: Calibration) -> Path:
         raise OverwriteRefused(f"{folder} is not an adapter folder (it has no {CONFIG_NAME}): a calibration is saved "
                                f"into adapters only; nothing was written")
     check_integrity(folder)
+    replaced = {MANIFEST_NAME} | ({CALIBRATION_NAME} if calibration is not None else set()) | (
+        {SUMMARY_NAME} if image_summary is not None else set())
     with atomic_dir(folder, overwrite=True) as tmp:  # True: everything in it is copied across
         for item in folder.iterdir():
-            if item.name not in (CALIBRATION_NAME, MANIFEST_NAME):
+            if item.name not in replaced:
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        calibration.save(tmp)
+        if calibration is not None:
+            calibration.save(tmp)
+        if image_summary is not None:
+            image_summary.save(tmp)
         write_manifest(tmp)
-    return folder / CALIBRATION_NAME
+    return folder / (CALIBRATION_NAME if calibration is not None else SUMMARY_NAME)
 
 
 def resolve_adapter(path: str | Path) -> Path:
@@ -306,6 +319,14 @@ class AdapterFolder:
         except ValueError as exc:
             raise AdapterLoadError(str(exc)) from None
 
+    def image_summary(self) -> ImageSummary | None:
+        """The training images' feature summary (`image_summary.safetensors`), None for an adapter saved without
+        one; a damaged one is an AdapterLoadError naming the file."""
+        try:
+            return ImageSummary.load(self.path)
+        except OODError as exc:
+            raise AdapterLoadError(str(exc)) from None
+
     def calibration(self) -> Calibration | None:
         """The fitted confidence temperatures (`calibration.json`), None when the adapter was not calibrated."""
         try:
@@ -328,6 +349,7 @@ def load_adapter(cls: type, path: str | Path, strict: bool = True, **overrides: 
     if processor is not None:
         model.processor = processor
     model.calibration = folder.calibration()
+    model.image_summary = folder.image_summary()
     return model
 
 

@@ -43,6 +43,7 @@ class _Slot:
     config: "AdapterConfig"
     calibration: Calibration | None
     folder: Path | None
+    image_summary: Any = None  # ood.ImageSummary: the adapter's training images (None: saved without one)
 
 
 class AdapterSet:
@@ -57,7 +58,7 @@ class AdapterSet:
         self._lock = threading.RLock()
         self._base_encoder = model.encoder if model.config.encoder.freeze else None
         first = _Slot(model.decoder.active_adapter, model.mapper, model.encoder, model.processor, model.config,
-                      model.calibration, Path(folder) if folder else None)
+                      model.calibration, Path(folder) if folder else None, model.image_summary)
         self.slots: dict[str, _Slot] = {name: first}
         self.active = name
 
@@ -113,7 +114,8 @@ class AdapterSet:
         with self._lock:
             folder.load_peft(self.model.decoder, cfg.tuning, adapter_name=peft_name)
             self.model.decoder.set_adapter(self.slots[self.active].peft_name)  # loading does not switch
-        self.slots[name] = _Slot(peft_name, mapper, encoder, processor, cfg, calibration, folder.path)
+        self.slots[name] = _Slot(peft_name, mapper, encoder, processor, cfg, calibration, folder.path,
+                                 folder.image_summary())
         return name
 
     def _own_parts(self, folder: AdapterFolder) -> tuple["nn.Module", "VisionEncoder"]:
@@ -157,6 +159,7 @@ class AdapterSet:
         # the config first: setting the processor tells it this adapter's context and answer room (model.processor)
         m.mapper, m.encoder, m.config, m.calibration = slot.mapper, slot.encoder, slot.config, slot.calibration
         m.processor = slot.processor
+        m.image_summary = slot.image_summary
         self.active = name
 
     @contextlib.contextmanager

@@ -59,6 +59,7 @@ _PAGE = """<!doctype html>
  #result[hidden] {{ display: none; }}
  #result img {{ width: 256px; height: 256px; object-fit: contain; background: #111; image-rendering: auto; }}
  .answer {{ font-size: 1.25rem; font-weight: 600; }} .uncertain {{ color: #b35c00; }}
+ #warning {{ color: #a00; font-weight: 600; margin: .3rem 0; }} #warning:empty {{ display: none; }}
 </style></head><body>
 <h1>prefixvqa</h1>
 <div class="note">Local research demo, not a medical device. Images are processed in memory and not kept.</div>
@@ -72,7 +73,7 @@ _PAGE = """<!doctype html>
 </form>
 <div id="error" role="alert"></div>
 <div id="result" hidden>
- <div><div class="note">answer</div><div id="answer" class="answer"></div>
+ <div><div class="note">answer</div><div id="answer" class="answer"></div><div id="warning" role="status"></div>
   <div class="note">confidence</div><div id="confidence"></div><div id="guess" class="note"></div></div>
  <figure><img id="heatmap" alt="grounding heatmap"><figcaption class="note">what the answer depended on
   (<span id="method"></span>)</figcaption></figure>
@@ -95,8 +96,10 @@ $("ask").addEventListener("click", async () => {{
     $("answer").textContent = data.answer;
     $("answer").className = "answer" + (data.abstained ? " uncertain" : "");
     $("confidence").textContent = (100 * data.confidence).toFixed(1) + "%" + (data.calibrated ? "" : " (uncalibrated)");
-    $("guess").textContent = data.abstained ? ("best guess: " + data.guess + ", below the threshold "
-      + (100 * data.threshold).toFixed(0) + "%") : "";
+    $("guess").textContent = data.abstained ? ("best guess: " + data.guess + (data.ood ? ", withheld: unfamiliar image"
+      : ", below the threshold " + (100 * data.threshold).toFixed(0) + "%")) : "";
+    $("warning").textContent = data.warning ? ("Warning: this image is " + data.warning + " (score "
+      + data.ood_score.toFixed(2) + " > " + data.ood_threshold.toFixed(2) + ").") : "";
     $("heatmap").src = data.heatmap; $("method").textContent = data.method;
     $("result").hidden = false;
   }} catch (e) {{ $("error").textContent = "request failed: " + e; }}
@@ -291,7 +294,8 @@ def _answer_upload(adapters: "AdapterSet", data: bytes, filename: str, question:
                   keep: Path | None = None, abstain_below: float | None = None, explain_method: str = "occlusion",
                   max_new_tokens: int | None = None) -> dict[str, Any]:
     """What the page shows for one upload: the answer (or "uncertain" below the threshold: ``abstain_below``, else
-    the adapter's calibrated one), its confidence and a grounding heatmap. Raises UploadError for a bad image; the
+    the adapter's calibrated one), its confidence, a grounding heatmap, and the warning when the image is unlike the
+    adapter's training images (`prefixvqa.ood`). Raises UploadError for a bad image; the
     upload is written under ``keep`` only when given."""
     from .explain import grounding_map, overlay, png_bytes
     from .model import abstain
@@ -304,9 +308,11 @@ def _answer_upload(adapters: "AdapterSet", data: bytes, filename: str, question:
             model.calibration.threshold if model.calibration is not None else None)
         g = grounding_map(model, image, question, method=explain_method, max_new_tokens=max_new_tokens)
         calibrated = model.calibration is not None
+        ood_threshold = model.image_summary.threshold if model.image_summary is not None else None
     a = abstain(g.answer, threshold)
     return {"answer": a.text, "guess": a.guess or a.text, "abstained": a.abstained, "confidence": a.confidence,
             "calibrated": calibrated, "threshold": threshold, "adapter": name, "method": g.method,
+            "ood_score": a.ood_score, "ood": a.ood, "warning": a.warning, "ood_threshold": ood_threshold,
             "heatmap": _data_url(png_bytes(overlay(g.image, g.heatmap)))}
 
 

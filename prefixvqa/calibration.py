@@ -66,10 +66,11 @@ def abstention_threshold(threshold: float | None, calibration: "Calibration | No
     return calibration.threshold if calibration is not None else None
 
 
-def abstains(confidence: float | None, threshold: float | None) -> bool:
+def abstains(confidence: float | None, threshold: float | None, ood: bool = False) -> bool:
     """Whether an answer of this confidence is withheld ("uncertain") under ``threshold``; an answer without a
-    confidence, or no threshold, never abstains."""
-    return threshold is not None and confidence is not None and confidence < threshold
+    confidence, or no threshold, never abstains. With a threshold in force, an answer about an image unlike the
+    adapter's training images (``ood``, see `prefixvqa.ood`) is withheld whatever its confidence."""
+    return threshold is not None and (ood or (confidence is not None and confidence < threshold))
 
 
 _A = TypeVar("_A")
@@ -77,9 +78,9 @@ _A = TypeVar("_A")
 
 def abstain(answer: _A, threshold: float | None) -> _A:
     """The answer, or a copy saying "uncertain" (its text kept as ``guess``, ``abstained`` set) when its confidence
-    is below ``threshold``. Works on any dataclass with ``text``, ``confidence``, ``abstained`` and ``guess``
-    (`model.Answer`), so this module needs no import of the model."""
-    if not abstains(answer.confidence, threshold):  # type: ignore[attr-defined]
+    is below ``threshold`` (or its image is flagged out of distribution). Works on any dataclass with ``text``,
+    ``confidence``, ``abstained`` and ``guess`` (`model.Answer`), so this module needs no import of the model."""
+    if not abstains(answer.confidence, threshold, getattr(answer, "ood", False)):  # type: ignore[attr-defined]
         return answer
     return dataclasses.replace(answer, text=UNCERTAIN, abstained=True, guess=answer.text)  # type: ignore
 

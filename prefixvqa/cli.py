@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import cli_options as opt
+from .cli_hub import add_hub
 from ._version import __version__
 from .errors import ConfigError, PrefixVQAError
 
@@ -114,6 +115,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
     from .calibration import abstains
     from .explain import explain, explain_target
     from .model import MedVQAAdapter
+    from .ood import warning_line
 
     out = explain_target(args.explain, args.image) if args.explain is not None else None  # refused before loading
     model = MedVQAAdapter.from_pretrained(args.adapter).eval()
@@ -123,12 +125,14 @@ def cmd_answer(args: argparse.Namespace) -> int:
         probs = model.score_choices([args.image], [args.question], [options])[0]
         for option, p in sorted(zip(options, probs), key=lambda x: -x[1]):
             print(f"{p:.3f}  {option}")
-        if abstains(max(probs), threshold):
-            print(f"uncertain (best choice below the confidence threshold {threshold:.2f})")
+        if abstains(max(probs), threshold, probs.ood):
+            print(f"uncertain (best choice below the confidence threshold {threshold:.2f}, or an unfamiliar image)")
+        if probs.ood:
+            print(warning_line(model.image_summary, probs))
         return 0
     answer = model.answer([args.image], [args.question], max_new_tokens=args.max_new_tokens,
                           num_beams=args.num_beams, abstain_below=threshold)[0]
-    print(answer.text)
+    print(answer.text + (f"\n{warning_line(model.image_summary, answer)}" if answer.ood else ""))
     guess = f"best guess {answer.guess!r}, " if answer.abstained else ""
     print(f"({guess}confidence {answer.confidence:.3f}{'' if model.calibration else ' uncalibrated'}; "
           f"log-probability {answer.score:.3f} over {answer.num_tokens} tokens)", file=sys.stderr)
@@ -218,7 +222,7 @@ def _eval_calibration(args: argparse.Namespace, model: Any, records: Sequence[An
               f"{calibration.fitted_on['ece_after']:.4f} (T generate {calibration.temperature_generate:.3f}, "
               f"T score {calibration.temperature_score:.3f})")
         if args.save_calibration:
-            _save_calibration(args.adapter, calibration)
+            _save_calibration(args.adapter, calibration, model.image_summary)
         return calibration
     if args.abstain_below is not None:
         from .calibration import Calibration
@@ -227,7 +231,7 @@ def _eval_calibration(args: argparse.Namespace, model: Any, records: Sequence[An
     return None
 
 
-def _save_calibration(adapter: str, calibration: Any) -> None:
+def _save_calibration(adapter: str, calibration: Any, image_summary: Any = None) -> None:
     """Write the calibration into the adapter folder: only into a folder of the user's own, never a hub copy."""
     from .adapter_io import save_calibration
     from .hub import default_hub
@@ -235,7 +239,7 @@ def _save_calibration(adapter: str, calibration: Any) -> None:
     if not Path(adapter).is_dir() or Path(adapter).resolve().is_relative_to(Path(default_hub()).resolve()):
         raise ConfigError(f"--save-calibration writes into the adapter folder: {adapter} is a hub or downloaded "
                           f"adapter; pull it to a folder of your own (hub pull --to DIR) first")
-    print(f"saved: {save_calibration(adapter, calibration)}")
+    print(f"saved: {save_calibration(adapter, calibration, image_summary)}")
 
 
 # --------------------------------------------------------------------------------------------------------- predict
@@ -270,101 +274,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                            max_new_tokens=args.max_new_tokens, abstain_below=_threshold(args, model))
     write_predictions(rows, args.out, inputs=inputs)
     uncertain = sum(r["abstained"] for r in rows)
-    print(f"{len(rows)} answers ({uncertain} uncertain) written to {args.out}")
+    print(f"{len(rows)} answers ({uncertain} uncertain, {sum(bool(r.get('ood')) for r in rows)} about images unlike "
+          f"the training images) written to {args.out}")
     return 0
-
-
-# ------------------------------------------------------------------------------------------------------------- hub
-def _add_hub(sub: Any) -> None:
-    s = sub.add_parser("hub", help="the adapter hub: push, pull, list, verify (local folder, fsspec URL, HF Hub)")
-    hub_sub = s.add_subparsers(dest="hub_command", required=True)
-    h = hub_sub.add_parser("push", help="copy an adapter folder into the hub")
-    h.add_argument("folder")
-    h.add_argument("--name", help="name in the hub (default: the folder's)")
-    h.add_argument("--version", help="version in the hub (default: the next one)")
-    h.add_argument("--task", help="what the adapter does (default: from its metrics, else VQA)")
-    h.add_argument("--hf", metavar="REPO_ID", help="push to this Hugging Face Hub model repo instead")
-    h.add_argument("--public", action="store_true", help="with --hf: create the repo public (default private)")
-    h.set_defaults(func=cmd_hub_push)
-    h = hub_sub.add_parser("pull", help="copy NAME[@VERSION] out of the hub, checking every file")
-    h.add_argument("ref", metavar="NAME[@VERSION]")
-    h.add_argument("--to", help="destination folder (default: the prefixvqa cache)")
-    h.add_argument("--hf", action="store_true", help="NAME is a Hugging Face Hub repo id[@revision]")
-    h.add_argument("--force", action="store_true", help="replace --to even when it holds files prefixvqa did not "
-                   "write (they are deleted); without it only a new, empty or earlier adapter folder is replaced")
-    h.set_defaults(func=cmd_hub_pull)
-    h = hub_sub.add_parser("list", help="adapters with base models, task, metrics")
-    h.add_argument("--json", action="store_true", help="print the rows as JSON")
-    h.set_defaults(func=cmd_hub_list)
-    h = hub_sub.add_parser("verify", help="check every file of the hub (or of NAME[@VERSION]) against the index")
-    h.add_argument("ref", nargs="?", metavar="NAME[@VERSION]")
-    h.set_defaults(func=cmd_hub_verify)
-    for h in hub_sub.choices.values():
-        h.add_argument("--hub", help="hub root, a folder or fsspec URL (default $PREFIXVQA_HUB or checkpoints/)")
-
-
-def _hub_root(args: argparse.Namespace) -> str:
-    from .hub import default_hub
-
-    return args.hub or default_hub()
-
-
-def cmd_hub_push(args: argparse.Namespace) -> int:
-    """`prefixvqa hub push`: publish an adapter folder in the local/fsspec hub, or to a Hugging Face Hub repo."""
-    from .hub import Hub, push_to_hf
-
-    if args.hf:
-        result = push_to_hf(args.folder, args.hf, private=not args.public)
-        print(f"pushed {args.folder} to the Hugging Face Hub repo {args.hf}: {result}")
-        return 0
-    root = _hub_root(args)
-    print(f"pushed {Hub(root).push(args.folder, args.name, args.version, task=args.task)} to {root}")
-    return 0
-
-
-def cmd_hub_pull(args: argparse.Namespace) -> int:
-    """`prefixvqa hub pull`: a verified local copy of a hub adapter; prints its folder. An existing --to is replaced
-    only when it is an earlier adapter prefixvqa wrote (its manifest proves it) or with --force."""
-    from .hub import Hub, pull_from_hf
-
-    if not args.hf:
-        print(Hub(_hub_root(args)).pull(args.ref, args.to, overwrite=args.force))
-        return 0
-    repo, _, revision = args.ref.partition("@")
-    print(pull_from_hf(repo, revision or None, to=args.to, overwrite=args.force))
-    return 0
-
-
-def cmd_hub_list(args: argparse.Namespace) -> int:
-    """`prefixvqa hub list`: the hub's adapters with their base models, task and headline metrics."""
-    from .hub import Hub
-
-    root = _hub_root(args)
-    rows = Hub(root).list()
-    if args.json:
-        print(json.dumps(rows, indent=2, sort_keys=True))
-        return 0
-    if not rows:
-        print(f"no adapters in {root}")
-    for r in rows:
-        metrics = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in list(r["metrics"].items())[:4])
-        here = "yes" if r["available"] else f"no ({r['missing'][:80]})"
-        print(f"{r['ref']:<28} encoder {r['encoder']}; decoder {r['decoder']}; task: {r['task']}; "
-              f"{metrics or 'no metrics'}; base models here: {here}")
-    return 0
-
-
-def cmd_hub_verify(args: argparse.Namespace) -> int:
-    """`prefixvqa hub verify`: check stored files against the index; exit status 1 when any problem is found."""
-    from .hub import Hub
-
-    root = _hub_root(args)
-    problems = Hub(root).verify(args.ref)
-    for p in problems:
-        print(p)
-    print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
-    return 1 if problems else 0
 
 
 # ----------------------------------------------------------------------------------------------------------- serve
@@ -518,7 +430,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ the parser
-_SUBCOMMANDS = (_add_train, _add_cache, _add_answer, _add_eval, _add_predict, _add_hub, _add_serve, _add_sweep,
+_SUBCOMMANDS = (_add_train, _add_cache, _add_answer, _add_eval, _add_predict, add_hub, _add_serve, _add_sweep,
                 _add_demo, _add_export, _add_fit_check, _add_presets)
 
 

@@ -13,6 +13,7 @@ Both are normalised to [0, 1] and drawn over the image as a heatmap overlay PNG.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 
 from .errors import PrefixVQAError
 from .fileio import atomic_write
+from .ood import features_report
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -84,7 +86,8 @@ def grounding_map(model: "MedVQAAdapter", image: Any, question: str, answer: "An
                   method: ExplainMethod = "occlusion", grid: int = 8, view: dict | None = None,
                   max_new_tokens: int | None = None) -> Grounding:
     """Heatmap of how much the answer depended on each image region: the `answer` already given (so the map explains
-    what was printed, beams and all), else one generated here."""
+    what was printed, beams and all), else one generated here (with its image's out-of-distribution report,
+    `ood.features_report`)."""
     if method not in METHODS:
         raise ExplainError(f"method must be one of {METHODS}, got {method!r}")
     proc = model.processor
@@ -95,8 +98,9 @@ def grounding_map(model: "MedVQAAdapter", image: Any, question: str, answer: "An
     with evaluating(model):
         with torch.no_grad():
             features = model.encode_pixels(pixels)  # (1, N, D)
-            given = answer if answer is not None and not isinstance(answer, str) else model.generate(
-                **proc(None, [question], padding_side="left"), features=features, max_new_tokens=max_new_tokens)[0]
+            given = answer if answer is not None and not isinstance(answer, str) else dataclasses.replace(
+                model.generate(**proc(None, [question], padding_side="left"), features=features,
+                               max_new_tokens=max_new_tokens)[0], **features_report(model, features))
         # a given text is explained as is; an abstained answer by the guess it withheld
         target = answer if isinstance(answer, str) else (given.guess or given.text)
         if method == "occlusion":

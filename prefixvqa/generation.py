@@ -17,6 +17,7 @@ imports this module, never the other way round.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -43,6 +44,19 @@ class Answer:
     confidence: float | None = None  # exp(mean token log-prob), temperature-scaled when the adapter is calibrated
     abstained: bool = False
     guess: str | None = None  # the model's answer when it abstained
+    ood_score: float | None = None  # distance of the image from the training images (`ood`); None: no summary
+    ood: bool = False  # the score lies above the adapter's threshold: the image is unlike its training images
+    warning: str | None = None  # `ood.OOD_WARNING` when `ood`, else None
+
+
+class ChoiceScores(list):
+    """One question's candidate probabilities (or log-likelihoods), a plain list of floats that also says how unlike
+    the training images its image is: ``ood_score``, ``ood`` and ``warning`` as on `Answer`."""
+
+    def __init__(self, values: Sequence[float], ood_score: float | None = None, ood: bool = False,
+                 warning: str | None = None):
+        super().__init__(values)
+        self.ood_score, self.ood, self.warning = ood_score, ood, warning
 
 
 def _language_model(model: MedVQAAdapter) -> nn.Module:
@@ -97,10 +111,15 @@ def answer(model: MedVQAAdapter, images: Sequence[Any] | None, questions: Sequen
            ) -> list[Answer]:
     """The body of `MedVQAAdapter.answer`: the processor left-pads the batch, `model.generate` answers it (in eval
     mode), and answers below `abstain_below` confidence become "uncertain"."""
+    from .ood import reported, row_scores
+
     batch = model.processor(None if features is not None else images, questions, shots=shots, views=views,
                             padding_side="left")
     with evaluating(model):
-        return [abstain(a, abstain_below) for a in model.generate(**batch, features=features, **generation)]
+        batch, features, scores = row_scores(model, batch, features)
+        answers = model.generate(**batch, features=features, **generation)
+    return [abstain(dataclasses.replace(a, **r), abstain_below)
+            for a, r in zip(answers, reported(getattr(model, "image_summary", None), scores, len(answers)))]
 
 
 @torch.no_grad()
@@ -116,11 +135,14 @@ def score_choices(model: MedVQAAdapter, images: Sequence[Any] | None, questions:
                             choices=choices)  # templates that list the options show them (MedVInT)
     pairs = [[model.processor.tokenize(q, c, s, choices=opts) for c in opts]
              for q, opts, s in zip(questions, choices, shots, strict=True)]
+    from .ood import reported, row_scores
+
     with evaluating(model):
+        batch, features, ood = row_scores(model, batch, features)
         mean_lp = model.score(batch, pairs, features=features)
-    if return_loglik:
-        return mean_lp
-    return [(model.calibration or Calibration()).scored(scores) for scores in mean_lp]
+    values = mean_lp if return_loglik else [(model.calibration or Calibration()).scored(s) for s in mean_lp]
+    return [ChoiceScores(v, **r) for v, r in zip(values, reported(getattr(model, "image_summary", None), ood,
+                                                                     len(values)))]
 
 
 # --- generation ---------------------------------------------------------------------------------------------------

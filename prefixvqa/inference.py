@@ -137,15 +137,21 @@ def _shot_batches(model: "MedVQAAdapter", records: Sequence["VQARecord"], plan: 
 def _answer_batch(model: "MedVQAAdapter", batch: _Batch, plan: Plan, generation: Mapping[str, Any],
                   rows: list[Row | None]) -> None:
     """Fill ``rows`` at the batch's positions: rank the candidates of a scored batch, generate for the others."""
-    extra = {} if batch.features is None else {"features": batch.features}
+    from .ood import report, row_scores
+
+    tensors, features, ood = row_scores(model, batch.tensors, batch.features)  # per row: its image's distance
+    extra = {} if features is None else {"features": features}
     if batch.scored:
         assert batch.sample is not None
         pairs = [[batch.sample(i, c) for c in plan[i]] for i in batch.indices]  # type: ignore[union-attr]
-        for i, loglik in zip(batch.indices, model.score(batch.tensors, pairs, **extra)):
+        for i, loglik in zip(batch.indices, model.score(tensors, pairs, **extra)):
             rows[i] = scored_row(plan[i], loglik, getattr(model, "calibration", None))  # type: ignore[arg-type]
     else:
-        for i, answer in zip(batch.indices, model.generate(**batch.tensors, **extra, **generation)):
+        for i, answer in zip(batch.indices, model.generate(**tensors, **extra, **generation)):
             rows[i] = generated_row(answer)
+    if ood is not None:
+        for k, i in enumerate(batch.indices):
+            rows[i].update(report(getattr(model, "image_summary", None), ood[k]))  # type: ignore[union-attr]
     for i in batch.indices if batch.shot_ids is not None else ():
         rows[i]["shot_ids"] = batch.shot_ids[i]  # type: ignore[index]
 

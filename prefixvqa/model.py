@@ -106,6 +106,7 @@ class MedVQAAdapter(nn.Module):
         self._fit_template(prefix_length)
         self.processor = MedVQAProcessor(tokenizer, self.config.template, encoder.preprocess, prefix_length)
         self.calibration: Calibration | None = None  # temperatures fitted on validation data (calibration.json)
+        self.image_summary: Any = None  # training images' feature summary (ood.ImageSummary, image_summary.safetensors)
         self.freeze_encoder(config.encoder.freeze)
 
     @property

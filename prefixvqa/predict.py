@@ -46,8 +46,10 @@ def predict_records(model: "MedVQAAdapter", records: Sequence["VQARecord"], *, p
                     closed_mode: "ClosedMode | None" = None, batch_size: int = 8, max_new_tokens: int | None = None,
                     abstain_below: float | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """One output row per record: id, image, question, answer (or "uncertain"), guess, confidence (calibrated when
-    the adapter is), raw confidence, how it was answered, candidates and their probabilities when ranked.
-    ``abstain_below`` defaults to the adapter calibration's threshold (`calibration.abstention_threshold`)."""
+    the adapter is), raw confidence, how it was answered, candidates and their probabilities when ranked, and how
+    unlike the training images its image is (``ood_score``, ``ood``, ``warning``: `prefixvqa.ood`).
+    ``abstain_below`` defaults to the adapter calibration's threshold (`calibration.abstention_threshold`); with one
+    in force, answers about flagged images are "uncertain" too."""
     from .eval.protocols import get_protocol, plan_items
     from .inference import answer_records
 
@@ -59,13 +61,14 @@ def predict_records(model: "MedVQAAdapter", records: Sequence["VQARecord"], *, p
     for record, row in zip(records, rows):
         assert row is not None  # no on_error: a bad image raises
         conf = row["confidence"]
-        abstained = abstains(conf, threshold)
+        abstained = abstains(conf, threshold, bool(row.get("ood")))
         image = record.meta.get("image_name") or (str(record.image) if isinstance(record.image, (str, os.PathLike))
                                                   else None)
         out.append({"id": record.id, "image": image, "question": record.question,
                     "answer": UNCERTAIN if abstained else row["prediction"], "guess": row["prediction"],
                     "abstained": abstained, "confidence": conf, "confidence_raw": row["confidence_raw"],
-                    "mode": row["mode"], "candidates": row["candidates"], "choice_probs": row["choice_probs"]})
+                    "mode": row["mode"], "candidates": row["candidates"], "choice_probs": row["choice_probs"],
+                    "ood_score": row.get("ood_score"), "ood": bool(row.get("ood")), "warning": row.get("warning")})
     return out
 
 

@@ -16,8 +16,11 @@ import urllib.error
 import urllib.request
 from urllib.parse import quote
 
+import numpy as np
 import pytest
 from PIL import Image
+
+from prefixvqa.data.records import VQARecord
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -65,7 +68,9 @@ def adapters(tmp_path_factory, tiny_decoders):
 
     root = tmp_path_factory.mktemp("app")
     over = tiny_overrides(tiny_decoders["gpt2"])
-    first = MedVQAAdapter(AdapterConfig().replace(**over, name="first")).save_pretrained(root / "first")
+    first = MedVQAAdapter(AdapterConfig().replace(**over, name="first"))
+    first.image_summary = scan_summary(first)  # trained on red scans: the striped photo below is unlike them
+    first = first.save_pretrained(root / "first")
     second = MedVQAAdapter(AdapterConfig().replace(**over, name="second"))
     with torch.no_grad():
         for p in second.mapper.parameters():
@@ -75,7 +80,26 @@ def adapters(tmp_path_factory, tiny_decoders):
     Image.new("RGB", (48, 40), (200, 30, 30)).save(png, format="PNG")
     (root / "scan.png").write_bytes(png.getvalue())
     (root / "notes.txt").write_text("not an image at all\n" * 5)
+    stripes = np.zeros((40, 48, 3), np.uint8)
+    stripes[:, ::4] = (20, 220, 40)
+    stripes[::6, :, 2] = 255
+    Image.fromarray(stripes).save(root / "photo.png")
     return root, load_adapters(str(first), str(root / "hub"))
+
+
+def scan_summary(model):
+    """An image summary of 60 red scans (the look of ``scan.png``), its threshold on 20 more."""
+    from prefixvqa.ood import fit_summary, image_features
+
+    rng = np.random.default_rng(0)
+    pngs = []
+    for _ in range(80):
+        png = io.BytesIO()
+        Image.new("RGB", (48, 40), tuple(int(c) for c in np.array((200, 30, 30)) + rng.integers(-25, 25, 3))).save(
+            png, format="PNG")
+        pngs.append(png.getvalue())
+    feats = image_features(model, [VQARecord(str(i), p, "q", "a") for i, p in enumerate(pngs)])
+    return fit_summary(feats[:60], feats[60:])
 
 
 def post(url: str, data: bytes, question: str = "is there a lesion?", filename: str = "x.png",
@@ -94,6 +118,10 @@ def test_server_limits_and_rejections(server):
     assert url.startswith("http://127.0.0.1:")
     status, body = post(url, (root / "scan.png").read_bytes())
     assert status == 200 and 0.0 < body["confidence"] <= 1.0 and body["heatmap"].startswith("data:image/png;base64,")
+    assert body["ood"] is False and body["warning"] is None and body["ood_score"] <= body["ood_threshold"]
+    status, body = post(url, (root / "photo.png").read_bytes())
+    assert status == 200 and body["ood"] is True and body["ood_score"] > body["ood_threshold"]
+    assert body["warning"] == "unlike the images this adapter was trained on"
     assert post(url, (root / "notes.txt").read_bytes(), filename="notes.txt") == (
         415, {"error": "notes.txt is not a PNG, JPEG or DICOM image."})
     status, body = post(url, b"\x89PNG\r\n\x1a\n" + b"\0" * (70 << 10))
@@ -134,10 +162,20 @@ def test_browser_upload_ask_and_rejection(server, tmp_path):
             page.wait_for_selector("#result:not([hidden])", timeout=60_000)
             answer, confidence = page.inner_text("#answer"), page.inner_text("#confidence")
             assert answer.strip() and confidence.endswith("(uncalibrated)")
+            assert page.inner_text("#warning") == ""  # like the adapter's training images: no warning
             assert 0.0 < float(confidence.split("%")[0]) <= 100.0
             assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
             page.screenshot(path=str(tmp_path / "app.png"))
 
+            page.set_input_files("#file", str(root / "photo.png"))  # unlike anything the adapter trained on
+            page.click("#ask")
+            page.wait_for_selector("#warning:not(:empty)", timeout=60_000)
+            warning = page.inner_text("#warning")
+            assert warning.startswith("Warning: this image is unlike the images this adapter was trained on")
+            assert page.locator("#warning").is_visible() and page.inner_text("#answer").strip()
+            page.screenshot(path=str(tmp_path / "app_ood.png"))
+
+            page.set_input_files("#file", str(root / "scan.png"))
             page.select_option("#adapter", "second@1")  # another adapter on the same base, switched per request
             page.click("#ask")
             page.wait_for_selector("#result:not([hidden])", timeout=60_000)  # hidden again while it asks

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..fileio import atomic_write, refuse_foreign
+from ..ood import flagged_summary, report_section
 from .errors import EvaluationError
 from .plots import calibration_plots, result_plots
 from .protocols import (BREAKDOWN_FIELDS, METRIC_LABELS, Protocol, breakdowns, compute_metrics, get_protocol,
@@ -162,6 +163,7 @@ def report_markdown(protocol: Protocol, metrics: Mapping[str, Any], manifest: Ma
                   md_table([title, "n", *names], [[v, cell["n"], *(cell.get(n) for n in names)]
                                                   for v, cell in table.items()])]
     parts += _confidence_section(metrics.get("confidence") or {})
+    parts += report_section(metrics.get("ood") or {}, md_table)
     if plots:
         parts += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(parts) + "\n"
@@ -264,7 +266,8 @@ def write_outputs(out_dir: str | os.PathLike, protocol: Protocol, records: Seque
                             "overall": overall, "sources": metric_sources(protocol),
                             "breakdown": breakdowns(protocol, records, rows),
                             "answered_by": dict(Counter(p["mode"] for p in predictions)), "confidence": confidence,
-                            "skipped_records": len(manifest.get("skipped_records") or [])})
+                            "skipped_records": len(manifest.get("skipped_records") or []),
+                            "ood": flagged_summary(predictions, [is_correct(r.get(protocol.primary)) for r in rows])})
     atomic_write(out / "predictions.jsonl",
                  "".join(json.dumps(p, sort_keys=True, ensure_ascii=False) + "\n" for p in predictions))
     atomic_write(out / "metrics.json", dump_json(metrics))

@@ -154,9 +154,12 @@ def fit_calibration_on(model: Any, records: Sequence[Any], protocol: str | Proto
 
     The calibration remembers the records' ids, so `evaluate` refuses to report it on any of them; pass the records
     it will be ``evaluated`` on to have that (and a shot pool overlapping them) refused before anything is answered.
+    An adapter with an image summary (`prefixvqa.ood`) gets its out-of-distribution threshold refitted on the
+    records' images too (held-out in-distribution images), kept on ``model.image_summary``.
     """
     from ..calibration import fit_calibration, is_correct
     from ..data.records import content_hash
+    from ..ood import refit_threshold
 
     protocol = get_protocol(protocol)
     records = list(records)
@@ -172,6 +175,7 @@ def fit_calibration_on(model: Any, records: Sequence[Any], protocol: str | Proto
     predictions = [round_floats(p) for p in predictions]
     rows = item_scores(protocol, records, predictions)
     correct = [is_correct(row.get(protocol.primary)) for row in rows]
+    refit_threshold(model, records, predictions)  # held-out in-distribution images: the model's OOD threshold
     return fit_calibration(predictions, correct, threshold=threshold,
                            provenance={"protocol": protocol.name, "content_hash": content_hash(records),
                                        "shots": shots})

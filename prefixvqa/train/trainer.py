@@ -40,6 +40,7 @@ from .checkpoint import (check_output_dir, check_same_recipe, describe_last, rea
                          resume_folder, run_lock, run_signature, scheduler_json, write_checkpoint)
 from .config import DEFAULT_LR, TrainConfig
 from ..adapter_io import load_weights_into  # the one adapter-folder reader (resume included)
+from ..ood import attach_training_images  # every adapter folder written carries the training images' summary
 from .distributed import Distributed
 from .reporting import RunLog, plot_history
 from .sampling import BatchPlan, epoch_batches, restore_rank_state
@@ -179,6 +180,7 @@ class Trainer:
                                             num_workers=cfg.num_workers)
             self.eval_loader = make_loader(self._dataset(self.eval_records), self.eval_sampler,
                                            num_workers=cfg.num_workers) if self.eval_records else None
+            attach_training_images(model, self.train_records, self.eval_records, self.cache)
         self.best: float | None = None
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
