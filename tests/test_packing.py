@@ -82,10 +82,15 @@ def loss_and_grads(model, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
     return float(out.loss.detach()) * n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-def test_first_fit_is_deterministic_longest_first_and_never_splits():
+def test_first_fit_and_row_spreading_are_deterministic_and_never_split():
     assert first_fit([5, 3, 8, 2, 12, 4], 10) == [[4], [2, 3], [0, 5], [1]]
     assert first_fit([5, 3, 8, 2, 12, 4], 10) == first_fit([5, 3, 8, 2, 12, 4], 10)
     assert first_fit([4, 4, 4], 4) == [[0], [1], [2]]
+    # as many rows as first-fit needs, spread evenly: width 9 instead of 12 (27 cells, not 36)
+    assert first_fit([4, 4, 4, 4, 4, 4, 1], 12) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert packing.pack_rows([4, 4, 4, 4, 4, 4, 1], 12) == [[0, 3, 6], [1, 4], [2, 5]]
+    assert packing.pack_rows([5, 3, 8, 2, 12, 4], 10) == [[4], [2], [0, 3], [5, 1]]
+    assert packing.pack_rows([20, 3, 3], 10) == [[0], [1, 2]]  # over-long record: first-fit's rows
     seg = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
     assert segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]
 

@@ -1,8 +1,9 @@
 """Packed batches (`train.packing`): the records of one batch laid end to end in as few rows as fit.
 
 A padded batch is as long as its longest record, so short VQA questions next to a long one are mostly padding.
-Packing puts several records into one row (greedy first-fit by length, longest first, up to `packing_length`
-positions), and keeps each record on its own:
+Packing puts several records into one row (as many rows as greedy first-fit by length needs at `packing_length`
+positions, the records then spread longest first so the rows come out about equally long), and keeps each record on
+its own:
 
 * ``segment_ids`` (B, T) numbers the records of a row 1, 2, ...; padding is 0;
 * the decoder sees position ids that restart at every record and a block-diagonal causal mask (a token attends only to
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from ..model import MedVQAAdapter
     from .processor import MedVQAProcessor
 
-__all__ = ["PACKABLE_MODEL_TYPES", "MASK_ATTENTION", "PackingUnsupported", "first_fit", "pack_batch",
+__all__ = ["PACKABLE_MODEL_TYPES", "MASK_ATTENTION", "PackingUnsupported", "first_fit", "pack_rows", "pack_batch",
            "pack_collate", "packing_refusal", "check_packable", "packing_for", "packed_inputs", "segment_positions",
            "attention_window"]
 
@@ -70,6 +71,21 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """The rows a batch is packed into: as many as `first_fit` needs, with the records then spread over them longest
+    first, each into the row that is shortest so far, so the rows end up about equally long and the padded width (the
+    longest row) is small, where first-fit leaves its last row nearly empty. Falls back to the first-fit rows when
+    the spread would overfill a row. Deterministic, like `first_fit`."""
+    bins = first_fit(lengths, capacity)
+    rows: list[list[int]] = [[] for _ in bins]
+    load = [0] * len(bins)
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        r = min(range(len(rows)), key=lambda b: load[b])
+        rows[r].append(i)
+        load[r] += lengths[i]
+    return rows if max(load) <= max(capacity, max(lengths)) else bins
+
+
 def pack_batch(batch: dict[str, Any], capacity: int, image_seq_length: int, pad_id: int = 0) -> dict[str, Any]:
     """A right-padded collated batch (see `MedVQAProcessor.collate`) -> the same records packed into rows of at most
     `capacity` positions, with ``segment_ids``; the other keys (ids, errors, pixel_values/features) pass through.
@@ -78,7 +94,7 @@ def pack_batch(batch: dict[str, Any], capacity: int, image_seq_length: int, pad_
         return batch
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(1).tolist()
-    bins = first_fit(lengths, capacity)
+    bins = pack_rows(lengths, capacity)
     B, T = len(bins), max(sum(lengths[i] for i in b) for b in bins)
     slots = (batch["image_mask"].sum(1) // max(1, image_seq_length)).tolist()  # image slots per record
     first_slot = [sum(slots[:i]) for i in range(len(slots))]
