@@ -216,13 +216,15 @@ class MedVQAAdapter(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None,
                 image_index: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
-                full_logits: bool = False) -> AdapterOutput:
-        """Tensors from the processor -> loss on answer tokens. lm_head runs only where a label is supervised."""
+                full_logits: bool = False, segment_ids: torch.Tensor | None = None) -> AdapterOutput:
+        """Tensors from the processor -> loss on answer tokens. lm_head runs only where a label is supervised.
+        `segment_ids` marks a packed batch's records (data/packing.py): each attends and counts positions alone."""
         embeds = self.embed(input_ids, image_mask, self.prefix(pixel_values, features, image_index))  # (B, T, E)
         keep = None
         if labels is not None and not full_logits:  # position t predicts label t + 1
             keep = F.pad(labels[:, 1:] != IGNORE, (0, 1))  # (B, T) bool
-        lm, kwargs = self._lm_inputs(embeds, attention_mask, keep=keep if keep is not None else 0)
+        lm, kwargs = self._lm_inputs(embeds, attention_mask, keep=keep if keep is not None else 0,
+                                     segments=segment_ids)
         logits = lm(**kwargs, use_cache=False).logits  # (K, V) at kept positions, or (B, T', V)
         loss = None
         if keep is not None:
@@ -252,8 +254,8 @@ class MedVQAAdapter(nn.Module):
                              f"{prefix.shape[1]} vectors")
         return embeds.masked_scatter(slots[..., None], prefix.to(embeds.dtype))
 
-    def _lm_inputs(self, embeds: torch.Tensor, mask: torch.Tensor, keep: int | torch.Tensor = 0
-                   ) -> tuple[nn.Module, dict[str, Any]]:
+    def _lm_inputs(self, embeds: torch.Tensor, mask: torch.Tensor, keep: int | torch.Tensor = 0,
+                   segments: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, Any]]:
         """The module to call and its first-call inputs. Position ids follow the attention mask, so left-padded rows
         equal unpadded ones. peft's soft prompts are placed here as peft's own forward places them (virtual tokens in
         front for prompt tuning, key/value prefixes for prefix tuning), which also lets a KV cache be reused."""
@@ -261,6 +263,10 @@ class MedVQAAdapter(nn.Module):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
                                   "logits_to_keep": keep}
+        if segments is not None:  # a packed batch: block-diagonal causal mask, positions restarting per record
+            from .data.packing import packed_inputs
+
+            kwargs.update(packed_inputs(self, segments.to(self.device), embeds.dtype))
         method = self.config.tuning.method
         return method.language_model(self.decoder), method.place_virtual_tokens(self.decoder, self.config.tuning,
                                                                                 kwargs, positions)

@@ -73,12 +73,17 @@ def default_workers() -> int:
 
 
 def make_loader(dataset: RecordDataset, sampler: BatchList, *, num_workers: int | None = None,
-                padding_side: str = "right", prefetch_factor: int = 2) -> DataLoader:
+                padding_side: str = "right", prefetch_factor: int = 2, pack: int | None = None) -> DataLoader:
     """The one DataLoader of training and evaluation: items from `dataset` (decoded in workers), batches in the
-    sampler's order, collated by the processor; its own seeded generator leaves the global RNG untouched."""
+    sampler's order, collated by the processor; its own seeded generator leaves the global RNG untouched. `pack`:
+    each batch's records packed into rows of that many positions (`train.packing`, see packing.py)."""
     workers = default_workers() if num_workers is None else num_workers
     cuda = torch.cuda.is_available()
     collate: Callable = partial(dataset.processor.collate, padding_side=padding_side)
+    if pack is not None:
+        from .packing import pack_collate
+
+        collate = partial(pack_collate, processor=dataset.processor, capacity=pack)
     # its own generator: each new iterator draws a worker seed, which must not advance the global RNG (dropout
     # masks after a resume would differ from those of an uninterrupted run)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate, pin_memory=cuda,

@@ -50,7 +50,8 @@ STATE_FILE = f"{STATE_DIR}/state.json"
 # TrainConfig fields that never change the trained weights: how a run reports, where it writes, how fast it reads
 NON_RESULT_FIELDS = frozenset({"output_dir", "resume", "resume_with_changes", "progress", "tensorboard", "plot",
                                "log_every", "num_workers", "save_every_steps", "feature_cache", "eval_batch_size",
-                               "save_on_signal"})
+                               "save_on_signal",
+                               "packing", "packing_length"})  # packing lays out the same records with the same loss
 
 
 class RunLockedError(PrefixVQAError, RuntimeError):

@@ -53,6 +53,10 @@ class TrainConfig:
     # Off by default: on short closed answers ("yes"/"no") length sorting puts one answer per batch, and the decoder
     # learns the batch's answer instead of looking at the image. Worth it for long free text (reports).
     group_by_length: bool = False
+    # Several records per row (data/packing.py): same records per batch and same loss, less padding. Rows hold up to
+    # packing_length positions (None: template.max_length); decoders that cannot keep records apart are refused.
+    packing: bool = False
+    packing_length: int | None = None
     eval_every_epoch: bool = True
     patience: int | None = None  # epochs without improvement before stopping; None: never stop early
     metric: Metric = "loss"  # "loss" (lower is better) or "accuracy" (exact match / closed-choice accuracy)
@@ -100,6 +104,9 @@ class TrainConfig:
         check(self.log_every >= 1, "log_every must be >= 1")
         check(self.save_every_steps is None or self.save_every_steps >= 1, "save_every_steps must be >= 1 or null")
         check(self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0 or null")
+        check(self.packing_length is None or self.packing_length >= 1,
+              f"packing_length must be >= 1 or null, got {self.packing_length}")
+        check(self.packing or self.packing_length is None, "packing_length is set but packing is false")
         if self.trainable is not None:
             from ..model import GROUPS
 

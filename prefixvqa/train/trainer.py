@@ -32,6 +32,7 @@ from ..config import ConfigError
 from ..data.cache import FeatureCache
 from ..data.images import ImageLoadError
 from ..data.loader import BatchList, RecordDataset, make_loader, to_device
+from ..data.packing import packing_for
 from ..data.records import skipped_of
 from ..errors import PrefixVQAError
 from ..data.processor import record_label
@@ -175,11 +176,12 @@ class Trainer:
         self.bad_train: set[str] = set()  # ids of training records whose image could not be used
         self.usable_items = 0  # training items that reached the loss (this rank), over the whole run
         self.train_sampler, self.eval_sampler = BatchList(), BatchList()
+        pack = packing_for(model, cfg)  # rows of packed records (train.packing), refused where it cannot hold
         with self.dist.full_params(self.model):  # the feature cache encodes images outside the forward
             self.train_loader = make_loader(self._dataset(self.train_records, train=True), self.train_sampler,
-                                            num_workers=cfg.num_workers)
+                                            num_workers=cfg.num_workers, pack=pack)
             self.eval_loader = make_loader(self._dataset(self.eval_records), self.eval_sampler,
-                                           num_workers=cfg.num_workers) if self.eval_records else None
+                                           num_workers=cfg.num_workers, pack=pack) if self.eval_records else None
             attach_training_images(model, self.train_records, self.eval_records, self.cache)
         self.best: float | None = None
         self.bad_epochs = 0
