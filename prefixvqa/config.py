@@ -23,6 +23,8 @@ from .errors import shorten
 from .tuning import DEFAULT_LORA_TARGETS, TUNING_MODES, TuningMode, get_tuning_mode  # noqa: F401 (re-exported)
 
 FeatureKind = Literal["pooled", "patches"]  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)
+EncoderBackend = Literal["open_clip", "transformers"]  # which library builds the tower (vision.py / vision_hf.py)
+AspectRatio = Literal["square", "pad"]  # LLaVA's image_aspect_ratio: the processor's own resize, or pad to square first
 MapperKind = Literal["linear", "mlp", "mlp2x_gelu", "transformer", "resampler", "query_decoder"]
 Activation = Literal["tanh", "gelu", "relu", "silu"]
 Quantization = Literal["8bit", "4bit"]  # bitsandbytes LLM.int8 / NF4 (QLoRA); None = full precision
@@ -33,6 +35,8 @@ TuningBias = Literal["none", "all", "lora_only"]  # peft LoraConfig.bias
 ParamGroup = Literal["encoder", "mapper", "lora", "decoder"]  # "lora" holds every peft tensor (LoRA or soft prompts)
 
 FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
+ENCODER_BACKENDS: tuple[str, ...] = get_args(EncoderBackend)
+ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
 MAPPER_KINDS: tuple[str, ...] = get_args(MapperKind)
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 QUANTIZATIONS: tuple[str | None, ...] = (None, *get_args(Quantization))
@@ -136,21 +140,35 @@ def check_types(obj: Any, section: str) -> None:
 
 @dataclass
 class EncoderConfig:
-    """open_clip image tower. `pretrained` is a tag ("openai"), a local checkpoint file, or None for random weights."""
+    """The image tower. `backend` "open_clip": `name` is an open_clip model name or "hf-hub:org/repo" and
+    `pretrained` a tag ("openai"), a local checkpoint file, or None for random weights. `backend` "transformers":
+    `name` is a hub id or local folder of a transformers image model (CLIPVisionModel, SiglipVisionModel, Dinov2Model,
+    any AutoModel backbone with hidden states) with its image processor; `revision` pins a hub revision."""
 
-    name: str = "ViT-B-32"  # open_clip model name or "hf-hub:org/repo"
+    name: str = "ViT-B-32"  # open_clip model name or "hf-hub:org/repo"; transformers: hub id or folder
     pretrained: str | None = None
     features: FeatureKind = "pooled"  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)
     layer: int = -1  # transformer block whose patch tokens are used (-2 = LLaVA's penultimate layer)
-    keep_cls: bool = False  # keep the class token in front of the patch tokens
+    keep_cls: bool = False  # keep the class token (and any register tokens) in front of the patch tokens
     image_size: int | None = None  # force a different input resolution
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the open_clip model config
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the model config
     init_seed: int = 0  # random init is seeded so pretrained=None rebuilds the same weights
     freeze: bool = True
+    backend: EncoderBackend = "open_clip"
+    revision: str | None = None  # transformers backend: the hub revision of `name`
+    image_aspect_ratio: AspectRatio = "square"  # "pad": pad to a square with the mean colour first (LLaVA's "pad")
 
     def __post_init__(self) -> None:
         check_types(self, "encoder")
-        _check(bool(self.name), "encoder.name must be an open_clip model name or an 'hf-hub:' id")
+        _check(bool(self.name), "encoder.name must name the tower: an open_clip model name or 'hf-hub:' id, or a "
+                                "transformers hub id or folder (encoder.backend='transformers')")
+        if self.backend == "transformers":
+            _check(self.pretrained is None, "encoder.pretrained is an open_clip setting; the transformers backend "
+                                            "loads the weights of encoder.name (pin them with encoder.revision)")
+            _check(self.image_size is None, "encoder.image_size is an open_clip setting; the transformers backend "
+                                            "takes the size its image processor gives")
+        else:
+            _check(self.revision is None, "encoder.revision applies to encoder.backend='transformers'")
 
 
 @dataclass

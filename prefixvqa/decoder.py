@@ -18,7 +18,8 @@ from torch import nn
 from .config import AdapterConfig, DecoderConfig, TuningConfig
 from .fileio import atomic_dir, package_file
 from .rng import seeded
-from .vision import ModelNotAvailableError, check_encoder_available, require_hub_file
+from .encoders import check_encoder
+from .vision import ModelNotAvailableError, require_hub_file
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def check_available(config: AdapterConfig, encoder: bool = True, decoder: bool =
     decoder loader so the model and the hub (checking an index entry before any transfer) share it without the hub
     importing the model."""
     problems = []
-    for needed, check, cfg in ((encoder, check_encoder_available, config.encoder),
+    for needed, check, cfg in ((encoder, check_encoder, config.encoder),
                                (decoder, check_decoder_available, config.decoder)):
         try:
             if needed:

@@ -21,6 +21,7 @@ from torch import nn
 from . import generation as _generation
 from .calibration import Calibration
 from .config import AdapterConfig, ConfigError
+from .encoders import build_encoder
 from .decoder import (apply_tuning, check_available, context_length, decoder_fingerprint, fingerprint, is_peft_param,
                       load_decoder)
 from .errors import PrefixVQAError
@@ -76,7 +77,7 @@ class MedVQAAdapter(nn.Module):
                  tokenizer: Any = None, seed: int | None = 0):
         super().__init__()
         check_available(config, encoder is None, decoder is None)
-        encoder = encoder if encoder is not None else VisionEncoder.from_config(config.encoder)
+        encoder = encoder if encoder is not None else build_encoder(config.encoder)
         if decoder is None:
             decoder, tokenizer = load_decoder(config.decoder)
         num_tokens, feat_dim = encoder.output_shape()

@@ -85,6 +85,10 @@ class VisionEncoder(nn.Module):
                                              f"pretrained={cfg.pretrained!r}: {exc}") from exc
         visual = model.visual
         del model  # the text tower is never used
+        if cfg.image_aspect_ratio == "pad":
+            from .data.transforms import PadToSquare
+
+            preprocess = PadToSquare.around(preprocess)
         encoder = cls(visual, preprocess, cfg)
         if dtype is not None:
             if cfg.freeze:
@@ -167,6 +171,11 @@ class VisionEncoder(nn.Module):
         out = self(torch.zeros(1, 3, *size, device=next(self.parameters()).device))
         self.train(was)
         return out.shape[1], out.shape[2]
+
+    def leading_tokens(self, n: int) -> int:
+        """How many of `n` feature tokens come before the patch grid (the class token kept by `keep_cls`): what
+        grounding maps skip to lay the patches out on the image."""
+        return 1 if self.cfg.keep_cls and self.cfg.features == "patches" else 0
 
     def preprocess_size(self) -> tuple[int, int]:
         """(height, width) in pixels the tower takes (open_clip's `visual.image_size`, 224 where a tower does not
