@@ -24,6 +24,7 @@ from .tuning import DEFAULT_LORA_TARGETS, TUNING_MODES, TuningMode, get_tuning_m
 
 FeatureKind = Literal["pooled", "patches"]  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)
 EncoderBackend = Literal["open_clip", "transformers"]  # which library builds the tower (vision.py / vision_hf.py)
+VLMLayout = Literal["llava", "llava_lora", "llava_hf"]  # how a released vision-language checkpoint is laid out
 AspectRatio = Literal["square", "pad"]  # LLaVA's image_aspect_ratio: the processor's own resize, or pad to square first
 MapperKind = Literal["linear", "mlp", "mlp2x_gelu", "transformer", "resampler", "query_decoder"]
 Activation = Literal["tanh", "gelu", "relu", "silu"]
@@ -37,6 +38,7 @@ ParamGroup = Literal["encoder", "mapper", "lora", "decoder"]  # "lora" holds eve
 FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
 ENCODER_BACKENDS: tuple[str, ...] = get_args(EncoderBackend)
 ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
+VLM_LAYOUTS: tuple[str, ...] = get_args(VLMLayout)
 MAPPER_KINDS: tuple[str, ...] = get_args(MapperKind)
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 QUANTIZATIONS: tuple[str | None, ...] = (None, *get_args(Quantization))
@@ -157,6 +159,7 @@ class EncoderConfig:
     backend: EncoderBackend = "open_clip"
     revision: str | None = None  # transformers backend: the hub revision of `name`
     image_aspect_ratio: AspectRatio = "square"  # "pad": pad to a square with the mean colour first (LLaVA's "pad")
+    layout: VLMLayout | None = None  # "llava_hf": the tower inside the LlavaForConditionalGeneration folder `name`
 
     def __post_init__(self) -> None:
         check_types(self, "encoder")
@@ -167,8 +170,10 @@ class EncoderConfig:
                                             "loads the weights of encoder.name (pin them with encoder.revision)")
             _check(self.image_size is None, "encoder.image_size is an open_clip setting; the transformers backend "
                                             "takes the size its image processor gives")
+            _check(self.layout in (None, "llava_hf"), "encoder.layout: only 'llava_hf' holds a tower inside it")
         else:
-            _check(self.revision is None, "encoder.revision applies to encoder.backend='transformers'")
+            _check(self.revision is None and self.layout is None,
+                   "encoder.revision and encoder.layout apply to encoder.backend='transformers'")
 
 
 @dataclass
@@ -214,9 +219,18 @@ class DecoderConfig:
     quantization: Quantization | None = None
     gradient_checkpointing: bool = False
     init_seed: int = 0
+    # a released vision-language checkpoint's language model (prefixvqa/vlm_layouts.py): "llava" reads it out of
+    # the LLaVA checkpoint `name`; "llava_hf" out of a LlavaForConditionalGeneration folder; "llava_lora" is `name`
+    # (the base LM) with the LoRA of the release `release` merged in, as LLaVA's builder loads LoRA releases
+    layout: VLMLayout | None = None
+    release: str | None = None
 
     def __post_init__(self) -> None:
         check_types(self, "decoder")
+        _check((self.layout == "llava_lora") == (self.release is not None),
+               "decoder.release (a LoRA release folder or hub id) goes with decoder.layout='llava_lora', and only there")
+        _check(not (self.layout and (self.model_config is not None or self.gguf_file)),
+               "decoder.layout reads a released checkpoint; it cannot be combined with decoder.model_config or gguf_file")
         _check(self.model_config is None or "model_type" in self.model_config,
                "decoder.model_config needs a 'model_type' key (e.g. 'gpt2', 'llama', 'biogpt')")
         _check(not (self.model_config is not None and self.quantization),

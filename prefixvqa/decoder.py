@@ -120,7 +120,13 @@ def load_decoder(cfg: DecoderConfig) -> tuple[nn.Module, Any]:
                 # bitsandbytes weights are placed at load time: on this process's GPU (one per rank under
                 # torchrun/DDP), else on the CPU (bitsandbytes >= 0.45 runs 4-bit and 8-bit layers there)
                 kwargs["device_map"] = {"": _local_device()}
+            if cfg.layout:  # the language model inside a released vision-language checkpoint (vlm_layouts.py)
+                from .vlm_layouts import decoder_kwargs, merge_release_lora
+
+                kwargs.update(decoder_kwargs(cfg))
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            if cfg.layout == "llava_lora":
+                model = merge_release_lora(model, cfg)
     except OSError as exc:
         raise ModelNotAvailableError(f"could not load decoder {source!r} (tokenizer {tok_source!r}): {exc}") from exc
     if cfg.gradient_checkpointing:

@@ -191,6 +191,17 @@ class MedVQAAdapter(nn.Module):
         return cls(preset_config(name, **overrides), seed=seed)
 
     @classmethod
+    def from_vlm(cls, source: str, *, revision: str | None = None, seed: int | None = 0,
+                 **overrides: Any) -> "MedVQAAdapter":
+        """A released vision-language checkpoint (LLaVA, LLaVA-Med v1.5, LLaVA-Rad's LoRA release, transformers'
+        LlavaForConditionalGeneration; local folder or hub id) as an adapter whose tower, projector (the mapper),
+        language model and template are the checkpoint's, read from its own config (see prefixvqa/vlm_import.py);
+        `overrides` change the config as in `from_preset`. Ready to answer or to fine-tune (LoRA by default)."""
+        from .vlm_import import from_vlm
+
+        return from_vlm(cls, source, revision=revision, seed=seed, **overrides)
+
+    @classmethod
     def from_pretrained(cls, path: str | Path, *, strict: bool = True, **overrides: Any) -> "MedVQAAdapter":
         """A trained adapter, ready to answer: `path` is a local folder, a local hub name ("name" or "name@version")
         or a Hugging Face Hub repo id (offline: from the cache only). The folder's files are verified against its

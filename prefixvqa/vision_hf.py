@@ -153,6 +153,8 @@ def load_tower(cfg: EncoderConfig) -> nn.Module:
     from transformers import AutoConfig, AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+    if cfg.layout == "llava_hf":
+        return _tower_inside(cfg)
     try:
         config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision)
         vision = getattr(config, "vision_config", None)
@@ -162,6 +164,31 @@ def load_tower(cfg: EncoderConfig) -> nn.Module:
     except (OSError, ValueError, KeyError) as exc:
         raise ModelNotAvailableError(f"transformers could not load encoder {cfg.name!r}: {exc}") from exc
     return model.eval()
+
+
+def _tower_inside(cfg: EncoderConfig) -> nn.Module:
+    """The vision tower of a LlavaForConditionalGeneration checkpoint (`vision_config` + its `vision_tower.*`
+    tensors), loaded strictly into the tower's own class."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    from .vlm_layouts import LayoutError, tower_state
+
+    config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision)
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        raise LayoutError(f"{cfg.name}/config.json: missing key 'vision_config' (encoder.layout='llava_hf')")
+    for key, value in cfg.model_overrides.items():
+        setattr(vision, key, value)
+    model = MODEL_MAPPING[type(vision)](vision)
+    state = tower_state(cfg.name, cfg.revision)
+    own = model.state_dict()  # transformers 5 names CLIP/SigLIP towers without the old `vision_model.` level
+    found = {k: state.get(k, state.get("vision_model." + k)) for k in own}
+    missing = [k for k, v in found.items() if v is None]
+    if missing:
+        raise LayoutError(f"{cfg.name}: the vision tower's tensors {missing[:3]} are missing")
+    model.load_state_dict(found)
+    return model.float().eval()
 
 
 def check_hf_encoder_available(cfg: EncoderConfig) -> None:

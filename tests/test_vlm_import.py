@@ -1,0 +1,223 @@
+"""`MedVQAAdapter.from_vlm`: tiny random checkpoints written as the releases lay them out (LLaVA / LLaVA-Med v1.5,
+a LLaVA LoRA release as LLaVA-Rad ships it, transformers' LlavaForConditionalGeneration) give the logits and greedy
+answers of transformers' own LlavaForConditionalGeneration, after converting the layout as transformers' conversion
+script does; the imported adapter fine-tunes with LoRA on real VQA-RAD files and reloads strictly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from PIL import Image  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from prefixvqa.testing import build_decoder  # noqa: E402
+from test_vision_backends import llava_expand2square, picture  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+VQA_RAD = REAL / "vqa_rad"
+QUESTIONS = ["is there a lesion in the chest ?", "which side ?"]
+
+
+def build_clip(folder: Path) -> Path:
+    """A tiny full CLIPModel (text + vision, as openai/clip-vit-large-patch14-336 ships) + CLIPImageProcessor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from prefixvqa.rng import seeded
+
+    cfg = CLIPConfig(text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "vocab_size": 64, "max_position_embeddings": 16},
+                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                                    "num_attention_heads": 2, "image_size": 28, "patch_size": 7},
+                     projection_dim=16)
+    with seeded(1):
+        CLIPModel(cfg).save_pretrained(str(folder))
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(str(folder))
+    return folder
+
+
+def build_release(root: Path, *, text: str = "mistral", projector: str = "mlp2x_gelu", layer: int = -2,
+                  feature: str = "patch", aspect: str = "pad", start_end: bool = False) -> dict:
+    """A LLaVA-layout checkpoint as LLaVA's trainer saves it (config.json with mm_* keys, the language model's
+    tensors under their LlamaForCausalLM/MistralForCausalLM names, `model.mm_projector.*` beside them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefixvqa.rng import seeded
+
+    tower = build_clip(root / "clip")
+    lm_dir = build_decoder(root / "lm", text)
+    lm = AutoModelForCausalLM.from_pretrained(str(lm_dir))
+    tok = AutoTokenizer.from_pretrained(str(lm_dir))
+    if start_end:  # LLaVA adds the tokens and resizes the embeddings (initialize_vision_tokenizer)
+        tok.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
+        lm.resize_token_embeddings(len(tok), mean_resizing=True)
+    E, D = lm.config.hidden_size, 32
+    with seeded(2):
+        if projector == "linear":
+            proj = {"model.mm_projector.weight": torch.randn(E, D) * 0.2, "model.mm_projector.bias": torch.randn(E)}
+        else:
+            proj = {"model.mm_projector.0.weight": torch.randn(E, D) * 0.2, "model.mm_projector.0.bias": torch.randn(E),
+                    "model.mm_projector.2.weight": torch.randn(E, E) * 0.2, "model.mm_projector.2.bias": torch.randn(E)}
+    out = root / "llava"
+    out.mkdir()
+    save_file({**{k: v.contiguous() for k, v in lm.state_dict().items()}, **proj}, str(out / "model.safetensors"))
+    config = lm.config.to_dict()
+    config.update(model_type={"mistral": "llava_mistral", "llama": "llava"}[text],
+                  architectures=[{"mistral": "LlavaMistralForCausalLM", "llama": "LlavaLlamaForCausalLM"}[text]],
+                  mm_vision_tower=str(tower), mm_hidden_size=D, mm_projector_type=projector,
+                  mm_vision_select_layer=layer, mm_vision_select_feature=feature, mm_use_im_start_end=start_end,
+                  mm_use_im_patch_token=False, image_aspect_ratio=aspect, mm_patch_merge_type="flat",
+                  tune_mm_mlp_adapter=False, freeze_mm_mlp_adapter=False, tokenizer_model_max_length=2048)
+    (out / "config.json").write_text(json.dumps(config))
+    tok.save_pretrained(str(out))
+    return {"folder": out, "tower": tower, "lm": lm, "tok": tok, "projector": proj, "text": text}
+
+
+def convert_to_hf(release: dict, folder: Path, layer: int, feature: str) -> Path:
+    """The checkpoint in transformers' LlavaForConditionalGeneration format, converted as
+    transformers' convert_llava_weights_to_hf.py does: `<image>` token added, projector -> multi_modal_projector
+    .linear_1/2, language model under `language_model.`, tower weights under `vision_tower.`."""
+    from transformers import CLIPModel, LlavaConfig
+
+    tok = release["tok"]
+    tok.add_tokens(["<image>"], special_tokens=True)
+    lm = release["lm"]
+    lm.resize_token_embeddings(len(tok), mean_resizing=False)
+    state = {}
+    for k, v in lm.state_dict().items():
+        state[("language_model." + k)] = v
+    for k, v in release["projector"].items():
+        state[k.replace("model.mm_projector.0", "multi_modal_projector.linear_1")
+               .replace("model.mm_projector.2", "multi_modal_projector.linear_2")] = v
+    clip = CLIPModel.from_pretrained(str(release["tower"]))
+    for k, v in clip.vision_model.state_dict().items():
+        state["vision_tower.vision_model." + k] = v
+    config = LlavaConfig(vision_config=clip.config.vision_config.to_dict(), text_config=lm.config.to_dict(),
+                         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=layer,
+                         vision_feature_select_strategy="default" if feature == "patch" else "full",
+                         projector_hidden_act="gelu")
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    config.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor.from_pretrained(str(release["tower"])).save_pretrained(str(folder))
+    return folder
+
+
+def reference_inputs(model, release_tok, image: Image.Image, question: str, pad: bool, image_id: int):
+    """input_ids with the image token N times where the checkpoint puts the image, and LLaVA's pixel values."""
+    from transformers import AutoImageProcessor
+
+    sample = model.processor.tokenize(question)
+    n = model.num_image_tokens
+    start_end = model.config.template.image_start_end
+    middle = [image_id] * n
+    if start_end:
+        middle = [release_tok.convert_tokens_to_ids("<im_start>")] + middle + \
+                 [release_tok.convert_tokens_to_ids("<im_end>")]
+    ids = torch.tensor([sample.pieces[0] + middle + sample.pieces[1]])
+    proc = AutoImageProcessor.from_pretrained(model.config.encoder.name, backend="pil")  # the PIL one LLaVA used
+    if pad:
+        image = llava_expand2square(image, tuple(int(x * 255) for x in proc.image_mean))
+    return ids, proc(images=image, return_tensors="pt")["pixel_values"]
+
+
+CASES = [  # (text model, projector, select layer, select feature, image_aspect_ratio, im_start/im_end)
+    ("mistral", "mlp2x_gelu", -2, "patch", "pad", False),  # LLaVA-Med v1.5
+    ("llama", "mlp2x_gelu", -1, "cls_patch", "square", True),  # LLaVA-1.5 layout with v1.0-style delimiters
+]
+
+
+@pytest.mark.parametrize("text, projector, layer, feature, aspect, start_end", CASES)
+def test_llava_layout_equals_transformers_llava(tmp_path, text, projector, layer, feature, aspect, start_end):
+    from transformers import LlavaForConditionalGeneration
+
+    from prefixvqa.model import MedVQAAdapter
+
+    release = build_release(tmp_path, text=text, projector=projector, layer=layer, feature=feature, aspect=aspect,
+                            start_end=start_end)
+    model = MedVQAAdapter.from_vlm(str(release["folder"]), decoder={"dtype": "float32"},
+                                   tuning={"mode": "frozen"}).eval()
+    vocab = len(release["tok"])
+    hf_dir = convert_to_hf(release, tmp_path / "hf", layer, feature)
+    ref = LlavaForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    image_id = ref.config.image_token_id
+    image = picture(45, 30)
+    n_patches = (28 // 7) ** 2 + (feature == "cls_patch")
+    assert model.num_image_tokens == n_patches
+    for question in QUESTIONS:
+        ids, pixels = reference_inputs(model, release["tok"], image, question, aspect == "pad", image_id)
+        batch = model.processor([image], [question])
+        assert torch.equal(batch["pixel_values"], pixels)
+        with torch.no_grad():
+            want = ref(input_ids=ids, pixel_values=pixels).logits[..., :vocab]
+            got = model(**batch, full_logits=True).logits
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+        new = ref.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False,
+                           suppress_tokens=[image_id], eos_token_id=release["tok"].eos_token_id,
+                           pad_token_id=release["tok"].eos_token_id)[0, ids.shape[1]:]
+        text_ref = release["tok"].decode(new, skip_special_tokens=True)
+        for stop in model.processor.stop_strings():
+            text_ref = text_ref.split(stop)[0]
+        (answer,) = model.answer([image], [question], max_new_tokens=6)
+        assert answer.text == text_ref.strip() and answer.num_tokens >= 1
+    # transformers' format itself imports to the same model
+    hf_model = MedVQAAdapter.from_vlm(str(hf_dir), decoder={"dtype": "float32"}, tuning={"mode": "frozen"},
+                                      template={"name": model.config.template.name}).eval()
+    if not start_end:
+        batch = model.processor([image], [QUESTIONS[0]])
+        with torch.no_grad():
+            a, b = model(**batch, full_logits=True).logits, hf_model(**batch, full_logits=True).logits[..., :vocab]
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_linear_projector_equals_its_transformers_parts(tmp_path):
+    """LlavaForConditionalGeneration has no `linear` projector: the reference is CLIPVisionModel's hidden state, one
+    F.linear, and the language model's forward on the spliced embeddings."""
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, CLIPVisionModel
+
+    from prefixvqa.model import MedVQAAdapter
+
+    release = build_release(tmp_path, text="llama", projector="linear", aspect="square")
+    model = MedVQAAdapter.from_vlm(str(release["folder"]), decoder={"dtype": "float32"},
+                                   tuning={"mode": "frozen"}).eval()
+    image = picture(30, 30)
+    tower = CLIPVisionModel.from_pretrained(str(release["tower"])).eval()
+    pixels = AutoImageProcessor.from_pretrained(str(release["tower"]), backend="pil")(
+        images=image, return_tensors="pt")["pixel_values"]
+    lm = AutoModelForCausalLM.from_pretrained(str(release["folder"] / ".." / "lm")).eval()
+    sample = model.processor.tokenize(QUESTIONS[0])
+    with torch.no_grad():
+        feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        prefix = torch.nn.functional.linear(feats, release["projector"]["model.mm_projector.weight"],
+                                            release["projector"]["model.mm_projector.bias"])
+        emb = lm.get_input_embeddings()
+        embeds = torch.cat([emb(torch.tensor([sample.pieces[0]])), prefix, emb(torch.tensor([sample.pieces[1]]))], 1)
+        want = lm(inputs_embeds=embeds).logits
+        got = model(**model.processor([image], [QUESTIONS[0]]), full_logits=True).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_unknown_or_incomplete_layouts_name_file_and_key(tmp_path):
+    from prefixvqa.model import MedVQAAdapter
+    from prefixvqa.vlm_layouts import LayoutError
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava_mistral", "mm_vision_tower": "x"}))
+    with pytest.raises(LayoutError, match=r"ckpt/config.json: missing key\(s\) \['mm_projector_type', "
+                                          r"'mm_hidden_size'\]"):
+        MedVQAAdapter.from_vlm(str(folder))
+    (folder / "config.json").write_text(json.dumps({"model_type": "blip2"}))
+    with pytest.raises(LayoutError, match="config.json: model_type='blip2' is not a layout"):
+        MedVQAAdapter.from_vlm(str(folder))
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 4}))
+    with pytest.raises(LayoutError, match="config.json: missing key 'model_type'"):
+        MedVQAAdapter.from_vlm(str(folder))
