@@ -221,3 +221,104 @@ def test_unknown_or_incomplete_layouts_name_file_and_key(tmp_path):
     (folder / "config.json").write_text(json.dumps({"hidden_size": 4}))
     with pytest.raises(LayoutError, match="config.json: missing key 'model_type'"):
         MedVQAAdapter.from_vlm(str(folder))
+
+
+def vqa_rad_records():
+    from prefixvqa.data import load_records
+
+    records = load_records({"format": "vqa_rad", "path": VQA_RAD, "split": "test", "check_images": False})
+    return [r for r in records if Path(r.image).is_file()]
+
+
+@pytest.mark.slow
+def test_llava_med_v15_layout_fine_tunes_on_vqa_rad_saves_and_reloads_strictly(tmp_path):
+    from safetensors.torch import load_file
+
+    from prefixvqa.adapter_io import AdapterLoadError
+    from prefixvqa.model import MedVQAAdapter
+    from prefixvqa.train import TrainConfig, train
+
+    records = vqa_rad_records()
+    assert len(records) >= 20  # the real VQA-RAD files of ../shared/realdata (10 images)
+    release = build_release(tmp_path)
+    folder = str(release["folder"])
+    model = MedVQAAdapter.from_vlm(folder, decoder={"dtype": "float32"},
+                                   tuning={"r": 8, "alpha": 16, "dropout": 0.0}, template={"max_length": 96})
+    run = train(model, records[:16], None, TrainConfig(
+        output_dir=str(tmp_path / "run"), epochs=4, batch_size=4, lr={"lora": 3e-3, "mapper": 1e-3},
+        eval_every_epoch=False, log_every=1, progress=False, tensorboard=False, plot=False))
+    losses = [h["loss"] for h in run.history if "loss" in h]
+    assert len(losses) >= 8 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    model.save_pretrained(tmp_path / "adapter")
+    saved = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"mapper.safetensors", "adapter_model.safetensors"} <= saved
+    assert not any(k.startswith(("encoder.", "decoder.")) for k in load_file(str(tmp_path / "adapter" /
+                                                                               "mapper.safetensors")))
+    loaded = MedVQAAdapter.from_pretrained(tmp_path / "adapter")
+    assert (loaded.config.decoder.name, loaded.config.decoder.layout) == (folder, "llava")
+    assert loaded.config.fingerprints["decoder"] == model.base_fingerprints["decoder"]
+    images, questions = [r.image for r in records[16:20]], [r.question for r in records[16:20]]
+    want = [(a.text, a.score) for a in model.eval().answer(images, questions, max_new_tokens=5)]
+    assert [(a.text, a.score) for a in loaded.answer(images, questions, max_new_tokens=5)] == want
+    # another checkpoint at the same path is not the base the adapter was trained on: refused
+    weights = load_file(str(release["folder"] / "model.safetensors"))
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] + 0.01
+    save_file(weights, str(release["folder"] / "model.safetensors"))
+    with pytest.raises(AdapterLoadError, match="decoder"):
+        MedVQAAdapter.from_pretrained(tmp_path / "adapter")
+
+
+def build_lora_release(root: Path) -> dict:
+    """A LLaVA LoRA release as LLaVA-Rad ships one: config.json (mm_* keys, an open_clip tower given by
+    vision_tower_config), the LoRA (adapter_config.json + weights) over a base Vicuna-style LM, and the projector in
+    `non_lora_trainables.bin` under its `base_model.model.model.mm_projector.*` names (a PyTorch file, as released)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefixvqa.rng import seeded
+
+    tower = build_clip(root / "clip")
+    base_dir = build_decoder(root / "vicuna", "llama")
+    lm = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    with seeded(3):
+        peft_model = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   init_lora_weights=False))
+        E = lm.config.hidden_size
+        proj = {"model.mm_projector.0.weight": torch.randn(E, 32) * 0.2, "model.mm_projector.0.bias": torch.randn(E),
+                "model.mm_projector.2.weight": torch.randn(E, E) * 0.2, "model.mm_projector.2.bias": torch.randn(E)}
+    release = root / "llavarad"
+    peft_model.save_pretrained(str(release))
+    torch.save({"base_model.model." + k: v for k, v in proj.items()}, release / "non_lora_trainables.bin")
+    config = lm.config.to_dict()
+    config.update(model_type="llava", mm_vision_tower="biomedclip_cxr_518", mm_hidden_size=32,
+                  mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+                  mm_use_im_start_end=False, image_aspect_ratio="pad",
+                  vision_tower_config="biomedclipcxr_518.json", vision_tower_checkpoint="biomedclipcxr_518.pt")
+    (release / "config.json").write_text(json.dumps(config))
+    merged = peft_model.merge_and_unload()
+    return {"folder": release, "tower": tower, "lm": merged, "projector": proj,
+            "tok": AutoTokenizer.from_pretrained(str(base_dir))}
+
+
+def test_llava_lora_release_equals_its_merged_llava(tmp_path, capsys):
+    from transformers import LlavaForConditionalGeneration
+
+    from prefixvqa.model import MedVQAAdapter
+    from prefixvqa.vlm_layouts import LayoutError
+
+    release = build_lora_release(tmp_path)
+    with pytest.raises(LayoutError, match=r"config.json: its tower 'biomedclip_cxr_518' is an open_clip model"):
+        MedVQAAdapter.from_vlm(str(release["folder"]))
+    model = MedVQAAdapter.from_vlm(str(release["folder"]), encoder={"name": str(release["tower"])},
+                                   decoder={"dtype": "float32"}, tuning={"mode": "frozen"}).eval()
+    assert "torch.load(weights_only=True)" in capsys.readouterr().out  # the .bin file is named when read
+    assert model.config.template.name == "vicuna_v1" and model.config.decoder.layout == "llava_lora"
+    vocab = len(release["tok"])
+    ref = LlavaForConditionalGeneration.from_pretrained(
+        str(convert_to_hf(release, tmp_path / "hf", -2, "patch")), dtype=torch.float32).eval()
+    image = picture(40, 50)
+    ids, pixels = reference_inputs(model, release["tok"], image, QUESTIONS[0], True, ref.config.image_token_id)
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=pixels).logits[..., :vocab]
+        got = model(**model.processor([image], [QUESTIONS[0]]), full_logits=True).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
