@@ -92,6 +92,13 @@ def decoder_architecture(cfg: AdapterConfig, override: str | dict | None = None,
     d = cfg.decoder
     if d.model_config is not None:
         return AutoConfig.for_model(**d.model_config), "decoder.model_config"
+    if d.layout in ("llava", "llava_hf"):  # the language model inside a released vision-language checkpoint
+        from .vlm_layouts import LayoutError, text_config
+
+        try:
+            return text_config(d.layout, d.name, d.revision), f"{d.name} ({d.layout} layout)"
+        except LayoutError:
+            pass  # not here: the recorded architecture below
     source, gguf = _resolve(d)
     try:
         kwargs = {"gguf_file": gguf} if gguf else {"revision": d.revision}

@@ -187,8 +187,11 @@ class MedVQAAdapter(nn.Module):
         `ModelNotAvailableError` before anything loads. Unknown names raise `ConfigError` listing `list_presets()`.
         The model is in training mode, ready for `train`."""
         from .presets import preset_config
+        from .vlm_import import load_release_weights
 
-        return cls(preset_config(name, **overrides), seed=seed)
+        model = cls(preset_config(name, **overrides), seed=seed)
+        load_release_weights(model)  # a released-weights preset (decoder.layout): its projector, as from_vlm
+        return model
 
     @classmethod
     def from_vlm(cls, source: str, *, revision: str | None = None, seed: int | None = 0,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 TINY_ENCODER: dict[str, Any] = {
-    "name": "ViT-B-32", "pretrained": None,
+    "backend": "open_clip", "revision": None, "layout": None, "name": "ViT-B-32", "pretrained": None,
     "model_overrides": {"embed_dim": 32,
                         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
                         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}},
@@ -97,7 +97,8 @@ def build_decoder(folder: str | Path, family: str, seed: int = 0, sizes: dict[st
 def tiny_overrides(decoder_folder: str | Path) -> dict[str, Any]:
     """Overrides that turn any preset into a tiny offline model (keeps the preset's mapper/tuning/template)."""
     return {"encoder": dict(TINY_ENCODER), "decoder": {"name": str(decoder_folder), "quantization": None,
-                                                       "gguf_file": None, "model_config": None, "dtype": "float32"},
+                                                       "gguf_file": None, "model_config": None, "dtype": "float32",
+                                                       "layout": None, "release": None, "revision": None},
             "mapper": {"hidden_dim": None, "heads": 2}, "template": {"max_length": 256}}
 
 

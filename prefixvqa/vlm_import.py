@@ -27,7 +27,7 @@ from .vlm_layouts import (LLAVA_TEXT_TYPES, PROJECTOR_KEYS, LayoutError, detect_
 if TYPE_CHECKING:
     from .model import MedVQAAdapter
 
-__all__ = ["from_vlm", "vlm_config", "LORA_TARGETS"]
+__all__ = ["from_vlm", "vlm_config", "load_release_weights", "LORA_TARGETS"]
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # LLaVA: every linear
 _TEMPLATES = {"llama": "vicuna_v1", "mistral": "mistral_instruct"}  # the language model's conversation format
@@ -129,8 +129,20 @@ def from_vlm(cls: type[MedVQAAdapter], source: str, *, revision: str | None = No
     if overrides:
         config = config.replace(**overrides)
     model = cls(config, seed=seed)
+    load_release_weights(model)
+    return model
+
+
+def load_release_weights(model: MedVQAAdapter) -> None:
+    """Load the projector of the checkpoint the decoder is read from (`decoder.layout`) into the mapper (every
+    tensor, exact shapes) and LLaVA's `<im_start>` / `<im_end>` rows into its delimiters: what `from_vlm` and a
+    released-weights preset (`from_preset`) do after building the model."""
+    d = model.config.decoder
+    if not d.layout:
+        return
+    source = d.release if d.layout == "llava_lora" else d.name
     mapper = model.mapper.mapper if model.config.template.image_start_end else model.mapper
-    state = projector_state(source, layout, revision)
+    state = projector_state(source, d.layout, d.revision)
     expected = mapper.state_dict()
     missing = sorted(set(expected) - set(state))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -140,7 +152,6 @@ def from_vlm(cls: type[MedVQAAdapter], source: str, *, revision: str | None = No
     mapper.load_state_dict({k: state[k] for k in expected})
     if model.config.template.image_start_end:
         _load_delimiters(model, source)
-    return model
 
 
 def _load_delimiters(model: MedVQAAdapter, source: str) -> None:
