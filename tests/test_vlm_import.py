@@ -322,3 +322,29 @@ def test_llava_lora_release_equals_its_merged_llava(tmp_path, capsys):
         want = ref(input_ids=ids, pixel_values=pixels).logits[..., :vocab]
         got = model(**model.processor([image], [QUESTIONS[0]]), full_logits=True).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_released_weights_preset_equals_from_vlm_and_exports_merged(tmp_path):
+    from prefixvqa.export import export_merged
+    from prefixvqa.model import MedVQAAdapter
+
+    release = build_release(tmp_path)  # laid out as LLaVA-Med v1.5
+    over = {"encoder": {"name": str(release["tower"])}, "decoder": {"name": str(release["folder"]), "dtype": "float32"},
+            "tuning": {"r": 4, "alpha": 8, "dropout": 0.0}, "template": {"max_length": 96}}
+    preset = MedVQAAdapter.from_preset("llava_med_v15_mistral_7b", **over).eval()
+    vlm = MedVQAAdapter.from_vlm(str(release["folder"]), **over).eval()
+    assert preset.config.encoder == vlm.config.encoder and preset.config.mapper == vlm.config.mapper
+    image = picture(50, 30)
+    batch = preset.processor([image], [QUESTIONS[0]], ["no"])
+    with torch.no_grad():
+        for name, p in preset.decoder.named_parameters():  # a LoRA that changes the answer, as training leaves it
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        vlm.load_state_dict(preset.state_dict())
+        want = preset(**batch, full_logits=True).logits
+        assert torch.equal(vlm(**batch, full_logits=True).logits, want)
+    folder, _ = export_merged(preset, tmp_path / "export")
+    merged = MedVQAAdapter.from_pretrained(folder)
+    assert merged.config.decoder.layout is None and merged.config.tuning.mode == "frozen"
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch, full_logits=True).logits, want, rtol=1e-4, atol=1e-5)  # as test_tuning
