@@ -123,6 +123,13 @@ def encoder_architecture(cfg: AdapterConfig, override: str | dict | None = None,
     if override is not None:
         data = json.loads(Path(override).read_text()) if not isinstance(override, dict) else override
         base, source = data.get("model_cfg", data), "--encoder-config"
+    elif e.name.endswith(".json") and not (recorded and recorded.get("name") == e.name):
+        from .vision import ModelNotAvailableError, resolve_file  # an open_clip config file (LLaVA-Rad's tower)
+
+        try:
+            base, source = json.loads(resolve_file(e.name).read_text()), e.name
+        except ModelNotAvailableError as exc:
+            raise ConfigError(f"fit-check needs encoder {e.name!r}: {exc}; pass --encoder-config FILE") from None
     elif not e.name.startswith("hf-hub:") and open_clip.get_model_config(e.name):
         base, source = open_clip.get_model_config(e.name), f"open_clip config {e.name}"
     elif recorded and recorded.get("name") == e.name:

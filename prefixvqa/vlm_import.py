@@ -52,6 +52,8 @@ def vlm_config(source: str, revision: str | None = None, layout: str | None = No
     encoder = {"backend": "transformers", "name": config["mm_vision_tower"], "features": "patches",
                "layer": _block(config["mm_vision_select_layer"], path), "keep_cls": feature == "cls_patch",
                "image_aspect_ratio": "pad" if config.get("image_aspect_ratio") == "pad" else "square"}
+    if "vision_tower_config" in config:  # LLaVA-Rad's open_clip tower: a model config file + a checkpoint
+        encoder.update(backend="open_clip", **_open_clip_tower(source, config, path))
     if layout == "llava_lora":
         adapter, adapter_path = read_config(source, revision, "adapter_config.json")
         require(adapter, adapter_path, "base_model_name_or_path")
@@ -66,6 +68,31 @@ def vlm_config(source: str, revision: str | None = None, layout: str | None = No
         "template": {"name": _TEMPLATES[text_type], "image_position": "before_question", "max_length": 2048,
                      "image_start_end": bool(config.get("mm_use_im_start_end", False))},
         "name": f"from_vlm:{layout}", "description": f"imported from {source} ({layout} layout)"})
+
+
+#: the tower config LLaVA-Rad's OpenCLIPVisionTower downloads from its release when the configured path is absent
+LLAVA_RAD_TOWER_CONFIG = "biomedclipcxr_518.json"
+
+
+def _open_clip_tower(source: str, config: dict, path: Any) -> dict[str, Any]:
+    """`name` / `pretrained` of an open_clip tower given by file (LLaVA-Rad's OpenCLIPVisionTower): the path the config
+    names when it exists here, else the file in the release (folder or hub repo), as LLaVA-Rad falls back to its
+    release repo (the config: the file of that name, else `biomedclipcxr_518.json`, the name LLaVA-Rad downloads)."""
+    from pathlib import Path
+
+    require(config, path, "vision_tower_checkpoint")
+    folder = Path(source).expanduser()
+
+    def where(ref: str, fallback: str | None = None) -> str:
+        if Path(ref).expanduser().is_file():
+            return ref
+        if not folder.is_dir():
+            return f"{source}/{fallback or Path(ref).name}"
+        names = [Path(ref).name] + ([fallback] if fallback else [])
+        return str(next((folder / n for n in names if (folder / n).is_file()), folder / names[-1]))
+
+    return {"name": where(config["vision_tower_config"], LLAVA_RAD_TOWER_CONFIG),
+            "pretrained": where(config["vision_tower_checkpoint"])}
 
 
 def _block(select_layer: int, path: Any) -> int:
@@ -121,11 +148,6 @@ def from_vlm(cls: type[MedVQAAdapter], source: str, *, revision: str | None = No
     mapper (every tensor, exact shapes) and LLaVA's `<im_start>` / `<im_end>` rows into its delimiters."""
     layout = detect_layout(source, revision)
     config = vlm_config(source, revision, layout)
-    raw, path = read_config(source, revision)
-    if "vision_tower_config" in raw and "encoder" not in overrides:  # LLaVA-Rad: an open_clip config + .pt file
-        raise LayoutError(f"{path}: its tower {raw['mm_vision_tower']!r} is an open_clip model given by "
-                          f"vision_tower_config={raw['vision_tower_config']!r} and a checkpoint file; pass "
-                          f"encoder={{...}} naming that tower (see the llava_rad preset)")
     if overrides:
         config = config.replace(**overrides)
     model = cls(config, seed=seed)

@@ -119,8 +119,14 @@ def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    import pickle
+
     print(f"prefixvqa: reading {path} with torch.load(weights_only=True): the release has no safetensors file")
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as exc:
+        raise LayoutError(f"{path}: holds objects other than tensors, which prefixvqa does not unpickle (it reads "
+                          f"released PyTorch files with weights_only=True only): {str(exc).splitlines()[0]}") from None
 
 
 def read_tensors(source: str, pattern: str, revision: str | None = None, files: list[Path] | None = None

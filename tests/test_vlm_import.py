@@ -304,13 +304,12 @@ def test_llava_lora_release_equals_its_merged_llava(tmp_path, capsys):
     from transformers import LlavaForConditionalGeneration
 
     from prefixvqa.model import MedVQAAdapter
-    from prefixvqa.vlm_layouts import LayoutError
 
     release = build_lora_release(tmp_path)
-    with pytest.raises(LayoutError, match=r"config.json: its tower 'biomedclip_cxr_518' is an open_clip model"):
-        MedVQAAdapter.from_vlm(str(release["folder"]))
-    model = MedVQAAdapter.from_vlm(str(release["folder"]), encoder={"name": str(release["tower"])},
-                                   decoder={"dtype": "float32"}, tuning={"mode": "frozen"}).eval()
+    assert MedVQAAdapter.from_vlm  # the release's own open_clip tower: test_llava_rad_release_with_its_own_tower
+    model = MedVQAAdapter.from_vlm(str(release["folder"]), decoder={"dtype": "float32"}, tuning={"mode": "frozen"},
+                                   encoder={"backend": "transformers", "name": str(release["tower"]),
+                                            "pretrained": None}).eval()
     assert "torch.load(weights_only=True)" in capsys.readouterr().out  # the .bin file is named when read
     assert model.config.template.name == "vicuna_v1" and model.config.decoder.layout == "llava_lora"
     vocab = len(release["tok"])
@@ -348,3 +347,68 @@ def test_released_weights_preset_equals_from_vlm_and_exports_merged(tmp_path):
     assert merged.config.decoder.layout is None and merged.config.tuning.mode == "frozen"
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch, full_logits=True).logits, want, rtol=1e-4, atol=1e-5)  # as test_tuning
+
+
+#: LLaVA-Rad's tower config (biomedclipcxr_518.json) with a smaller trunk (DINOv2 ViT-S/14); the test runs it at 28 px
+CXR_TOWER = {"embed_dim": 16, "vision_cfg": {"timm_model_name": "vit_small_patch14_dinov2", "timm_model_pretrained": False,
+                                             "timm_pool": "", "timm_proj": "linear", "image_size": 518},
+             "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                          "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                          "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
+                          "context_length": 256}}
+
+
+@pytest.mark.slow
+def test_llava_rad_release_with_its_own_tower(tmp_path, capsys):
+    """LLaVA-Rad as released: its open_clip tower given by a config file + checkpoint inside the release. The
+    reference is LLaVA-Rad's own computation (open_clip_encoder.py VisionTower: patch_embed, _pos_embed, norm_pre,
+    the blocks; hidden_states[-2][:, 1:]), its mlp2x_gelu projector and the merged language model."""
+    import open_clip
+    from open_clip.model import _build_vision_tower
+
+    from prefixvqa.model import MedVQAAdapter
+    from prefixvqa.rng import seeded
+
+    release = build_lora_release(tmp_path)
+    folder = release["folder"]
+    config = json.loads((folder / "config.json").read_text())
+    config.update(mm_hidden_size=384, vision_tower_config="llava/model/multimodal_encoder/open_clip_encoder/"
+                  "model_configs/biomedclip_cxr_518.json")  # a path of the training machine: the file is found in the release
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "biomedclipcxr_518.json").write_text(json.dumps(CXR_TOWER))  # the name LLaVA-Rad's release uses
+    with seeded(4):
+        visual = _build_vision_tower(CXR_TOWER["embed_dim"], CXR_TOWER["vision_cfg"]).eval()
+        E = release["lm"].config.hidden_size
+        proj = {"model.mm_projector.0.weight": torch.randn(E, 384) * 0.05, "model.mm_projector.0.bias": torch.randn(E),
+                "model.mm_projector.2.weight": torch.randn(E, E) * 0.2, "model.mm_projector.2.bias": torch.randn(E)}
+    torch.save({"state_dict": {"module.visual." + k: v for k, v in visual.state_dict().items()}},
+               folder / "biomedclipcxr_518.pt")
+    visual.set_input_size(28)  # what encoder.image_size=28 does (open_clip's force_image_size): a fast CPU test
+    torch.save({"base_model.model." + k: v for k, v in proj.items()}, folder / "non_lora_trainables.bin")
+    model = MedVQAAdapter.from_vlm(str(folder), decoder={"dtype": "float32"}, tuning={"mode": "frozen"},
+                                   encoder={"image_size": 28}).eval()
+    assert model.config.encoder.backend == "open_clip" and model.config.encoder.name == str(folder /
+                                                                                         "biomedclipcxr_518.json")
+    assert "biomedclipcxr_518.pt with torch.load(weights_only=True)" in capsys.readouterr().out
+    image = picture(40, 50)
+    pad = tuple(int(x * 255) for x in open_clip.OPENAI_DATASET_MEAN)
+    pixels = open_clip.image_transform(28, is_train=False)(llava_expand2square(image, pad))[None]
+    batch = model.processor([image], [QUESTIONS[0]])
+    assert torch.equal(batch["pixel_values"], pixels)
+    with torch.no_grad():
+        trunk = visual.trunk
+        x = trunk.norm_pre(trunk._pos_embed(trunk.patch_embed(pixels)))
+        states = [x]
+        for block in trunk.blocks:
+            x = block(x)
+            states.append(x)
+        feats = states[-2][:, 1:]
+        h = torch.nn.functional.gelu(torch.nn.functional.linear(feats, proj["model.mm_projector.0.weight"],
+                                                                proj["model.mm_projector.0.bias"]))
+        prefix = torch.nn.functional.linear(h, proj["model.mm_projector.2.weight"], proj["model.mm_projector.2.bias"])
+        sample = model.processor.tokenize(QUESTIONS[0])
+        emb = release["lm"].get_input_embeddings()
+        embeds = torch.cat([emb(torch.tensor([sample.pieces[0]])), prefix, emb(torch.tensor([sample.pieces[1]]))], 1)
+        want = release["lm"](inputs_embeds=embeds).logits
+        got = model(**batch, full_logits=True).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
