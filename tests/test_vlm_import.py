@@ -41,7 +41,8 @@ def build_clip(folder: Path) -> Path:
 
 
 def build_release(root: Path, *, text: str = "mistral", projector: str = "mlp2x_gelu", layer: int = -2,
-                  feature: str = "patch", aspect: str = "pad", start_end: bool = False) -> dict:
+                  feature: str = "patch", aspect: str = "pad", start_end: bool = False, sizes: dict | None = None
+                  ) -> dict:
     """A LLaVA-layout checkpoint as LLaVA's trainer saves it (config.json with mm_* keys, the language model's
     tensors under their LlamaForCausalLM/MistralForCausalLM names, `model.mm_projector.*` beside them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,7 +50,7 @@ def build_release(root: Path, *, text: str = "mistral", projector: str = "mlp2x_
     from prefixvqa.rng import seeded
 
     tower = build_clip(root / "clip")
-    lm_dir = build_decoder(root / "lm", text)
+    lm_dir = build_decoder(root / "lm", text, sizes=sizes)
     lm = AutoModelForCausalLM.from_pretrained(str(lm_dir))
     tok = AutoTokenizer.from_pretrained(str(lm_dir))
     if start_end:  # LLaVA adds the tokens and resizes the embeddings (initialize_vision_tokenizer)
@@ -134,7 +135,8 @@ CASES = [  # (text model, projector, select layer, select feature, image_aspect_
 ]
 
 
-@pytest.mark.parametrize("text, projector, layer, feature, aspect, start_end", CASES)
+@pytest.mark.parametrize("text, projector, layer, feature, aspect, start_end", [
+    pytest.param(*CASES[0], marks=pytest.mark.slow), CASES[1]])
 def test_llava_layout_equals_transformers_llava(tmp_path, text, projector, layer, feature, aspect, start_end):
     from transformers import LlavaForConditionalGeneration
 
@@ -412,3 +414,23 @@ def test_llava_rad_release_with_its_own_tower(tmp_path, capsys):
         want = release["lm"](inputs_embeds=embeds).logits
         got = model(**batch, full_logits=True).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+def test_qlora_on_an_imported_checkpoint(tmp_path):
+    """QLoRA: the released language model read out of the LLaVA layout in 4-bit NF4, LoRA and the projector train."""
+    pytest.importorskip("bitsandbytes")
+    from prefixvqa.model import MedVQAAdapter
+    from prefixvqa.testing import QUANT_SIZES
+
+    release = build_release(tmp_path, sizes=QUANT_SIZES["mistral"])
+    model = MedVQAAdapter.from_vlm(str(release["folder"]), decoder={"quantization": "4bit", "dtype": "float32"},
+                                   tuning={"r": 4, "alpha": 8}, template={"max_length": 64})
+    assert model.parameter_report()["decoder"]["trainable"] == 0
+    records = vqa_rad_records()[:2]
+    model.set_trainable("mapper", "lora")
+    out = model(**model.processor([r.image for r in records], [r.question for r in records],
+                                  [r.answer for r in records]))
+    out.loss.backward()
+    grads = {g: any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in ps)
+             for g, ps in model.parameter_groups().items() if g in ("mapper", "lora")}
+    assert torch.isfinite(out.loss) and grads == {"mapper": True, "lora": True}
