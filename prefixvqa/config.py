@@ -23,7 +23,7 @@ from .errors import shorten
 from .tuning import DEFAULT_LORA_TARGETS, TUNING_MODES, TuningMode, get_tuning_mode  # noqa: F401 (re-exported)
 
 FeatureKind = Literal["pooled", "patches"]  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)
-EncoderBackend = Literal["open_clip", "transformers"]  # which library builds the tower (vision.py / vision_hf.py)
+EncoderBackend = Literal["open_clip", "open_clip_file", "transformers"]  # who builds the tower (encoders.BACKENDS)
 VLMLayout = Literal["llava", "llava_lora", "llava_hf"]  # how a released vision-language checkpoint is laid out
 AspectRatio = Literal["square", "pad"]  # LLaVA's image_aspect_ratio: the processor's own resize, or pad to square first
 MapperKind = Literal["linear", "mlp", "mlp2x_gelu", "transformer", "resampler", "query_decoder"]
@@ -143,7 +143,9 @@ def check_types(obj: Any, section: str) -> None:
 @dataclass
 class EncoderConfig:
     """The image tower. `backend` "open_clip": `name` is an open_clip model name or "hf-hub:org/repo" and
-    `pretrained` a tag ("openai"), a local checkpoint file, or None for random weights. `backend` "transformers":
+    `pretrained` a tag ("openai"), a local checkpoint file, or None for random weights. "open_clip_file": `name` is
+    an open_clip model config JSON and `pretrained` its checkpoint (each a path or org/repo/file; LLaVA-Rad's
+    tower). `backend` "transformers":
     `name` is a hub id or local folder of a transformers image model (CLIPVisionModel, SiglipVisionModel, Dinov2Model,
     any AutoModel backbone with hidden states) with its image processor; `revision` pins a hub revision."""
 

@@ -2,6 +2,7 @@
 set, the availability check, fit-check) asks it here instead of knowing the libraries.
 
     open_clip      prefixvqa/vision.py     open_clip towers (OpenAI CLIP, BiomedCLIP, ...)
+    open_clip_file prefixvqa/vision.py     an open_clip tower given by a model config file + checkpoint (LLaVA-Rad)
     transformers   prefixvqa/vision_hf.py  CLIPVisionModel, SiglipVisionModel, Dinov2Model, AutoModel backbones
 """
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import ENCODER_BACKENDS, EncoderConfig
-from .vision import VisionEncoder, check_encoder_available
+from .vision import VisionEncoder, check_config_file_tower, check_encoder_available
 from .vision_hf import HFVisionEncoder, check_hf_encoder_available
 
 __all__ = ["Backend", "BACKENDS", "backend", "build_encoder", "check_encoder", "wrap_tower"]
@@ -33,6 +34,7 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {
     "open_clip": Backend("open_clip", VisionEncoder, check_encoder_available, "open_clip"),
+    "open_clip_file": Backend("open_clip_file", VisionEncoder, check_config_file_tower, "open_clip (config file)"),
     "transformers": Backend("transformers", HFVisionEncoder, check_hf_encoder_available, "transformers"),
 }
 assert tuple(BACKENDS) == ENCODER_BACKENDS, "BACKENDS must list config.ENCODER_BACKENDS"

@@ -123,7 +123,7 @@ def encoder_architecture(cfg: AdapterConfig, override: str | dict | None = None,
     if override is not None:
         data = json.loads(Path(override).read_text()) if not isinstance(override, dict) else override
         base, source = data.get("model_cfg", data), "--encoder-config"
-    elif e.name.endswith(".json") and not (recorded and recorded.get("name") == e.name):
+    elif e.backend == "open_clip_file" and not (recorded and recorded.get("name") == e.name):
         from .vision import ModelNotAvailableError, resolve_file  # an open_clip config file (LLaVA-Rad's tower)
 
         try:

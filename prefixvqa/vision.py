@@ -74,8 +74,8 @@ class VisionEncoder(nn.Module):
         """Build the tower; `dtype` (e.g. torch.bfloat16) casts a frozen one (cfg.freeze) for that compute dtype."""
         import open_clip
 
-        check_encoder_available(cfg)
-        if cfg.name.endswith(".json"):  # an open_clip model config file (LLaVA-Rad's BiomedCLIP-CXR-518)
+        (check_config_file_tower if cfg.backend == "open_clip_file" else check_encoder_available)(cfg)
+        if cfg.backend == "open_clip_file":  # an open_clip model config file (LLaVA-Rad's BiomedCLIP-CXR-518)
             visual, preprocess = tower_from_config_file(cfg)
         else:
             kwargs: dict[str, Any] = dict(cfg.model_overrides)
@@ -236,9 +236,6 @@ def check_encoder_available(cfg: EncoderConfig) -> None:
 
     if cfg.name.startswith("hf-hub:"):
         require_hub_file(cfg.name[len("hf-hub:"):], "open_clip_config.json", f"encoder {cfg.name!r}")
-        return
-    if cfg.name.endswith(".json"):
-        check_config_file_tower(cfg)
         return
     if cfg.name not in open_clip.list_models():
         raise ModelNotAvailableError(f"encoder.name={cfg.name!r} is not an open_clip model; "

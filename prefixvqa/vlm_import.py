@@ -53,7 +53,7 @@ def vlm_config(source: str, revision: str | None = None, layout: str | None = No
                "layer": _block(config["mm_vision_select_layer"], path), "keep_cls": feature == "cls_patch",
                "image_aspect_ratio": "pad" if config.get("image_aspect_ratio") == "pad" else "square"}
     if "vision_tower_config" in config:  # LLaVA-Rad's open_clip tower: a model config file + a checkpoint
-        encoder.update(backend="open_clip", **_open_clip_tower(source, config, path))
+        encoder.update(backend="open_clip_file", **_open_clip_tower(source, config, path))
     if layout == "llava_lora":
         adapter, adapter_path = read_config(source, revision, "adapter_config.json")
         require(adapter, adapter_path, "base_model_name_or_path")

@@ -98,7 +98,7 @@ def test_only_the_blocks_up_to_the_selected_layer_run(towers):
 
 
 def test_config_rules():
-    assert tuple(BACKENDS) == ("open_clip", "transformers")
+    assert tuple(BACKENDS) == ("open_clip", "open_clip_file", "transformers")
     with pytest.raises(ConfigError, match="encoder.backend"):
         EncoderConfig(backend="timm")
     with pytest.raises(ConfigError, match="encoder.pretrained is an open_clip setting"):

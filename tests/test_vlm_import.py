@@ -389,7 +389,7 @@ def test_llava_rad_release_with_its_own_tower(tmp_path, capsys):
     torch.save({"base_model.model." + k: v for k, v in proj.items()}, folder / "non_lora_trainables.bin")
     model = MedVQAAdapter.from_vlm(str(folder), decoder={"dtype": "float32"}, tuning={"mode": "frozen"},
                                    encoder={"image_size": 28}).eval()
-    assert model.config.encoder.backend == "open_clip" and model.config.encoder.name == str(folder /
+    assert model.config.encoder.backend == "open_clip_file" and model.config.encoder.name == str(folder /
                                                                                          "biomedclipcxr_518.json")
     assert "biomedclipcxr_518.pt with torch.load(weights_only=True)" in capsys.readouterr().out
     image = picture(40, 50)
