@@ -60,7 +60,24 @@ def _resolve(cfg: DecoderConfig) -> tuple[str, str | None]:
 
 
 def check_decoder_available(cfg: DecoderConfig) -> None:
-    """Fail fast with the hub id or path the decoder needs, instead of a traceback from inside transformers."""
+    """Fail fast with the hub id or path the decoder needs, instead of a traceback from inside transformers (the base
+    model and, for a LoRA release merged into it, the release: both named in one error)."""
+    problems = []
+    for check in (_check_source, _check_release):
+        try:
+            check(cfg)
+        except ModelNotAvailableError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ModelNotAvailableError("\n".join(problems))
+
+
+def _check_release(cfg: DecoderConfig) -> None:
+    if cfg.release and not Path(cfg.release).expanduser().is_dir():  # a LoRA release merged in (llava_lora)
+        require_hub_file(cfg.release, "adapter_config.json", f"decoder.release {cfg.release!r}")
+
+
+def _check_source(cfg: DecoderConfig) -> None:
     source, gguf = _resolve(cfg)
     local = Path(source).expanduser()
     if local.is_dir():

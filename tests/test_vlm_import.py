@@ -434,3 +434,15 @@ def test_qlora_on_an_imported_checkpoint(tmp_path):
     grads = {g: any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in ps)
              for g, ps in model.parameter_groups().items() if g in ("mapper", "lora")}
     assert torch.isfinite(out.loss) and grads == {"mapper": True, "lora": True}
+
+
+@pytest.mark.parametrize("name, needed", [
+    ("llava_med_v15_mistral_7b", ["microsoft/llava-med-v1.5-mistral-7b", "openai/clip-vit-large-patch14-336"]),
+    ("llava_rad", ["lmsys/vicuna-7b-v1.5", "microsoft/llava-rad", "biomedclipcxr_518.json"])])
+def test_released_weights_presets_fail_fast_offline_naming_what_they_need(name, needed):
+    from prefixvqa.model import MedVQAAdapter
+    from prefixvqa.vision import ModelNotAvailableError
+
+    with pytest.raises(ModelNotAvailableError) as err:
+        MedVQAAdapter.from_preset(name)
+    assert all(n in str(err.value) for n in needed), str(err.value)
