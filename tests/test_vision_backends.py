@@ -166,7 +166,7 @@ def test_retrieval_grounding_and_answers(adapters, name, tmp_path):
 
 
 @pytest.mark.parametrize("name", KINDS)
-def test_save_load_and_export_round_trip(adapters, name, tmp_path):
+def test_save_load_hub_and_export_round_trip(adapters, name, tmp_path):
     from prefixvqa.export import export_merged
     from prefixvqa.model import MedVQAAdapter
 
@@ -178,6 +178,14 @@ def test_save_load_and_export_round_trip(adapters, name, tmp_path):
     loaded = MedVQAAdapter.from_pretrained(tmp_path / "adapter")
     assert loaded.config.encoder == model.config.encoder
     assert [a.text for a in loaded.answer(images, questions, max_new_tokens=4)] == want
+    from prefixvqa.hub import Hub
+
+    hub = Hub(tmp_path / "hub")
+    ref = hub.push(tmp_path / "adapter", name="tower")
+    (row,) = hub.list()
+    assert row["available"] and row["encoder"] == str(model.config.encoder.name)
+    pulled = MedVQAAdapter.from_pretrained(hub.pull(ref, tmp_path / "pulled"))
+    assert [a.text for a in pulled.answer(images, questions, max_new_tokens=4)] == want
     folder, _ = export_merged(loaded, tmp_path / "export")
     merged = MedVQAAdapter.from_pretrained(folder)
     assert [a.text for a in merged.answer(images, questions, max_new_tokens=4)] == want
