@@ -150,6 +150,7 @@ def test_cache_keys_differ_by_tower(adapters, tmp_path):
     assert len(namespaces) == len(adapters)
 
 
+@pytest.mark.slow  # ~5 s per tower on a shared 2-core machine
 @pytest.mark.parametrize("name", TOWERS)
 def test_retrieval_grounding_and_answers(adapters, name, tmp_path):
     from prefixvqa.explain import grounding_map
