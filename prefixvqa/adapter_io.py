@@ -471,7 +471,7 @@ base_model: {cfg.decoder.name}
 
 | part | setting |
 |---|---|
-| encoder | open_clip `{cfg.encoder.name}` (pretrained: `{cfg.encoder.pretrained}`), {cfg.encoder.features} features |
+| encoder | {cfg.encoder.backend} `{cfg.encoder.name}` (pretrained: `{cfg.encoder.pretrained}`), {cfg.encoder.features} features |
 | mapper | `{cfg.mapper.kind}`, prefix length {cfg.mapper.prefix_length}, {cfg.mapper.in_dim} -> {cfg.mapper.out_dim} |
 | decoder | `{cfg.decoder.name}` ({cfg.decoder.dtype}, quantization: {cfg.decoder.quantization}) |
 | tuning | `{cfg.tuning.mode}` (r={cfg.tuning.r}, alpha={cfg.tuning.alpha}) |

@@ -81,9 +81,9 @@ class AdapterSet:
         """The base image tower (untrained by any adapter), built once if the first adapter trained its own."""
         if self._base_encoder is None:
             from .decoder import fingerprint
-            from .vision import VisionEncoder
+            from .encoders import build_encoder
 
-            enc = VisionEncoder.from_config(self.model.config.encoder).to(self.model.device).eval()
+            enc = build_encoder(self.model.config.encoder).to(self.model.device).eval()
             got = fingerprint(enc.visual, {"name": self.model.config.encoder.name})
             if got != self.model.base_fingerprints["encoder"]:
                 raise AdapterLoadError(f"rebuilt base encoder has fingerprint {got}, expected "
@@ -120,8 +120,8 @@ class AdapterSet:
 
     def _own_parts(self, folder: AdapterFolder) -> tuple["nn.Module", "VisionEncoder"]:
         """The adapter's mapper, and its image tower: its own trained copy, or the shared base tower when frozen."""
+        from .encoders import wrap_tower
         from .mappers import build_mapper
-        from .vision import VisionEncoder
 
         cfg = folder.config
         state = folder.read_tensors()
@@ -133,7 +133,7 @@ class AdapterSet:
         visual = base.visual if cfg.encoder.freeze else copy.deepcopy(base.visual)  # a trained tower: its own copy
         parts = ["mapper"] + ([] if cfg.encoder.freeze else ["encoder"])
         folder.load_parts({"mapper": mapper, "encoder": visual}, parts, state)
-        encoder = VisionEncoder(visual, base.preprocess, cfg.encoder).eval()
+        encoder = wrap_tower(visual, base.preprocess, cfg.encoder).eval()
         return mapper.to(self.model.device).eval(), encoder
 
     def _check_compatible(self, folder: Path, cfg: "AdapterConfig") -> None:

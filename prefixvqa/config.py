@@ -23,6 +23,9 @@ from .errors import shorten
 from .tuning import DEFAULT_LORA_TARGETS, TUNING_MODES, TuningMode, get_tuning_mode  # noqa: F401 (re-exported)
 
 FeatureKind = Literal["pooled", "patches"]  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)
+EncoderBackend = Literal["open_clip", "open_clip_file", "transformers"]  # who builds the tower (encoders.BACKENDS)
+VLMLayout = Literal["llava", "llava_lora", "llava_hf"]  # how a released vision-language checkpoint is laid out
+AspectRatio = Literal["square", "pad"]  # LLaVA's image_aspect_ratio: the processor's own resize, or pad to square first
 MapperKind = Literal["linear", "mlp", "mlp2x_gelu", "transformer", "resampler", "query_decoder"]
 Activation = Literal["tanh", "gelu", "relu", "silu"]
 Quantization = Literal["8bit", "4bit"]  # bitsandbytes LLM.int8 / NF4 (QLoRA); None = full precision
@@ -33,6 +36,9 @@ TuningBias = Literal["none", "all", "lora_only"]  # peft LoraConfig.bias
 ParamGroup = Literal["encoder", "mapper", "lora", "decoder"]  # "lora" holds every peft tensor (LoRA or soft prompts)
 
 FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
+ENCODER_BACKENDS: tuple[str, ...] = get_args(EncoderBackend)
+ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
+VLM_LAYOUTS: tuple[str, ...] = get_args(VLMLayout)
 MAPPER_KINDS: tuple[str, ...] = get_args(MapperKind)
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 QUANTIZATIONS: tuple[str | None, ...] = (None, *get_args(Quantization))
@@ -136,21 +142,40 @@ def check_types(obj: Any, section: str) -> None:
 
 @dataclass
 class EncoderConfig:
-    """open_clip image tower. `pretrained` is a tag ("openai"), a local checkpoint file, or None for random weights."""
+    """The image tower. `backend` "open_clip": `name` is an open_clip model name or "hf-hub:org/repo" and
+    `pretrained` a tag ("openai"), a local checkpoint file, or None for random weights. "open_clip_file": `name` is
+    an open_clip model config JSON and `pretrained` its checkpoint (each a path or org/repo/file; LLaVA-Rad's
+    tower). `backend` "transformers":
+    `name` is a hub id or local folder of a transformers image model (CLIPVisionModel, SiglipVisionModel, Dinov2Model,
+    any AutoModel backbone with hidden states) with its image processor; `revision` pins a hub revision."""
 
-    name: str = "ViT-B-32"  # open_clip model name or "hf-hub:org/repo"
+    name: str = "ViT-B-32"  # open_clip model name or "hf-hub:org/repo"; transformers: hub id or folder
     pretrained: str | None = None
     features: FeatureKind = "pooled"  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)
     layer: int = -1  # transformer block whose patch tokens are used (-2 = LLaVA's penultimate layer)
-    keep_cls: bool = False  # keep the class token in front of the patch tokens
+    keep_cls: bool = False  # keep the class token (and any register tokens) in front of the patch tokens
     image_size: int | None = None  # force a different input resolution
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the open_clip model config
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the model config
     init_seed: int = 0  # random init is seeded so pretrained=None rebuilds the same weights
     freeze: bool = True
+    backend: EncoderBackend = "open_clip"
+    revision: str | None = None  # transformers backend: the hub revision of `name`
+    image_aspect_ratio: AspectRatio = "square"  # "pad": pad to a square with the mean colour first (LLaVA's "pad")
+    layout: VLMLayout | None = None  # "llava_hf": the tower inside the LlavaForConditionalGeneration folder `name`
 
     def __post_init__(self) -> None:
         check_types(self, "encoder")
-        _check(bool(self.name), "encoder.name must be an open_clip model name or an 'hf-hub:' id")
+        _check(bool(self.name), "encoder.name must name the tower: an open_clip model name or 'hf-hub:' id, or a "
+                                "transformers hub id or folder (encoder.backend='transformers')")
+        if self.backend == "transformers":
+            _check(self.pretrained is None, "encoder.pretrained is an open_clip setting; the transformers backend "
+                                            "loads the weights of encoder.name (pin them with encoder.revision)")
+            _check(self.image_size is None, "encoder.image_size is an open_clip setting; the transformers backend "
+                                            "takes the size its image processor gives")
+            _check(self.layout in (None, "llava_hf"), "encoder.layout: only 'llava_hf' holds a tower inside it")
+        else:
+            _check(self.revision is None and self.layout is None,
+                   "encoder.revision and encoder.layout apply to encoder.backend='transformers'")
 
 
 @dataclass
@@ -196,9 +221,18 @@ class DecoderConfig:
     quantization: Quantization | None = None
     gradient_checkpointing: bool = False
     init_seed: int = 0
+    # a released vision-language checkpoint's language model (prefixvqa/vlm_layouts.py): "llava" reads it out of
+    # the LLaVA checkpoint `name`; "llava_hf" out of a LlavaForConditionalGeneration folder; "llava_lora" is `name`
+    # (the base LM) with the LoRA of the release `release` merged in, as LLaVA's builder loads LoRA releases
+    layout: VLMLayout | None = None
+    release: str | None = None
 
     def __post_init__(self) -> None:
         check_types(self, "decoder")
+        _check((self.layout == "llava_lora") == (self.release is not None),
+               "decoder.release (a LoRA release folder or hub id) goes with decoder.layout='llava_lora', and only there")
+        _check(not (self.layout and (self.model_config is not None or self.gguf_file)),
+               "decoder.layout reads a released checkpoint; it cannot be combined with decoder.model_config or gguf_file")
         _check(self.model_config is None or "model_type" in self.model_config,
                "decoder.model_config needs a 'model_type' key (e.g. 'gpt2', 'llama', 'biogpt')")
         _check(not (self.model_config is not None and self.quantization),

@@ -18,7 +18,8 @@ from torch import nn
 from .config import AdapterConfig, DecoderConfig, TuningConfig
 from .fileio import atomic_dir, package_file
 from .rng import seeded
-from .vision import ModelNotAvailableError, check_encoder_available, require_hub_file
+from .encoders import check_encoder
+from .vision import ModelNotAvailableError, require_hub_file
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,24 @@ def _resolve(cfg: DecoderConfig) -> tuple[str, str | None]:
 
 
 def check_decoder_available(cfg: DecoderConfig) -> None:
-    """Fail fast with the hub id or path the decoder needs, instead of a traceback from inside transformers."""
+    """Fail fast with the hub id or path the decoder needs, instead of a traceback from inside transformers (the base
+    model and, for a LoRA release merged into it, the release: both named in one error)."""
+    problems = []
+    for check in (_check_source, _check_release):
+        try:
+            check(cfg)
+        except ModelNotAvailableError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ModelNotAvailableError("\n".join(problems))
+
+
+def _check_release(cfg: DecoderConfig) -> None:
+    if cfg.release and not Path(cfg.release).expanduser().is_dir():  # a LoRA release merged in (llava_lora)
+        require_hub_file(cfg.release, "adapter_config.json", f"decoder.release {cfg.release!r}")
+
+
+def _check_source(cfg: DecoderConfig) -> None:
     source, gguf = _resolve(cfg)
     local = Path(source).expanduser()
     if local.is_dir():
@@ -119,7 +137,13 @@ def load_decoder(cfg: DecoderConfig) -> tuple[nn.Module, Any]:
                 # bitsandbytes weights are placed at load time: on this process's GPU (one per rank under
                 # torchrun/DDP), else on the CPU (bitsandbytes >= 0.45 runs 4-bit and 8-bit layers there)
                 kwargs["device_map"] = {"": _local_device()}
+            if cfg.layout:  # the language model inside a released vision-language checkpoint (vlm_layouts.py)
+                from .vlm_layouts import decoder_kwargs, merge_release_lora
+
+                kwargs.update(decoder_kwargs(cfg))
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            if cfg.layout == "llava_lora":
+                model = merge_release_lora(model, cfg)
     except OSError as exc:
         raise ModelNotAvailableError(f"could not load decoder {source!r} (tokenizer {tok_source!r}): {exc}") from exc
     if cfg.gradient_checkpointing:
@@ -209,7 +233,7 @@ def check_available(config: AdapterConfig, encoder: bool = True, decoder: bool =
     decoder loader so the model and the hub (checking an index entry before any transfer) share it without the hub
     importing the model."""
     problems = []
-    for needed, check, cfg in ((encoder, check_encoder_available, config.encoder),
+    for needed, check, cfg in ((encoder, check_encoder, config.encoder),
                                (decoder, check_decoder_available, config.decoder)):
         try:
             if needed:

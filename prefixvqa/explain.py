@@ -72,9 +72,8 @@ def _answer_logprob(model: "MedVQAAdapter", question: str, answer: str, features
     return picked.sum(1) / mask.sum(1).clamp(min=1)
 
 
-def _feature_grid(n: int, keep_cls: bool) -> tuple[int, int]:
-    """(start, side) of the square patch grid inside n feature tokens."""
-    start = 1 if keep_cls else 0
+def _feature_grid(n: int, start: int) -> tuple[int, int]:
+    """(start, side) of the square patch grid inside n feature tokens, `start` of them before the grid."""
     side = math.isqrt(n - start)
     if side * side != n - start or side < 2:
         raise ExplainError(f"grad_x_input needs a square grid of patch features; the encoder gives {n} token(s) "
@@ -129,7 +128,7 @@ def _occlusion(model: "MedVQAAdapter", pixels: torch.Tensor, question: str, answ
 
 
 def _grad_x_input(model: "MedVQAAdapter", features: torch.Tensor, question: str, answer: str) -> np.ndarray:
-    start, side = _feature_grid(features.shape[1], model.config.encoder.keep_cls)
+    start, side = _feature_grid(features.shape[1], model.encoder.leading_tokens(features.shape[1]))
     feats = features.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         lp = _answer_logprob(model, question, answer, feats)

@@ -184,7 +184,8 @@ def export_merged(model: "MedVQAAdapter", out: str | Path, dtype: str | None = N
               if quant else None)
     cfg = model.config.replace(
         decoder={"name": INSIDE + DECODER_DIR, "revision": None, "gguf_file": None, "model_config": None,
-                 "tokenizer": None, "dtype": dtype_name, "quantization": None, "gradient_checkpointing": False},
+                 "tokenizer": None, "dtype": dtype_name, "quantization": None, "gradient_checkpointing": False,
+                 "layout": None, "release": None},  # the merged decoder is a plain causal LM folder
         tuning={"mode": "frozen"},
         description=(model.config.description + " " if model.config.description else "") +
         f"Merged export (prefixvqa {__version__}) of a {model.config.tuning.mode} adapter on "

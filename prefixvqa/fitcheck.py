@@ -217,11 +217,11 @@ def recipe_plans(recipe: Any, stage: str | None = None, batch_size: int | None =
 
 def plan_tokens(plan: StepPlan, arch: Architecture) -> StepPlan:
     """Add the visual prefix to the text length: the decoder sees prefix + text tokens."""
+    from .encoders import wrap_tower
     from .mappers import prefix_length
-    from .vision import VisionEncoder
 
     with fake_mode():
-        n, _ = VisionEncoder(vision_tower(arch), None, plan.config.encoder).output_shape()
+        n, _ = wrap_tower(vision_tower(arch), None, plan.config.encoder).output_shape()
     plan.text_len += prefix_length(plan.config.mapper, n, plan.config.template.image_start_end)
     return plan
 

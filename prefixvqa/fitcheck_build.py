@@ -94,6 +94,13 @@ def decoder_architecture(cfg: AdapterConfig, override: str | dict | None = None,
     d = cfg.decoder
     if d.model_config is not None:
         return AutoConfig.for_model(**d.model_config), "decoder.model_config"
+    if d.layout in ("llava", "llava_hf"):  # the language model inside a released vision-language checkpoint
+        from .vlm_layouts import LayoutError, text_config
+
+        try:
+            return text_config(d.layout, d.name, d.revision), f"{d.name} ({d.layout} layout)"
+        except LayoutError:
+            pass  # not here: the recorded architecture below
     source, gguf = _resolve(d)
     try:
         kwargs = {"gguf_file": gguf} if gguf else {"revision": d.revision}
@@ -108,13 +115,23 @@ def decoder_architecture(cfg: AdapterConfig, override: str | dict | None = None,
 
 def encoder_architecture(cfg: AdapterConfig, override: str | dict | None = None,
                          recorded: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
-    """(open_clip model config with the encoder's overrides applied, where it came from)."""
+    """(open_clip model config with the encoder's overrides applied, where it came from); for the transformers
+    backend {"transformers_config": the tower's config dict}."""
     import open_clip
 
     e = cfg.encoder
+    if e.backend == "transformers":
+        return hf_encoder_architecture(cfg, override, recorded)
     if override is not None:
         data = json.loads(Path(override).read_text()) if not isinstance(override, dict) else override
         base, source = data.get("model_cfg", data), "--encoder-config"
+    elif e.backend == "open_clip_file" and not (recorded and recorded.get("name") == e.name):
+        from .vision import ModelNotAvailableError, resolve_file  # an open_clip config file (LLaVA-Rad's tower)
+
+        try:
+            base, source = json.loads(resolve_file(e.name).read_text()), e.name
+        except ModelNotAvailableError as exc:
+            raise ConfigError(f"fit-check needs encoder {e.name!r}: {exc}; pass --encoder-config FILE") from None
     elif not e.name.startswith("hf-hub:") and open_clip.get_model_config(e.name):
         base, source = open_clip.get_model_config(e.name), f"open_clip config {e.name}"
     elif recorded and recorded.get("name") == e.name:
@@ -131,6 +148,29 @@ def encoder_architecture(cfg: AdapterConfig, override: str | dict | None = None,
     if e.image_size:
         merged["vision_cfg"] = {**merged["vision_cfg"], "image_size": e.image_size}
     return merged, source
+
+
+def hf_encoder_architecture(cfg: AdapterConfig, override: str | dict | None = None,
+                            recorded: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """A transformers tower's config (its `vision_config` where the checkpoint is a composite CLIP/SigLIP model):
+    from --encoder-config, the folder or hub cache, or the one recorded in the preset file."""
+    from transformers import AutoConfig
+
+    e = cfg.encoder
+    if override is not None:
+        data = json.loads(Path(override).read_text()) if not isinstance(override, dict) else override
+        source = "--encoder-config"
+    elif recorded and recorded.get("name") == e.name and "transformers_config" in recorded:
+        data, source = recorded["transformers_config"], "the architecture recorded in the preset file"
+    else:
+        try:
+            data, source = AutoConfig.from_pretrained(e.name, revision=e.revision).to_dict(), e.name
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"fit-check needs encoder {e.name!r}'s config.json, not available here ({exc}); "
+                              "pass --encoder-config FILE (its config.json)") from None
+    data = dict(data.get("vision_config") or data)
+    data.setdefault("model_type", "clip_vision_model")
+    return {"transformers_config": {**data, **e.model_overrides}}, source
 
 
 @contextlib.contextmanager
@@ -166,10 +206,10 @@ def build_fake(cfg: AdapterConfig, arch: Architecture) -> FakeParts:
     from transformers.initialization import no_init_weights
 
     from .decoder import apply_tuning
+    from .encoders import wrap_tower
     from .mappers import build_mapper
-    from .vision import VisionEncoder
 
-    encoder = VisionEncoder(vision_tower(arch), None, cfg.encoder)
+    encoder = wrap_tower(vision_tower(arch), None, cfg.encoder)
     encoder.requires_grad_(not cfg.encoder.freeze)
     num_tokens, feat_dim = encoder.output_shape()
     dtype = getattr(torch, cfg.decoder.dtype)
@@ -194,12 +234,18 @@ def build_fake(cfg: AdapterConfig, arch: Architecture) -> FakeParts:
 def vision_tower(arch: Architecture) -> nn.Module:
     """open_clip's image tower for the architecture, with fake weights. Built on the meta device outside fake mode
     (timm reads a few real scalars while building), then given fake storage-less tensors of the same shapes."""
-    from open_clip.model import _build_vision_tower
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily(), torch.device("meta"):
-        visual = _build_vision_tower(arch.encoder["embed_dim"], arch.encoder["vision_cfg"],
-                                     arch.encoder.get("quick_gelu", False))
+        if "transformers_config" in arch.encoder:
+            from transformers import AutoConfig, AutoModel
+
+            visual = AutoModel.from_config(AutoConfig.for_model(**arch.encoder["transformers_config"]))
+        else:
+            from open_clip.model import _build_vision_tower
+
+            visual = _build_vision_tower(arch.encoder["embed_dim"], arch.encoder["vision_cfg"],
+                                         arch.encoder.get("quick_gelu", False))
     for module in visual.modules():
         for name, p in list(module._parameters.items()):
             if p is not None:

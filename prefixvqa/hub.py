@@ -268,8 +268,11 @@ class Hub:
             "config": cfg,
             "base_models": {
                 "encoder": {"name": cfg["encoder"]["name"], "pretrained": cfg["encoder"].get("pretrained"),
+                            "backend": cfg["encoder"].get("backend", "open_clip"),
+                            "revision": cfg["encoder"].get("revision"),
                             "fingerprint": cfg.get("fingerprints", {}).get("encoder")},
                 "decoder": {"name": cfg["decoder"]["name"], "revision": cfg["decoder"].get("revision"),
+                            "layout": cfg["decoder"].get("layout"), "release": cfg["decoder"].get("release"),
                             "gguf_file": cfg["decoder"].get("gguf_file"),
                             "fingerprint": cfg.get("fingerprints", {}).get("decoder")}},
             "task": task or metrics.get("task") or metrics.get("protocol") or "visual question answering",
@@ -337,14 +340,15 @@ class Hub:
         (`adapter_io.AdapterFolder`), so a hub adapter is accepted or refused exactly as the same folder would be."""
         from dataclasses import fields
 
-        from .config import AdapterConfig, ConfigError, DecoderConfig, EncoderConfig
+        from .config import AdapterConfig, ConfigError, DecoderConfig, EncoderConfig, MapperConfig
         from .decoder import check_available
         from .vision import ModelNotAvailableError
 
-        try:
+        try:  # the mapper too: a patch-feature encoder is refused beside the default (pooled-only) mapper kind
             bases = {part: {k: v for k, v in (entry["config"].get(part) or {}).items()
                             if k in {f.name for f in fields(kind)}}
-                     for part, kind in (("encoder", EncoderConfig), ("decoder", DecoderConfig))}
+                     for part, kind in (("encoder", EncoderConfig), ("mapper", MapperConfig),
+                                        ("decoder", DecoderConfig))}
             check_available(AdapterConfig.from_dict(bases))
         except (ModelNotAvailableError, ConfigError) as exc:
             return str(exc).replace("\n", "; ")

@@ -21,6 +21,7 @@ from torch import nn
 from . import generation as _generation
 from .calibration import Calibration
 from .config import AdapterConfig, ConfigError
+from .encoders import build_encoder
 from .decoder import (apply_tuning, check_available, context_length, decoder_fingerprint, fingerprint, is_peft_param,
                       load_decoder)
 from .errors import PrefixVQAError
@@ -76,7 +77,7 @@ class MedVQAAdapter(nn.Module):
                  tokenizer: Any = None, seed: int | None = 0):
         super().__init__()
         check_available(config, encoder is None, decoder is None)
-        encoder = encoder if encoder is not None else VisionEncoder.from_config(config.encoder)
+        encoder = encoder if encoder is not None else build_encoder(config.encoder)
         if decoder is None:
             decoder, tokenizer = load_decoder(config.decoder)
         num_tokens, feat_dim = encoder.output_shape()
@@ -187,8 +188,22 @@ class MedVQAAdapter(nn.Module):
         `ModelNotAvailableError` before anything loads. Unknown names raise `ConfigError` listing `list_presets()`.
         The model is in training mode, ready for `train`."""
         from .presets import preset_config
+        from .vlm_import import load_release_weights
 
-        return cls(preset_config(name, **overrides), seed=seed)
+        model = cls(preset_config(name, **overrides), seed=seed)
+        load_release_weights(model)  # a released-weights preset (decoder.layout): its projector, as from_vlm
+        return model
+
+    @classmethod
+    def from_vlm(cls, source: str, *, revision: str | None = None, seed: int | None = 0,
+                 **overrides: Any) -> "MedVQAAdapter":
+        """A released vision-language checkpoint (LLaVA, LLaVA-Med v1.5, LLaVA-Rad's LoRA release, transformers'
+        LlavaForConditionalGeneration; local folder or hub id) as an adapter whose tower, projector (the mapper),
+        language model and template are the checkpoint's, read from its own config (see prefixvqa/vlm_import.py);
+        `overrides` change the config as in `from_preset`. Ready to answer or to fine-tune (LoRA by default)."""
+        from .vlm_import import from_vlm
+
+        return from_vlm(cls, source, revision=revision, seed=seed, **overrides)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, strict: bool = True, **overrides: Any) -> "MedVQAAdapter":

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 TINY_ENCODER: dict[str, Any] = {
-    "name": "ViT-B-32", "pretrained": None,
+    "backend": "open_clip", "revision": None, "layout": None, "name": "ViT-B-32", "pretrained": None,
     "model_overrides": {"embed_dim": 32,
                         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
                         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}},
@@ -97,5 +97,54 @@ def build_decoder(folder: str | Path, family: str, seed: int = 0, sizes: dict[st
 def tiny_overrides(decoder_folder: str | Path) -> dict[str, Any]:
     """Overrides that turn any preset into a tiny offline model (keeps the preset's mapper/tuning/template)."""
     return {"encoder": dict(TINY_ENCODER), "decoder": {"name": str(decoder_folder), "quantization": None,
-                                                       "gguf_file": None, "model_config": None, "dtype": "float32"},
+                                                       "gguf_file": None, "model_config": None, "dtype": "float32",
+                                                       "layout": None, "release": None, "revision": None},
             "mapper": {"hidden_dim": None, "heads": 2}, "template": {"max_length": 256}}
+
+
+# Tiny transformers image towers (the `encoder.backend: transformers` path) with the image processor their real
+# checkpoints ship: CLIP (LLaVA's tower), SigLIP (MedSigLIP), DINOv2 with a BiT processor (RAD-DINO).
+TINY_TOWERS: dict[str, dict[str, Any]] = {
+    "clip": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+             "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "projection_dim": 16},
+    "siglip": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+    "dinov2": {"model_type": "dinov2", "hidden_size": 32, "mlp_ratio": 2, "num_hidden_layers": 3,
+               "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+}
+
+
+def tower_image_processor(kind: str, size: int = 32) -> Any:
+    """The image processor class each tower's real checkpoints use, at `size` pixels: CLIP's (shortest side, centre
+    crop, OpenAI mean), SigLIP's (square resize, mean 0.5), RAD-DINO's BiT processor (shortest side, crop)."""
+    from transformers import BitImageProcessor, CLIPImageProcessor, SiglipImageProcessor
+
+    if kind == "clip":
+        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    if kind == "siglip":
+        return SiglipImageProcessor(size={"height": size, "width": size})
+    return BitImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                             image_mean=[0.5307, 0.5307, 0.5307], image_std=[0.2583, 0.2583, 0.2583])
+
+
+def build_vision_tower(folder: str | Path, kind: str = "clip", seed: int = 0, sizes: dict[str, Any] | None = None
+                       ) -> Path:
+    """Save a tiny random transformers image tower of `kind` (TINY_TOWERS) with its image processor into `folder`:
+    a local folder `encoder.backend: transformers` loads by path."""
+    from transformers import AutoConfig, AutoModel
+
+    from .rng import seeded
+
+    folder = Path(folder)
+    cfg = AutoConfig.for_model(**{**TINY_TOWERS[kind], **(sizes or {})})
+    with seeded(seed):
+        model = AutoModel.from_config(cfg)
+    model.save_pretrained(str(folder))
+    tower_image_processor(kind, cfg.image_size).save_pretrained(str(folder))
+    return folder
+
+
+def tiny_tower_encoder(folder: str | Path, **fields: Any) -> dict[str, Any]:
+    """An `encoder` config section for a tower saved by `build_vision_tower` (patch features by default)."""
+    return {"backend": "transformers", "name": str(folder), "pretrained": None, "image_size": None,
+            "model_overrides": {}, "features": "patches", "layer": -2, **fields}

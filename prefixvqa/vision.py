@@ -1,4 +1,5 @@
-"""The image side: an open_clip image tower that returns pooled embeddings (B, 1, D) or patch tokens (B, N, D).
+"""The image side: an open_clip image tower that returns pooled embeddings (B, 1, D) or patch tokens (B, N, D) (a
+registered open_clip name, an "hf-hub:" repo, or a model config file as LLaVA-Rad ships its tower).
 
 `VisionEncoder(visual, preprocess, cfg)` only wraps modules it is given; `VisionEncoder.from_config` does the loading.
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -72,19 +74,26 @@ class VisionEncoder(nn.Module):
         """Build the tower; `dtype` (e.g. torch.bfloat16) casts a frozen one (cfg.freeze) for that compute dtype."""
         import open_clip
 
-        check_encoder_available(cfg)
-        kwargs: dict[str, Any] = dict(cfg.model_overrides)
-        if cfg.image_size:
-            kwargs["force_image_size"] = cfg.image_size
-        with seeded(cfg.init_seed):  # pretrained=None rebuilds the same random tower; the caller's stream untouched
-            try:
-                model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=cfg.pretrained,
-                                                                             **kwargs)
-            except (RuntimeError, OSError, ValueError) as exc:
-                raise ModelNotAvailableError(f"open_clip could not build encoder {cfg.name!r} with "
-                                             f"pretrained={cfg.pretrained!r}: {exc}") from exc
-        visual = model.visual
-        del model  # the text tower is never used
+        (check_config_file_tower if cfg.backend == "open_clip_file" else check_encoder_available)(cfg)
+        if cfg.backend == "open_clip_file":  # an open_clip model config file (LLaVA-Rad's BiomedCLIP-CXR-518)
+            visual, preprocess = tower_from_config_file(cfg)
+        else:
+            kwargs: dict[str, Any] = dict(cfg.model_overrides)
+            if cfg.image_size:
+                kwargs["force_image_size"] = cfg.image_size
+            with seeded(cfg.init_seed):  # pretrained=None rebuilds the same random tower; the caller's stream kept
+                try:
+                    model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=cfg.pretrained,
+                                                                                 **kwargs)
+                except (RuntimeError, OSError, ValueError) as exc:
+                    raise ModelNotAvailableError(f"open_clip could not build encoder {cfg.name!r} with "
+                                                 f"pretrained={cfg.pretrained!r}: {exc}") from exc
+            visual = model.visual
+            del model  # the text tower is never used
+        if cfg.image_aspect_ratio == "pad":
+            from .data.transforms import PadToSquare
+
+            preprocess = PadToSquare.around(preprocess)
         encoder = cls(visual, preprocess, cfg)
         if dtype is not None:
             if cfg.freeze:
@@ -167,6 +176,11 @@ class VisionEncoder(nn.Module):
         out = self(torch.zeros(1, 3, *size, device=next(self.parameters()).device))
         self.train(was)
         return out.shape[1], out.shape[2]
+
+    def leading_tokens(self, n: int) -> int:
+        """How many of `n` feature tokens come before the patch grid (the class token kept by `keep_cls`): what
+        grounding maps skip to lay the patches out on the image."""
+        return 1 if self.cfg.keep_cls and self.cfg.features == "patches" else 0
 
     def preprocess_size(self) -> tuple[int, int]:
         """(height, width) in pixels the tower takes (open_clip's `visual.image_size`, 224 where a tower does not
@@ -251,3 +265,71 @@ def check_encoder_available(cfg: EncoderConfig) -> None:
         raise ModelNotAvailableError(f"encoder {cfg.name!r} pretrained={cfg.pretrained!r} downloads from "
                                      f"{tag_cfg.get('url')}; offline, set encoder.pretrained to a local checkpoint "
                                      "file")
+
+
+# --- an open_clip tower given by a model config file -----------------------------------------------------------
+# What LLaVA-Rad ships for its BiomedCLIP-CXR-518 tower (biomedclipcxr_518.json: a timm DINOv2 ViT-B/14 trunk at
+# 518 px; weights in biomedclipcxr_518_checkpoint.pt): `encoder.name` is the JSON file, `encoder.pretrained` the
+# checkpoint, each a local path or org/repo/file on the hub. Only the image tower is built, with open_clip's own
+# `_build_vision_tower` (what `create_model` uses), so a text tower naming a Hugging Face model needs nothing; the
+# checkpoint's visual.* tensors load strictly; preprocessing is open_clip's eval transform for the config's
+# preprocess_cfg (defaults: OpenAI mean/std, bicubic, shortest-side resize, centre crop), as create_model_from_pretrained.
+def resolve_file(ref: str) -> Path:
+    """A local file, or `org/repo/path/in/repo` from the Hugging Face Hub (offline: the cache only)."""
+    local = Path(ref).expanduser()
+    if local.is_file():
+        return local
+    parts = ref.split("/")
+    if len(parts) < 3 or ref.startswith((".", "/", "~")):
+        raise ModelNotAvailableError(f"file not found: {ref} (give a local path or org/repo/file on the hub)")
+    from .vlm_layouts import LayoutError, checkpoint_file
+
+    try:
+        return checkpoint_file("/".join(parts[:2]), "/".join(parts[2:]))
+    except LayoutError as exc:
+        raise ModelNotAvailableError(str(exc)) from None
+
+
+def check_config_file_tower(cfg: EncoderConfig) -> None:
+    """Both files reachable (the config, and the checkpoint unless random weights are asked for)."""
+    resolve_file(cfg.name)
+    if cfg.pretrained is not None:
+        resolve_file(cfg.pretrained)
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def tower_from_config_file(cfg: EncoderConfig) -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
+    """(image tower, eval transform) of the open_clip config file `cfg.name` with the weights of `cfg.pretrained`."""
+    from open_clip.model import _build_vision_tower
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    path = resolve_file(cfg.name)
+    model_cfg = _merged(json.loads(path.read_text()), cfg.model_overrides)
+    vision_cfg = dict(model_cfg["vision_cfg"])
+    timm_trunk = bool(vision_cfg.get("timm_model_name"))
+    if cfg.image_size and not timm_trunk:
+        vision_cfg["image_size"] = cfg.image_size
+    with seeded(cfg.init_seed):
+        visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, model_cfg.get("quick_gelu", False))
+    if cfg.pretrained is not None:
+        from .vlm_layouts import load_tensor_file
+
+        state = load_tensor_file(resolve_file(cfg.pretrained))
+        state = state.get("state_dict", state)
+        state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+        own = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        try:
+            visual.load_state_dict(own)
+        except RuntimeError as exc:
+            raise ModelNotAvailableError(f"{cfg.pretrained}: its visual.* tensors do not fit {path}: {exc}") from None
+    if cfg.image_size and timm_trunk:  # as open_clip's force_image_size: the timm trunk resized after loading
+        visual.set_input_size(cfg.image_size)
+    size = cfg.image_size or vision_cfg.get("image_size", 224)
+    preprocess = image_transform_v2(PreprocessCfg(size=size, **model_cfg.get("preprocess_cfg", {})), is_train=False)
+    return visual.eval(), preprocess

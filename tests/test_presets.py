@@ -58,7 +58,8 @@ def test_every_published_preset_names_its_source():
 #: parameter counts of each source's mapper, from the issue and the upstream code (not from the preset files)
 PUBLISHED_PARAMS = {"van_sonsbeek_gpt2xl": 249.1e6, "van_sonsbeek_biogpt": 102.8e6, "van_sonsbeek_biomedlm": 634.4e6,
                     "medvint_td_7b": 131.3e6, "med_flamingo_resampler_7b": 63.0e6, "clipcap_gpt2": 53.6e6,
-                    "clipcap_gpt2_mlp": 31.5e6, "llava_med_7b": 4.2e6, "llava_rad_7b": 19.9e6}
+                    "clipcap_gpt2_mlp": 31.5e6, "llava_med_7b": 4.2e6, "llava_rad_7b": 19.9e6,
+                    "llava_med_v15_mistral_7b": 20.98e6, "llava_rad": 19.9e6}  # 1024 -> 4096 -> 4096 (mlp2x_gelu, CLIP-L to Mistral)
 #: each source's format, written out from its code (LLaVA-Med train.py v0, LLaVA-Rad conv_vicuna_v1, Med-Flamingo
 #: demo.py, van Sonsbeek vqaloader.py, MedVInT PMC_QA_Dataset.py); <image> marks the visual prefix
 SOURCE_FORMATS = {
@@ -99,8 +100,9 @@ def test_full_size_mapper_has_the_published_parameter_count(name):
     from prefixvqa.mappers import build_mapper
 
     cfg, src = preset_config(name), preset_info(name)["source"]
-    if not cfg.encoder.name.startswith("hf-hub:"):  # the stated encoder width is open_clip's own
-        vision = open_clip.get_model_config(cfg.encoder.name)
+    own = cfg.encoder.backend == "open_clip" and not cfg.encoder.name.startswith("hf-hub:")
+    vision = open_clip.get_model_config(cfg.encoder.name) if own else None
+    if vision:  # the stated encoder width is open_clip's own
         want = vision["embed_dim"] if cfg.encoder.features == "pooled" else vision["vision_cfg"]["width"]
         assert src["encoder_width"] == want
     mapper_cfg = dataclasses.replace(cfg.mapper, in_dim=src["encoder_width"], out_dim=src["decoder_width"])

@@ -3,7 +3,8 @@
 It owns everything between a dataset record and the model's tensors: the prompt template, tokenisation (the last
 prompt piece and the answer are tokenised together, so tokenizers that merge across the boundary give the ids they
 give in context), prompt shortening (never the answer), label masking, image loading with each record's view settings
-(DICOM frame/window, NIfTI slice), open_clip preprocessing and collation with padding. Training, evaluation, the
+(DICOM frame/window, NIfTI slice), the tower's preprocessing (open_clip's transform or the transformers image
+processor, LLaVA's pad-to-square: `data/transforms.py`) and collation with padding. Training, evaluation, the
 feature cache, `answer`, `score_choices`, the CLI and the demo all go through one instance, saved in the adapter folder
 (`processor_config.json` + the tokenizer files).
 
@@ -125,7 +126,7 @@ class MedVQAProcessor:
 
     def pixel_values(self, pictures: Sequence[Any], views: Sequence[dict[str, Any] | None] | None = None
                      ) -> torch.Tensor:
-        """open_clip's eval transform on each image -> (I, 3, H, W)."""
+        """The tower's transform on each image (open_clip's eval transform or the image processor) -> (I, 3, H, W)."""
         views = views if views is not None else [None] * len(pictures)
         return torch.stack([self.transform(self.load_image(im, v)) for im, v in zip(pictures, views, strict=True)])
 

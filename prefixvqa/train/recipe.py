@@ -313,7 +313,11 @@ def build_model(spec: dict[str, Any], workdir: Path, seed: int | None = None) ->
         if spec.get("tiny"):
             raise ConfigError("recipe model: 'tiny' cannot be combined with 'adapter' (its base models are fixed)")
         return MedVQAAdapter.from_pretrained(spec["adapter"], **dict(spec.get("overrides") or {}))
-    return MedVQAAdapter(recipe_config(spec, workdir), seed=seed)
+    from ..vlm_import import load_release_weights
+
+    model = MedVQAAdapter(recipe_config(spec, workdir), seed=seed)
+    load_release_weights(model)  # a released checkpoint (decoder.layout): its projector, as from_vlm loads it
+    return model
 
 
 def recipe_config(spec: dict[str, Any], workdir: Path) -> AdapterConfig:
