@@ -173,16 +173,23 @@ def protocols_table() -> str:
     for pname in sorted(PROTOCOLS):
         names = _protocol_metrics(PROTOCOLS[pname])
         covered: set[str] = set()
+        plain: dict[Source, list[str]] = {}  # upstream metrics nothing corrects: one row per source
         for name in names:
             src = METRIC_SOURCES[name]
             if not src.upstream:
                 continue
             fixes = [(other, METRIC_SOURCES[other].corrects[name]) for other in names
                      if name in METRIC_SOURCES[other].corrects]
+            if not fixes:
+                plain.setdefault(src.source, []).append(name)
+                continue
             covered.update(other for other, _ in fixes)
             rows.append("| " + " | ".join(_cell(c) for c in (
-                f"`{pname}`", f"`{name}`", src.source.cite(), ", ".join(f"`{o}`" for o, _ in fixes) or "-",
-                " ".join(why for _, why in fixes) or "-")) + " |")
+                f"`{pname}`", f"`{name}`", src.source.cite(), ", ".join(f"`{o}`" for o, _ in fixes),
+                " ".join(why for _, why in fixes))) + " |")
+        for source, group in plain.items():
+            rows.append(f"| `{pname}` | " + ", ".join(f"`{n}`" for n in group) + f" | {_cell(source.cite())} | - | "
+                        "- |")
         own = [n for n in names if not METRIC_SOURCES[n].upstream and n not in covered]
         if own:
             rows.append(f"| `{pname}` | - | {_cell(PREFIXVQA.cite())} | " + ", ".join(f"`{n}`" for n in own)
