@@ -35,6 +35,8 @@ from .vision import VisionEncoder
 # "lora" holds every peft tensor whatever the mode (LoRA/DoRA matrices, prompt-tuning and prefix-tuning virtual
 # tokens); "decoder" holds the base decoder's own weights; "encoder" and "mapper" are the vision side.
 GROUPS = ("encoder", "mapper", "lora", "decoder")
+#: `from_pretrained("vlm:SOURCE")`: a released vision-language checkpoint as released (see `from_vlm`)
+VLM_SCHEME = "vlm:"
 
 
 def _numel(p: torch.Tensor) -> int:
@@ -214,9 +216,13 @@ class MedVQAAdapter(nn.Module):
         (`AdapterLoadError`), since the adapter would silently answer worse; `strict=False` loads anyway. The
         trained tensors, peft files, processor and calibration then replace the fresh ones. `overrides` change the
         stored config before loading (e.g. a local decoder path). Returned in eval mode, as transformers does; call
-        `.train()` to train it further."""
+        `.train()` to train it further. ``"vlm:SOURCE"`` is a released checkpoint as it was released (`from_vlm`
+        with nothing added: `tuning.mode` frozen), so every command that takes `--adapter` answers, evaluates and
+        serves a released model in one step."""
         from .adapter_io import load_adapter
 
+        if str(path).startswith(VLM_SCHEME):
+            return cls.from_vlm(str(path)[len(VLM_SCHEME):], **{"tuning": {"mode": "frozen"}, **overrides}).eval()
         return load_adapter(cls, path, strict=strict, **overrides).eval()
 
     def save_pretrained(self, path: str | Path, *, card: dict[str, Any] | None = None,

@@ -446,3 +446,22 @@ def test_released_weights_presets_fail_fast_offline_naming_what_they_need(name, 
     with pytest.raises(ModelNotAvailableError) as err:
         MedVQAAdapter.from_preset(name)
     assert all(n in str(err.value) for n in needed), str(err.value)
+
+
+def test_a_released_checkpoint_answers_and_evaluates_in_one_command(tmp_path, capsys):
+    """`--adapter vlm:SOURCE`: the release as released (frozen), through the same parser as every adapter name."""
+    from prefixvqa.cli import main
+    from prefixvqa.model import MedVQAAdapter
+
+    release = build_release(tmp_path)
+    source = f"vlm:{release['folder']}"
+    model = MedVQAAdapter.from_pretrained(source)  # as the CLI loads it
+    assert model.config.tuning.mode == "frozen" and not model.training
+    direct = MedVQAAdapter.from_vlm(str(release["folder"]), tuning={"mode": "frozen"})
+    records = vqa_rad_records()[:2]
+    images, questions = [r.image for r in records], [r.question for r in records]
+    want = [a.text for a in direct.eval().answer(images, questions, max_new_tokens=3)]
+    assert [a.text for a in model.answer(images, questions, max_new_tokens=3)] == want
+    capsys.readouterr()
+    assert main(["answer", "--adapter", source, "--image", str(images[0]), questions[0], "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[0] == want[0].strip()
