@@ -110,20 +110,21 @@ def test_training_and_evaluation_decode_records_identically(tiny_decoders, tmp_p
 
     records = _dicom_and_nifti(tmp_path)
     model = MedVQAAdapter(make_config(tiny_decoders["gpt2"], "linear"))
-    seen: dict[str, list[torch.Tensor]] = {"forward": [], "generate": []}
-    for name in seen:
-        original = getattr(MedVQAAdapter, name)
+    seen: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+    phase = ["train"]
+    original = MedVQAAdapter.encode_pixels
 
-        def spy(self, *args, _name=name, _original=original, **kwargs):
-            seen[_name].append(kwargs["pixel_values"].clone())
-            return _original(self, *args, **kwargs)
+    def spy(self, pixel_values):  # every path's pixels reach the tower here (training, answering, the OOD score)
+        seen[phase[0]].append(pixel_values.clone())
+        return original(self, pixel_values)
 
-        monkeypatch.setattr(MedVQAAdapter, name, spy)
+    monkeypatch.setattr(MedVQAAdapter, "encode_pixels", spy)
     train(model, records, None, TrainConfig(output_dir=str(tmp_path / "run"), epochs=1, batch_size=2,
                                             progress=False, tensorboard=False, plot=False))
+    phase[0] = "eval"
     evaluate(model, records, "llava_med", tmp_path / "eval", batch_size=2, closed_mode="generate", progress=False,
              plots=False)
-    trained, evaluated = seen["forward"][0], seen["generate"][0]
+    trained, evaluated = torch.cat(seen["train"]), torch.cat(seen["eval"])
     api = model.processor.pixel_values([r.image for r in records], [view_args(r) for r in records])
     for row in api:  # every path decoded every record the same way (batch order may differ)
         assert any(torch.equal(row, t) for t in trained) and any(torch.equal(row, e) for e in evaluated)
