@@ -44,6 +44,7 @@ class Mapper(nn.Module):
     per_token: ClassVar[bool] = False  # one prefix vector per input feature token (mapper.prefix_length unused)
     expands_pooled: ClassVar[bool] = False  # reads mapper.input_tokens: one pooled vector expanded to that many tokens
     attention: ClassVar[bool] = False  # attention layers: mapper.heads must divide the width unless head_dim is set
+    pools_grid: ClassVar[bool] = False  # pools the square patch grid: prefix_length must be a square dividing it
 
     @classmethod
     def width(cls, cfg: MapperConfig) -> int:
@@ -246,6 +247,7 @@ class Gemma3Projector(Mapper):
     D_v x E). A fresh one starts with a unit norm and a random projection; `from_vlm` loads the checkpoint's."""
 
     kind = "gemma3"
+    pools_grid = True
     eps: ClassVar[float] = 1e-6
 
     def __init__(self, cfg: MapperConfig):

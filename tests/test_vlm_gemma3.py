@@ -178,8 +178,8 @@ def test_gemma3_layout_fine_tunes_on_vqa_rad_saves_and_reloads_strictly(tmp_path
     losses = [h["loss"] for h in run.history if "loss" in h]
     assert len(losses) >= 8 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
     model.save_pretrained(tmp_path / "adapter")
-    assert set(load_file(str(tmp_path / "adapter" / "mapper.safetensors"))) == {"mm_input_projection_weight",
-                                                                                 "mm_soft_emb_norm"}
+    assert set(load_file(str(tmp_path / "adapter" / "mapper.safetensors"))) == {"mapper.mm_input_projection_weight",
+                                                                                 "mapper.mm_soft_emb_norm"}
     loaded = MedVQAAdapter.from_pretrained(tmp_path / "adapter")
     assert (loaded.config.decoder.name, loaded.config.decoder.layout) == (folder, "gemma3")
     assert loaded.config.fingerprints["decoder"] == model.base_fingerprints["decoder"]
