@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 TINY_ENCODER: dict[str, Any] = {
-    "backend": "open_clip", "revision": None, "layout": None, "final_norm": False, "name": "ViT-B-32", "pretrained": None,
+    "backend": "open_clip", "revision": None, "layout": None, "final_norm": False, "name": "ViT-B-32",
+    "pretrained": None,
     "model_overrides": {"embed_dim": 32,
                         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
                         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}},
