@@ -104,6 +104,7 @@ def test_gemma3_layout_equals_transformers_gemma3(tmp_path, position):
     assert model.num_image_tokens == (SIDE // PATCH) ** 2 and model.processor.image_seq_length == TOKENS
     image, eot = picture(45, 30), release["ids"]["<end_of_turn>"]
     pil = AutoImageProcessor.from_pretrained(str(release["folder"]), backend="pil")
+    alone = []
     for question in QUESTIONS:
         inputs = release["processor"](text=reference_prompt(question, position == "before_question"),
                                       images=image, return_tensors="pt")
@@ -129,7 +130,10 @@ def test_gemma3_layout_equals_transformers_gemma3(tmp_path, position):
         if eot in new:
             new = new[:new.index(eot)]
         (answer,) = model.answer([image], [question], max_new_tokens=6)
-        assert answer.text == release["tok"].decode(new, skip_special_tokens=True).strip()
+        assert answer.text == release["tok"].decode(new, skip_special_tokens=True).strip() and answer.num_tokens
+        alone.append(answer.text)
+    # a batch of prompts of different lengths (left padding masked in the image-attention masks) answers the same
+    assert [a.text for a in model.answer([image] * 2, QUESTIONS, max_new_tokens=6)] == alone
 
 
 def test_gemma3_image_tokens_attend_both_ways_and_the_window_applies(tmp_path):
