@@ -167,6 +167,8 @@ def test_gemma3_incomplete_config_names_file_and_key(tmp_path):
 def test_gemma3_layout_fine_tunes_on_vqa_rad_saves_and_reloads_strictly(tmp_path):
     from safetensors.torch import load_file
 
+    from prefixvqa.config import ConfigError
+    from prefixvqa.export import export_merged
     from prefixvqa.model import MedVQAAdapter
     from prefixvqa.train import TrainConfig, train
     from test_vlm_import import vqa_rad_records
@@ -190,3 +192,5 @@ def test_gemma3_layout_fine_tunes_on_vqa_rad_saves_and_reloads_strictly(tmp_path
     images, questions = [r.image for r in records[16:20]], [r.question for r in records[16:20]]
     want = [(a.text, a.score) for a in model.eval().answer(images, questions, max_new_tokens=5)]
     assert [(a.text, a.score) for a in loaded.answer(images, questions, max_new_tokens=5)] == want
+    with pytest.raises(ConfigError, match="export --merge: decoder.layout='gemma3' attends over image tokens"):
+        export_merged(loaded, tmp_path / "export")  # a plain causal-LM folder would lose the image-attention rule
