@@ -134,6 +134,13 @@ def test_gemma3_layout_equals_transformers_gemma3(tmp_path, position):
         alone.append(answer.text)
     # a batch of prompts of different lengths (left padding masked in the image-attention masks) answers the same
     assert [a.text for a in model.answer([image] * 2, QUESTIONS, max_new_tokens=6)] == alone
+    # choice scoring (eval, calibration) continues the prompt's cache: equal to full forwards with the image masks
+    from test_core import separate_loglik
+
+    options = ["yes", "no", "both lungs"]
+    (shared,) = model.score_choices([image], [QUESTIONS[0]], [options], return_loglik=True)
+    assert torch.allclose(torch.tensor(shared), torch.tensor(separate_loglik(model, image, QUESTIONS[0], options)),
+                          atol=1e-5)
 
 
 def test_gemma3_image_tokens_attend_both_ways_and_the_window_applies(tmp_path):
