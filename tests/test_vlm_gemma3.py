@@ -43,7 +43,7 @@ def gemma_tokenizer():
                                        "eot_token": "<end_of_turn>"})
 
 
-def build_medgemma(folder: Path, sliding_window: int = 12) -> dict:
+def build_medgemma(folder: Path, sliding_window: int = 12, text: dict | None = None) -> dict:
     """A tiny Gemma3ForConditionalGeneration as google/medgemma-4b-it lays it out (config with vision_config /
     text_config / mm_tokens_per_image, weights by save_pretrained, Gemma3Processor files), scaled down: one sliding
     and one global layer, a SigLIP tower of 2 blocks at 32 px."""
@@ -59,7 +59,7 @@ def build_medgemma(folder: Path, sliding_window: int = 12) -> dict:
                      "query_pre_attn_scalar": 16, "sliding_window": sliding_window,
                      "layer_types": ["sliding_attention", "full_attention"], "max_position_embeddings": 256,
                      "bos_token_id": ids["<bos>"], "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]],
-                     "pad_token_id": ids["<pad>"]},
+                     "pad_token_id": ids["<pad>"], **(text or {})},
         vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
                        "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": SIDE, "patch_size": PATCH,
                        "vision_use_head": False},
@@ -201,3 +201,24 @@ def test_gemma3_layout_fine_tunes_on_vqa_rad_saves_and_reloads_strictly(tmp_path
     assert [(a.text, a.score) for a in loaded.answer(images, questions, max_new_tokens=5)] == want
     with pytest.raises(ConfigError, match="export --merge: decoder.layout='gemma3' attends over image tokens"):
         export_merged(loaded, tmp_path / "export")  # a plain causal-LM folder would lose the image-attention rule
+
+
+def test_qlora_on_an_imported_gemma3_checkpoint(tmp_path):
+    """QLoRA: MedGemma's language model read out of the gemma3 layout in 4-bit NF4; LoRA and the projector train."""
+    pytest.importorskip("bitsandbytes")
+    from prefixvqa.model import MedVQAAdapter
+    from test_vlm_import import vqa_rad_records
+
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 32}  # bitsandbytes' CPU kernels: 64-blocks
+    folder = build_medgemma(tmp_path / "medgemma", text=sizes)["folder"]
+    model = MedVQAAdapter.from_vlm(str(folder), decoder={"quantization": "4bit", "dtype": "float32"},
+                                   tuning={"r": 4, "alpha": 8}, template={"max_length": 64})
+    assert model.parameter_report()["decoder"]["trainable"] == 0
+    records = vqa_rad_records()[:2]
+    model.set_trainable("mapper", "lora")
+    out = model(**model.processor([r.image for r in records], [r.question for r in records],
+                                  [r.answer for r in records]))
+    out.loss.backward()
+    grads = {g: any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in ps)
+             for g, ps in model.parameter_groups().items() if g in ("mapper", "lora")}
+    assert torch.isfinite(out.loss) and grads == {"mapper": True, "lora": True}
