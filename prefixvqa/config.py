@@ -24,9 +24,9 @@ from .tuning import DEFAULT_LORA_TARGETS, TUNING_MODES, TuningMode, get_tuning_m
 
 FeatureKind = Literal["pooled", "patches"]  # "pooled" -> (B, 1, D); "patches" -> (B, N, D)
 EncoderBackend = Literal["open_clip", "open_clip_file", "transformers"]  # who builds the tower (encoders.BACKENDS)
-VLMLayout = Literal["llava", "llava_lora", "llava_hf"]  # how a released vision-language checkpoint is laid out
+VLMLayout = Literal["llava", "llava_lora", "llava_hf", "gemma3"]  # how a released VLM checkpoint is laid out
 AspectRatio = Literal["square", "pad"]  # LLaVA's image_aspect_ratio: the processor's own resize, or pad to square first
-MapperKind = Literal["linear", "mlp", "mlp2x_gelu", "transformer", "resampler", "query_decoder"]
+MapperKind = Literal["linear", "mlp", "mlp2x_gelu", "transformer", "resampler", "query_decoder", "gemma3"]
 Activation = Literal["tanh", "gelu", "relu", "silu"]
 Quantization = Literal["8bit", "4bit"]  # bitsandbytes LLM.int8 / NF4 (QLoRA); None = full precision
 DType = Literal["float32", "bfloat16", "float16"]
@@ -161,7 +161,9 @@ class EncoderConfig:
     backend: EncoderBackend = "open_clip"
     revision: str | None = None  # transformers backend: the hub revision of `name`
     image_aspect_ratio: AspectRatio = "square"  # "pad": pad to a square with the mean colour first (LLaVA's "pad")
-    layout: VLMLayout | None = None  # "llava_hf": the tower inside the LlavaForConditionalGeneration folder `name`
+    layout: VLMLayout | None = None  # "llava_hf" / "gemma3": the tower inside that transformers folder `name`
+    # the tower's output after its final norm (the model's last_hidden_state, as Gemma 3 reads SigLIP); needs layer -1
+    final_norm: bool = False
 
     def __post_init__(self) -> None:
         check_types(self, "encoder")
@@ -172,10 +174,13 @@ class EncoderConfig:
                                             "loads the weights of encoder.name (pin them with encoder.revision)")
             _check(self.image_size is None, "encoder.image_size is an open_clip setting; the transformers backend "
                                             "takes the size its image processor gives")
-            _check(self.layout in (None, "llava_hf"), "encoder.layout: only 'llava_hf' holds a tower inside it")
+            _check(self.layout in (None, "llava_hf", "gemma3"),
+                   "encoder.layout: only 'llava_hf' and 'gemma3' hold a tower inside them")
+            _check(not self.final_norm or (self.layer == -1 and self.features == "patches"),
+                   "encoder.final_norm reads the tower's last_hidden_state: set encoder.layer=-1, features='patches'")
         else:
-            _check(self.revision is None and self.layout is None,
-                   "encoder.revision and encoder.layout apply to encoder.backend='transformers'")
+            _check(self.revision is None and self.layout is None and not self.final_norm,
+                   "encoder.revision, layout and final_norm apply to encoder.backend='transformers'")
 
 
 @dataclass
@@ -222,7 +227,8 @@ class DecoderConfig:
     gradient_checkpointing: bool = False
     init_seed: int = 0
     # a released vision-language checkpoint's language model (prefixvqa/vlm_layouts.py): "llava" reads it out of
-    # the LLaVA checkpoint `name`; "llava_hf" out of a LlavaForConditionalGeneration folder; "llava_lora" is `name`
+    # the LLaVA checkpoint `name`; "llava_hf" / "gemma3" out of a LlavaForConditionalGeneration /
+    # Gemma3ForConditionalGeneration folder (gemma3: image tokens attend both ways); "llava_lora" is `name`
     # (the base LM) with the LoRA of the release `release` merged in, as LLaVA's builder loads LoRA releases
     layout: VLMLayout | None = None
     release: str | None = None

@@ -173,6 +173,10 @@ def export_merged(model: "MedVQAAdapter", out: str | Path, dtype: str | None = N
     from .model import MedVQAAdapter
 
     out = Path(out)
+    if model.image_attention is not None:  # a plain causal LM folder would lose Gemma 3's image-attention rule
+        raise ConfigError(f"export --merge: decoder.layout={model.config.decoder.layout!r} attends over image tokens "
+                          f"{model.image_attention}ly, which a plain merged causal-LM folder cannot record; use the "
+                          "adapter folder (it reloads against the release)")
     refuse_foreign(out, earlier_export, EARLIER_EXPORT)  # before the (slow) merge
 
     quant = model.config.decoder.quantization

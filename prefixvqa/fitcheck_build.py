@@ -94,7 +94,7 @@ def decoder_architecture(cfg: AdapterConfig, override: str | dict | None = None,
     d = cfg.decoder
     if d.model_config is not None:
         return AutoConfig.for_model(**d.model_config), "decoder.model_config"
-    if d.layout in ("llava", "llava_hf"):  # the language model inside a released vision-language checkpoint
+    if d.layout in ("llava", "llava_hf", "gemma3"):  # the language model inside a released vision-language checkpoint
         from .vlm_layouts import LayoutError, text_config
 
         try:

@@ -192,6 +192,10 @@ def _transformers_generate(model: MedVQAAdapter, embeds: torch.Tensor, mask: tor
     if not model.config.tuning.method.transformers_generate:
         raise ConfigError(f"tuning.mode={model.config.tuning.mode!r} generates greedily only (peft's key/value "
                           "prefixes cannot be combined with transformers' generate on inputs_embeds)")
+    if model.image_attention is not None:
+        raise ConfigError(f"decoder.layout={model.config.decoder.layout!r} attends over image tokens "
+                          f"{model.image_attention}ly, which transformers' generate on inputs_embeds cannot do: "
+                          "use greedy decoding (num_beams=1, do_sample=False)")
     lm, kwargs = model._lm_inputs(embeds, mask)
     criteria = [model.processor.stop_criteria(stop)] if stop else []
     out = lm.generate(inputs_embeds=kwargs["inputs_embeds"], attention_mask=kwargs["attention_mask"],
@@ -252,11 +256,13 @@ def prefill(model: MedVQAAdapter, embeds: torch.Tensor, mask: torch.Tensor, imag
     every row that asks about it. The head is found through `model._shared_head` (which delegates to `shared_head`),
     so a test can watch whether the shared path ran."""
     B, T = mask.shape
-    lm, kwargs = model._lm_inputs(embeds, mask, keep=1)
-    head = model._shared_head(input_ids, mask, image_mask, image_index)
+    lm, kwargs = model._lm_inputs(embeds, mask, keep=1, image_mask=image_mask)
+    # an image-attention rule (Gemma 3) needs its masks in the head's run too: no shared head then
+    head = model._shared_head(input_ids, mask, image_mask, image_index) if model.image_attention is None else None
     if head is None:
         out = lm(**kwargs, use_cache=True)
-        return out.logits[:, -1], out.past_key_values, kwargs["attention_mask"], kwargs["position_ids"][:, -1]
+        after = kwargs["attention_mask"] if model.image_attention is None else mask.to(model.device)  # 2-D from here
+        return out.logits[:, -1], out.past_key_values, after, kwargs["position_ids"][:, -1]
     H, rows, owner = head  # head length; a row per distinct head; which head each row has
     device = model.device
     start = T - mask.sum(1)  # (B,) where each row begins

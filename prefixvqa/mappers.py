@@ -1,8 +1,9 @@
 """Mappers: image features (B, N, D_v) -> visual prefix (B, L, E) in the decoder's embedding space.
 
 One registry, one constructor per published shape: per-token linear/MLP projections (LLaVA-Med, LLaVA-Rad), the
-pooled MLP (ClipCap's, van Sonsbeek et al.'s), ClipCap's transformer mapper, Flamingo's perceiver resampler and
-MedVInT-TD's query decoder. Each preset's parameter count is tested against its source's.
+pooled MLP (ClipCap's, van Sonsbeek et al.'s), ClipCap's transformer mapper, Flamingo's perceiver resampler,
+MedVInT-TD's query decoder and Gemma 3's pooling projector (MedGemma). Each preset's parameter count is tested against
+its source's.
 
 What a kind accepts and produces is a class attribute of its class (`Mapper`): config validation, the processor's
 prefix length and `build_mapper` ask the class instead of comparing kind names. The registry's names equal
@@ -43,6 +44,7 @@ class Mapper(nn.Module):
     per_token: ClassVar[bool] = False  # one prefix vector per input feature token (mapper.prefix_length unused)
     expands_pooled: ClassVar[bool] = False  # reads mapper.input_tokens: one pooled vector expanded to that many tokens
     attention: ClassVar[bool] = False  # attention layers: mapper.heads must divide the width unless head_dim is set
+    pools_grid: ClassVar[bool] = False  # pools the square patch grid: prefix_length must be a square dividing it
 
     @classmethod
     def width(cls, cfg: MapperConfig) -> int:
@@ -235,6 +237,41 @@ class QueryDecoder(Mapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, L, E)
         memory = self.project(x)  # (B, N, W)
         return self.out(self.decoder(self.queries.expand(x.shape[0], -1, -1), memory))  # (B, L, E)
+
+
+@register_mapper
+class Gemma3Projector(Mapper):
+    """Gemma 3's multimodal projector (transformers' Gemma3MultiModalProjector): the square patch grid average-pooled
+    to `mapper.prefix_length` tokens (MedGemma: 4096 patches -> 256), Gemma's RMSNorm (scale 1 + weight, computed in
+    float32; eps 1e-6, SigLIP's layer_norm_eps) and one projection matrix without bias (`mm_input_projection_weight`,
+    D_v x E). A fresh one starts with a unit norm and a random projection; `from_vlm` loads the checkpoint's."""
+
+    kind = "gemma3"
+    pools_grid = True
+    eps: ClassVar[float] = 1e-6
+
+    def __init__(self, cfg: MapperConfig):
+        super().__init__()
+        self.side = int(round(cfg.prefix_length ** 0.5))
+        if self.side * self.side != cfg.prefix_length:
+            raise ConfigError(f"mapper.kind='gemma3' pools a square grid: prefix_length={cfg.prefix_length} is not "
+                              "a square number")
+        self.mm_soft_emb_norm = nn.Parameter(torch.zeros(cfg.in_dim))
+        self.mm_input_projection_weight = nn.Parameter(torch.randn(cfg.in_dim, cfg.out_dim) * cfg.in_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, L, E)
+        B, N, D = x.shape
+        grid = int(round(N ** 0.5))
+        if grid * grid != N or grid % self.side:
+            raise ConfigError(f"mapper.kind='gemma3': {N} patch tokens are not a square grid that pools to "
+                              f"{self.side}x{self.side}")
+        k = grid // self.side
+        pooled = nn.functional.avg_pool2d(x.transpose(1, 2).reshape(B, D, grid, grid).contiguous(), k, k)
+        pooled = pooled.flatten(2).transpose(1, 2)  # (B, L, D)
+        h = pooled.float()
+        normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+                  * (1.0 + self.mm_soft_emb_norm.float())).type_as(pooled)
+        return torch.matmul(normed, self.mm_input_projection_weight).type_as(x)
 
 
 class WithImageDelimiters(nn.Module):

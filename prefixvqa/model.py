@@ -245,7 +245,7 @@ class MedVQAAdapter(nn.Module):
         if labels is not None and not full_logits:  # position t predicts label t + 1
             keep = F.pad(labels[:, 1:] != IGNORE, (0, 1))  # (B, T) bool
         lm, kwargs = self._lm_inputs(embeds, attention_mask, keep=keep if keep is not None else 0,
-                                     segments=segment_ids)
+                                     segments=segment_ids, image_mask=image_mask)
         logits = lm(**kwargs, use_cache=False).logits  # (K, V) at kept positions, or (B, T', V)
         loss = None
         if keep is not None:
@@ -276,7 +276,8 @@ class MedVQAAdapter(nn.Module):
         return embeds.masked_scatter(slots[..., None], prefix.to(embeds.dtype))
 
     def _lm_inputs(self, embeds: torch.Tensor, mask: torch.Tensor, keep: int | torch.Tensor = 0,
-                   segments: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                   segments: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
+                   ) -> tuple[nn.Module, dict[str, Any]]:
         """The module to call and its first-call inputs. Position ids follow the attention mask, so left-padded rows
         equal unpadded ones. peft's soft prompts are placed here as peft's own forward places them (virtual tokens in
         front for prompt tuning, key/value prefixes for prefix tuning), which also lets a KV cache be reused."""
@@ -288,9 +289,25 @@ class MedVQAAdapter(nn.Module):
             from .data.packing import packed_inputs
 
             kwargs.update(packed_inputs(self, segments.to(self.device), embeds.dtype))
+        elif image_mask is not None and self.image_attention is not None:  # Gemma 3: each image's tokens both ways
+            from .vlm_gemma3 import image_attention_masks
+
+            if self.config.tuning.method.soft_prompt:
+                raise ConfigError(f"tuning.mode={self.config.tuning.mode!r} puts virtual tokens in front of the "
+                                  f"prompt, which decoder.layout={self.config.decoder.layout!r}'s image-attention "
+                                  "masks do not cover: use lora, dora, full or frozen")
+            kwargs["attention_mask"] = image_attention_masks(self.decoder.config, mask, image_mask, embeds.dtype)
         method = self.config.tuning.method
         return method.language_model(self.decoder), method.place_virtual_tokens(self.decoder, self.config.tuning,
                                                                                 kwargs, positions)
+
+    @property
+    def image_attention(self) -> str | None:
+        """How the decoder attends over image tokens where that is not causal (the layout's rule, vlm_layouts.py
+        `IMAGE_ATTENTION`: Gemma 3's "bidirectional"), else None."""
+        from .vlm_layouts import IMAGE_ATTENTION
+
+        return IMAGE_ATTENTION.get(self.config.decoder.layout)
 
     # --- images -------------------------------------------------------------------------------------------------
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:

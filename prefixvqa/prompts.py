@@ -134,6 +134,16 @@ TEMPLATES: dict[str, Template] = {
     "mistral_instruct": Template(before_question="[INST] {image}\n{question} [/INST]",
                                  after_question="[INST] {question}\n{image} [/INST]",
                                  stop=("[INST]",), shot_separator=" "),
+    # Gemma 3 / MedGemma (the tokenizer's chat template + Gemma3Processor): BOS from the tokenizer, the user turn with
+    # the image where the processor expands `<start_of_image>` ("\n\n<start_of_image>" + image tokens +
+    # "<end_of_image>\n\n"), the answer closed by `<end_of_turn>` (generation_config's second EOS).
+    "gemma3": Template(
+        before_question="<start_of_turn>user\n\n\n<start_of_image>{image}<end_of_image>\n\n{question}<end_of_turn>\n"
+                        "<start_of_turn>model\n",
+        after_question="<start_of_turn>user\n{question}\n\n<start_of_image>{image}<end_of_image>\n\n<end_of_turn>\n"
+                       "<start_of_turn>model\n",
+        text_turn="<start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n",
+        answer="{answer}<end_of_turn>\n", stop=("<end_of_turn>",), shot_separator="", eos=False),
     # The tokenizer's own chat template (SmolLM2, Qwen, Llama-3 instruct ...): the sentinel beside the question.
     "chat": ChatTemplate(),
 }

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 TINY_ENCODER: dict[str, Any] = {
-    "backend": "open_clip", "revision": None, "layout": None, "name": "ViT-B-32", "pretrained": None,
+    "backend": "open_clip", "revision": None, "layout": None, "final_norm": False, "name": "ViT-B-32",
+    "pretrained": None,
     "model_overrides": {"embed_dim": 32,
                         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
                         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}},
@@ -29,6 +30,9 @@ TINY_DECODERS: dict[str, dict[str, Any]] = {
               "num_key_value_heads": 1, "intermediate_size": 64, "max_position_embeddings": 4096},
     "mistral": {"model_type": "mistral", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "num_key_value_heads": 1, "intermediate_size": 64, "max_position_embeddings": 4096},
+    "gemma3_text": {"model_type": "gemma3_text", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 64, "max_position_embeddings": 4096,
+                    "sliding_window": 512},
 }
 for _cfg in TINY_DECODERS.values():
     _cfg["initializer_range"] = 0.3

@@ -78,7 +78,10 @@ class HFVisionEncoder(VisionEncoder):
                 raise ConfigError(f"encoder {self.cfg.name!r} has no pooled output (e.g. a SigLIP tower without its "
                                   "head): use encoder.features='patches'")
             return pooled.reshape(pooled.shape[0], 1, -1)
-        tokens = self._block_output(pixels)
+        if self.cfg.final_norm:  # the model's own last_hidden_state: every block, then its final norm (Gemma 3)
+            tokens = self.visual(pixel_values=pixels).last_hidden_state
+        else:
+            tokens = self._block_output(pixels)
         if self.cfg.keep_cls:
             return tokens
         return tokens[:, self.prefix_tokens(pixels.shape[-2], pixels.shape[-1], tokens.shape[1]):]
@@ -153,7 +156,7 @@ def load_tower(cfg: EncoderConfig) -> nn.Module:
     from transformers import AutoConfig, AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    if cfg.layout == "llava_hf":
+    if cfg.layout in ("llava_hf", "gemma3"):
         return _tower_inside(cfg)
     try:
         config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision)
@@ -167,8 +170,8 @@ def load_tower(cfg: EncoderConfig) -> nn.Module:
 
 
 def _tower_inside(cfg: EncoderConfig) -> nn.Module:
-    """The vision tower of a LlavaForConditionalGeneration checkpoint (`vision_config` + its `vision_tower.*`
-    tensors), loaded strictly into the tower's own class."""
+    """The vision tower of a LlavaForConditionalGeneration or Gemma3ForConditionalGeneration checkpoint
+    (`vision_config` + its `vision_tower.*` tensors), loaded strictly into the tower's own class."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
@@ -177,7 +180,7 @@ def _tower_inside(cfg: EncoderConfig) -> nn.Module:
     config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision)
     vision = getattr(config, "vision_config", None)
     if vision is None:
-        raise LayoutError(f"{cfg.name}/config.json: missing key 'vision_config' (encoder.layout='llava_hf')")
+        raise LayoutError(f"{cfg.name}/config.json: missing key 'vision_config' (encoder.layout={cfg.layout!r})")
     for key, value in cfg.model_overrides.items():
         setattr(vision, key, value)
     model = MODEL_MAPPING[type(vision)](vision)

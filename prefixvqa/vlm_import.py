@@ -7,6 +7,8 @@ conversation format:
 
     LLaVA (llava / llava_llama), LLaVA-Rad   Vicuna v1 ("USER: <image>\\nQ ASSISTANT:"), LLaVA's `conv_vicuna_v1`
     LLaVA-Med v1.5 (llava_mistral)           Mistral instruct ("[INST] <image>\\nQ [/INST]"), `conv_mistral_instruct`
+    MedGemma / Gemma 3 (gemma3)              Gemma's chat turns with the image between <start_of_image> and
+                                             <end_of_image> as Gemma3Processor expands it (prompts.py `gemma3`)
 
 Feature selection follows the config's `mm_vision_select_layer` / `mm_vision_select_feature`, preprocessing its
 `image_aspect_ratio` (pad: LLaVA's expand2square), `mm_use_im_start_end` the two delimiter vectors (the checkpoint's
@@ -40,6 +42,10 @@ def vlm_config(source: str, revision: str | None = None, layout: str | None = No
     config, path = read_config(source, revision)
     if layout == "llava_hf":
         return _hf_config(source, revision, config, path)
+    if layout == "gemma3":
+        from .vlm_gemma3 import gemma3_config
+
+        return gemma3_config(source, revision, config, path)
     require(config, path, "mm_vision_tower", "mm_projector_type", "mm_hidden_size", "mm_vision_select_layer")
     text_type = LLAVA_TEXT_TYPES[config["model_type"]]
     projector = _PROJECTORS.get(config["mm_projector_type"])
@@ -126,6 +132,10 @@ def _hf_config(source: str, revision: str | None, config: dict, path: Any) -> Ad
 
 def projector_state(source: str, layout: str, revision: str | None = None) -> dict[str, torch.Tensor]:
     """The projector's tensors, named as the mapper names them (`net.0.weight`, ...)."""
+    if layout == "gemma3":
+        from .vlm_gemma3 import gemma3_projector_state
+
+        return gemma3_projector_state(source, revision)
     pattern, index = PROJECTOR_KEYS["llava_hf" if layout == "llava_hf" else "llava"]
     import re
 

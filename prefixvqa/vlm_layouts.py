@@ -10,6 +10,9 @@ config (never from its name). The decoder loader, the transformers tower and `Me
                  merges it (`merge_and_unload`)
     llava_hf     transformers' LlavaForConditionalGeneration (`vision_config` + `text_config`): language model,
                  tower and `multi_modal_projector` in one checkpoint (old `language_model.*` names or v5 `model.*`)
+    gemma3       transformers' Gemma3ForConditionalGeneration (MedGemma; `model_type` gemma3 with `vision_config` +
+                 `text_config`): SigLIP tower, the pooling `multi_modal_projector`, the Gemma 3 language model, whose
+                 image tokens attend to each other both ways (`IMAGE_ATTENTION`)
 
 Released files are safetensors where the release has them; a release that ships only PyTorch `.bin` files is read
 with `torch.load(weights_only=True)` (tensors only, no code), with a printed line saying so. prefixvqa itself writes
@@ -28,7 +31,8 @@ import torch
 from .errors import PrefixVQAError
 
 __all__ = ["LayoutError", "read_config", "checkpoint_file", "detect_layout", "read_tensors", "text_config",
-           "decoder_kwargs", "merge_release_lora", "tower_state", "LLAVA_TEXT_TYPES", "PROJECTOR_KEYS"]
+           "decoder_kwargs", "merge_release_lora", "tower_state", "LLAVA_TEXT_TYPES", "PROJECTOR_KEYS",
+           "IMAGE_ATTENTION", "COMPOSITE_LAYOUTS"]
 
 #: LLaVA's model_type -> the transformers language model its weights are (llava_arch.py's LlavaLlama/Mistral classes)
 LLAVA_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
@@ -36,7 +40,15 @@ LLAVA_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "
 _WRAPPER_KEYS = re.compile(r"^(mm_|image_|tune_mm|freeze_mm|use_mm|unfreeze_mm|tokenizer_|vision_tower)")
 #: where each layout keeps its projector, as regexes on the normalised tensor names -> the mapper's layer index
 PROJECTOR_KEYS = {"llava": (r"^model\.mm_projector\.(?:(\d+)\.)?(weight|bias)$", {None: 0, "0": 0, "2": 2}),
-                  "llava_hf": (r"^(?:model\.)?multi_modal_projector\.linear_(\d)\.(weight|bias)$", {"1": 0, "2": 2})}
+                  "llava_hf": (r"^(?:model\.)?multi_modal_projector\.linear_(\d)\.(weight|bias)$", {"1": 0, "2": 2}),
+                  "gemma3": (r"^(?:model\.)?multi_modal_projector\.(mm_input_projection_weight|mm_soft_emb_norm)"
+                             r"(\.weight)?$", {})}
+#: layouts that hold tower, projector and language model in one transformers checkpoint (`vision_config` +
+#: `text_config`), their language model's tensors under `language_model.model.*` (old) or `model.language_model.*`
+COMPOSITE_LAYOUTS = ("llava_hf", "gemma3")
+#: how a layout's language model attends over image tokens, where it differs from causal: Gemma 3 lets the tokens of
+#: one image attend to each other both ways (transformers builds it from token_type_ids; prefixvqa from image_mask)
+IMAGE_ATTENTION = {"gemma3": "bidirectional"}
 
 
 class LayoutError(PrefixVQAError, ValueError):
@@ -78,7 +90,8 @@ def require(config: dict, path: Path, *keys: str) -> None:
     """Every key must be in the config; else one error naming the file and the missing keys."""
     missing = [k for k in keys if k not in config]
     if missing:
-        raise LayoutError(f"{path}: missing key(s) {missing} of a LLaVA-layout config")
+        kind = "Gemma 3" if config.get("model_type") == "gemma3" else "LLaVA"
+        raise LayoutError(f"{path}: missing key(s) {missing} of a {kind}-layout config")
 
 
 def detect_layout(source: str, revision: str | None = None) -> str:
@@ -89,13 +102,16 @@ def detect_layout(source: str, revision: str | None = None) -> str:
         raise LayoutError(f"{path}: missing key 'model_type'; cannot tell which layout this checkpoint has")
     if "vision_config" in config and "text_config" in config and model_type == "llava":
         return "llava_hf"
+    if model_type == "gemma3":
+        require(config, path, "vision_config", "text_config", "mm_tokens_per_image")
+        return "gemma3"
     if model_type in LLAVA_TEXT_TYPES:
         require(config, path, "mm_vision_tower", "mm_projector_type", "mm_hidden_size")
         if checkpoint_file(source, "adapter_config.json", revision, required=False) is not None:
             return "llava_lora"
         return "llava"
     raise LayoutError(f"{path}: model_type={model_type!r} is not a layout prefixvqa imports (LLaVA: "
-                      f"{sorted(LLAVA_TEXT_TYPES)} with mm_* keys; transformers' llava with vision_config)")
+                      f"{sorted(LLAVA_TEXT_TYPES)} with mm_* keys; transformers' llava with vision_config; gemma3)")
 
 
 def _weight_files(source: str, revision: str | None) -> list[Path]:
@@ -159,9 +175,11 @@ def text_config(layout: str, source: str, revision: str | None = None) -> Any:
     from transformers import AutoConfig
 
     config, path = read_config(source, revision)
-    if layout == "llava_hf":
+    if layout in COMPOSITE_LAYOUTS:
         require(config, path, "text_config")
         text = dict(config["text_config"])
+        if layout == "gemma3":  # a released Gemma3Config may leave text_config's model_type to its default
+            text.setdefault("model_type", "gemma3_text")
         if "model_type" not in text:
             raise LayoutError(f"{path}: missing key 'text_config.model_type'")
         return AutoConfig.for_model(**text)
@@ -179,7 +197,7 @@ def decoder_kwargs(cfg: Any) -> dict[str, Any]:
     if cfg.layout == "llava_lora":
         return {}  # `name` is the base LM itself; the release's LoRA is merged after loading
     kwargs: dict[str, Any] = {"config": text_config(cfg.layout, cfg.name, cfg.revision)}
-    if cfg.layout == "llava_hf":  # old (language_model.model.*) and v5 (model.language_model.*) names
+    if cfg.layout in COMPOSITE_LAYOUTS:  # old (language_model.model.*) and v5 (model.language_model.*) names
         kwargs["key_mapping"] = {r"^language_model\.model\.": "model.", r"^language_model\.lm_head\.": "lm_head.",
                                  r"^model\.language_model\.": "model."}
     return kwargs
@@ -220,7 +238,7 @@ def non_lora_tensors(release: str) -> dict[str, torch.Tensor]:
 
 
 def tower_state(source: str, revision: str | None = None) -> dict[str, torch.Tensor]:
-    """The vision tower's tensors inside a llava_hf checkpoint, named as its own model class names them."""
+    """The vision tower's tensors inside a llava_hf / gemma3 checkpoint, named as its own model class names them."""
     tensors = read_tensors(source, r"^(model\.)?vision_tower\.", revision)
     if not tensors:
         raise LayoutError(f"{source}: no vision_tower.* tensors in its weight files")

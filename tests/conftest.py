@@ -14,7 +14,7 @@ def tiny_decoders(tmp_path_factory):
     from prefixvqa.testing import build_decoder
 
     root = tmp_path_factory.mktemp("decoders")
-    return {fam: build_decoder(root / fam, fam) for fam in ("gpt2", "biogpt", "llama", "mistral")}
+    return {fam: build_decoder(root / fam, fam) for fam in ("gpt2", "biogpt", "llama", "mistral", "gemma3_text")}
 
 
 @pytest.fixture(scope="session")

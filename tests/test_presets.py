@@ -9,6 +9,7 @@ from PIL import Image
 
 from prefixvqa import MedVQAAdapter
 from prefixvqa import prompts
+from prefixvqa.mappers import MAPPERS
 from prefixvqa.presets import list_presets, preset_config, preset_info, presets_table
 from prefixvqa.testing import tiny_overrides
 from prefixvqa.vision import ModelNotAvailableError
@@ -26,8 +27,11 @@ def test_presets_listed():
 @pytest.mark.parametrize("name", list_presets())
 def test_preset_builds_tiny(name, tiny_decoders):
     info = preset_info(name)
-    model = MedVQAAdapter.from_preset(name, **tiny_overrides(tiny_decoders[info["family"]]))
     full = preset_config(name)
+    over = tiny_overrides(tiny_decoders[info["family"]])
+    if MAPPERS[full.mapper.kind].pools_grid:  # the tiny tower's 4 x 4 patch grid pools to 2 x 2 tokens
+        over["mapper"]["prefix_length"] = 4
+    model = MedVQAAdapter.from_preset(name, **over)
     assert (model.config.mapper.kind, model.config.tuning.mode, model.config.template.name) == \
            (full.mapper.kind, full.tuning.mode, full.template.name)
     out = model(**model.processor([Image.new("RGB", (32, 32))], ["is there a lesion?"], ["no"]))
@@ -59,7 +63,8 @@ def test_every_published_preset_names_its_source():
 PUBLISHED_PARAMS = {"van_sonsbeek_gpt2xl": 249.1e6, "van_sonsbeek_biogpt": 102.8e6, "van_sonsbeek_biomedlm": 634.4e6,
                     "medvint_td_7b": 131.3e6, "med_flamingo_resampler_7b": 63.0e6, "clipcap_gpt2": 53.6e6,
                     "clipcap_gpt2_mlp": 31.5e6, "llava_med_7b": 4.2e6, "llava_rad_7b": 19.9e6,
-                    "llava_med_v15_mistral_7b": 20.98e6, "llava_rad": 19.9e6}  # 1024 -> 4096 -> 4096 (mlp2x_gelu, CLIP-L to Mistral)
+                    "llava_med_v15_mistral_7b": 20.98e6, "llava_rad": 19.9e6,
+                    "medgemma_4b_it": 2.95e6}  # 1152 x 2560 projection + 1152 norm (Gemma3MultiModalProjector)  # 1024 -> 4096 -> 4096 (mlp2x_gelu, CLIP-L to Mistral)
 #: each source's format, written out from its code (LLaVA-Med train.py v0, LLaVA-Rad conv_vicuna_v1, Med-Flamingo
 #: demo.py, van Sonsbeek vqaloader.py, MedVInT PMC_QA_Dataset.py); <image> marks the visual prefix
 SOURCE_FORMATS = {

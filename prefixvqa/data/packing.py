@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PACKABLE_MODEL_TYPES", "MASK_ATTENTION", "PackingUnsupported", "first_fit", "pack_rows", "pack_batch",
            "pack_collate", "packing_refusal", "check_packable", "packing_for", "packed_inputs", "segment_positions",
-           "attention_window"]
+           "attention_window", "mask_for_attention"]
 
 #: decoder model types whose forward takes `position_ids` and passes a ready 4-D attention mask through to its
 #: attention (transformers' `create_causal_mask` returns a 4-D mask as given): the families the presets use (gpt2,
@@ -211,9 +211,15 @@ def packed_inputs(model: MedVQAAdapter, segments: torch.Tensor, dtype: torch.dty
                                      "set train.packing: false")
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     allowed = (segments[:, :, None] == segments[:, None, :]) & causal  # (B, T, T)
-    if MASK_ATTENTION[getattr(model.decoder.config, "_attn_implementation", None) or "eager"] == "bool":
-        mask = allowed[:, None]
-    else:
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-    return {"attention_mask": mask, "position_ids": segment_positions(segments)}
+    return {"attention_mask": mask_for_attention(model.decoder.config, allowed, dtype),
+            "position_ids": segment_positions(segments)}
+
+
+def mask_for_attention(decoder_config: Any, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (B, T, T) boolean "query may attend to key" matrix as the decoder's attention implementation takes a ready
+    4-D mask (`MASK_ATTENTION`): (B, 1, T, T) boolean for SDPA, additive (0 or the dtype's minimum) for eager. Also
+    what Gemma 3's image-attention rule builds its masks with (vlm_gemma3.py)."""
+    if MASK_ATTENTION.get(getattr(decoder_config, "_attn_implementation", None) or "eager") == "bool":
+        return allowed[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
