@@ -19,7 +19,6 @@ import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 #: model types whose decoder layer is `x + attn(norm(x))`, `x + mlp(norm(x))` with rotary q/k, as Llama's
@@ -76,8 +75,6 @@ class CachedStep:
                 store.append(buf)
         self.valid = torch.zeros(B, T + new_tokens, dtype=torch.bool, device=mask.device)
         self.valid[:, :T] = mask.bool()
-        self.plan = [_LayerPlan(layer) for layer in self.layers]
-        self.head = _linear(causal_lm.lm_head)
 
     @staticmethod
     def supports(causal_lm: nn.Module, cache: Any) -> bool:
@@ -107,61 +104,26 @@ class CachedStep:
         mask = self._mask(t + 1)
         x = self.embed(tokens[:, None]).to(self.dtype)  # (b, 1, E)
         cos, sin = self.rotary(x, self.pos[:, None])
-        for layer, plan, keys, values in zip(self.layers, self.plan, self.keys, self.values):
+        for layer, keys, values in zip(self.layers, self.keys, self.values):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = plan.q(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-            k = plan.k(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-            v = plan.v(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+            q = attn.q_proj(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)
             q, k = self.rope(q, k, cos, sin)
             keys[:, :, t:t + 1], values[:, :, t:t + 1] = k, v
             out, _ = self.attention(attn, q, keys[:, :, :t + 1], values[:, :, :t + 1], mask, dropout=0.0,
                                     scaling=attn.scaling)
-            x = x + plan.o(out.reshape(b, 1, -1).contiguous())
-            x = x + plan.mlp(layer.post_attention_layernorm(x))
+            x = x + attn.o_proj(out.reshape(b, 1, -1).contiguous())
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
         self.t += 1
-        return self.head(self.norm(x))[:, -1]
+        return self.lm.lm_head(self.norm(x))[:, -1]
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these running rows (indices into the current ones), in this order."""
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
         self.valid, self.pos = self.valid[rows], self.pos[rows]
-
-
-def _linear(module: nn.Module) -> Any:
-    """`module` itself, or where it computes exactly `F.linear(x, weight, bias)` (a plain `nn.Linear`, or a peft
-    LoRA layer whose delta `generation.lora_merged` has folded into such a base) that call without the module
-    machinery in between: the same kernel on the same tensors, so the same numbers. Hooks keep the module."""
-    base = module
-    if getattr(module, "merged", False) and not getattr(module, "disable_adapters", True) and hasattr(
-            module, "get_base_layer"):
-        base = module.get_base_layer()
-    if type(base) is not nn.Linear or any(m._forward_hooks or m._forward_pre_hooks for m in {module, base}):
-        return module
-    weight, bias = base.weight, base.bias
-    return lambda x: F.linear(x, weight, bias)
-
-
-class _LayerPlan:
-    """A decoder layer's projections resolved once per answer (`_linear`), and its MLP as Llama computes it."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        attn, mlp = layer.self_attn, layer.mlp
-        self.q, self.k, self.v, self.o = (_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj,
-                                                                           attn.o_proj))
-        self.gate, self.up, self.down = (_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        self.act = mlp.act_fn
-        self.mlp = self._mlp if type(mlp).forward is _llama_mlp_forward() else mlp
-
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.gate(x)) * self.up(x))
-
-
-def _llama_mlp_forward() -> Any:
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    return LlamaMLP.forward
 
 
 def stepper(lm: nn.Module, embed: nn.Module, dtype: torch.dtype, cache: Any, mask: torch.Tensor, pos: torch.Tensor,

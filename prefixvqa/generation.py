@@ -225,10 +225,10 @@ def greedy(model: MedVQAAdapter, embeds: torch.Tensor, mask: torch.Tensor, image
                             pos, max_new_tokens - 1)
     running = torch.arange(B, device=device)  # rows still decoding, in the stepper's order
     for t in range(max_new_tokens):
-        logits = logits.float()
-        best, nxt = logits.max(-1)  # (b,): the greedy token (argmax of the logits, as transformers' greedy search)
+        logp = logits.float().log_softmax(-1)  # (b, V)
+        nxt = logp.argmax(-1)  # (b,)
         ids[running, t] = nxt
-        steps[running, t] = best - torch.logsumexp(logits, -1)  # its log-probability, no (b, V) log_softmax
+        steps[running, t] = logp.gather(-1, nxt[:, None]).squeeze(-1)
         ended = nxt == eos if eos is not None else torch.zeros_like(nxt, dtype=torch.bool)
         if criteria is not None:
             ended |= criteria(ids[running, :t + 1], None).to(device)

@@ -4,7 +4,6 @@ and rows that finish early leave the batch without changing any answer."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from prefixvqa import MedVQAAdapter, decoding
 from prefixvqa.generation import finish
@@ -85,21 +84,3 @@ def test_rows_that_stop_leave_the_batch_and_answers_do_not_change(tiny_decoders,
     assert [(a.text, a.num_tokens) for a in got] == [(a.text, a.num_tokens) for a in expected]
     assert all(abs(a.score - b.score) < 1e-5 for a, b in zip(got, expected))
     assert any(a.num_tokens < 6 for a in got)
-
-
-def test_cached_step_calls_hooked_projections_through_their_module(tiny_decoders):
-    """The step calls plain (or LoRA-merged) projections without the module machinery, but a projection with a hook
-    (offloading, quantisation, a user's probe) is still called as a module, so the hook sees every step."""
-    model = MedVQAAdapter(make_config(tiny_decoders["llama"])).eval()
-    layer = model.decoder.get_base_model().model.layers[0]
-    plan = decoding._LayerPlan(layer)
-    assert not isinstance(plan.up, torch.nn.Module)  # a plain Linear: called as F.linear
-    assert plan.o is layer.self_attn.o_proj  # LoRA not folded (outside `lora_merged`): its own forward
-    seen = []
-    handle = layer.mlp.up_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
-    try:
-        assert decoding._LayerPlan(layer).up is layer.mlp.up_proj
-        _greedy(model, IMAGES, QUESTIONS, [], new_tokens=4)
-    finally:
-        handle.remove()
-    assert seen.count(1) == 3  # the three decode steps (the prefill runs transformers' forward)
