@@ -220,3 +220,11 @@ def test_dicom_and_nifti_inputs_reach_the_tower(adapters, tmp_path):
     assert "error" not in item and item["pixel_values"].shape == (3, 32, 32)
     feats = model.encode_pixels(item["pixel_values"][None])
     assert feats.shape == (1, 16, 32)
+    from test_images import synthetic_dicom
+
+    dcm = tmp_path / "scan.dcm"  # a DICOM file, windowed by the record's meta, through the same tower
+    dcm.write_bytes(synthetic_dicom((np.arange(48 * 40).reshape(48, 40) * 7 % 4096).astype(np.uint16)))
+    item = model.processor.encode_record(VQARecord("d0", str(dcm), "Is there a lesion?", "no", "closed", None,
+                                                   {"window": [600, 800]}))
+    assert "error" not in item and item["pixel_values"].shape == (3, 32, 32)
+    assert model.encode_pixels(item["pixel_values"][None]).shape == (1, 16, 32)
