@@ -140,7 +140,6 @@ WRITERS: dict[str, tuple[Callable[..., None], bool, str]] = {
     "train output_dir (checkpoint)": (_checkpoint, False, "trainer_state"),
     "save_calibration": (_save_calibration, False, "calibration.json"),
     "answer --explain": (_explain, True, ""),
-    "train output_dir (a run)": (_train, False, "last"),
 }
 
 
@@ -432,10 +431,30 @@ def test_demo_refuses_a_users_folder_before_building_anything(tmp_path, capsys, 
     import prefixvqa.demo as demo
 
     monkeypatch.setattr(demo, "build_demo_data", lambda *a, **k: pytest.fail("built data before checking the folder"))
-    for part in ("eval", "adapter", "run", ""):
-        out = tmp_path / f"demo-{part or 'top'}"
+    for part, name in (("eval", "notes.txt"), ("adapter", "notes.txt"), ("run", "log.jsonl")):
+        out = tmp_path / f"demo-{part}"
         (out / part).mkdir(parents=True)
-        (out / part / "notes.txt").write_text("mine")
+        (out / part / name).write_text("mine")
         status, err = cli(["demo", "--out", str(out)], capsys)
-        assert status == 2 and str(out / part).rstrip("/") in one_line(err), err
-        assert (out / part / "notes.txt").read_text() == "mine"
+        assert status == 2 and str(out / part) in one_line(err), err
+        assert (out / part / name).read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "loss.png", "last", "best"])
+def test_train_refuses_a_users_file_of_a_name_it_writes_and_keeps_other_files(env, tmp_path, capsys, name):
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / "recipe-notes.yaml").write_text("mine")  # kept beside the runs: never touched
+    mine = out / name
+    mine.mkdir() if name in ("last", "best") else mine.write_text('{"my": "log"}\n')
+    if mine.is_dir():
+        (mine / "thesis.tex").write_text("mine")
+    with pytest.raises(OverwriteRefused, match=name):
+        _train(env, out, capsys)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["recipe-notes.yaml", name])
+    if name != "log.jsonl":
+        return
+    mine.unlink()
+    _train(env, out, capsys)  # no clash: the run writes beside the user's file, and again over its own entries
+    _train(env, out, capsys)
+    assert (out / "recipe-notes.yaml").read_text() == "mine" and (out / "last").is_dir()

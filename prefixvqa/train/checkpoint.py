@@ -180,27 +180,50 @@ def run_lock(folder: str | os.PathLike) -> contextlib.AbstractContextManager:
     return output_lock(folder) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
 
 
-#: What a training run writes into its output folder (checkpoints, the log, the loss plot, TensorBoard/W&B logs, the
-#: lock, a recipe's tiny test decoder and the hidden temporary siblings of atomic writes): a folder holding only these
-#: may be used again.
-RUN_ENTRIES = ("last", "best", "log.jsonl", "loss.png", "tb", "wandb", "_tiny", LOCK_NAME, ".last.*", ".best.*",
-               ".log.jsonl.*", ".loss.png.*")
+#: What a training run writes into its output folder by name: checkpoints, the log, the loss plot, TensorBoard/W&B
+#: logs and a recipe's tiny test decoder. Anything else in the folder (a recipe, data) is never touched.
+RUN_ENTRIES = ("last", "best", "log.jsonl", "loss.png", "tb", "wandb", "_tiny")
 
 
-def check_output_dir(folder: str | os.PathLike, also: Sequence[str] = (), cache: str | None = None) -> None:
-    """Refuse, before anything trains, an output folder holding anything a run does not write (`RUN_ENTRIES`, plus
-    ``also``: a recipe's stage folders, and the feature ``cache`` folder when it lies inside): the run would replace
-    a user's ``log.jsonl`` or ``loss.png`` by name and mix its checkpoints into someone's work. One line naming the
-    folder and what is in it. Only the main process of a launch checks (the others share its folder)."""
-    from ..fileio import holds_only, refuse_foreign
+def _run_wrote(entry: Path) -> bool:
+    """Whether ``entry`` (named as in `RUN_ENTRIES`) is what an earlier run wrote: a checkpoint folder (manifest or
+    trainer state), a log whose first row is a run's, a loss plot beside such a log or checkpoint, a tracker folder."""
+    if entry.is_symlink():
+        return False
+    if entry.name in ("last", "best"):
+        return entry.is_dir() and ((entry / MANIFEST_NAME).is_file() or (entry / STATE_DIR).is_dir())
+    if entry.name == "log.jsonl":
+        try:
+            with entry.open("rb") as fh:
+                first = fh.readline(1 << 16)
+            return not first.strip() or "kind" in json.loads(first)
+        except (OSError, ValueError, TypeError):
+            return False
+    if entry.name == "loss.png":
+        return entry.is_file() and any(_run_wrote(entry.parent / n) for n in ("log.jsonl", "last", "best")
+                                       if (entry.parent / n).exists())
+    return entry.is_dir()  # tb/, wandb/, _tiny/
 
-    if int(os.environ.get("RANK", "0")) != 0:
+
+def check_output_dir(folder: str | os.PathLike) -> None:
+    """Refuse, before anything trains, an output folder where a file or folder of a name the run writes
+    (`RUN_ENTRIES`) is not an earlier run's: the run would replace a user's ``log.jsonl``, ``loss.png``, ``last/``
+    or ``best/`` by name. Other files (a recipe kept beside its runs) are left alone. One line naming the path. Only
+    the main process of a launch checks (the others share its folder)."""
+    from ..fileio import OverwriteRefused
+
+    folder = Path(folder)
+    if int(os.environ.get("RANK", "0")) != 0 or not (folder.exists() or folder.is_symlink()):
         return
-    out = Path(folder).expanduser().resolve()
-    if cache and out in Path(cache).expanduser().resolve().parents:
-        also = [*also, Path(cache).expanduser().resolve().relative_to(out).parts[0]]
-    refuse_foreign(Path(folder), holds_only(*RUN_ENTRIES, *also),
-                   "a training run's output folder (only last/, best/, log.jsonl, loss.png, tb/)")
+    if not folder.is_dir():
+        raise OverwriteRefused(f"train.output_dir {folder} exists and is not a folder; nothing was written")
+    for name in RUN_ENTRIES:
+        entry = folder / name
+        if (entry.exists() or entry.is_symlink()) and not _run_wrote(entry):
+            raise OverwriteRefused(f"{entry} is not a file of an earlier training run, and a run writes {name} "
+                                   f"into its output folder; nothing was written: give another train.output_dir, or "
+                                   f"move {name} away first")
+
 
 # ---------------------------------------------------------------------------------------------------- completeness
 def checkpoint_problem(folder: Path, trainer_state: bool = True) -> str | None:

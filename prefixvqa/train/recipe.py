@@ -497,7 +497,8 @@ def run_recipe(recipe: Recipe, smoke: bool = False) -> RecipeResult:
     top = TrainConfig.from_dict(recipe.train)
     out = Path(top.output_dir)
     check_output_apart(recipe.model, out)
-    check_output_dir(out, [str(stage["name"]) for stage in recipe.stages or []], cache=top.feature_cache)
+    for folder in [out, *(out / str(stage["name"]) for stage in recipe.stages or [])]:  # every stage's, up front
+        check_output_dir(folder)
     with stop_signals(), run_lock(out):
         stage_data = load_stage_data(recipe)
         model = build_model(recipe.model, out, seed=top.seed)  # mapper, fresh LoRA: seeded as the Python API seeds

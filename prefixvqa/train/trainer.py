@@ -574,6 +574,6 @@ def train(model: MedVQAAdapter, train_records: Sequence[VQARecord], eval_records
     `CheckpointError` when a resume would be unsafe, and `TrainingInterrupted` when SIGTERM or Ctrl-C stopped the run
     (see `stopping.py`). The caller's random generators and signal handlers are left as they were.
     """
-    check_output_dir(cfg.output_dir, cache=cfg.feature_cache)
+    check_output_dir(cfg.output_dir)
     with stop_signals(), run_lock(cfg.output_dir):
         return Trainer(model, train_records, eval_records, cfg).run()
