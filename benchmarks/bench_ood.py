@@ -70,22 +70,12 @@ def natural_photos(n: int, seed: int = 0, size: int = 256) -> list[bytes]:
 
 def crops(path_or_bytes: Any, views: int, seed: int, size: int = 64) -> list[bytes]:
     """Random crops (70-100 % of each side) resized to ``size``: the demo's DICOM views, for any image."""
-    from PIL import Image
-
     from prefixvqa.data.images import load_image
+    from prefixvqa.demo import random_crop_png
 
     rng = random.Random(seed)
     image = load_image(path_or_bytes)
-    out = []
-    for _ in range(views):
-        w, h = image.size
-        s = rng.uniform(0.7, 1.0)
-        cw, ch = int(w * s), int(h * s)
-        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-        buf = io.BytesIO()
-        image.crop((x, y, x + cw, y + ch)).resize((size, size), Image.BICUBIC).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    return [random_crop_png(image, rng, size) for _ in range(views)]
 
 
 def as_records(images: list[Any], prefix: str) -> list[VQARecord]:

@@ -16,10 +16,13 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .data.records import VQARecord
 from .data.synthetic import lesion_records
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,6 @@ SAMPLE_TOKENS = 8  # new tokens for the printed sample answers and the control (
 
 def dicom_records(views: int = 6, size: int = 64, seed: int = 0) -> list[VQARecord]:
     """Modality questions on every decodable `pydicom-data` file; each file gives `views` random crops (PNG bytes)."""
-    from PIL import Image
-
     from .data.images import load_image
     from .fileio import package_file
     from .vision import ModelNotAvailableError
@@ -53,13 +54,8 @@ def dicom_records(views: int = 6, size: int = 64, seed: int = 0) -> list[VQAReco
         if modality not in MODALITY_WORDS or MODALITY_WORDS[modality] == "other":
             continue
         for v in range(views):
-            w, h = image.size
-            s = rng.uniform(0.7, 1.0)
-            cw, ch = int(w * s), int(h * s)
-            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            buf = io.BytesIO()
-            image.crop((x, y, x + cw, y + ch)).resize((size, size), Image.BICUBIC).save(buf, format="PNG")
-            records.append(VQARecord(id=f"dicom-{path.stem}-{v}", image=buf.getvalue(), question=MODALITY_QUESTION,
+            records.append(VQARecord(id=f"dicom-{path.stem}-{v}", image=random_crop_png(image, rng, size),
+                                     question=MODALITY_QUESTION,
                                      answer=MODALITY_WORDS[modality], answer_type="closed",
                                      meta={"dataset": "pydicom-data", "modality": MODALITY_WORDS[modality],
                                            "question_type": "modality", "source": path.name}))
@@ -67,6 +63,20 @@ def dicom_records(views: int = 6, size: int = 64, seed: int = 0) -> list[VQAReco
     for r in records:
         r.choices = choices
     return records
+
+
+def random_crop_png(image: "Image.Image", rng: random.Random, size: int) -> bytes:
+    """One view of an image: a random crop of 70-100 % of each side, resized to ``size``, as PNG bytes (the demo's
+    DICOM views; the OOD benchmark crops other images the same way)."""
+    from PIL import Image
+
+    w, h = image.size
+    s = rng.uniform(0.7, 1.0)
+    cw, ch = int(w * s), int(h * s)
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    buf = io.BytesIO()
+    image.crop((x, y, x + cw, y + ch)).resize((size, size), Image.BICUBIC).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def build_demo_data(n_train: int, n_test: int, seed: int = 0,
