@@ -233,17 +233,11 @@ def vqa_rad_records():
 
 
 @pytest.mark.slow
-def test_llava_med_v15_layout_fine_tunes_on_vqa_rad_saves_and_reloads_strictly(tmp_path):
-    from safetensors.torch import load_file
-
-    from prefixvqa.adapter_io import AdapterLoadError
+def fine_tune_and_save(folder: str, records: list, tmp_path: Path):
+    """LoRA + projector on 16 real VQA-RAD records for 4 epochs (the loss must fall), saved to tmp_path/adapter."""
     from prefixvqa.model import MedVQAAdapter
     from prefixvqa.train import TrainConfig, train
 
-    records = vqa_rad_records()
-    assert len(records) >= 20  # the real VQA-RAD files of ../shared/realdata (10 images)
-    release = build_release(tmp_path)
-    folder = str(release["folder"])
     model = MedVQAAdapter.from_vlm(folder, decoder={"dtype": "float32"},
                                    tuning={"r": 8, "alpha": 16, "dropout": 0.0}, template={"max_length": 96})
     run = train(model, records[:16], None, TrainConfig(
@@ -252,6 +246,20 @@ def test_llava_med_v15_layout_fine_tunes_on_vqa_rad_saves_and_reloads_strictly(t
     losses = [h["loss"] for h in run.history if "loss" in h]
     assert len(losses) >= 8 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
     model.save_pretrained(tmp_path / "adapter")
+    return model
+
+
+def test_llava_med_v15_layout_fine_tunes_on_vqa_rad_saves_and_reloads_strictly(tmp_path):
+    from safetensors.torch import load_file
+
+    from prefixvqa.adapter_io import AdapterLoadError
+    from prefixvqa.model import MedVQAAdapter
+
+    records = vqa_rad_records()
+    assert len(records) >= 20  # the real VQA-RAD files of ../shared/realdata (10 images)
+    release = build_release(tmp_path)
+    folder = str(release["folder"])
+    model = fine_tune_and_save(folder, records, tmp_path)
     saved = {p.name for p in (tmp_path / "adapter").iterdir()}
     assert {"mapper.safetensors", "adapter_model.safetensors"} <= saved
     assert not any(k.startswith(("encoder.", "decoder.")) for k in load_file(str(tmp_path / "adapter" /
@@ -423,8 +431,13 @@ def test_qlora_on_an_imported_checkpoint(tmp_path):
     from prefixvqa.testing import QUANT_SIZES
 
     release = build_release(tmp_path, sizes=QUANT_SIZES["mistral"])
-    model = MedVQAAdapter.from_vlm(str(release["folder"]), decoder={"quantization": "4bit", "dtype": "float32"},
-                                   tuning={"r": 4, "alpha": 8}, template={"max_length": 64})
+    assert_qlora_trains(MedVQAAdapter.from_vlm(str(release["folder"]), decoder={"quantization": "4bit",
+                                                                                 "dtype": "float32"},
+                                               tuning={"r": 4, "alpha": 8}, template={"max_length": 64}))
+
+
+def assert_qlora_trains(model) -> None:
+    """A 4-bit imported release: the base stays frozen, one step on real VQA-RAD records reaches mapper and LoRA."""
     assert model.parameter_report()["decoder"]["trainable"] == 0
     records = vqa_rad_records()[:2]
     model.set_trainable("mapper", "lora")
