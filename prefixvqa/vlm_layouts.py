@@ -135,12 +135,10 @@ def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    import pickle
-
     print(f"prefixvqa: reading {path} with torch.load(weights_only=True): the release has no safetensors file")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as exc:
+    except Exception as exc:  # weights_only's refusal (an UnpicklingError) or a damaged file: one line naming it
         raise LayoutError(f"{path}: holds objects other than tensors, which prefixvqa does not unpickle (it reads "
                           f"released PyTorch files with weights_only=True only): {str(exc).splitlines()[0]}") from None
 

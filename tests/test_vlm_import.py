@@ -478,3 +478,16 @@ def test_a_released_checkpoint_answers_and_evaluates_in_one_command(tmp_path, ca
     capsys.readouterr()
     assert main(["answer", "--adapter", source, "--image", str(images[0]), questions[0], "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[0] == want[0].strip()
+
+
+def test_a_released_pytorch_file_holding_objects_is_refused_not_unpickled(tmp_path):
+    """The importer reads `.bin` files with weights_only=True only: a file holding any other object is one line."""
+    from prefixvqa.vlm_layouts import LayoutError, load_tensor_file
+
+    good, bad = tmp_path / "good.bin", tmp_path / "bad.bin"
+    torch.save({"w": torch.ones(2)}, str(good))  # the test writes what a release ships
+    torch.save({"w": torch.ones(2), "obj": Path("x")}, str(bad))
+    assert torch.equal(load_tensor_file(good)["w"], torch.ones(2))
+    with pytest.raises(LayoutError, match="does not unpickle") as refused:
+        load_tensor_file(bad)
+    assert "\n" not in str(refused.value) and str(bad) in str(refused.value)
