@@ -413,7 +413,9 @@ def summary_for_save(model: "MedVQAAdapter") -> ImageSummary | None:
 
 def _sharded(module: torch.nn.Module) -> bool:
     """Whether a module's parameters are shards (FSDP's DTensors, DeepSpeed ZeRO-3's partitioned parameters)."""
-    return any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in module.parameters())
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in module.parameters())
 
 
 # --- scoring during inference ------------------------------------------------------------------------------------
