@@ -5,6 +5,7 @@ DoRA, peft prompt/prefix tuning).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -166,6 +167,27 @@ def context_length(model: nn.Module) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+#: sequences up to this many positions train through SDPA's math kernel on CPU under bf16 autocast (see
+#: `attention_kernel`); past it the flash kernel is faster again (benchmarks/RESULTS.md, "Attention kernel")
+MATH_ATTENTION_MAX_LENGTH = 128
+
+
+def attention_kernel(length: int, device: torch.device) -> contextlib.AbstractContextManager:
+    """The SDPA kernel choice for one decoder forward of `length` positions on `device`.
+
+    Why: on CPU, the flash kernel's bf16 backward costs 3x the math kernel's for short sequences (batch 16 x 40
+    positions, 9 heads: 13.8 vs 4.6 ms forward + backward per layer), which made it a quarter of a demo training step.
+    So a short bf16 training forward on CPU (autocast to bf16, gradients on) runs the math kernel; everything else
+    (inference, fp32, GPUs, long or packed sequences, whose (T, T) attention the math kernel would keep for the
+    backward) keeps PyTorch's own choice."""
+    if (device.type != "cpu" or length > MATH_ATTENTION_MAX_LENGTH or not torch.is_grad_enabled()
+            or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _local_device() -> str:

@@ -22,8 +22,8 @@ from . import generation as _generation
 from .calibration import Calibration
 from .config import AdapterConfig, ConfigError
 from .encoders import build_encoder
-from .decoder import (apply_tuning, check_available, context_length, decoder_fingerprint, fingerprint, is_peft_param,
-                      load_decoder)
+from .decoder import (apply_tuning, attention_kernel, check_available, context_length, decoder_fingerprint, fingerprint,
+                      is_peft_param, load_decoder)
 from .errors import PrefixVQAError
 from .generation import Answer, abstain, evaluating  # noqa: F401 (Answer, abstain re-exported for old imports)
 from .mappers import build_mapper
@@ -246,7 +246,8 @@ class MedVQAAdapter(nn.Module):
             keep = F.pad(labels[:, 1:] != IGNORE, (0, 1))  # (B, T) bool
         lm, kwargs = self._lm_inputs(embeds, attention_mask, keep=keep if keep is not None else 0,
                                      segments=segment_ids, image_mask=image_mask)
-        logits = lm(**kwargs, use_cache=False).logits  # (K, V) at kept positions, or (B, T', V)
+        with attention_kernel(kwargs["inputs_embeds"].shape[1], embeds.device):
+            logits = lm(**kwargs, use_cache=False).logits  # (K, V) at kept positions, or (B, T', V)
         loss = None
         if keep is not None:
             loss = F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
