@@ -174,16 +174,18 @@ def context_length(model: nn.Module) -> int | None:
 MATH_ATTENTION_MAX_LENGTH = 128
 
 
-def attention_kernel(length: int, device: torch.device) -> contextlib.AbstractContextManager:
-    """The SDPA kernel choice for one decoder forward of `length` positions on `device`.
+def attention_kernel(lm: nn.Module, length: int, device: torch.device) -> contextlib.AbstractContextManager:
+    """The SDPA kernel choice for one forward of the decoder `lm` over `length` positions on `device`.
 
     Why: on CPU, the flash kernel's bf16 backward costs 3x the math kernel's for short sequences (batch 16 x 40
     positions, 9 heads: 13.8 vs 4.6 ms forward + backward per layer), which made it a quarter of a demo training step.
     So a short bf16 training forward on CPU (autocast to bf16, gradients on) runs the math kernel; everything else
     (inference, fp32, GPUs, long or packed sequences, whose (T, T) attention the math kernel would keep for the
-    backward) keeps PyTorch's own choice."""
+    backward) keeps PyTorch's own choice, and so does a checkpointed decoder: its layers run again in the backward,
+    outside this context, and torch's checkpoint refuses a recomputation that saves other tensors."""
     if (device.type != "cpu" or length > MATH_ATTENTION_MAX_LENGTH or not torch.is_grad_enabled()
-            or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+            or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16
+            or any(getattr(m, "gradient_checkpointing", False) is True for m in lm.modules())):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

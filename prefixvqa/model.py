@@ -246,7 +246,7 @@ class MedVQAAdapter(nn.Module):
             keep = F.pad(labels[:, 1:] != IGNORE, (0, 1))  # (B, T) bool
         lm, kwargs = self._lm_inputs(embeds, attention_mask, keep=keep if keep is not None else 0,
                                      segments=segment_ids, image_mask=image_mask)
-        with attention_kernel(kwargs["inputs_embeds"].shape[1], embeds.device):
+        with attention_kernel(lm, kwargs["inputs_embeds"].shape[1], embeds.device):
             logits = lm(**kwargs, use_cache=False).logits  # (K, V) at kept positions, or (B, T', V)
         loss = None
         if keep is not None:

@@ -50,6 +50,20 @@ def test_kernel_choice(model, monkeypatch, autocast, grad, short, math):
     assert torch.backends.cuda.flash_sdp_enabled(), "the kernel choice leaked out of the forward"
 
 
+def test_checkpointed_decoder_keeps_pytorchs_kernel_and_trains(tiny_decoders):
+    """Checkpointed layers run again in the backward, outside the forward's kernel choice; torch's checkpoint would
+    refuse a recomputation that saves other tensors, so a checkpointed decoder keeps PyTorch's kernel."""
+    model = MedVQAAdapter(make_config(tiny_decoders["llama"]).replace(decoder={"gradient_checkpointing": True}))
+    batch = model.processor(IMAGES, QUESTIONS, ANSWERS)
+    model.train()
+    seen = _flash_during_forward(model, batch, autocast=True, grad=True)
+    assert all(seen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()  # raised CheckpointError when the first forward ran the math kernel
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_math_kernel_gives_the_same_loss_and_gradients(model, monkeypatch):
     """bf16 training step with the math kernel vs the same step with PyTorch's default kernel: equal to bf16 rounding."""
     batch = model.processor(IMAGES, QUESTIONS, ANSWERS)
