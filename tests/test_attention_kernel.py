@@ -65,7 +65,7 @@ def test_checkpointed_decoder_keeps_pytorchs_kernel_and_trains(tiny_decoders):
 
 
 def test_math_kernel_gives_the_same_loss_and_gradients(model, monkeypatch):
-    """bf16 training step with the math kernel vs the same step with PyTorch's default kernel: equal to bf16 rounding."""
+    """A bf16 training step with the math kernel vs with PyTorch's default kernel: equal to bf16 rounding."""
     batch = model.processor(IMAGES, QUESTIONS, ANSWERS)
     params = [p for p in model.parameters() if p.requires_grad]
 
