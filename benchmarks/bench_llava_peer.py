@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -261,17 +261,23 @@ def memory_child(side: str, workdir: Path, tiny: bool) -> dict[str, float]:
     return out
 
 
-def memory_section(workdir: Path, tiny: bool) -> dict[str, dict[str, float]]:
-    """Needs workdir/llama (the LM folder) and workdir/llava (the converted LLaVA, saved by main)."""
+def memory_children(script: str, cases: Sequence[str], args: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Run `script --_memory CASE ARGS` once per case, each in its own process (peak memory is per process), and
+    read the JSON of its last "MEMORY " line."""
     result = {}
-    for side in ("prefixvqa", "peer"):
-        cmd = [sys.executable, __file__, "--_memory", side, "--_workdir", str(workdir)] + (["--tiny"] if tiny else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for case in cases:
+        proc = subprocess.run([sys.executable, script, "--_memory", case, *args], capture_output=True, text=True,
+                              check=False)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
         if proc.returncode or not lines:
-            raise RuntimeError(f"memory run for {side} failed:\n{proc.stderr[-3000:]}")
-        result[side] = json.loads(lines[-1][len("MEMORY "):])
+            raise RuntimeError(f"memory run for {case} failed:\n{proc.stderr[-3000:]}")
+        result[case] = json.loads(lines[-1][len("MEMORY "):])
     return result
+
+
+def memory_section(workdir: Path, tiny: bool) -> dict[str, dict[str, float]]:
+    """Needs workdir/llama (the LM folder) and workdir/llava (the converted LLaVA, saved by main)."""
+    return memory_children(__file__, ("prefixvqa", "peer"), ["--_workdir", str(workdir)] + (["--tiny"] if tiny else []))
 
 
 def git_commit() -> str:

@@ -28,7 +28,6 @@ import io
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -157,16 +156,8 @@ def memory_child(case: str, workdir: Path, tiny: bool, batch: int, steps: int) -
 
 
 def memory_section(workdir: Path, tiny: bool, batch: int, steps: int) -> dict[str, dict[str, float]]:
-    result = {}
-    for case in cases():
-        cmd = [sys.executable, __file__, "--_memory", case, "--_workdir", str(workdir), "--batch", str(batch),
-               "--steps", str(steps)] + (["--tiny"] if tiny else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
-        if proc.returncode or not lines:
-            raise RuntimeError(f"memory run for {case} failed:\n{proc.stderr[-3000:]}")
-        result[case] = json.loads(lines[-1][len("MEMORY "):])
-    return result
+    return BL.memory_children(__file__, list(cases()), ["--_workdir", str(workdir), "--batch", str(batch),
+                                                        "--steps", str(steps)] + (["--tiny"] if tiny else []))
 
 
 def word_stats(pairs: list[tuple[str, str]]) -> str:

@@ -176,8 +176,7 @@ def test_gemma3_layout_fine_tunes_on_vqa_rad_saves_and_reloads_strictly(tmp_path
 
     from prefixvqa.config import ConfigError
     from prefixvqa.export import export_merged
-    from prefixvqa.model import MedVQAAdapter
-    from test_vlm_import import fine_tune_and_save, vqa_rad_records
+    from test_vlm_import import fine_tune_and_save, reload_answers_equal, vqa_rad_records
 
     records = vqa_rad_records()
     assert len(records) >= 20  # the real VQA-RAD files of ../shared/realdata
@@ -185,12 +184,7 @@ def test_gemma3_layout_fine_tunes_on_vqa_rad_saves_and_reloads_strictly(tmp_path
     model = fine_tune_and_save(folder, records, tmp_path)
     assert set(load_file(str(tmp_path / "adapter" / "mapper.safetensors"))) == {"mapper.mm_input_projection_weight",
                                                                                  "mapper.mm_soft_emb_norm"}
-    loaded = MedVQAAdapter.from_pretrained(tmp_path / "adapter")
-    assert (loaded.config.decoder.name, loaded.config.decoder.layout) == (folder, "gemma3")
-    assert loaded.config.fingerprints["decoder"] == model.base_fingerprints["decoder"]
-    images, questions = [r.image for r in records[16:20]], [r.question for r in records[16:20]]
-    want = [(a.text, a.score) for a in model.eval().answer(images, questions, max_new_tokens=5)]
-    assert [(a.text, a.score) for a in loaded.answer(images, questions, max_new_tokens=5)] == want
+    loaded = reload_answers_equal(model, folder, "gemma3", records, tmp_path)
     with pytest.raises(ConfigError, match="export --merge: decoder.layout='gemma3' attends over image tokens"):
         export_merged(loaded, tmp_path / "export")  # a plain causal-LM folder would lose the image-attention rule
 

@@ -249,6 +249,20 @@ def fine_tune_and_save(folder: str, records: list, tmp_path: Path):
     return model
 
 
+def reload_answers_equal(model, folder: str, layout: str, records: list, tmp_path: Path):
+    """Reload tmp_path/adapter: it names the release (path, layout, fingerprint) and answers held-out records as the
+    trained model did; returns the reloaded model."""
+    from prefixvqa.model import MedVQAAdapter
+
+    loaded = MedVQAAdapter.from_pretrained(tmp_path / "adapter")
+    assert (loaded.config.decoder.name, loaded.config.decoder.layout) == (folder, layout)
+    assert loaded.config.fingerprints["decoder"] == model.base_fingerprints["decoder"]
+    images, questions = [r.image for r in records[16:20]], [r.question for r in records[16:20]]
+    want = [(a.text, a.score) for a in model.eval().answer(images, questions, max_new_tokens=5)]
+    assert [(a.text, a.score) for a in loaded.answer(images, questions, max_new_tokens=5)] == want
+    return loaded
+
+
 def test_llava_med_v15_layout_fine_tunes_on_vqa_rad_saves_and_reloads_strictly(tmp_path):
     from safetensors.torch import load_file
 
@@ -264,12 +278,7 @@ def test_llava_med_v15_layout_fine_tunes_on_vqa_rad_saves_and_reloads_strictly(t
     assert {"mapper.safetensors", "adapter_model.safetensors"} <= saved
     assert not any(k.startswith(("encoder.", "decoder.")) for k in load_file(str(tmp_path / "adapter" /
                                                                                "mapper.safetensors")))
-    loaded = MedVQAAdapter.from_pretrained(tmp_path / "adapter")
-    assert (loaded.config.decoder.name, loaded.config.decoder.layout) == (folder, "llava")
-    assert loaded.config.fingerprints["decoder"] == model.base_fingerprints["decoder"]
-    images, questions = [r.image for r in records[16:20]], [r.question for r in records[16:20]]
-    want = [(a.text, a.score) for a in model.eval().answer(images, questions, max_new_tokens=5)]
-    assert [(a.text, a.score) for a in loaded.answer(images, questions, max_new_tokens=5)] == want
+    reload_answers_equal(model, folder, "llava", records, tmp_path)
     # another checkpoint at the same path is not the base the adapter was trained on: refused
     weights = load_file(str(release["folder"] / "model.safetensors"))
     weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] + 0.01
